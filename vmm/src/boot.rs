@@ -1,0 +1,297 @@
+//! Putting a Linux kernel into guest memory: the ELF `vmlinux`, the initramfs, the command
+//! line and `boot_params` for the 64-bit boot protocol, plus the page tables and GDT the
+//! vCPUs start with.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::KernelLoader;
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::*;
+use crate::memory::{e820_map, E820Kind};
+
+/// Errors from loading the kernel, initramfs and boot data.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel image {path}: {source}")]
+    OpenKernel { path: PathBuf, source: std::io::Error },
+    #[error("kernel image {path} is not a loadable x86-64 ELF vmlinux: {source}")]
+    LoadKernel { path: PathBuf, source: linux_loader::loader::Error },
+    #[error("cannot open initramfs {path}: {source}")]
+    OpenInitrd { path: PathBuf, source: std::io::Error },
+    #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
+    InitrdTooLarge { path: PathBuf, size: u64 },
+    #[error("cannot read initramfs {path} into guest memory: {source}")]
+    ReadInitrd { path: PathBuf, source: vm_memory::GuestMemoryError },
+    #[error("kernel command line is invalid: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("kernel command line is {len} bytes; the limit is {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("cannot write {what} into guest memory: {source}")]
+    Write { what: &'static str, source: vm_memory::GuestMemoryError },
+    #[error("too many vCPUs for the MP table: {0}")]
+    TooManyVcpus(u8),
+}
+
+/// Where the kernel landed.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// 64-bit entry point (`startup_64`).
+    pub entry: GuestAddress,
+    /// First byte after the kernel's segments.
+    pub end: u64,
+}
+
+/// Where the initramfs landed.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedInitrd {
+    pub addr: GuestAddress,
+    pub size: u64,
+}
+
+/// Loads an uncompressed ELF kernel at its physical addresses (at or above 1 MiB).
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel { path: path.into(), source })?;
+    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+        .map_err(|source| BootError::LoadKernel { path: path.into(), source })?;
+    Ok(LoadedKernel { entry: result.kernel_load, end: result.kernel_end })
+}
+
+/// Copies the initramfs to the top of low RAM (page aligned), where the kernel expects it.
+pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<LoadedInitrd, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::OpenInitrd { path: path.into(), source })?;
+    let size = file
+        .metadata()
+        .map_err(|source| BootError::OpenInitrd { path: path.into(), source })?
+        .len();
+    let low_ram_end = mem.iter().next().map(|r| r.start_addr().raw_value() + r.len()).unwrap_or(0);
+    let addr = low_ram_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end);
+    let Some(addr) = addr else {
+        return Err(BootError::InitrdTooLarge { path: path.into(), size });
+    };
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|source| BootError::ReadInitrd { path: path.into(), source })?;
+    Ok(LoadedInitrd { addr: GuestAddress(addr), size })
+}
+
+/// Builds a command line from the user's text plus the devices the VMM added, checking the
+/// kernel's length limit.
+pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    let total = base.len() + extra.iter().map(|e| e.len() + 1).sum::<usize>();
+    if total >= CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong { len: total, max: CMDLINE_MAX_SIZE - 1 });
+    }
+    if !base.trim().is_empty() {
+        cmdline.insert_str(base).map_err(BootError::Cmdline)?;
+    }
+    for e in extra {
+        cmdline.insert_str(e).map_err(BootError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+/// Writes the command line to its fixed place and returns its length without the NUL.
+pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, BootError> {
+    let cstring = cmdline.as_cstring().map_err(BootError::Cmdline)?;
+    let bytes = cstring.as_bytes_with_nul();
+    mem.write_slice(bytes, GuestAddress(CMDLINE_START))
+        .map_err(|source| BootError::Write { what: "command line", source })?;
+    Ok(bytes.len() - 1)
+}
+
+/// `boot_params` as plain bytes for guest memory.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+pub struct BootParams(pub boot_params);
+
+// SAFETY: `boot_params` is a packed C struct of integers and arrays of integers generated by
+// bindgen: every bit pattern is a valid value and it has no padding with undefined contents.
+unsafe impl ByteValued for BootParams {}
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+
+/// Fills `boot_params` (the "zero page") for the 64-bit boot protocol.
+pub fn boot_params(mem_size: u64, cmdline_len: usize, initrd: Option<LoadedInitrd>) -> BootParams {
+    let mut params = boot_params::default();
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    if let Some(initrd) = initrd {
+        params.hdr.ramdisk_image = initrd.addr.raw_value() as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+    }
+    let map = e820_map(mem_size);
+    for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
+        slot.addr = entry.addr;
+        slot.size = entry.size;
+        slot.r#type = match entry.kind {
+            E820Kind::Ram => 1,
+            E820Kind::Reserved => 2,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    BootParams(params)
+}
+
+/// Writes `boot_params` to the zero page.
+pub fn write_boot_params(mem: &GuestMemoryMmap, params: &BootParams) -> Result<(), BootError> {
+    mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))
+        .map_err(|source| BootError::Write { what: "boot_params", source })
+}
+
+/// A GDT entry from flags, base and limit (the usual x86 packing).
+pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+        | (((limit as u64 & 0x000f_0000) >> 16) << 48)
+        | ((flags as u64 & 0x0000_f0ff) << 40)
+}
+
+/// Boot GDT: null, 64-bit code, data, TSS.
+pub const BOOT_GDT: [u64; 4] = [
+    gdt_entry(0, 0, 0),
+    gdt_entry(0xa09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x808b, 0, 0xfffff),
+];
+
+/// Writes the boot GDT and an empty IDT.
+pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    for (i, entry) in BOOT_GDT.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
+            .map_err(|source| BootError::Write { what: "GDT", source })?;
+    }
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
+        .map_err(|source| BootError::Write { what: "IDT", source })
+}
+
+/// Identity-maps the first 4 GiB with 2 MiB pages: PML4[0] -> PDPT, PDPT[0..4] -> 4 PDs.
+/// The kernel replaces these early; tiny test payloads use them to reach MMIO devices.
+pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let w = |value: u64, addr: u64| {
+        mem.write_obj(value, GuestAddress(addr)).map_err(|source| BootError::Write { what: "page tables", source })
+    };
+    w(PDPTE_START | 0x03, PML4_START)?;
+    for pd in 0..4u64 {
+        let pd_addr = PDE_START + pd * 0x1000;
+        w(pd_addr | 0x03, PDPTE_START + pd * 8)?;
+        for i in 0..512u64 {
+            // Present | writable | page size (2 MiB).
+            w(((pd << 30) | (i << 21)) | 0x83, pd_addr + i * 8)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem(mib: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap()
+    }
+
+    #[test]
+    fn boot_params_carry_cmdline_initrd_and_e820() {
+        let initrd = LoadedInitrd { addr: GuestAddress(0x700_0000), size: 0x1234 };
+        let p = boot_params(128 << 20, 42, Some(initrd)).0;
+        let hdr = p.hdr;
+        assert_eq!({ hdr.boot_flag }, 0xaa55);
+        assert_eq!({ hdr.header }, 0x5372_6448);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ hdr.cmdline_size }, 42);
+        assert_eq!({ hdr.ramdisk_image }, 0x700_0000);
+        assert_eq!({ hdr.ramdisk_size }, 0x1234);
+        assert_eq!(p.e820_entries, 3);
+        let e2 = p.e820_table[2];
+        assert_eq!(({ e2.addr }, { e2.size }, { e2.r#type }), (HIMEM_START, (128 << 20) - HIMEM_START, 1));
+    }
+
+    #[test]
+    fn cmdline_is_written_nul_terminated() {
+        let m = mem(16);
+        let c = build_cmdline("console=ttyS0 reboot=k", &["virtio_mmio.device=4K@0xd0000000:5".into()]).unwrap();
+        let len = write_cmdline(&m, &c).unwrap();
+        let mut buf = vec![0u8; len + 1];
+        m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&buf[..len], b"console=ttyS0 reboot=k virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(buf[len], 0);
+    }
+
+    #[test]
+    fn cmdline_over_the_limit_is_refused() {
+        let long = "x".repeat(CMDLINE_MAX_SIZE);
+        assert!(matches!(build_cmdline(&long, &[]), Err(BootError::CmdlineTooLong { .. })));
+        let almost = "y".repeat(CMDLINE_MAX_SIZE - 20);
+        assert!(matches!(build_cmdline(&almost, &["virtio_mmio.device=4K@0xd0000000:5".into()]), Err(BootError::CmdlineTooLong { .. })));
+    }
+
+    #[test]
+    fn page_tables_identity_map_4g() {
+        let m = mem(16);
+        write_page_tables(&m).unwrap();
+        let pml4: u64 = m.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4, PDPTE_START | 3);
+        let pdpt3: u64 = m.read_obj(GuestAddress(PDPTE_START + 24)).unwrap();
+        assert_eq!(pdpt3, (PDE_START + 0x3000) | 3);
+        // The PD entry covering the first virtio-mmio window maps it to itself.
+        let idx = (VIRTIO_MMIO_BASE >> 21) & 511;
+        let pde: u64 = m.read_obj(GuestAddress(PDE_START + 0x3000 + idx * 8)).unwrap();
+        assert_eq!(pde & !0xfff, VIRTIO_MMIO_BASE);
+    }
+
+    #[test]
+    fn gdt_entries_match_long_mode_descriptors() {
+        assert_eq!(BOOT_GDT[1], 0x00af_9b00_0000_ffff);
+        assert_eq!(BOOT_GDT[2], 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn missing_and_bad_kernels_are_named() {
+        let m = mem(16);
+        let err = load_kernel(&m, Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+        let dir = std::env::temp_dir().join(format!("shoal-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_elf = dir.join("not-elf");
+        std::fs::write(&not_elf, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
+        let err = load_kernel(&m, &not_elf).unwrap_err();
+        assert!(matches!(err, BootError::LoadKernel { .. }), "{err}");
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(load_kernel(&m, &empty), Err(BootError::LoadKernel { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_ram() {
+        let m = mem(32);
+        let dir = std::env::temp_dir().join(format!("shoal-initrd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("initrd");
+        std::fs::write(&path, vec![0xabu8; 10_000]).unwrap();
+        let loaded = load_initrd(&m, &path, 0x20_0000).unwrap();
+        assert_eq!(loaded.size, 10_000);
+        assert_eq!(loaded.addr.raw_value() & 0xfff, 0);
+        assert!(loaded.addr.raw_value() + 10_000 <= 32 << 20);
+        let b: u8 = m.read_obj(loaded.addr.unchecked_add(9_999)).unwrap();
+        assert_eq!(b, 0xab);
+        // Larger than the space above the kernel.
+        std::fs::write(&path, vec![0u8; 31 << 20]).unwrap();
+        assert!(matches!(load_initrd(&m, &path, 0x20_0000), Err(BootError::InitrdTooLarge { .. })));
+        assert!(matches!(load_initrd(&m, &dir.join("missing"), 0), Err(BootError::OpenInitrd { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,310 @@
+//! shoal-vmm: a small KVM virtual machine monitor for shoal's micro-VMs.
+//!
+//! [`Vm::boot`] reads top to bottom as the boot sequence; each step is one module:
+//! `memory` (guest RAM), `vm` (the KVM VM), `boot` and `mptable` (what the kernel finds in
+//! memory), `devices` and `virtio` (the device model), `vcpu` (CPU state and run loop),
+//! `event_loop` (the device thread). `layout` is the guest address space at a glance.
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::IoEventAddress;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+pub use devices::Console;
+pub use exit::ExitReason;
+
+use devices::{Bus, Legacy, MmioSlot};
+use event_loop::{EventLoop, LoopDevice};
+use virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use virtio::{Interrupt, VirtioDevice};
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Uncompressed ELF kernel (`vmlinux`).
+    pub kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM appends its `virtio_mmio.device=` entries.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Hybrid vsock: the host unix socket and the guest's CID.
+    pub vsock: Option<VsockConfig>,
+    /// Where the serial console goes.
+    pub console: Console,
+}
+
+/// Hybrid vsock settings.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub uds_path: PathBuf,
+    pub cid: u64,
+}
+
+impl VmConfig {
+    /// A config with shoal's defaults: 128 MiB, 1 vCPU, console discarded, no vsock.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            memory_mib: 128,
+            vcpus: 1,
+            vsock: None,
+            console: Console::Sink,
+        }
+    }
+}
+
+/// Command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet";
+
+/// Errors from booting a VM. Each names the step and the thing that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Legacy(#[from] devices::legacy::LegacyError),
+    #[error(transparent)]
+    Vsock(#[from] virtio::vsock::MuxerError),
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::EventLoopError),
+    #[error("vCPU count must be between 1 and {max}, got {got}")]
+    VcpuCount { got: u8, max: u8 },
+    #[error("vsock CID must be 3 or more (0-2 are reserved), got {0}")]
+    VsockCid(u64),
+    #[error("cannot {what}: {source}")]
+    Setup { what: &'static str, source: std::io::Error },
+    #[error("cannot register {what} with KVM: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Asks a running VM to stop; cheap to clone and usable from any thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<exit::ExitSignal>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.signal(ExitReason::Stopped);
+    }
+}
+
+/// A running VM. Dropping it stops it; [`Vm::wait`] waits for the guest to end it.
+pub struct Vm {
+    exit: Arc<exit::ExitSignal>,
+    stop_vcpus: Arc<AtomicBool>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    stop_devices: EventFd,
+    device_thread: Option<JoinHandle<()>>,
+    first_run: Arc<OnceLock<Instant>>,
+    // Dropped last, after every thread using them has been joined.
+    _bus: Arc<Bus>,
+    _kvm_vm: vm::KvmVm,
+    _mem: GuestMemoryMmap,
+}
+
+fn vcpu_kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Vm {
+    /// Builds and starts a VM. On error nothing is left behind: every resource taken so far
+    /// is owned by a value that is dropped on the way out.
+    pub fn boot(config: &VmConfig) -> Result<Vm> {
+        if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
+            return Err(Error::VcpuCount { got: config.vcpus, max: mptable::MAX_VCPUS });
+        }
+        let mem = memory::create_guest_memory(config.memory_mib)?;
+        let kvm_vm = vm::KvmVm::create(&mem, config.vcpus)?;
+
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = config.initrd.as_deref().map(|p| boot::load_initrd(&mem, p, kernel.end)).transpose()?;
+
+        let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup { what: "create the exit eventfd", source })?);
+        let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone())?;
+        let (mmio_slots, loop_devices, cmdline_devices) = virtio_devices(&kvm_vm, &mem, config)?;
+
+        let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_devices)?;
+        let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
+        boot::write_boot_params(&mem, &boot::boot_params(config.memory_mib << 20, cmdline_len, initrd))?;
+        boot::write_gdt(&mem)?;
+        boot::write_page_tables(&mem)?;
+        mptable::write(&mem, config.vcpus)?;
+
+        let cpuid = vcpu::supported_cpuid(&kvm_vm.kvm)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let vcpu = vcpu::Vcpu::new(&kvm_vm.fd, index)?;
+            vcpu.configure(&cpuid, config.vcpus, kernel.entry.0)?;
+            vcpus.push(vcpu);
+        }
+
+        let stop_devices = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create the stop eventfd", source })?;
+        let event_loop = EventLoop::new(
+            loop_devices,
+            stop_devices.try_clone().map_err(|source| Error::Setup { what: "clone the stop eventfd", source })?,
+        )?;
+        register_signal_handler(vcpu_kick_signal(), noop_signal_handler)
+            .map_err(|e| Error::Setup { what: "install the vCPU kick signal handler", source: e.into() })?;
+
+        let mut vm = Vm {
+            exit,
+            stop_vcpus: Arc::new(AtomicBool::new(false)),
+            vcpu_threads: Vec::new(),
+            stop_devices,
+            device_thread: None,
+            first_run: Arc::new(OnceLock::new()),
+            _bus: Arc::new(Bus::new(legacy, mmio_slots)),
+            _kvm_vm: kvm_vm,
+            _mem: mem,
+        };
+        vm.device_thread = Some(spawn("shoal-devices", move || event_loop.run())?);
+        for vcpu in vcpus {
+            let (bus, exit, stop) = (vm._bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
+            let first_run = (vcpu.index == 0).then(|| vm.first_run.clone());
+            let name = format!("shoal-vcpu{}", vcpu.index);
+            vm.vcpu_threads.push(spawn(&name, move || vcpu.run(bus, exit, stop, first_run))?);
+        }
+        Ok(vm)
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.exit.clone())
+    }
+
+    /// When vCPU 0 first entered KVM_RUN, once it has.
+    pub fn first_run_at(&self) -> Option<Instant> {
+        self.first_run.get().copied()
+    }
+
+    /// Waits until the guest reboots or powers off, the host stops the VM, or something
+    /// fails; then tears the VM down and returns why it ended.
+    pub fn wait(mut self) -> ExitReason {
+        use std::os::unix::io::AsRawFd;
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+        let evt_fd = self.exit.eventfd().as_raw_fd();
+        let epoll = Epoll::new()
+            .and_then(|e| e.ctl(ControlOperation::Add, evt_fd, EpollEvent::new(EventSet::IN, 0)).map(|_| e));
+        let mut events = [EpollEvent::default(); 1];
+        while !self.exit.is_signalled() {
+            match &epoll {
+                Ok(epoll) => {
+                    let _ = epoll.wait(1000, &mut events);
+                }
+                // Without an epoll set, poll the flag; slower to notice, never stuck.
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        self.shutdown();
+        self.exit.reason().expect("signalled")
+    }
+
+    fn shutdown(&mut self) {
+        self.exit.signal(ExitReason::Stopped);
+        self.stop_vcpus.store(true, Ordering::Release);
+        for handle in self.vcpu_threads.drain(..) {
+            // A vCPU inside KVM_RUN leaves it when a signal arrives; kick until it has gone.
+            while !handle.is_finished() {
+                let _ = handle.kill(vcpu_kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = handle.join();
+        }
+        let _ = self.stop_devices.write(1);
+        if let Some(handle) = self.device_thread.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .map_err(|source| Error::Setup { what: "start a VMM thread", source })
+}
+
+fn legacy_devices(kvm_vm: &vm::KvmVm, console: &Console, exit: Arc<exit::ExitSignal>) -> Result<Legacy> {
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create the serial irqfd", source })?;
+    kvm_vm
+        .fd
+        .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .map_err(|source| Error::Kvm { what: "the serial interrupt", source })?;
+    Ok(Legacy::new(console, serial_irq, exit)?)
+}
+
+type VirtioSetup = (Vec<MmioSlot>, Vec<LoopDevice>, Vec<String>);
+
+/// Creates the configured virtio devices, each with its MMIO window, irqfd and one ioeventfd
+/// per queue, and the `virtio_mmio.device=` entries that announce them to the guest.
+fn virtio_devices(kvm_vm: &vm::KvmVm, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<VirtioSetup> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(vsock) = &config.vsock {
+        if vsock.cid < 3 {
+            return Err(Error::VsockCid(vsock.cid));
+        }
+        devices.push(Box::new(virtio::vsock::Vsock::new(vsock.cid, &vsock.uds_path)?));
+    }
+    let (mut slots, mut loop_devices, mut cmdline) = (Vec::new(), Vec::new(), Vec::new());
+    for (index, device) in devices.into_iter().enumerate() {
+        let (base, size) = layout::virtio_mmio_window(index as u32);
+        let gsi = layout::VIRTIO_IRQ_BASE + index as u32;
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create a virtio irqfd", source })?;
+        kvm_vm.fd.register_irqfd(&irqfd, gsi).map_err(|source| Error::Kvm { what: "a virtio interrupt", source })?;
+        let mut queue_evts = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create a queue eventfd", source })?;
+            kvm_vm
+                .fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
+                .map_err(|source| Error::Kvm { what: "a queue notification", source })?;
+            queue_evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Interrupt::new(irqfd))));
+        slots.push(MmioSlot { base, size, transport: transport.clone() });
+        loop_devices.push(LoopDevice { transport, queue_evts });
+        cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    Ok((slots, loop_devices, cmdline))
+}

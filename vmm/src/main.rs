@@ -1,0 +1,106 @@
+//! `shoal-vmm`: boot one micro-VM from the command line.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
+
+/// Boot a Linux guest in a KVM micro-VM. Exits 0 after a clean guest reboot or power-off.
+#[derive(Parser, Debug)]
+#[command(name = "shoal-vmm", version)]
+struct Args {
+    /// Uncompressed ELF kernel (vmlinux).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs to load.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (the VMM appends its virtio-mmio devices).
+    #[arg(long, default_value = shoal_vmm::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Host unix socket for hybrid vsock (must not exist yet).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest CID for vsock.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shoal-vmm: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+        vsock: args.vsock_uds.map(|uds_path| VsockConfig { uds_path, cid: args.vsock_cid }),
+        console: args.console.map(Console::File).unwrap_or(Console::Stdout),
+    };
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("cannot install signal handlers")?;
+    let vm = Vm::boot(&config)?;
+    if std::env::var_os("SHOAL_VMM_TIMING").is_some() {
+        report_first_run(&vm);
+    }
+    let stopper = vm.stopper();
+    let signal_handle = signals.handle();
+    let waiter = std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            stopper.stop();
+        }
+    });
+    let reason = vm.wait();
+    signal_handle.close();
+    let _ = waiter.join();
+    Ok(match reason {
+        ExitReason::Reboot | ExitReason::PowerOff => ExitCode::SUCCESS,
+        ExitReason::Stopped => {
+            eprintln!("shoal-vmm: stopped by signal");
+            ExitCode::from(130)
+        }
+        ExitReason::Error(e) => anyhow::bail!("VM failed: {e}"),
+    })
+}
+
+/// For the boot-setup benchmark: prints when vCPU 0 first entered KVM_RUN, as
+/// CLOCK_MONOTONIC nanoseconds, so a parent can subtract its own spawn time.
+fn report_first_run(vm: &Vm) {
+    for _ in 0..5000 {
+        if let Some(at) = vm.first_run_at() {
+            let now_mono = monotonic_ns();
+            let ago = at.elapsed().as_nanos() as u64;
+            eprintln!("shoal-vmm: first KVM_RUN at monotonic {} ns", now_mono - ago);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}

@@ -1,0 +1,102 @@
+//! virtio: the device trait, interrupts, and the MMIO transport. Device types live below.
+pub mod mmio;
+pub mod vsock;
+
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: the only virtio flavour shoal speaks (no legacy devices).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bit: a used ring was updated.
+pub const INTERRUPT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
+
+/// Errors devices report to the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    #[error("{device}: the driver activated the device with {got} queues, expected {expected}")]
+    QueueCount { device: &'static str, got: usize, expected: usize },
+    #[error("{device}: queue {index} is not valid in guest memory")]
+    InvalidQueue { device: &'static str, index: usize },
+}
+
+/// A device's interrupt line: the status register the driver reads and the irqfd that raises it.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Arc<Self> {
+        Arc::new(Interrupt { status: AtomicU32::new(0), irqfd })
+    }
+
+    /// Tells the driver that used rings changed.
+    pub fn signal_used(&self) {
+        self.raise(INTERRUPT_VRING);
+    }
+
+    /// Tells the driver that the device needs attention (configuration or status changed).
+    pub fn signal_config(&self) {
+        self.raise(INTERRUPT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot raise virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// What a virtio device implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    /// virtio device id (19 for vsock).
+    fn device_type(&self) -> u32;
+    /// Short name for logs and errors.
+    fn name(&self) -> &'static str;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver set DRIVER_OK: start serving `queues`.
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError>;
+    /// The driver reset the device: drop queues and in-flight state.
+    fn reset(&mut self);
+    /// The driver notified queue `index`.
+    fn queue_notify(&mut self, index: usize);
+    /// A file descriptor the device thread should watch for the device's backend, if any.
+    fn backend_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The backend fd is ready.
+    fn backend_event(&mut self) {}
+}
+
+/// Copies a little-endian configuration blob's bytes at `offset` into `data`, zero past the end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = config.get(offset as usize + i).copied().unwrap_or(0);
+    }
+}

@@ -1,0 +1,524 @@
+//! The host side of hybrid vsock: one unix socket per VM.
+//!
+//! * Host → guest: a client connects to the VM's socket, writes `CONNECT <port>\n`; once the
+//!   guest accepts, the muxer answers `OK <local port>\n` and the socket becomes a byte stream
+//!   to the guest listener.
+//! * Guest → host: a guest connection to host port P is joined to the unix socket `<path>_P`.
+//!
+//! The muxer owns the sockets and its own epoll set; the device thread watches that set's fd.
+//! It consumes packets the driver sent (`from_guest`) and queues packets for the driver
+//! (`pop_to_guest`). Flow control follows virtio-vsock credit: we never send a connection more
+//! than the guest advertised, and we advertise a fixed buffer we keep.
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::num::Wrapping;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::packet::*;
+
+/// Bytes of guest→host data we buffer per connection (advertised as `buf_alloc`).
+pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// First local port for host-initiated connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Longest `CONNECT <port>\n` line accepted.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host→guest bytes read from a socket at a time.
+const READ_CHUNK: usize = MAX_PKT_DATA as usize;
+
+/// Errors from the host side of vsock.
+#[derive(Debug, thiserror::Error)]
+pub enum MuxerError {
+    #[error("vsock socket path {0} already exists; remove it or pick another")]
+    PathExists(PathBuf),
+    #[error("cannot create vsock socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot set up the vsock event set: {0}")]
+    Epoll(io::Error),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// Host client connected; waiting for its `CONNECT <port>\n` line.
+    AwaitConnect(Vec<u8>),
+    /// REQUEST sent to the guest; waiting for RESPONSE or RST.
+    Connecting,
+    Established,
+}
+
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    local_port: u32,
+    peer_port: u32,
+    /// What the guest told us about its receive buffer.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    /// Host→guest bytes queued for the guest so far.
+    tx_cnt: Wrapping<u32>,
+    /// Guest→host bytes written to the host socket so far.
+    fwd_cnt: Wrapping<u32>,
+    fwd_cnt_sent: Wrapping<u32>,
+    /// Guest→host bytes not yet written to the host socket.
+    pending: VecDeque<u8>,
+    /// The guest will send no more: shut our write side once `pending` drains.
+    peer_done_sending: bool,
+    /// The host client closed its side: read no more.
+    host_eof: bool,
+    interest: EventSet,
+}
+
+impl Conn {
+    fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32) -> Conn {
+        Conn {
+            stream,
+            state,
+            local_port,
+            peer_port,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: Wrapping(0),
+            tx_cnt: Wrapping(0),
+            fwd_cnt: Wrapping(0),
+            fwd_cnt_sent: Wrapping(0),
+            pending: VecDeque::new(),
+            peer_done_sending: false,
+            host_eof: false,
+            interest: EventSet::empty(),
+        }
+    }
+
+    /// Bytes we may still send before the guest's buffer is full.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    fn update_peer_credit(&mut self, hdr: &Header) {
+        self.peer_buf_alloc = hdr.buf_alloc;
+        self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+    }
+
+    /// The events the socket should be watched for, given the connection's state.
+    fn wanted_events(&self) -> EventSet {
+        let mut ev = EventSet::empty();
+        match self.state {
+            State::AwaitConnect(_) => ev |= EventSet::IN,
+            State::Connecting => {}
+            State::Established => {
+                if !self.host_eof && self.peer_credit() > 0 {
+                    ev |= EventSet::IN;
+                }
+                if !self.pending.is_empty() {
+                    ev |= EventSet::OUT;
+                }
+            }
+        }
+        ev
+    }
+
+    /// Writes as much of `pending` to the host socket as it takes. Err on a broken socket.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            let (front, _) = self.pending.as_slices();
+            match self.stream.write(front) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.pending.drain(..n);
+                    self.fwd_cnt += Wrapping(n as u32);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.pending.is_empty() && self.peer_done_sending {
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+/// The hybrid-vsock multiplexer of one VM.
+pub struct Muxer {
+    guest_cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<RawFd, Conn>,
+    /// (local port, guest port) → socket fd.
+    ports: HashMap<(u32, u32), RawFd>,
+    to_guest: VecDeque<Packet>,
+    next_local_port: u32,
+}
+
+impl Muxer {
+    /// Binds the VM's socket at `path` (which must not exist).
+    pub fn new(path: &Path, guest_cid: u64) -> Result<Muxer, MuxerError> {
+        if path.symlink_metadata().is_ok() {
+            return Err(MuxerError::PathExists(path.into()));
+        }
+        let listener = UnixListener::bind(path).map_err(|source| MuxerError::Bind { path: path.into(), source })?;
+        let cleanup = |e: io::Error| {
+            let _ = std::fs::remove_file(path);
+            MuxerError::Epoll(e)
+        };
+        listener.set_nonblocking(true).map_err(cleanup)?;
+        let epoll = Epoll::new().map_err(cleanup)?;
+        epoll
+            .ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, listener.as_raw_fd() as u64))
+            .map_err(cleanup)?;
+        Ok(Muxer {
+            guest_cid,
+            path: path.into(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            ports: HashMap::new(),
+            to_guest: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    /// The epoll fd that becomes readable when any socket needs attention.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Number of open connections (for tests and stats).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The next packet for the guest, if any.
+    pub fn pop_to_guest(&mut self) -> Option<Packet> {
+        self.to_guest.pop_front()
+    }
+
+    /// Puts back the unsent rest of a packet at the head of the queue.
+    pub fn push_front_to_guest(&mut self, pkt: Packet) {
+        self.to_guest.push_front(pkt);
+    }
+
+    pub fn has_packets_for_guest(&self) -> bool {
+        !self.to_guest.is_empty()
+    }
+
+    /// Serves every socket that is ready, without blocking.
+    pub fn process_host_events(&mut self) {
+        let mut events = [EpollEvent::default(); 32];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let fd = ev.data() as RawFd;
+                if fd == self.listener.as_raw_fd() {
+                    self.accept_all();
+                } else {
+                    self.conn_event(fd, ev.event_set());
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!("vsock: cannot make accepted socket non-blocking: {e}");
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    self.conns.insert(fd, Conn::new(stream, State::AwaitConnect(Vec::new()), 0, 0));
+                    self.rearm(fd);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("vsock: accept on {} failed: {e}", self.path.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn conn_event(&mut self, fd: RawFd, events: EventSet) {
+        let Some(conn) = self.conns.get_mut(&fd) else { return };
+        match conn.state {
+            State::AwaitConnect(_) => self.read_connect_line(fd),
+            State::Connecting => {}
+            State::Established => {
+                if events.contains(EventSet::OUT) {
+                    if let Err(e) = conn.flush() {
+                        tracing::debug!("vsock: host socket write failed: {e}");
+                        return self.reset(fd);
+                    }
+                    self.maybe_credit_update(fd);
+                }
+                if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.read_host_data(fd);
+                }
+            }
+        }
+        self.rearm(fd);
+    }
+
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let conn = self.conns.get_mut(&fd).expect("caller checked");
+        let State::AwaitConnect(line) = &mut conn.state else { return };
+        // One byte at a time: whatever follows the newline belongs to the stream.
+        let mut byte = [0u8; 1];
+        loop {
+            match conn.stream.read(&mut byte) {
+                Ok(0) => return self.close(fd),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => {
+                    line.push(byte[0]);
+                    if line.len() > MAX_CONNECT_LINE {
+                        tracing::debug!("vsock: CONNECT line too long");
+                        return self.close(fd);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return self.close(fd),
+            }
+        }
+        let Some(port) = parse_connect(line) else {
+            tracing::debug!(line = %String::from_utf8_lossy(line), "vsock: bad CONNECT line");
+            return self.close(fd);
+        };
+        let local_port = self.allocate_local_port(port);
+        let conn = self.conns.get_mut(&fd).expect("still there");
+        conn.state = State::Connecting;
+        conn.local_port = local_port;
+        conn.peer_port = port;
+        self.ports.insert((local_port, port), fd);
+        let pkt = self.packet_for(fd, OP_REQUEST);
+        self.to_guest.push_back(pkt);
+    }
+
+    fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.ports.contains_key(&(p, peer_port)) {
+                return p;
+            }
+        }
+    }
+
+    fn read_host_data(&mut self, fd: RawFd) {
+        let conn = self.conns.get_mut(&fd).expect("caller checked");
+        if conn.host_eof {
+            return;
+        }
+        let want = (conn.peer_credit() as usize).min(READ_CHUNK);
+        if want == 0 {
+            return;
+        }
+        let mut buf = vec![0u8; want];
+        match conn.stream.read(&mut buf) {
+            Ok(0) => {
+                conn.host_eof = true;
+                let mut pkt = self.packet_for(fd, OP_SHUTDOWN);
+                pkt.hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                self.to_guest.push_back(pkt);
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                conn.tx_cnt += Wrapping(n as u32);
+                let mut pkt = self.packet_for(fd, OP_RW);
+                pkt.data = buf;
+                self.to_guest.push_back(pkt);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => {
+                tracing::debug!("vsock: host socket read failed: {e}");
+                self.reset(fd);
+            }
+        }
+    }
+
+    /// A packet for connection `fd` with our current credit in it.
+    fn packet_for(&mut self, fd: RawFd, op: u16) -> Packet {
+        let conn = self.conns.get_mut(&fd).expect("connection exists");
+        conn.fwd_cnt_sent = conn.fwd_cnt;
+        Packet {
+            hdr: Header {
+                src_cid: HOST_CID,
+                dst_cid: self.guest_cid,
+                src_port: conn.local_port,
+                dst_port: conn.peer_port,
+                type_: TYPE_STREAM,
+                op,
+                flags: 0,
+                buf_alloc: CONN_BUF_ALLOC,
+                fwd_cnt: conn.fwd_cnt.0,
+            },
+            data: Vec::new(),
+        }
+    }
+
+    /// Tells the guest about freed buffer space once half of it has been forwarded.
+    fn maybe_credit_update(&mut self, fd: RawFd) {
+        let Some(conn) = self.conns.get(&fd) else { return };
+        if (conn.fwd_cnt - conn.fwd_cnt_sent).0 >= CONN_BUF_ALLOC / 2 {
+            let pkt = self.packet_for(fd, OP_CREDIT_UPDATE);
+            self.to_guest.push_back(pkt);
+        }
+    }
+
+    fn rearm(&mut self, fd: RawFd) {
+        let Some(conn) = self.conns.get_mut(&fd) else { return };
+        let wanted = conn.wanted_events();
+        if wanted == conn.interest {
+            return;
+        }
+        let op = if conn.interest.is_empty() {
+            ControlOperation::Add
+        } else if wanted.is_empty() {
+            ControlOperation::Delete
+        } else {
+            ControlOperation::Modify
+        };
+        match self.epoll.ctl(op, fd, EpollEvent::new(wanted, fd as u64)) {
+            Ok(()) => conn.interest = wanted,
+            Err(e) => tracing::warn!("vsock: epoll_ctl failed: {e}"),
+        }
+    }
+
+    /// Drops a connection without telling the guest.
+    fn close(&mut self, fd: RawFd) {
+        if let Some(conn) = self.conns.remove(&fd) {
+            if !conn.interest.is_empty() {
+                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            self.ports.remove(&(conn.local_port, conn.peer_port));
+        }
+    }
+
+    /// Tells the guest the connection is gone, then drops it.
+    fn reset(&mut self, fd: RawFd) {
+        if self.conns.get(&fd).is_some_and(|c| !matches!(c.state, State::AwaitConnect(_))) {
+            let pkt = self.packet_for(fd, OP_RST);
+            self.to_guest.push_back(pkt);
+        }
+        self.close(fd);
+    }
+
+    /// Handles one packet the driver sent.
+    pub fn from_guest(&mut self, pkt: Packet) {
+        let h = pkt.hdr;
+        if h.dst_cid != HOST_CID || h.src_cid != self.guest_cid || h.type_ != TYPE_STREAM {
+            tracing::debug!(?h, "vsock: packet with wrong address or type");
+            if h.op != OP_RST {
+                self.to_guest.push_back(Packet::reply_to(&h, OP_RST));
+            }
+            return;
+        }
+        let Some(&fd) = self.ports.get(&(h.dst_port, h.src_port)) else {
+            match h.op {
+                OP_REQUEST => self.guest_connect(&h),
+                OP_RST => {}
+                _ => self.to_guest.push_back(Packet::reply_to(&h, OP_RST)),
+            }
+            return;
+        };
+        let conn = self.conns.get_mut(&fd).expect("port map and connections agree");
+        conn.update_peer_credit(&h);
+        match (h.op, &conn.state) {
+            (OP_RESPONSE, State::Connecting) => {
+                conn.state = State::Established;
+                let reply = format!("OK {}\n", conn.local_port);
+                // Nothing has been written to this socket yet, so its buffer takes the short
+                // line whole; a failure here means the client is gone.
+                if let Err(e) = conn.stream.write_all(reply.as_bytes()) {
+                    tracing::debug!("vsock: cannot answer CONNECT: {e}");
+                    return self.reset(fd);
+                }
+            }
+            (OP_RW, State::Established) => {
+                if conn.pending.len() + pkt.data.len() > CONN_BUF_ALLOC as usize {
+                    tracing::warn!("vsock: guest overran its credit on port {}", h.src_port);
+                    return self.reset(fd);
+                }
+                conn.pending.extend(&pkt.data);
+                if conn.flush().is_err() {
+                    return self.reset(fd);
+                }
+                self.maybe_credit_update(fd);
+            }
+            (OP_CREDIT_UPDATE, _) => {}
+            (OP_CREDIT_REQUEST, State::Established) => {
+                let pkt = self.packet_for(fd, OP_CREDIT_UPDATE);
+                self.to_guest.push_back(pkt);
+            }
+            (OP_SHUTDOWN, State::Established) => {
+                if h.flags & SHUTDOWN_SEND != 0 {
+                    conn.peer_done_sending = true;
+                    let _ = conn.flush();
+                }
+                if h.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
+                    // Both directions are done: finish, and tell the guest it may free the socket.
+                    let pkt = self.packet_for(fd, OP_RST);
+                    self.to_guest.push_back(pkt);
+                    self.close(fd);
+                    return;
+                }
+            }
+            (OP_RST, _) => return self.close(fd),
+            (op, state) => {
+                tracing::debug!(op, ?state, "vsock: unexpected packet for connection state");
+                return self.reset(fd);
+            }
+        }
+        self.rearm(fd);
+    }
+
+    fn guest_connect(&mut self, h: &Header) {
+        let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
+        let stream = match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("vsock: guest connect to {} failed: {e}", target.display());
+                self.to_guest.push_back(Packet::reply_to(h, OP_RST));
+                return;
+            }
+        };
+        let fd = stream.as_raw_fd();
+        let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
+        conn.update_peer_credit(h);
+        self.conns.insert(fd, conn);
+        self.ports.insert((h.dst_port, h.src_port), fd);
+        let pkt = self.packet_for(fd, OP_RESPONSE);
+        self.to_guest.push_back(pkt);
+        self.rearm(fd);
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Parses `CONNECT <port>` (without the newline).
+pub fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = text.strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
