@@ -1,7 +1,7 @@
 //! Native KVM tests with tiny guest payloads: they run on any /dev/kvm, including nested-PVM
 //! hosts where a full Linux guest cannot boot. Each payload is a minimal 64-bit ELF built
 //! here, loaded through the same path as a kernel.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
@@ -255,5 +255,34 @@ fn bad_input_is_named_and_leaves_nothing() {
     assert!(Vm::boot(&c).err().unwrap().to_string().contains("vCPU count"));
 
     assert_eq!(fd_count(), fds, "a failed boot leaked file descriptors");
-    let _ = Path::new("");
+}
+
+#[test]
+fn cli_exit_status_follows_the_guest() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("cli");
+    let kernel = dir.path("payload.elf");
+    let mut code = print(b"cli\n");
+    code.extend(reset());
+    std::fs::write(&kernel, tiny_elf(&code)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"cli\n", "console goes to stdout by default");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
+        .arg("--kernel")
+        .arg(dir.path("nope"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open kernel image") && err.contains("nope"), "{err}");
 }

@@ -522,3 +522,278 @@ pub fn parse_connect(line: &[u8]) -> Option<u32> {
     let port = text.strip_prefix("CONNECT ")?;
     port.trim().parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    const CID: u64 = 3;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let d = std::env::temp_dir().join(format!("shoal-mux-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Runs the muxer until it has a packet for the guest (or fails the test after 2 s).
+    fn next_packet(m: &mut Muxer) -> Packet {
+        let end = Instant::now() + Duration::from_secs(2);
+        loop {
+            m.process_host_events();
+            if let Some(p) = m.pop_to_guest() {
+                return p;
+            }
+            assert!(Instant::now() < end, "no packet for the guest");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn no_packet(m: &mut Muxer) {
+        for _ in 0..10 {
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(m.pop_to_guest(), None);
+    }
+
+    fn guest_pkt(op: u16, src_port: u32, dst_port: u32) -> Packet {
+        Packet {
+            hdr: Header { src_cid: CID, dst_cid: HOST_CID, src_port, dst_port, type_: TYPE_STREAM, op, buf_alloc: 4096, ..Default::default() },
+            data: Vec::new(),
+        }
+    }
+
+    /// A host client connected to guest port 1024 through the muxer; returns it and its local port.
+    fn connected(m: &mut Muxer, path: &Path) -> (UnixStream, BufReader<UnixStream>, u32) {
+        let mut client = UnixStream::connect(path).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        let req = next_packet(m);
+        assert_eq!(req.hdr.op, OP_REQUEST);
+        assert_eq!((req.hdr.src_cid, req.hdr.dst_cid, req.hdr.dst_port), (HOST_CID, CID, 1024));
+        assert!(req.hdr.src_port >= FIRST_LOCAL_PORT);
+        assert_eq!(req.hdr.buf_alloc, CONN_BUF_ALLOC);
+        let local = req.hdr.src_port;
+        m.from_guest(guest_pkt(OP_RESPONSE, 1024, local));
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("OK {local}\n"));
+        (client, reader, local)
+    }
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 1024"), Some(1024));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT"), None);
+        assert_eq!(parse_connect(b"CONNECT -1"), None);
+        assert_eq!(parse_connect(b"connect 1"), None);
+        assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
+    }
+
+    #[test]
+    fn host_to_guest_data_respects_guest_credit() {
+        let dir = Dir::new("credit");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        let (mut client, _reader, local) = connected(&mut m, &path);
+        client.write_all(&vec![7u8; 10_000]).unwrap();
+        // The guest advertised 4096 bytes: no more than that may be in flight.
+        let mut sent = 0;
+        loop {
+            m.process_host_events();
+            match m.pop_to_guest() {
+                Some(p) => {
+                    assert_eq!(p.hdr.op, OP_RW);
+                    assert_eq!((p.hdr.src_port, p.hdr.dst_port), (local, 1024));
+                    sent += p.data.len();
+                }
+                None if sent >= 4096 => break,
+                None => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        assert_eq!(sent, 4096);
+        no_packet(&mut m);
+        // The guest consumed 4096 bytes: another 4096 may flow.
+        let mut update = guest_pkt(OP_CREDIT_UPDATE, 1024, local);
+        update.hdr.fwd_cnt = 4096;
+        m.from_guest(update);
+        let mut more = 0;
+        while more < 4096 {
+            more += next_packet(&mut m).data.len();
+        }
+        assert_eq!(more, 4096);
+        no_packet(&mut m);
+    }
+
+    #[test]
+    fn guest_to_host_data_and_credit_updates() {
+        let dir = Dir::new("fwd");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        let (_client, mut reader, local) = connected(&mut m, &path);
+        let chunk = vec![1u8; 64 * 1024];
+        let reader_thread = std::thread::spawn(move || {
+            let mut got = vec![0u8; 3 * 64 * 1024];
+            reader.read_exact(&mut got).unwrap();
+            got
+        });
+        for _ in 0..3 {
+            let mut p = guest_pkt(OP_RW, 1024, local);
+            p.data = chunk.clone();
+            m.from_guest(p);
+        }
+        let end = Instant::now() + Duration::from_secs(2);
+        let mut update = None;
+        while update.is_none() && Instant::now() < end {
+            m.process_host_events();
+            update = std::iter::from_fn(|| m.pop_to_guest()).find(|p| p.hdr.op == OP_CREDIT_UPDATE);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let update = update.expect("a credit update once half the buffer was forwarded");
+        assert!(update.hdr.fwd_cnt >= CONN_BUF_ALLOC / 2);
+        assert!(reader_thread.join().unwrap().iter().all(|b| *b == 1));
+        // A credit request is answered with our counters.
+        m.from_guest(guest_pkt(OP_CREDIT_REQUEST, 1024, local));
+        let p = next_packet(&mut m);
+        assert_eq!(p.hdr.op, OP_CREDIT_UPDATE);
+        assert_eq!(p.hdr.fwd_cnt, 3 * 64 * 1024);
+    }
+
+    #[test]
+    fn guest_overrunning_its_credit_is_reset() {
+        let dir = Dir::new("overrun");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        // The client never reads, so everything the guest sends stays buffered.
+        let (_client, _reader, local) = connected(&mut m, &path);
+        let mut total = 0;
+        while m.connection_count() == 1 && total < 4 * CONN_BUF_ALLOC as usize {
+            let mut p = guest_pkt(OP_RW, 1024, local);
+            p.data = vec![0u8; 64 * 1024];
+            total += p.data.len();
+            m.from_guest(p);
+        }
+        assert_eq!(m.connection_count(), 0);
+        let rst = std::iter::from_fn(|| m.pop_to_guest()).last().unwrap();
+        assert_eq!(rst.hdr.op, OP_RST);
+    }
+
+    #[test]
+    fn guest_connects_to_host_port_sockets() {
+        let dir = Dir::new("guest-init");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+        m.from_guest(guest_pkt(OP_REQUEST, 40_000, 5000));
+        let resp = m.pop_to_guest().unwrap();
+        assert_eq!(resp.hdr.op, OP_RESPONSE);
+        assert_eq!((resp.hdr.src_port, resp.hdr.dst_port, resp.hdr.dst_cid), (5000, 40_000, CID));
+        let (mut server, _) = listener.accept().unwrap();
+        let mut p = guest_pkt(OP_RW, 40_000, 5000);
+        p.data = b"from guest".to_vec();
+        m.from_guest(p);
+        let mut buf = [0u8; 10];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"from guest");
+        server.write_all(b"reply").unwrap();
+        let p = next_packet(&mut m);
+        assert_eq!((p.hdr.op, p.data.as_slice()), (OP_RW, &b"reply"[..]));
+        // Host side closes: the guest is told no more data will come either way.
+        drop(server);
+        let p = next_packet(&mut m);
+        assert_eq!(p.hdr.op, OP_SHUTDOWN);
+        assert_eq!(p.hdr.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        m.from_guest(guest_pkt(OP_RST, 40_000, 5000));
+        assert_eq!(m.connection_count(), 0);
+
+        // No socket for the port: the guest gets a reset.
+        m.from_guest(guest_pkt(OP_REQUEST, 40_001, 5001));
+        assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_RST);
+    }
+
+    #[test]
+    fn stray_and_misaddressed_packets_are_reset() {
+        let dir = Dir::new("stray");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        // Data for a connection that does not exist.
+        m.from_guest(guest_pkt(OP_RW, 1, 2));
+        let p = m.pop_to_guest().unwrap();
+        assert_eq!((p.hdr.op, p.hdr.dst_port, p.hdr.src_port), (OP_RST, 1, 2));
+        // A spoofed source CID.
+        let mut spoof = guest_pkt(OP_REQUEST, 1, 2);
+        spoof.hdr.src_cid = 99;
+        m.from_guest(spoof);
+        assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_RST);
+        // Datagram type is not supported.
+        let mut dgram = guest_pkt(OP_REQUEST, 1, 2);
+        dgram.hdr.type_ = 3;
+        m.from_guest(dgram);
+        assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_RST);
+        // A reset is never answered with a reset.
+        m.from_guest(guest_pkt(OP_RST, 1, 2));
+        assert_eq!(m.pop_to_guest(), None);
+    }
+
+    #[test]
+    fn bad_connect_lines_close_the_client() {
+        let dir = Dir::new("badline");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        for line in [&b"HELLO 1\n"[..], b"CONNECT abc\n", &[b'x'; 100]] {
+            let mut c = UnixStream::connect(&path).unwrap();
+            c.write_all(line).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            for _ in 0..5 {
+                m.process_host_events();
+            }
+            let mut buf = [0u8; 8];
+            // Closed: end of file, or a reset when the muxer left unread bytes behind.
+            match c.read(&mut buf) {
+                Ok(0) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+                other => panic!("client still open after {:?}: {other:?}", String::from_utf8_lossy(line)),
+            }
+        }
+        assert_eq!(m.connection_count(), 0);
+        assert_eq!(m.pop_to_guest(), None);
+    }
+
+    #[test]
+    fn guest_refusal_closes_the_client() {
+        let dir = Dir::new("refuse");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"CONNECT 77\n").unwrap();
+        let req = next_packet(&mut m);
+        m.from_guest(guest_pkt(OP_RST, 77, req.hdr.src_port));
+        let mut buf = [0u8; 8];
+        assert_eq!(c.read(&mut buf).unwrap(), 0);
+        assert_eq!(m.connection_count(), 0);
+    }
+
+    #[test]
+    fn socket_path_lifecycle() {
+        let dir = Dir::new("path");
+        let path = dir.0.join("v.sock");
+        let m = Muxer::new(&path, CID).unwrap();
+        assert!(path.exists());
+        assert!(matches!(Muxer::new(&path, CID), Err(MuxerError::PathExists(_))));
+        drop(m);
+        assert!(!path.exists());
+        assert!(matches!(Muxer::new(&dir.0.join("missing/v.sock"), CID), Err(MuxerError::Bind { .. })));
+    }
+}

@@ -1,0 +1,101 @@
+//! PID 1 of the guest that the VMM's integration tests boot (built static, packed into a
+//! test initramfs by `scripts/test-initramfs`).
+//!
+//! 1. Mounts /dev, /proc, /sys and prints `SHOAL-TEST-INIT: up cpus=N mem_kib=M` on the console.
+//! 2. Connects to host vsock port 1234 and sends `hello from the guest over vsock\n`.
+//! 3. Serves vsock port 1024, one command line per connection:
+//!    `echo TEXT` → `TEXT\n`; `sink N` → reads N bytes, answers `got N SUM\n`;
+//!    `source N` → writes N bytes (byte i = i % 251), then closes; `reboot` → step 4.
+//! 4. Prints `SHOAL-TEST-INIT: rebooting`, syncs and reboots (the VMM then exits cleanly).
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+
+use vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+
+const HOST_CID: u32 = 2;
+const HOST_PORT: u32 = 1234;
+const LISTEN_PORT: u32 = 1024;
+
+fn console() -> File {
+    OpenOptions::new().write(true).open("/dev/console").or_else(|_| OpenOptions::new().write(true).open("/dev/ttyS0")).expect("a console")
+}
+
+fn mount(fstype: &str, target: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let _ = nix::mount::mount(Some(fstype), target, Some(fstype), nix::mount::MsFlags::empty(), None::<&str>);
+}
+
+fn main() {
+    mount("devtmpfs", "/dev");
+    mount("proc", "/proc");
+    mount("sysfs", "/sys");
+    let mut out = console();
+    let cpus = std::fs::read_dir("/sys/devices/system/cpu").map(|d| d.filter_map(|e| e.ok()).filter(|e| {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        n.starts_with("cpu") && n[3..].chars().all(|c| c.is_ascii_digit()) && n.len() > 3
+    }).count()).unwrap_or(0);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1).map(str::to_string)))
+        .unwrap_or_default();
+    let _ = writeln!(out, "SHOAL-TEST-INIT: up cpus={cpus} mem_kib={mem_kib}");
+
+    match send_hello() {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = writeln!(out, "SHOAL-TEST-INIT: vsock connect to host failed: {e}");
+        }
+    }
+    if let Err(e) = serve(&mut out) {
+        let _ = writeln!(out, "SHOAL-TEST-INIT: vsock server failed: {e}");
+    }
+    let _ = writeln!(out, "SHOAL-TEST-INIT: rebooting");
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+}
+
+fn send_hello() -> Result<(), Box<dyn std::error::Error>> {
+    let mut stream = VsockStream::connect(&VsockAddr::new(HOST_CID, HOST_PORT))?;
+    stream.write_all(b"hello from the guest over vsock\n")?;
+    Ok(())
+}
+
+fn serve(out: &mut File) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = VsockListener::bind(&VsockAddr::new(VMADDR_CID_ANY, LISTEN_PORT))?;
+    let _ = writeln!(out, "SHOAL-TEST-INIT: listening on vsock port {LISTEN_PORT}");
+    loop {
+        let (mut stream, _) = listener.accept()?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+        match cmd {
+            "echo" => stream.write_all(format!("{arg}\n").as_bytes())?,
+            "sink" => {
+                let n: u64 = arg.parse()?;
+                let mut sum = 0u64;
+                let mut left = n;
+                let mut buf = vec![0u8; 65536];
+                while left > 0 {
+                    let want = (left as usize).min(buf.len());
+                    let got = reader.read(&mut buf[..want])?;
+                    if got == 0 {
+                        break;
+                    }
+                    sum = buf[..got].iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+                    left -= got as u64;
+                }
+                stream.write_all(format!("got {} {sum}\n", n - left).as_bytes())?;
+            }
+            "source" => {
+                let n: usize = arg.parse()?;
+                let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                stream.write_all(&data)?;
+            }
+            "reboot" => return Ok(()),
+            _ => stream.write_all(b"unknown command\n")?,
+        }
+    }
+}
