@@ -1,0 +1,213 @@
+//! VMM start-up benchmark (run by `scripts/bench`; prints figures, asserts nothing).
+//!
+//! * `setup`: time from `shoal-vmm` process start (fork+exec by this harness) to vCPU 0's
+//!   first KVM_RUN, for a 128 MiB, 1-vCPU guest with the real guest kernel and initramfs:
+//!   create the VM, map memory, load kernel and initramfs, set up vCPUs and devices. Also the
+//!   VMM's own RSS beside guest memory at that point. Meaningful natively on any /dev/kvm.
+//! * `boot`: time from process start to the guest's init printing its marker, and the RSS
+//!   split after boot. Through the nested lab this is emulated time: label it so.
+//!
+//! Environment: SHOAL_GUEST_KERNEL, SHOAL_TEST_INITRD (required), SHOAL_BENCH_MODE
+//! (`setup`, default, or `boot`), SHOAL_BENCH_RUNS (default 20).
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEMORY_MIB: u64 = 128;
+
+fn monotonic_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+fn spawn_vmm(kernel: &Path, initrd: &Path, console: &Path, uds: Option<&Path>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-vmm"));
+    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd);
+    cmd.args([
+        "--memory-mib",
+        &MEMORY_MIB.to_string(),
+        "--vcpus",
+        "1",
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1 quiet",
+    ]);
+    cmd.arg("--console").arg(console);
+    if let Some(uds) = uds {
+        cmd.arg("--vsock-uds").arg(uds);
+    }
+    cmd.env("SHOAL_VMM_TIMING", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.spawn().expect("spawn shoal-vmm")
+}
+
+/// (total RSS, RSS of the guest-RAM mapping) in KiB, from /proc/PID/smaps.
+fn rss_split(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        if let Some(size) = line.strip_prefix("Size:") {
+            let kib: u64 = size
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            in_guest = kib == MEMORY_MIB * 1024;
+        } else if let Some(rss) = line.strip_prefix("Rss:") {
+            let kib: u64 = rss
+                .trim()
+                .trim_end_matches(" kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            total += kib;
+            if in_guest {
+                guest += kib;
+            }
+        }
+    }
+    (total, guest)
+}
+
+fn stop(mut child: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn report(name: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "{name:<44} median {:>9.2} {unit}  p99 {:>9.2} {unit}  min {:>9.2} {unit}  (n={})",
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v[0],
+        v.len()
+    );
+}
+
+fn scratch() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bench_setup(kernel: &Path, initrd: &Path, runs: usize) {
+    let dir = scratch();
+    let (mut setup_ms, mut vmm_rss, mut guest_rss) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let console = dir.join(format!("console-{i}"));
+        let t0 = monotonic_ns();
+        let mut child = spawn_vmm(kernel, initrd, &console, None);
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let first_run = loop {
+            line.clear();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("shoal-vmm exited before its first KVM_RUN");
+            }
+            if let Some(rest) = line
+                .trim()
+                .strip_prefix("shoal-vmm: first KVM_RUN at monotonic ")
+            {
+                break rest.trim_end_matches(" ns").parse::<u64>().unwrap();
+            }
+        };
+        let (total, guest) = rss_split(child.id());
+        setup_ms.push((first_run - t0) as f64 / 1e6);
+        vmm_rss.push((total - guest) as f64 / 1024.0);
+        guest_rss.push(guest as f64 / 1024.0);
+        stop(child);
+    }
+    println!("native, {MEMORY_MIB} MiB / 1 vCPU guest, real kernel + initramfs:");
+    report("process start -> first KVM_RUN", "ms", setup_ms);
+    report("VMM RSS beside guest RAM (at first run)", "MiB", vmm_rss);
+    report(
+        "guest RAM resident (kernel+initrd loaded)",
+        "MiB",
+        guest_rss,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn bench_boot(kernel: &Path, initrd: &Path, runs: usize) {
+    let dir = scratch();
+    let (mut boot_ms, mut vmm_rss, mut guest_rss) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let console = dir.join(format!("console-{i}"));
+        let uds = dir.join(format!("v-{i}.sock"));
+        let t0 = Instant::now();
+        let child = spawn_vmm(kernel, initrd, &console, Some(&uds));
+        let deadline = t0 + Duration::from_secs(120);
+        loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if text.contains("SHOAL-TEST-INIT: up") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest did not reach init:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        boot_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let (total, guest) = rss_split(child.id());
+        vmm_rss.push((total - guest) as f64 / 1024.0);
+        guest_rss.push(guest as f64 / 1024.0);
+        stop(child);
+    }
+    let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
+        "EMULATED (nested lab, QEMU TCG)"
+    } else {
+        "native"
+    };
+    println!("{label}, {MEMORY_MIB} MiB / 1 vCPU guest:");
+    report("process start -> guest init running", "ms", boot_ms);
+    report("VMM RSS beside guest RAM (after boot)", "MiB", vmm_rss);
+    report("guest RAM resident (after boot)", "MiB", guest_rss);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let (Some(kernel), Some(initrd)) = (
+        std::env::var_os("SHOAL_GUEST_KERNEL"),
+        std::env::var_os("SHOAL_TEST_INITRD"),
+    ) else {
+        eprintln!("boot_setup: set SHOAL_GUEST_KERNEL and SHOAL_TEST_INITRD (scripts/bench does)");
+        std::process::exit(2);
+    };
+    let runs: usize = std::env::var("SHOAL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    match std::env::var("SHOAL_BENCH_MODE")
+        .as_deref()
+        .unwrap_or("setup")
+    {
+        "setup" => bench_setup(Path::new(&kernel), Path::new(&initrd), runs),
+        "boot" => bench_boot(Path::new(&kernel), Path::new(&initrd), runs),
+        other => {
+            eprintln!("boot_setup: unknown SHOAL_BENCH_MODE {other}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -8,7 +8,10 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
 
 use crate::layout::*;
 use crate::memory::{e820_map, E820Kind};
@@ -17,21 +20,36 @@ use crate::memory::{e820_map, E820Kind};
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel image {path}: {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel image {path} is not a loadable x86-64 ELF vmlinux: {source}")]
-    LoadKernel { path: PathBuf, source: linux_loader::loader::Error },
+    LoadKernel {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
     #[error("cannot open initramfs {path}: {source}")]
-    OpenInitrd { path: PathBuf, source: std::io::Error },
+    OpenInitrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooLarge { path: PathBuf, size: u64 },
     #[error("cannot read initramfs {path} into guest memory: {source}")]
-    ReadInitrd { path: PathBuf, source: vm_memory::GuestMemoryError },
+    ReadInitrd {
+        path: PathBuf,
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("kernel command line is invalid: {0}")]
     Cmdline(linux_loader::cmdline::Error),
     #[error("kernel command line is {len} bytes; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot write {what} into guest memory: {source}")]
-    Write { what: &'static str, source: vm_memory::GuestMemoryError },
+    Write {
+        what: &'static str,
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("too many vCPUs for the MP table: {0}")]
     TooManyVcpus(u8),
 }
@@ -54,27 +72,64 @@ pub struct LoadedInitrd {
 
 /// Loads an uncompressed ELF kernel at its physical addresses (at or above 1 MiB).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel { path: path.into(), source })?;
-    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-        .map_err(|source| BootError::LoadKernel { path: path.into(), source })?;
-    Ok(LoadedKernel { entry: result.kernel_load, end: result.kernel_end })
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.into(),
+        source,
+    })?;
+    let result =
+        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BootError::LoadKernel {
+                path: path.into(),
+                source,
+            }
+        })?;
+    Ok(LoadedKernel {
+        entry: result.kernel_load,
+        end: result.kernel_end,
+    })
 }
 
 /// Copies the initramfs to the top of low RAM (page aligned), where the kernel expects it.
-pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<LoadedInitrd, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenInitrd { path: path.into(), source })?;
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<LoadedInitrd, BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::OpenInitrd {
+        path: path.into(),
+        source,
+    })?;
     let size = file
         .metadata()
-        .map_err(|source| BootError::OpenInitrd { path: path.into(), source })?
+        .map_err(|source| BootError::OpenInitrd {
+            path: path.into(),
+            source,
+        })?
         .len();
-    let low_ram_end = mem.iter().next().map(|r| r.start_addr().raw_value() + r.len()).unwrap_or(0);
-    let addr = low_ram_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end);
+    let low_ram_end = mem
+        .iter()
+        .next()
+        .map(|r| r.start_addr().raw_value() + r.len())
+        .unwrap_or(0);
+    let addr = low_ram_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end);
     let Some(addr) = addr else {
-        return Err(BootError::InitrdTooLarge { path: path.into(), size });
+        return Err(BootError::InitrdTooLarge {
+            path: path.into(),
+            size,
+        });
     };
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|source| BootError::ReadInitrd { path: path.into(), source })?;
-    Ok(LoadedInitrd { addr: GuestAddress(addr), size })
+        .map_err(|source| BootError::ReadInitrd {
+            path: path.into(),
+            source,
+        })?;
+    Ok(LoadedInitrd {
+        addr: GuestAddress(addr),
+        size,
+    })
 }
 
 /// Builds a command line from the user's text plus the devices the VMM added, checking the
@@ -83,7 +138,10 @@ pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, BootError>
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
     let total = base.len() + extra.iter().map(|e| e.len() + 1).sum::<usize>();
     if total >= CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong { len: total, max: CMDLINE_MAX_SIZE - 1 });
+        return Err(BootError::CmdlineTooLong {
+            len: total,
+            max: CMDLINE_MAX_SIZE - 1,
+        });
     }
     if !base.trim().is_empty() {
         cmdline.insert_str(base).map_err(BootError::Cmdline)?;
@@ -99,7 +157,10 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, 
     let cstring = cmdline.as_cstring().map_err(BootError::Cmdline)?;
     let bytes = cstring.as_bytes_with_nul();
     mem.write_slice(bytes, GuestAddress(CMDLINE_START))
-        .map_err(|source| BootError::Write { what: "command line", source })?;
+        .map_err(|source| BootError::Write {
+            what: "command line",
+            source,
+        })?;
     Ok(bytes.len() - 1)
 }
 
@@ -146,7 +207,10 @@ pub fn boot_params(mem_size: u64, cmdline_len: usize, initrd: Option<LoadedInitr
 /// Writes `boot_params` to the zero page.
 pub fn write_boot_params(mem: &GuestMemoryMmap, params: &BootParams) -> Result<(), BootError> {
     mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))
-        .map_err(|source| BootError::Write { what: "boot_params", source })
+        .map_err(|source| BootError::Write {
+            what: "boot_params",
+            source,
+        })
 }
 
 /// A GDT entry from flags, base and limit (the usual x86 packing).
@@ -170,17 +234,27 @@ pub const BOOT_GDT: [u64; 4] = [
 pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-            .map_err(|source| BootError::Write { what: "GDT", source })?;
+            .map_err(|source| BootError::Write {
+                what: "GDT",
+                source,
+            })?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|source| BootError::Write { what: "IDT", source })
+        .map_err(|source| BootError::Write {
+            what: "IDT",
+            source,
+        })
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages: PML4[0] -> PDPT, PDPT[0..4] -> 4 PDs.
 /// The kernel replaces these early; tiny test payloads use them to reach MMIO devices.
 pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     let w = |value: u64, addr: u64| {
-        mem.write_obj(value, GuestAddress(addr)).map_err(|source| BootError::Write { what: "page tables", source })
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(|source| BootError::Write {
+                what: "page tables",
+                source,
+            })
     };
     w(PDPTE_START | 0x03, PML4_START)?;
     for pd in 0..4u64 {
@@ -205,7 +279,10 @@ mod tests {
 
     #[test]
     fn boot_params_carry_cmdline_initrd_and_e820() {
-        let initrd = LoadedInitrd { addr: GuestAddress(0x700_0000), size: 0x1234 };
+        let initrd = LoadedInitrd {
+            addr: GuestAddress(0x700_0000),
+            size: 0x1234,
+        };
         let p = boot_params(128 << 20, 42, Some(initrd)).0;
         let hdr = p.hdr;
         assert_eq!({ hdr.boot_flag }, 0xaa55);
@@ -216,26 +293,42 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
         assert_eq!(p.e820_entries, 3);
         let e2 = p.e820_table[2];
-        assert_eq!(({ e2.addr }, { e2.size }, { e2.r#type }), (HIMEM_START, (128 << 20) - HIMEM_START, 1));
+        assert_eq!(
+            ({ e2.addr }, { e2.size }, { e2.r#type }),
+            (HIMEM_START, (128 << 20) - HIMEM_START, 1)
+        );
     }
 
     #[test]
     fn cmdline_is_written_nul_terminated() {
         let m = mem(16);
-        let c = build_cmdline("console=ttyS0 reboot=k", &["virtio_mmio.device=4K@0xd0000000:5".into()]).unwrap();
+        let c = build_cmdline(
+            "console=ttyS0 reboot=k",
+            &["virtio_mmio.device=4K@0xd0000000:5".into()],
+        )
+        .unwrap();
         let len = write_cmdline(&m, &c).unwrap();
         let mut buf = vec![0u8; len + 1];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
-        assert_eq!(&buf[..len], b"console=ttyS0 reboot=k virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            &buf[..len],
+            b"console=ttyS0 reboot=k virtio_mmio.device=4K@0xd0000000:5"
+        );
         assert_eq!(buf[len], 0);
     }
 
     #[test]
     fn cmdline_over_the_limit_is_refused() {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(build_cmdline(&long, &[]), Err(BootError::CmdlineTooLong { .. })));
+        assert!(matches!(
+            build_cmdline(&long, &[]),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
         let almost = "y".repeat(CMDLINE_MAX_SIZE - 20);
-        assert!(matches!(build_cmdline(&almost, &["virtio_mmio.device=4K@0xd0000000:5".into()]), Err(BootError::CmdlineTooLong { .. })));
+        assert!(matches!(
+            build_cmdline(&almost, &["virtio_mmio.device=4K@0xd0000000:5".into()]),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
     }
 
     #[test]
@@ -248,7 +341,9 @@ mod tests {
         assert_eq!(pdpt3, (PDE_START + 0x3000) | 3);
         // The PD entry covering the first virtio-mmio window maps it to itself.
         let idx = (VIRTIO_MMIO_BASE >> 21) & 511;
-        let pde: u64 = m.read_obj(GuestAddress(PDE_START + 0x3000 + idx * 8)).unwrap();
+        let pde: u64 = m
+            .read_obj(GuestAddress(PDE_START + 0x3000 + idx * 8))
+            .unwrap();
         assert_eq!(pde & !0xfff, VIRTIO_MMIO_BASE);
     }
 
@@ -271,7 +366,10 @@ mod tests {
         assert!(matches!(err, BootError::LoadKernel { .. }), "{err}");
         let empty = dir.join("empty");
         std::fs::write(&empty, b"").unwrap();
-        assert!(matches!(load_kernel(&m, &empty), Err(BootError::LoadKernel { .. })));
+        assert!(matches!(
+            load_kernel(&m, &empty),
+            Err(BootError::LoadKernel { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -290,8 +388,14 @@ mod tests {
         assert_eq!(b, 0xab);
         // Larger than the space above the kernel.
         std::fs::write(&path, vec![0u8; 31 << 20]).unwrap();
-        assert!(matches!(load_initrd(&m, &path, 0x20_0000), Err(BootError::InitrdTooLarge { .. })));
-        assert!(matches!(load_initrd(&m, &dir.join("missing"), 0), Err(BootError::OpenInitrd { .. })));
+        assert!(matches!(
+            load_initrd(&m, &path, 0x20_0000),
+            Err(BootError::InitrdTooLarge { .. })
+        ));
+        assert!(matches!(
+            load_initrd(&m, &dir.join("missing"), 0),
+            Err(BootError::OpenInitrd { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -22,7 +22,8 @@ fn filter_entry(entry: &mut kvm_cpuid_entry2, index: u8, count: u8) {
     match entry.function {
         LEAF_FEATURES => {
             // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
-            entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+            entry.ebx =
+                (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
             entry.ecx |= ECX_HYPERVISOR;
             if count > 1 {
                 entry.edx |= EDX_HTT;
@@ -48,7 +49,15 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax: regs[0], ebx: regs[1], ecx: regs[2], edx: regs[3], ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
     }
 
     fn sample() -> CpuId {
@@ -65,7 +74,10 @@ mod tests {
     }
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap()
     }
 
     #[test]

@@ -39,19 +39,34 @@ impl EventLoop {
     pub fn new(devices: Vec<LoopDevice>, stop: EventFd) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
         let add = |fd: RawFd, data: u64| {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data)).map_err(EventLoopError::Epoll)
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )
+                .map_err(EventLoopError::Epoll)
         };
         add(stop.as_raw_fd(), STOP_TOKEN)?;
         for (i, dev) in devices.iter().enumerate() {
             for (q, evt) in dev.queue_evts.iter().enumerate() {
                 add(evt.as_raw_fd(), token(i, q as u64))?;
             }
-            let backend = dev.transport.lock().unwrap_or_else(|e| e.into_inner()).device().backend_fd();
+            let backend = dev
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device()
+                .backend_fd();
             if let Some(fd) = backend {
                 add(fd, token(i, BACKEND))?;
             }
         }
-        Ok(EventLoop { epoll, devices, stop })
+        Ok(EventLoop {
+            epoll,
+            devices,
+            stop,
+        })
     }
 
     /// Serves events until the stop eventfd is written.
@@ -73,7 +88,9 @@ impl EventLoop {
                     return;
                 }
                 let (device, slot) = ((data >> 16) as usize, data & 0xffff);
-                let Some(dev) = self.devices.get(device) else { continue };
+                let Some(dev) = self.devices.get(device) else {
+                    continue;
+                };
                 let mut transport = dev.transport.lock().unwrap_or_else(|e| e.into_inner());
                 if slot == BACKEND {
                     // Served even before the driver starts the device, so host clients are

@@ -24,7 +24,10 @@ pub struct ExitSignal {
 
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
-        Ok(ExitSignal { reason: Mutex::new(None), evt: EventFd::new(EFD_NONBLOCK)? })
+        Ok(ExitSignal {
+            reason: Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
     }
 
     /// Records `reason` unless another was recorded first, and wakes the waiter.
@@ -38,11 +41,17 @@ impl ExitSignal {
     }
 
     pub fn is_signalled(&self) -> bool {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The eventfd that becomes readable once a reason is recorded.

@@ -71,5 +71,8 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Window of virtio-mmio device `index`.
 pub fn virtio_mmio_window(index: u32) -> (u64, u64) {
-    (VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_SIZE)
+    (
+        VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE,
+        VIRTIO_MMIO_SIZE,
+    )
 }

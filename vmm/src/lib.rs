@@ -103,9 +103,15 @@ pub enum Error {
     #[error("vsock CID must be 3 or more (0-2 are reserved), got {0}")]
     VsockCid(u64),
     #[error("cannot {what}: {source}")]
-    Setup { what: &'static str, source: std::io::Error },
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot register {what} with KVM: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -145,21 +151,34 @@ impl Vm {
     /// is owned by a value that is dropped on the way out.
     pub fn boot(config: &VmConfig) -> Result<Vm> {
         if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
-            return Err(Error::VcpuCount { got: config.vcpus, max: mptable::MAX_VCPUS });
+            return Err(Error::VcpuCount {
+                got: config.vcpus,
+                max: mptable::MAX_VCPUS,
+            });
         }
         let mem = memory::create_guest_memory(config.memory_mib)?;
         let kvm_vm = vm::KvmVm::create(&mem, config.vcpus)?;
 
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
-        let initrd = config.initrd.as_deref().map(|p| boot::load_initrd(&mem, p, kernel.end)).transpose()?;
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|p| boot::load_initrd(&mem, p, kernel.end))
+            .transpose()?;
 
-        let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup { what: "create the exit eventfd", source })?);
+        let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup {
+            what: "create the exit eventfd",
+            source,
+        })?);
         let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone())?;
         let (mmio_slots, loop_devices, cmdline_devices) = virtio_devices(&kvm_vm, &mem, config)?;
 
         let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_devices)?;
         let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
-        boot::write_boot_params(&mem, &boot::boot_params(config.memory_mib << 20, cmdline_len, initrd))?;
+        boot::write_boot_params(
+            &mem,
+            &boot::boot_params(config.memory_mib << 20, cmdline_len, initrd),
+        )?;
         boot::write_gdt(&mem)?;
         boot::write_page_tables(&mem)?;
         mptable::write(&mem, config.vcpus)?;
@@ -172,13 +191,23 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
-        let stop_devices = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create the stop eventfd", source })?;
+        let stop_devices = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+            what: "create the stop eventfd",
+            source,
+        })?;
         let event_loop = EventLoop::new(
             loop_devices,
-            stop_devices.try_clone().map_err(|source| Error::Setup { what: "clone the stop eventfd", source })?,
+            stop_devices.try_clone().map_err(|source| Error::Setup {
+                what: "clone the stop eventfd",
+                source,
+            })?,
         )?;
-        register_signal_handler(vcpu_kick_signal(), noop_signal_handler)
-            .map_err(|e| Error::Setup { what: "install the vCPU kick signal handler", source: e.into() })?;
+        register_signal_handler(vcpu_kick_signal(), noop_signal_handler).map_err(|e| {
+            Error::Setup {
+                what: "install the vCPU kick signal handler",
+                source: e.into(),
+            }
+        })?;
 
         let mut vm = Vm {
             exit,
@@ -196,7 +225,8 @@ impl Vm {
             let (bus, exit, stop) = (vm._bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
             let first_run = (vcpu.index == 0).then(|| vm.first_run.clone());
             let name = format!("shoal-vcpu{}", vcpu.index);
-            vm.vcpu_threads.push(spawn(&name, move || vcpu.run(bus, exit, stop, first_run))?);
+            vm.vcpu_threads
+                .push(spawn(&name, move || vcpu.run(bus, exit, stop, first_run))?);
         }
         Ok(vm)
     }
@@ -217,8 +247,14 @@ impl Vm {
         use std::os::unix::io::AsRawFd;
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let evt_fd = self.exit.eventfd().as_raw_fd();
-        let epoll = Epoll::new()
-            .and_then(|e| e.ctl(ControlOperation::Add, evt_fd, EpollEvent::new(EventSet::IN, 0)).map(|_| e));
+        let epoll = Epoll::new().and_then(|e| {
+            e.ctl(
+                ControlOperation::Add,
+                evt_fd,
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .map(|_| e)
+        });
         let mut events = [EpollEvent::default(); 1];
         while !self.exit.is_signalled() {
             match &epoll {
@@ -262,15 +298,28 @@ fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> Result<JoinHandle<()
         .name(name.into())
         .stack_size(256 * 1024)
         .spawn(f)
-        .map_err(|source| Error::Setup { what: "start a VMM thread", source })
+        .map_err(|source| Error::Setup {
+            what: "start a VMM thread",
+            source,
+        })
 }
 
-fn legacy_devices(kvm_vm: &vm::KvmVm, console: &Console, exit: Arc<exit::ExitSignal>) -> Result<Legacy> {
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create the serial irqfd", source })?;
+fn legacy_devices(
+    kvm_vm: &vm::KvmVm,
+    console: &Console,
+    exit: Arc<exit::ExitSignal>,
+) -> Result<Legacy> {
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+        what: "create the serial irqfd",
+        source,
+    })?;
     kvm_vm
         .fd
         .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
-        .map_err(|source| Error::Kvm { what: "the serial interrupt", source })?;
+        .map_err(|source| Error::Kvm {
+            what: "the serial interrupt",
+            source,
+        })?;
     Ok(Legacy::new(console, serial_irq, exit)?)
 }
 
@@ -278,32 +327,69 @@ type VirtioSetup = (Vec<MmioSlot>, Vec<LoopDevice>, Vec<String>);
 
 /// Creates the configured virtio devices, each with its MMIO window, irqfd and one ioeventfd
 /// per queue, and the `virtio_mmio.device=` entries that announce them to the guest.
-fn virtio_devices(kvm_vm: &vm::KvmVm, mem: &GuestMemoryMmap, config: &VmConfig) -> Result<VirtioSetup> {
+fn virtio_devices(
+    kvm_vm: &vm::KvmVm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<VirtioSetup> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(vsock) = &config.vsock {
         if vsock.cid < 3 {
             return Err(Error::VsockCid(vsock.cid));
         }
-        devices.push(Box::new(virtio::vsock::Vsock::new(vsock.cid, &vsock.uds_path)?));
+        devices.push(Box::new(virtio::vsock::Vsock::new(
+            vsock.cid,
+            &vsock.uds_path,
+        )?));
     }
     let (mut slots, mut loop_devices, mut cmdline) = (Vec::new(), Vec::new(), Vec::new());
     for (index, device) in devices.into_iter().enumerate() {
         let (base, size) = layout::virtio_mmio_window(index as u32);
         let gsi = layout::VIRTIO_IRQ_BASE + index as u32;
-        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create a virtio irqfd", source })?;
-        kvm_vm.fd.register_irqfd(&irqfd, gsi).map_err(|source| Error::Kvm { what: "a virtio interrupt", source })?;
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+            what: "create a virtio irqfd",
+            source,
+        })?;
+        kvm_vm
+            .fd
+            .register_irqfd(&irqfd, gsi)
+            .map_err(|source| Error::Kvm {
+                what: "a virtio interrupt",
+                source,
+            })?;
         let mut queue_evts = Vec::new();
         for q in 0..device.queue_max_sizes().len() {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup { what: "create a queue eventfd", source })?;
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
+                what: "create a queue eventfd",
+                source,
+            })?;
             kvm_vm
                 .fd
-                .register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
-                .map_err(|source| Error::Kvm { what: "a queue notification", source })?;
+                .register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(|source| Error::Kvm {
+                    what: "a queue notification",
+                    source,
+                })?;
             queue_evts.push(evt);
         }
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Interrupt::new(irqfd))));
-        slots.push(MmioSlot { base, size, transport: transport.clone() });
-        loop_devices.push(LoopDevice { transport, queue_evts });
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            Interrupt::new(irqfd),
+        )));
+        slots.push(MmioSlot {
+            base,
+            size,
+            transport: transport.clone(),
+        });
+        loop_devices.push(LoopDevice {
+            transport,
+            queue_evts,
+        });
         cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
     Ok((slots, loop_devices, cmdline))

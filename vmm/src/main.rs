@@ -38,7 +38,10 @@ struct Args {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Args::parse()) {
@@ -57,11 +60,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         cmdline: args.cmdline,
         memory_mib: args.memory_mib,
         vcpus: args.vcpus,
-        vsock: args.vsock_uds.map(|uds_path| VsockConfig { uds_path, cid: args.vsock_cid }),
+        vsock: args.vsock_uds.map(|uds_path| VsockConfig {
+            uds_path,
+            cid: args.vsock_cid,
+        }),
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
     };
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
     let vm = Vm::boot(&config)?;
     if std::env::var_os("SHOAL_VMM_TIMING").is_some() {
         report_first_run(&vm);
@@ -93,7 +102,10 @@ fn report_first_run(vm: &Vm) {
         if let Some(at) = vm.first_run_at() {
             let now_mono = monotonic_ns();
             let ago = at.elapsed().as_nanos() as u64;
-            eprintln!("shoal-vmm: first KVM_RUN at monotonic {} ns", now_mono - ago);
+            eprintln!(
+                "shoal-vmm: first KVM_RUN at monotonic {} ns",
+                now_mono - ago
+            );
             return;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
@@ -101,6 +113,7 @@ fn report_first_run(vm: &Vm) {
 }
 
 fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }

@@ -8,7 +8,9 @@ use crate::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 pub enum MemoryError {
     #[error("guest memory size must be at least 16 MiB, got {0} MiB")]
     TooSmall(u64),
-    #[error("guest memory of {requested_mib} MiB is larger than this host's {host_mib} MiB of RAM")]
+    #[error(
+        "guest memory of {requested_mib} MiB is larger than this host's {host_mib} MiB of RAM"
+    )]
     LargerThanHost { requested_mib: u64, host_mib: u64 },
     #[error("cannot map {mib} MiB of guest memory: {source}")]
     Map {
@@ -52,13 +54,29 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 /// the MP table we write there is not overwritten.
 pub fn e820_map(size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram },
-        E820Entry { addr: EBDA_START, size: HIMEM_START - EBDA_START, kind: E820Kind::Reserved },
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Kind::Ram,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            kind: E820Kind::Reserved,
+        },
     ];
     let low_end = size.min(MMIO_GAP_START);
-    map.push(E820Entry { addr: HIMEM_START, size: low_end - HIMEM_START, kind: E820Kind::Ram });
+    map.push(E820Entry {
+        addr: HIMEM_START,
+        size: low_end - HIMEM_START,
+        kind: E820Kind::Ram,
+    });
     if size > MMIO_GAP_START {
-        map.push(E820Entry { addr: MMIO_GAP_END, size: size - MMIO_GAP_START, kind: E820Kind::Ram });
+        map.push(E820Entry {
+            addr: MMIO_GAP_END,
+            size: size - MMIO_GAP_START,
+            kind: E820Kind::Ram,
+        });
     }
     map
 }
@@ -78,7 +96,10 @@ pub fn validate_size(mib: u64) -> Result<(), MemoryError> {
     }
     if let Some(host_mib) = host_memory_mib() {
         if mib > host_mib {
-            return Err(MemoryError::LargerThanHost { requested_mib: mib, host_mib });
+            return Err(MemoryError::LargerThanHost {
+                requested_mib: mib,
+                host_mib,
+            });
         }
     }
     Ok(())
@@ -88,7 +109,8 @@ pub fn validate_size(mib: u64) -> Result<(), MemoryError> {
 /// for anonymous regions): a page costs the host nothing until the guest touches it.
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     validate_size(mib)?;
-    GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20)).map_err(|source| MemoryError::Map { mib, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20))
+        .map_err(|source| MemoryError::Map { mib, source })
 }
 
 #[cfg(test)]
@@ -112,12 +134,30 @@ mod tests {
     #[test]
     fn e820_covers_ram_and_reserves_the_ebda() {
         let map = e820_map(128 << 20);
-        assert_eq!(map[0], E820Entry { addr: 0, size: EBDA_START, kind: E820Kind::Ram });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820Kind::Ram
+            }
+        );
         assert_eq!(map[1].kind, E820Kind::Reserved);
-        assert_eq!(map[2], E820Entry { addr: HIMEM_START, size: (128 << 20) - HIMEM_START, kind: E820Kind::Ram });
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (128 << 20) - HIMEM_START,
+                kind: E820Kind::Ram
+            }
+        );
         assert_eq!(map.len(), 3);
         // RAM entries sum to the guest size less the 0x9fc00..0x100000 hole.
-        let ram: u64 = map.iter().filter(|e| e.kind == E820Kind::Ram).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, (128 << 20) - (HIMEM_START - EBDA_START));
     }
 
@@ -128,13 +168,18 @@ mod tests {
         assert_eq!(last.addr, MMIO_GAP_END);
         assert_eq!(last.size, (5 << 30) - MMIO_GAP_START);
         // Nothing is RAM inside the gap.
-        assert!(map.iter().all(|e| e.kind != E820Kind::Ram || e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        assert!(map.iter().all(|e| e.kind != E820Kind::Ram
+            || e.addr + e.size <= MMIO_GAP_START
+            || e.addr >= MMIO_GAP_END));
     }
 
     #[test]
     fn sizes_are_validated() {
         assert!(matches!(validate_size(0), Err(MemoryError::TooSmall(0))));
-        assert!(matches!(validate_size(1 << 30), Err(MemoryError::LargerThanHost { .. })));
+        assert!(matches!(
+            validate_size(1 << 30),
+            Err(MemoryError::LargerThanHost { .. })
+        ));
         validate_size(128).unwrap();
     }
 
@@ -145,7 +190,10 @@ mod tests {
         let mem = create_guest_memory(1024).unwrap();
         assert_eq!(mem.iter().map(|r| r.len()).sum::<u64>(), 1 << 30);
         let rss_after = rss_kib();
-        assert!(rss_after < rss_before + 8 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
+        assert!(
+            rss_after < rss_before + 8 * 1024,
+            "RSS grew from {rss_before} to {rss_after} KiB"
+        );
     }
 
     fn rss_kib() -> u64 {

@@ -39,7 +39,12 @@ pub fn build(vcpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     let mut entries = Vec::new();
     let mut count: u16 = 0;
     for cpu in 0..vcpus {
-        entries.extend_from_slice(&[0, cpu, APIC_VERSION, CPU_ENABLED | if cpu == 0 { CPU_BOOTSTRAP } else { 0 }]);
+        entries.extend_from_slice(&[
+            0,
+            cpu,
+            APIC_VERSION,
+            CPU_ENABLED | if cpu == 0 { CPU_BOOTSTRAP } else { 0 },
+        ]);
         entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
         entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
         entries.extend_from_slice(&[0; 8]);
@@ -116,7 +121,9 @@ mod tests {
             let entries = u16::from_le_bytes(cfg[34..36].try_into().unwrap());
             assert_eq!(entries, vcpus as u16 + 2 + IOAPIC_PINS as u16 + 2);
             // Exactly one bootstrap processor, CPU 0.
-            let bsps = (0..vcpus as usize).filter(|i| cfg[44 + 20 * i + 3] & CPU_BOOTSTRAP != 0).count();
+            let bsps = (0..vcpus as usize)
+                .filter(|i| cfg[44 + 20 * i + 3] & CPU_BOOTSTRAP != 0)
+                .count();
             assert_eq!(bsps, 1);
             assert_eq!(cfg[44 + 3] & CPU_BOOTSTRAP, CPU_BOOTSTRAP);
         }
@@ -124,7 +131,13 @@ mod tests {
 
     #[test]
     fn vcpu_count_is_bounded() {
-        assert!(matches!(build(0, EBDA_START), Err(MpTableError::VcpuCount(0))));
-        assert!(matches!(build(65, EBDA_START), Err(MpTableError::VcpuCount(65))));
+        assert!(matches!(
+            build(0, EBDA_START),
+            Err(MpTableError::VcpuCount(0))
+        ));
+        assert!(matches!(
+            build(65, EBDA_START),
+            Err(MpTableError::VcpuCount(65))
+        ));
     }
 }

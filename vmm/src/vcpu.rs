@@ -2,7 +2,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
@@ -15,9 +17,16 @@ use crate::layout::*;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("cannot create vCPU {index}: {source}")]
-    Create { index: u8, source: kvm_ioctls::Error },
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot set {what} of vCPU {index}: {source}")]
-    Set { what: &'static str, index: u8, source: kvm_ioctls::Error },
+    Set {
+        what: &'static str,
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM accepted {set} of {total} MSRs for vCPU {index}")]
     Msrs { index: u8, set: usize, total: usize },
 }
@@ -42,7 +51,11 @@ pub struct Vcpu {
 /// Reads KVM's supported CPUID once for all vCPUs.
 pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<CpuId, VcpuError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VcpuError::Set { what: "CPUID (KVM_GET_SUPPORTED_CPUID)", index: 0, source })
+        .map_err(|source| VcpuError::Set {
+            what: "CPUID (KVM_GET_SUPPORTED_CPUID)",
+            index: 0,
+            source,
+        })
 }
 
 /// A segment descriptor from an entry of the boot GDT.
@@ -52,7 +65,11 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     let raw_limit = (((entry >> 32) & 0x000f_0000) | (entry & 0xffff)) as u32;
     kvm_segment {
         base: ((entry >> 16) & 0x00ff_ffff) | (((entry >> 56) & 0xff) << 24),
-        limit: if granularity == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if granularity == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: u16::from(table_index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -69,39 +86,59 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 
 impl Vcpu {
     pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
         Ok(Vcpu { index, fd })
     }
 
     /// Puts the vCPU in 64-bit mode at `entry`, with `rsi` pointing at `boot_params`.
     pub fn configure(&self, cpuid: &CpuId, count: u8, entry: u64) -> Result<(), VcpuError> {
         let index = self.index;
-        let set = |what| move |source| VcpuError::Set { what, index, source };
+        let set = |what| {
+            move |source| VcpuError::Set {
+                what,
+                index,
+                source,
+            }
+        };
 
         let mut cpuid = cpuid.clone();
         crate::cpuid::filter(&mut cpuid, index, count);
         self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
 
-        let msr = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+        let msr = |index, data| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
         let entries = [
-            msr(0x174, 0), // IA32_SYSENTER_CS
-            msr(0x175, 0), // IA32_SYSENTER_ESP
-            msr(0x176, 0), // IA32_SYSENTER_EIP
+            msr(0x174, 0),       // IA32_SYSENTER_CS
+            msr(0x175, 0),       // IA32_SYSENTER_ESP
+            msr(0x176, 0),       // IA32_SYSENTER_EIP
             msr(0xc000_0081, 0), // STAR
             msr(0xc000_0082, 0), // LSTAR
             msr(0xc000_0083, 0), // CSTAR
             msr(0xc000_0084, 0), // SYSCALL_MASK
             msr(0xc000_0102, 0), // KERNEL_GS_BASE
-            msr(0x10, 0),         // TSC
-            msr(0x1a0, 1),        // IA32_MISC_ENABLE: fast strings
+            msr(0x10, 0),        // TSC
+            msr(0x1a0, 1),       // IA32_MISC_ENABLE: fast strings
         ];
         let msrs = Msrs::from_entries(&entries).expect("a fixed, small MSR list fits");
         let written = self.fd.set_msrs(&msrs).map_err(set("MSRs"))?;
         if written != entries.len() {
-            return Err(VcpuError::Msrs { index, set: written, total: entries.len() });
+            return Err(VcpuError::Msrs {
+                index,
+                set: written,
+                total: entries.len(),
+            });
         }
 
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
         self.fd.set_fpu(&fpu).map_err(set("FPU"))?;
 
         let regs = kvm_regs {
@@ -116,11 +153,16 @@ impl Vcpu {
 
         let mut sregs: kvm_sregs = self.fd.get_sregs().map_err(set("special registers"))?;
         long_mode_sregs(&mut sregs);
-        self.fd.set_sregs(&sregs).map_err(set("special registers"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(set("special registers"))?;
 
         let mut lapic = self.fd.get_lapic().map_err(set("LAPIC"))?;
         for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-            let bytes: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|b| *b as u8).collect();
+            let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
+                .iter()
+                .map(|b| *b as u8)
+                .collect();
             let value = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
             let value = (value & !0x700) | (mode << 8);
             for (i, b) in value.to_le_bytes().iter().enumerate() {
@@ -133,7 +175,13 @@ impl Vcpu {
 
     /// Runs the vCPU until the guest resets or powers off, the host asks it to stop, or KVM
     /// fails. Whatever ends the loop is reported once through `exit`.
-    pub fn run(mut self, bus: Arc<Bus>, exit: Arc<ExitSignal>, stop: Arc<AtomicBool>, first_run: Option<Arc<std::sync::OnceLock<std::time::Instant>>>) {
+    pub fn run(
+        mut self,
+        bus: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        stop: Arc<AtomicBool>,
+        first_run: Option<Arc<std::sync::OnceLock<std::time::Instant>>>,
+    ) {
         if let Some(first_run) = first_run {
             let _ = first_run.set(std::time::Instant::now());
         }
@@ -197,7 +245,10 @@ mod tests {
     #[test]
     fn code_segment_is_64_bit() {
         let cs = segment_from_gdt(BOOT_GDT[1], 1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_), (8, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.s, cs.type_),
+            (8, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(BOOT_GDT[2], 2);
         assert_eq!((ds.selector, ds.l, ds.db, ds.type_), (16, 0, 1, 3));

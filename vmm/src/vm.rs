@@ -15,7 +15,10 @@ pub enum VmError {
     #[error("cannot create a KVM VM: {0}")]
     Create(kvm_ioctls::Error),
     #[error("cannot set up the VM's {what}: {source}")]
-    Setup { what: &'static str, source: kvm_ioctls::Error },
+    Setup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("{requested} vCPUs requested; KVM allows at most {max}")]
     TooManyVcpus { requested: u8, max: usize },
 }
@@ -35,14 +38,22 @@ impl KvmVm {
         }
         let max = kvm.get_max_vcpus();
         if usize::from(vcpus) > max {
-            return Err(VmError::TooManyVcpus { requested: vcpus, max });
+            return Err(VmError::TooManyVcpus {
+                requested: vcpus,
+                max,
+            });
         }
         let fd = kvm.create_vm().map_err(VmError::Create)?;
         let setup = |what| move |source| VmError::Setup { what, source };
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(setup("TSS"))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(setup("identity map"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(setup("TSS"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(setup("identity map"))?;
         fd.create_irq_chip().map_err(setup("irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(setup("PIT"))?;
         for (slot, region) in mem.iter().enumerate() {
             let host_addr = region.as_ptr() as u64;

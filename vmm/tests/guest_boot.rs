@@ -16,7 +16,10 @@ const DEADLINE: Duration = Duration::from_secs(300);
 
 /// The kernel and initramfs to boot, or a printed reason why these tests cannot run here.
 fn artifacts() -> Option<(PathBuf, PathBuf)> {
-    let (Some(kernel), Some(initrd)) = (std::env::var_os("SHOAL_GUEST_KERNEL"), std::env::var_os("SHOAL_TEST_INITRD")) else {
+    let (Some(kernel), Some(initrd)) = (
+        std::env::var_os("SHOAL_GUEST_KERNEL"),
+        std::env::var_os("SHOAL_TEST_INITRD"),
+    ) else {
         eprintln!("SKIP: SHOAL_GUEST_KERNEL / SHOAL_TEST_INITRD not set; scripts/test sets them where a guest can boot");
         return None;
     };
@@ -51,7 +54,10 @@ impl Drop for Scratch {
 /// is still booting (the guest kernel resets connections to ports nobody listens on).
 fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> (UnixStream, BufReader<UnixStream>) {
     loop {
-        assert!(Instant::now() < deadline, "guest never accepted a vsock connection on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "guest never accepted a vsock connection on port {port}"
+        );
         if let Ok(mut s) = UnixStream::connect(uds) {
             s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
             s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
@@ -59,7 +65,10 @@ fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> (UnixStream, BufRe
             let mut line = String::new();
             if reader.read_line(&mut line).is_ok() && line.starts_with("OK ") {
                 let local: u32 = line[3..].trim().parse().expect("OK carries a port number");
-                assert!(local >= 1 << 30, "host-side port {local} comes from the local range");
+                assert!(
+                    local >= 1 << 30,
+                    "host-side port {local} comes from the local range"
+                );
                 return (s, reader);
             }
         }
@@ -73,7 +82,9 @@ fn pattern(n: usize) -> Vec<u8> {
 
 #[test]
 fn boots_linux_and_talks_vsock_both_ways() {
-    let Some((kernel, initrd)) = artifacts() else { return };
+    let Some((kernel, initrd)) = artifacts() else {
+        return;
+    };
     let dir = Scratch::new("vsock");
     let uds = dir.path("vm.sock");
     let host_listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
@@ -84,7 +95,10 @@ fn boots_linux_and_talks_vsock_both_ways() {
         cmdline: "console=ttyS0 reboot=k panic=1".into(),
         memory_mib: 128,
         vcpus: 2,
-        vsock: Some(VsockConfig { uds_path: uds.clone(), cid: 3 }),
+        vsock: Some(VsockConfig {
+            uds_path: uds.clone(),
+            cid: 3,
+        }),
         console: Console::File(dir.path("console")),
     };
     let started = Instant::now();
@@ -136,21 +150,35 @@ fn boots_linux_and_talks_vsock_both_ways() {
     drop(watchdog);
     assert_eq!(reason, ExitReason::Reboot);
     let console = std::fs::read_to_string(dir.path("console")).unwrap();
-    assert!(console.contains("SHOAL-TEST-INIT: up cpus=2 "), "console:\n{console}");
-    assert!(console.contains("SHOAL-TEST-INIT: rebooting"), "console:\n{console}");
+    assert!(
+        console.contains("SHOAL-TEST-INIT: up cpus=2 "),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("SHOAL-TEST-INIT: rebooting"),
+        "console:\n{console}"
+    );
     let mem_kib: u64 = console
         .split("mem_kib=")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .expect("memory figure on the console");
-    assert!((90_000..=131_072).contains(&mem_kib), "guest sees {mem_kib} KiB of a 128 MiB VM");
-    assert!(!uds.exists(), "the vsock socket is removed when the VM ends");
+    assert!(
+        (90_000..=131_072).contains(&mem_kib),
+        "guest sees {mem_kib} KiB of a 128 MiB VM"
+    );
+    assert!(
+        !uds.exists(),
+        "the vsock socket is removed when the VM ends"
+    );
 }
 
 #[test]
 fn cli_exits_zero_after_guest_reboot() {
-    let Some((kernel, initrd)) = artifacts() else { return };
+    let Some((kernel, initrd)) = artifacts() else {
+        return;
+    };
     let dir = Scratch::new("cli");
     let uds = dir.path("cli.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
@@ -167,7 +195,10 @@ fn cli_exits_zero_after_guest_reboot() {
         .unwrap();
     let deadline = Instant::now() + DEADLINE;
     while !uds.exists() {
-        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "shoal-vmm did not create its vsock socket");
+        assert!(
+            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "shoal-vmm did not create its vsock socket"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
@@ -175,6 +206,9 @@ fn cli_exits_zero_after_guest_reboot() {
     let status = child.wait().unwrap();
     assert!(status.success(), "shoal-vmm exited with {status}");
     let console = std::fs::read_to_string(dir.path("console")).unwrap();
-    assert!(console.contains("SHOAL-TEST-INIT: up cpus=1 "), "console:\n{console}");
+    assert!(
+        console.contains("SHOAL-TEST-INIT: up cpus=1 "),
+        "console:\n{console}"
+    );
     assert!(!uds.exists());
 }

@@ -15,7 +15,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Skips (with a printed reason) when /dev/kvm cannot be opened.
 fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP: /dev/kvm is not usable here ({e}); native KVM payload tests not run");
@@ -44,7 +48,7 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(&64u16.to_le_bytes()); // shentsize
     elf.extend_from_slice(&0u16.to_le_bytes()); // shnum
     elf.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
-    // Program header
+                                                // Program header
     let offset = 64 + 56u64;
     elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
@@ -124,7 +128,10 @@ fn serial_output_and_i8042_reset() {
     let vm = Vm::boot(&config(&dir, &code)).expect("boot");
     let reason = wait_with_timeout(vm, Duration::from_secs(20));
     assert_eq!(reason, ExitReason::Reboot);
-    assert_eq!(std::fs::read_to_string(dir.path("console")).unwrap(), "hello from a tiny guest\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.path("console")).unwrap(),
+        "hello from a tiny guest\n"
+    );
 }
 
 #[test]
@@ -146,13 +153,25 @@ fn mmio_exits_reach_the_virtio_transport() {
     code.extend(print(b"\n"));
     code.extend(reset());
     let mut cfg = config(&dir, &code);
-    cfg.vsock = Some(VsockConfig { uds_path: dir.path("vsock.sock"), cid: 3 });
+    cfg.vsock = Some(VsockConfig {
+        uds_path: dir.path("vsock.sock"),
+        cid: 3,
+    });
     let vm = Vm::boot(&cfg).expect("boot");
-    assert!(dir.path("vsock.sock").exists(), "vsock socket is created at boot");
+    assert!(
+        dir.path("vsock.sock").exists(),
+        "vsock socket is created at boot"
+    );
     let reason = wait_with_timeout(vm, Duration::from_secs(20));
     assert_eq!(reason, ExitReason::Reboot);
-    assert_eq!(std::fs::read_to_string(dir.path("console")).unwrap(), "MC\n");
-    assert!(!dir.path("vsock.sock").exists(), "vsock socket is removed when the VM ends");
+    assert_eq!(
+        std::fs::read_to_string(dir.path("console")).unwrap(),
+        "MC\n"
+    );
+    assert!(
+        !dir.path("vsock.sock").exists(),
+        "vsock socket is removed when the VM ends"
+    );
 }
 
 fn fd_count() -> usize {
@@ -160,7 +179,10 @@ fn fd_count() -> usize {
 }
 
 fn mapping_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
 }
 
 fn thread_names() -> Vec<String> {
@@ -183,18 +205,28 @@ fn host_stop_of_a_spinning_guest_leaves_nothing_behind() {
     code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
     let mut cfg = config(&dir, &code);
     cfg.vcpus = 2;
-    cfg.vsock = Some(VsockConfig { uds_path: dir.path("v.sock"), cid: 7 });
+    cfg.vsock = Some(VsockConfig {
+        uds_path: dir.path("v.sock"),
+        cid: 7,
+    });
     // Warm up lazily-initialised process state (thread-locals, signal handler) once.
     drop(Vm::boot(&cfg).expect("boot"));
     let (fds, maps) = (fd_count(), mapping_count());
     for _ in 0..3 {
         let vm = Vm::boot(&cfg).expect("boot");
         std::thread::sleep(Duration::from_millis(50));
-        assert!(thread_names().iter().any(|n| n == "shoal-vcpu1"), "vCPU threads are running");
+        assert!(
+            thread_names().iter().any(|n| n == "shoal-vcpu1"),
+            "vCPU threads are running"
+        );
         vm.stopper().stop();
         assert_eq!(vm.wait(), ExitReason::Stopped);
     }
-    assert!(thread_names().is_empty(), "threads left: {:?}", thread_names());
+    assert!(
+        thread_names().is_empty(),
+        "threads left: {:?}",
+        thread_names()
+    );
     assert_eq!(fd_count(), fds, "file descriptors leaked");
     assert_eq!(mapping_count(), maps, "mappings leaked");
     assert!(!dir.path("v.sock").exists());
@@ -224,7 +256,10 @@ fn bad_input_is_named_and_leaves_nothing() {
     let mut c = good.clone();
     c.initrd = Some(dir.path("missing-initrd"));
     let e = Vm::boot(&c).err().unwrap().to_string();
-    assert!(e.contains("initramfs") && e.contains("missing-initrd"), "{e}");
+    assert!(
+        e.contains("initramfs") && e.contains("missing-initrd"),
+        "{e}"
+    );
 
     let mut c = good.clone();
     c.memory_mib = 0;
@@ -241,18 +276,31 @@ fn bad_input_is_named_and_leaves_nothing() {
 
     let mut c = good.clone();
     std::fs::write(dir.path("taken.sock"), b"").unwrap();
-    c.vsock = Some(VsockConfig { uds_path: dir.path("taken.sock"), cid: 3 });
+    c.vsock = Some(VsockConfig {
+        uds_path: dir.path("taken.sock"),
+        cid: 3,
+    });
     let e = Vm::boot(&c).err().unwrap().to_string();
     assert!(e.contains("taken.sock") && e.contains("exists"), "{e}");
-    assert!(dir.path("taken.sock").exists(), "an existing path is not removed");
+    assert!(
+        dir.path("taken.sock").exists(),
+        "an existing path is not removed"
+    );
 
-    c.vsock = Some(VsockConfig { uds_path: dir.path("no-such-dir/v.sock"), cid: 3 });
+    c.vsock = Some(VsockConfig {
+        uds_path: dir.path("no-such-dir/v.sock"),
+        cid: 3,
+    });
     let e = Vm::boot(&c).err().unwrap().to_string();
     assert!(e.contains("no-such-dir/v.sock"), "{e}");
 
     let mut c = good.clone();
     c.vcpus = 0;
-    assert!(Vm::boot(&c).err().unwrap().to_string().contains("vCPU count"));
+    assert!(Vm::boot(&c)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("vCPU count"));
 
     assert_eq!(fd_count(), fds, "a failed boot leaked file descriptors");
 }
@@ -284,5 +332,8 @@ fn cli_exit_status_follows_the_guest() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot open kernel image") && err.contains("nope"), "{err}");
+    assert!(
+        err.contains("cannot open kernel image") && err.contains("nope"),
+        "{err}"
+    );
 }

@@ -17,12 +17,22 @@ const HOST_PORT: u32 = 1234;
 const LISTEN_PORT: u32 = 1024;
 
 fn console() -> File {
-    OpenOptions::new().write(true).open("/dev/console").or_else(|_| OpenOptions::new().write(true).open("/dev/ttyS0")).expect("a console")
+    OpenOptions::new()
+        .write(true)
+        .open("/dev/console")
+        .or_else(|_| OpenOptions::new().write(true).open("/dev/ttyS0"))
+        .expect("a console")
 }
 
 fn mount(fstype: &str, target: &str) {
     let _ = std::fs::create_dir_all(target);
-    let _ = nix::mount::mount(Some(fstype), target, Some(fstype), nix::mount::MsFlags::empty(), None::<&str>);
+    let _ = nix::mount::mount(
+        Some(fstype),
+        target,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    );
 }
 
 fn main() {
@@ -30,14 +40,26 @@ fn main() {
     mount("proc", "/proc");
     mount("sysfs", "/sys");
     let mut out = console();
-    let cpus = std::fs::read_dir("/sys/devices/system/cpu").map(|d| d.filter_map(|e| e.ok()).filter(|e| {
-        let n = e.file_name();
-        let n = n.to_string_lossy();
-        n.starts_with("cpu") && n[3..].chars().all(|c| c.is_ascii_digit()) && n.len() > 3
-    }).count()).unwrap_or(0);
+    let cpus = std::fs::read_dir("/sys/devices/system/cpu")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.starts_with("cpu")
+                        && n[3..].chars().all(|c| c.is_ascii_digit())
+                        && n.len() > 3
+                })
+                .count()
+        })
+        .unwrap_or(0);
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1).map(str::to_string)))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
         .unwrap_or_default();
     let _ = writeln!(out, "SHOAL-TEST-INIT: up cpus={cpus} mem_kib={mem_kib}");
 
@@ -63,7 +85,10 @@ fn send_hello() -> Result<(), Box<dyn std::error::Error>> {
 
 fn serve(out: &mut File) -> Result<(), Box<dyn std::error::Error>> {
     let listener = VsockListener::bind(&VsockAddr::new(VMADDR_CID_ANY, LISTEN_PORT))?;
-    let _ = writeln!(out, "SHOAL-TEST-INIT: listening on vsock port {LISTEN_PORT}");
+    let _ = writeln!(
+        out,
+        "SHOAL-TEST-INIT: listening on vsock port {LISTEN_PORT}"
+    );
     loop {
         let (mut stream, _) = listener.accept()?;
         let mut reader = BufReader::new(stream.try_clone()?);
@@ -84,7 +109,9 @@ fn serve(out: &mut File) -> Result<(), Box<dyn std::error::Error>> {
                     if got == 0 {
                         break;
                     }
-                    sum = buf[..got].iter().fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+                    sum = buf[..got]
+                        .iter()
+                        .fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
                     left -= got as u64;
                 }
                 stream.write_all(format!("got {} {sum}\n", n - left).as_bytes())?;

@@ -73,12 +73,19 @@ fn open_append(path: &Path) -> Result<File, LegacyError> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|source| LegacyError::ConsoleFile { path: path.into(), source })
+        .map_err(|source| LegacyError::ConsoleFile {
+            path: path.into(),
+            source,
+        })
 }
 
 impl Legacy {
     /// Creates COM1 writing to `console`, raising `serial_irq`, and the i8042 reporting resets to `exit`.
-    pub fn new(console: &Console, serial_irq: EventFd, exit: Arc<ExitSignal>) -> Result<Self, LegacyError> {
+    pub fn new(
+        console: &Console,
+        serial_irq: EventFd,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Self, LegacyError> {
         Ok(Legacy {
             serial: Serial::new(IrqTrigger(serial_irq), open_console(console)?),
             i8042: I8042Device::new(ResetTrigger(exit)),
@@ -91,7 +98,9 @@ impl Legacy {
             return;
         }
         data[0] = match port {
-            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => self.serial.read((p - SERIAL_PORT) as u8),
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
+                self.serial.read((p - SERIAL_PORT) as u8)
+            }
             I8042_DATA_PORT | I8042_COMMAND_PORT => self.i8042.read((port - I8042_DATA_PORT) as u8),
             _ => 0xff,
         };
@@ -102,12 +111,14 @@ impl Legacy {
             return;
         }
         let result = match port {
-            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => {
-                self.serial.write((p - SERIAL_PORT) as u8, data[0]).map_err(|e| format!("{e:?}"))
-            }
-            I8042_DATA_PORT | I8042_COMMAND_PORT => {
-                self.i8042.write((port - I8042_DATA_PORT) as u8, data[0]).map_err(|e| e.to_string())
-            }
+            p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) => self
+                .serial
+                .write((p - SERIAL_PORT) as u8, data[0])
+                .map_err(|e| format!("{e:?}")),
+            I8042_DATA_PORT | I8042_COMMAND_PORT => self
+                .i8042
+                .write((port - I8042_DATA_PORT) as u8, data[0])
+                .map_err(|e| e.to_string()),
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -129,7 +140,12 @@ mod tests {
         let path = std::env::temp_dir().join(format!("shoal-console-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let exit = Arc::new(ExitSignal::new().unwrap());
-        let mut legacy = Legacy::new(&Console::File(path.clone()), EventFd::new(EFD_NONBLOCK).unwrap(), exit.clone()).unwrap();
+        let mut legacy = Legacy::new(
+            &Console::File(path.clone()),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            exit.clone(),
+        )
+        .unwrap();
         for b in b"hi\n" {
             legacy.write(SERIAL_PORT, &[*b]);
         }
@@ -146,7 +162,11 @@ mod tests {
 
     #[test]
     fn unwritable_console_is_named() {
-        let err = Legacy::new(&Console::File("/nonexistent-dir/console".into()), EventFd::new(0).unwrap(), Arc::new(ExitSignal::new().unwrap()));
+        let err = Legacy::new(
+            &Console::File("/nonexistent-dir/console".into()),
+            EventFd::new(0).unwrap(),
+            Arc::new(ExitSignal::new().unwrap()),
+        );
         let msg = err.err().unwrap().to_string();
         assert!(msg.contains("/nonexistent-dir/console"), "{msg}");
     }

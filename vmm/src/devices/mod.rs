@@ -26,24 +26,39 @@ pub struct Bus {
 
 impl Bus {
     pub fn new(legacy: Legacy, mmio: Vec<MmioSlot>) -> Self {
-        Bus { legacy: Mutex::new(legacy), mmio }
+        Bus {
+            legacy: Mutex::new(legacy),
+            mmio,
+        }
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        self.legacy.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(port, data);
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) {
-        self.legacy.lock().unwrap_or_else(|e| e.into_inner()).write(port, data);
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(port, data);
     }
 
     fn slot(&self, addr: u64) -> Option<&MmioSlot> {
-        self.mmio.iter().find(|s| addr >= s.base && addr < s.base + s.size)
+        self.mmio
+            .iter()
+            .find(|s| addr >= s.base && addr < s.base + s.size)
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.slot(addr) {
-            Some(slot) => slot.transport.lock().unwrap_or_else(|e| e.into_inner()).read(addr - slot.base, data),
+            Some(slot) => slot
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(addr - slot.base, data),
             None => {
                 tracing::trace!(addr, "MMIO read outside any device");
                 data.fill(0xff);
@@ -53,7 +68,11 @@ impl Bus {
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         match self.slot(addr) {
-            Some(slot) => slot.transport.lock().unwrap_or_else(|e| e.into_inner()).write(addr - slot.base, data),
+            Some(slot) => slot
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(addr - slot.base, data),
             None => tracing::trace!(addr, "MMIO write outside any device"),
         }
     }

@@ -58,7 +58,11 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
         let queues = Self::fresh_queues(device.as_ref());
         MmioTransport {
             device,
@@ -114,7 +118,11 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::warn!(offset, len = data.len(), "virtio-mmio: non-32-bit register read");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: non-32-bit register read"
+            );
             data.fill(0);
             return;
         }
@@ -148,7 +156,11 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(offset, len = data.len(), "virtio-mmio: non-32-bit register write");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: non-32-bit register write"
+            );
             return;
         };
         let value = u32::from_le_bytes(bytes);
@@ -163,8 +175,14 @@ impl MmioTransport {
                     return;
                 }
                 match self.driver_features_select {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
                     _ => {}
                 }
             }
@@ -179,12 +197,20 @@ impl MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH
+            REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH
                 if queue_setup_allowed =>
             {
                 if let Some(q) = self.selected_queue() {
-                    let (low, high) = if offset & 4 == 0 { (Some(value), None) } else { (None, Some(value)) };
+                    let (low, high) = if offset & 4 == 0 {
+                        (Some(value), None)
+                    } else {
+                        (None, Some(value))
+                    };
                     match offset & !4 {
                         REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
                         REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(low, high),
@@ -213,7 +239,10 @@ impl MmioTransport {
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.offered_features();
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!(features = self.driver_features, "virtio-mmio: refusing driver features");
+                tracing::warn!(
+                    features = self.driver_features,
+                    "virtio-mmio: refusing driver features"
+                );
                 value &= !STATUS_FEATURES_OK;
             }
         }
@@ -231,11 +260,18 @@ impl MmioTransport {
             kept.set_ready(q.ready());
         }
         if let Some(i) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
-            tracing::warn!(device = self.device.name(), queue = i, "virtio-mmio: invalid queue at DRIVER_OK");
+            tracing::warn!(
+                device = self.device.name(),
+                queue = i,
+                "virtio-mmio: invalid queue at DRIVER_OK"
+            );
             self.fail();
             return;
         }
-        match self.device.activate(self.mem.clone(), queues, self.interrupt.clone()) {
+        match self
+            .device
+            .activate(self.mem.clone(), queues, self.interrupt.clone())
+        {
             Ok(()) => self.active = true,
             Err(e) => {
                 tracing::warn!("virtio-mmio: {e}");
@@ -295,8 +331,17 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data)
         }
-        fn activate(&mut self, _mem: GuestMemoryMmap, queues: Vec<Queue>, _i: Arc<Interrupt>) -> Result<(), super::super::VirtioError> {
-            self.log.lock().unwrap().push(format!("activate {} {:#x}", queues.len(), queues[0].desc_table()));
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            queues: Vec<Queue>,
+            _i: Arc<Interrupt>,
+        ) -> Result<(), super::super::VirtioError> {
+            self.log.lock().unwrap().push(format!(
+                "activate {} {:#x}",
+                queues.len(),
+                queues[0].desc_table()
+            ));
             Ok(())
         }
         fn reset(&mut self) {
@@ -320,7 +365,11 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let rec = Recorder::default();
         let log = rec.log.clone();
-        let t = MmioTransport::new(Box::new(rec), mem.clone(), Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let t = MmioTransport::new(
+            Box::new(rec),
+            mem.clone(),
+            Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        );
         (t, log, mem)
     }
 
@@ -349,7 +398,11 @@ mod tests {
         w(&mut t, REG_QUEUE_SEL, 1);
         assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 8);
         w(&mut t, REG_QUEUE_SEL, 7);
-        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 0, "missing queues read as absent");
+        assert_eq!(
+            r(&mut t, REG_QUEUE_NUM_MAX),
+            0,
+            "missing queues read as absent"
+        );
         let mut cfg = [0u8; 2];
         t.read(REG_CONFIG + 6, &mut cfg);
         assert_eq!(cfg, [7, 8]);
@@ -366,17 +419,29 @@ mod tests {
         w(&mut t, REG_DRIVER_FEATURES, 1);
         w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
         w(&mut t, REG_DRIVER_FEATURES, 1 << 3);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_ne!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
         set_queue(&mut t, 0, &q0, 16);
         set_queue(&mut t, 1, &q1, 8);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert!(t.is_active());
         assert_eq!(log.lock().unwrap()[0], "activate 2 0x1000");
         w(&mut t, REG_QUEUE_NOTIFY, 1);
         assert_eq!(log.lock().unwrap()[1], "notify 1");
         w(&mut t, REG_QUEUE_NOTIFY, 9);
-        assert_eq!(log.lock().unwrap().len(), 2, "notify of a missing queue is ignored");
+        assert_eq!(
+            log.lock().unwrap().len(),
+            2,
+            "notify of a missing queue is ignored"
+        );
         // Reset returns everything to the initial state.
         w(&mut t, REG_STATUS, 0);
         assert!(!t.is_active());
@@ -391,13 +456,21 @@ mod tests {
         let (mut t, _, _) = setup();
         w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
         w(&mut t, REG_DRIVER_FEATURES, 1 << 3);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
         // Unknown feature bits are refused too.
         w(&mut t, REG_STATUS, 0);
         w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
         w(&mut t, REG_DRIVER_FEATURES, 1 | 2);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
     }
 
@@ -406,16 +479,27 @@ mod tests {
         let (mut t, log, _) = setup();
         w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
         w(&mut t, REG_DRIVER_FEATURES, 1);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         w(&mut t, REG_QUEUE_SEL, 0);
         w(&mut t, REG_QUEUE_NUM, 16);
         w(&mut t, REG_QUEUE_DESC_LOW, 0);
         w(&mut t, REG_QUEUE_DESC_HIGH, 0x10); // far beyond 1 MiB of RAM
         w(&mut t, REG_QUEUE_READY, 1);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert!(!t.is_active());
         assert_ne!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
-        assert_ne!(r(&mut t, REG_INTERRUPT_STATUS) & super::super::INTERRUPT_CONFIG, 0);
+        assert_ne!(
+            r(&mut t, REG_INTERRUPT_STATUS) & super::super::INTERRUPT_CONFIG,
+            0
+        );
         assert!(log.lock().unwrap().is_empty());
         // The driver acknowledges the interrupt.
         w(&mut t, REG_INTERRUPT_ACK, super::super::INTERRUPT_CONFIG);

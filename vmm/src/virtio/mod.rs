@@ -22,7 +22,11 @@ pub const INTERRUPT_CONFIG: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
     #[error("{device}: the driver activated the device with {got} queues, expected {expected}")]
-    QueueCount { device: &'static str, got: usize, expected: usize },
+    QueueCount {
+        device: &'static str,
+        got: usize,
+        expected: usize,
+    },
     #[error("{device}: queue {index} is not valid in guest memory")]
     InvalidQueue { device: &'static str, index: usize },
 }
@@ -35,7 +39,10 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Arc<Self> {
-        Arc::new(Interrupt { status: AtomicU32::new(0), irqfd })
+        Arc::new(Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        })
     }
 
     /// Tells the driver that used rings changed.
@@ -81,7 +88,12 @@ pub trait VirtioDevice: Send {
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver set DRIVER_OK: start serving `queues`.
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError>;
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), VirtioError>;
     /// The driver reset the device: drop queues and in-flight state.
     fn reset(&mut self);
     /// The driver notified queue `index`.

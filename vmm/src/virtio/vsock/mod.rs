@@ -38,21 +38,32 @@ pub struct Vsock {
 impl Vsock {
     /// A vsock device for guest `cid` whose host side listens on `uds_path`.
     pub fn new(cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
-        Ok(Vsock { cid, muxer: Muxer::new(uds_path, cid)?, active: None })
+        Ok(Vsock {
+            cid,
+            muxer: Muxer::new(uds_path, cid)?,
+            active: None,
+        })
     }
 
     /// Moves guest-bound packets into RX buffers the driver provided.
     fn fill_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
         let mut used_any = false;
         while self.muxer.has_packets_for_guest() {
-            let Some(mut chain) = active.queues[RXQ].pop_descriptor_chain(&active.mem) else { break };
+            let Some(mut chain) = active.queues[RXQ].pop_descriptor_chain(&active.mem) else {
+                break;
+            };
             let pkt = self.muxer.pop_to_guest().expect("checked non-empty");
             let head = chain.head_index();
             let used = match packet::write_rx(&active.mem, &mut chain, &pkt) {
                 Ok((used, rest)) => {
                     if !rest.is_empty() {
-                        self.muxer.push_front_to_guest(packet::Packet { hdr: pkt.hdr, data: rest });
+                        self.muxer.push_front_to_guest(packet::Packet {
+                            hdr: pkt.hdr,
+                            data: rest,
+                        });
                     }
                     used
                 }
@@ -74,7 +85,9 @@ impl Vsock {
 
     /// Takes every packet the driver queued on TX and hands it to the muxer.
     fn drain_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
         let mut used_any = false;
         while let Some(mut chain) = active.queues[TXQ].pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
@@ -114,11 +127,24 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data)
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), VirtioError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), VirtioError> {
         if queues.len() != QUEUE_SIZES.len() {
-            return Err(VirtioError::QueueCount { device: "vsock", got: queues.len(), expected: QUEUE_SIZES.len() });
+            return Err(VirtioError::QueueCount {
+                device: "vsock",
+                got: queues.len(),
+                expected: QUEUE_SIZES.len(),
+            });
         }
-        self.active = Some(Active { mem, queues, interrupt });
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
         // Host clients may have connected while the guest was still booting.
         self.backend_event();
         Ok(())

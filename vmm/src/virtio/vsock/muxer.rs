@@ -161,7 +161,10 @@ impl Muxer {
         if path.symlink_metadata().is_ok() {
             return Err(MuxerError::PathExists(path.into()));
         }
-        let listener = UnixListener::bind(path).map_err(|source| MuxerError::Bind { path: path.into(), source })?;
+        let listener = UnixListener::bind(path).map_err(|source| MuxerError::Bind {
+            path: path.into(),
+            source,
+        })?;
         let cleanup = |e: io::Error| {
             let _ = std::fs::remove_file(path);
             MuxerError::Epoll(e)
@@ -169,7 +172,11 @@ impl Muxer {
         listener.set_nonblocking(true).map_err(cleanup)?;
         let epoll = Epoll::new().map_err(cleanup)?;
         epoll
-            .ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, listener.as_raw_fd() as u64))
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, listener.as_raw_fd() as u64),
+            )
             .map_err(cleanup)?;
         Ok(Muxer {
             guest_cid,
@@ -242,7 +249,8 @@ impl Muxer {
                         continue;
                     }
                     let fd = stream.as_raw_fd();
-                    self.conns.insert(fd, Conn::new(stream, State::AwaitConnect(Vec::new()), 0, 0));
+                    self.conns
+                        .insert(fd, Conn::new(stream, State::AwaitConnect(Vec::new()), 0, 0));
                     self.rearm(fd);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -256,7 +264,9 @@ impl Muxer {
     }
 
     fn conn_event(&mut self, fd: RawFd, events: EventSet) {
-        let Some(conn) = self.conns.get_mut(&fd) else { return };
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
         match conn.state {
             State::AwaitConnect(_) => self.read_connect_line(fd),
             State::Connecting => {}
@@ -278,7 +288,9 @@ impl Muxer {
 
     fn read_connect_line(&mut self, fd: RawFd) {
         let conn = self.conns.get_mut(&fd).expect("caller checked");
-        let State::AwaitConnect(line) = &mut conn.state else { return };
+        let State::AwaitConnect(line) = &mut conn.state else {
+            return;
+        };
         // One byte at a time: whatever follows the newline belongs to the stream.
         let mut byte = [0u8; 1];
         loop {
@@ -314,7 +326,10 @@ impl Muxer {
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
         loop {
             let p = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.ports.contains_key(&(p, peer_port)) {
                 return p;
             }
@@ -375,7 +390,9 @@ impl Muxer {
 
     /// Tells the guest about freed buffer space once half of it has been forwarded.
     fn maybe_credit_update(&mut self, fd: RawFd) {
-        let Some(conn) = self.conns.get(&fd) else { return };
+        let Some(conn) = self.conns.get(&fd) else {
+            return;
+        };
         if (conn.fwd_cnt - conn.fwd_cnt_sent).0 >= CONN_BUF_ALLOC / 2 {
             let pkt = self.packet_for(fd, OP_CREDIT_UPDATE);
             self.to_guest.push_back(pkt);
@@ -383,7 +400,9 @@ impl Muxer {
     }
 
     fn rearm(&mut self, fd: RawFd) {
-        let Some(conn) = self.conns.get_mut(&fd) else { return };
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
         let wanted = conn.wanted_events();
         if wanted == conn.interest {
             return;
@@ -405,7 +424,9 @@ impl Muxer {
     fn close(&mut self, fd: RawFd) {
         if let Some(conn) = self.conns.remove(&fd) {
             if !conn.interest.is_empty() {
-                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
             self.ports.remove(&(conn.local_port, conn.peer_port));
         }
@@ -413,7 +434,11 @@ impl Muxer {
 
     /// Tells the guest the connection is gone, then drops it.
     fn reset(&mut self, fd: RawFd) {
-        if self.conns.get(&fd).is_some_and(|c| !matches!(c.state, State::AwaitConnect(_))) {
+        if self
+            .conns
+            .get(&fd)
+            .is_some_and(|c| !matches!(c.state, State::AwaitConnect(_)))
+        {
             let pkt = self.packet_for(fd, OP_RST);
             self.to_guest.push_back(pkt);
         }
@@ -438,7 +463,10 @@ impl Muxer {
             }
             return;
         };
-        let conn = self.conns.get_mut(&fd).expect("port map and connections agree");
+        let conn = self
+            .conns
+            .get_mut(&fd)
+            .expect("port map and connections agree");
         conn.update_peer_credit(&h);
         match (h.op, &conn.state) {
             (OP_RESPONSE, State::Connecting) => {
@@ -491,14 +519,15 @@ impl Muxer {
 
     fn guest_connect(&mut self, h: &Header) {
         let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
-        let stream = match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!("vsock: guest connect to {} failed: {e}", target.display());
-                self.to_guest.push_back(Packet::reply_to(h, OP_RST));
-                return;
-            }
-        };
+        let stream =
+            match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("vsock: guest connect to {} failed: {e}", target.display());
+                    self.to_guest.push_back(Packet::reply_to(h, OP_RST));
+                    return;
+                }
+            };
         let fd = stream.as_raw_fd();
         let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
         conn.update_peer_credit(h);
@@ -569,7 +598,16 @@ mod tests {
 
     fn guest_pkt(op: u16, src_port: u32, dst_port: u32) -> Packet {
         Packet {
-            hdr: Header { src_cid: CID, dst_cid: HOST_CID, src_port, dst_port, type_: TYPE_STREAM, op, buf_alloc: 4096, ..Default::default() },
+            hdr: Header {
+                src_cid: CID,
+                dst_cid: HOST_CID,
+                src_port,
+                dst_port,
+                type_: TYPE_STREAM,
+                op,
+                buf_alloc: 4096,
+                ..Default::default()
+            },
             data: Vec::new(),
         }
     }
@@ -580,7 +618,10 @@ mod tests {
         client.write_all(b"CONNECT 1024\n").unwrap();
         let req = next_packet(m);
         assert_eq!(req.hdr.op, OP_REQUEST);
-        assert_eq!((req.hdr.src_cid, req.hdr.dst_cid, req.hdr.dst_port), (HOST_CID, CID, 1024));
+        assert_eq!(
+            (req.hdr.src_cid, req.hdr.dst_cid, req.hdr.dst_port),
+            (HOST_CID, CID, 1024)
+        );
         assert!(req.hdr.src_port >= FIRST_LOCAL_PORT);
         assert_eq!(req.hdr.buf_alloc, CONN_BUF_ALLOC);
         let local = req.hdr.src_port;
@@ -699,7 +740,10 @@ mod tests {
         m.from_guest(guest_pkt(OP_REQUEST, 40_000, 5000));
         let resp = m.pop_to_guest().unwrap();
         assert_eq!(resp.hdr.op, OP_RESPONSE);
-        assert_eq!((resp.hdr.src_port, resp.hdr.dst_port, resp.hdr.dst_cid), (5000, 40_000, CID));
+        assert_eq!(
+            (resp.hdr.src_port, resp.hdr.dst_port, resp.hdr.dst_cid),
+            (5000, 40_000, CID)
+        );
         let (mut server, _) = listener.accept().unwrap();
         let mut p = guest_pkt(OP_RW, 40_000, 5000);
         p.data = b"from guest".to_vec();
@@ -764,7 +808,10 @@ mod tests {
             match c.read(&mut buf) {
                 Ok(0) => {}
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-                other => panic!("client still open after {:?}: {other:?}", String::from_utf8_lossy(line)),
+                other => panic!(
+                    "client still open after {:?}: {other:?}",
+                    String::from_utf8_lossy(line)
+                ),
             }
         }
         assert_eq!(m.connection_count(), 0);
@@ -791,9 +838,15 @@ mod tests {
         let path = dir.0.join("v.sock");
         let m = Muxer::new(&path, CID).unwrap();
         assert!(path.exists());
-        assert!(matches!(Muxer::new(&path, CID), Err(MuxerError::PathExists(_))));
+        assert!(matches!(
+            Muxer::new(&path, CID),
+            Err(MuxerError::PathExists(_))
+        ));
         drop(m);
         assert!(!path.exists());
-        assert!(matches!(Muxer::new(&dir.0.join("missing/v.sock"), CID), Err(MuxerError::Bind { .. })));
+        assert!(matches!(
+            Muxer::new(&dir.0.join("missing/v.sock"), CID),
+            Err(MuxerError::Bind { .. })
+        ));
     }
 }

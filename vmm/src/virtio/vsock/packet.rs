@@ -77,12 +77,16 @@ impl Packet {
 }
 
 /// Reads a driver→device packet from a TX chain.
-pub fn read_tx<T>(mem: &GuestMemoryMmap, chain: &mut DescriptorChain<T>) -> Result<Packet, PacketError>
+pub fn read_tx<T>(
+    mem: &GuestMemoryMmap,
+    chain: &mut DescriptorChain<T>,
+) -> Result<Packet, PacketError>
 where
     T: Deref,
     T::Target: GuestMemory,
 {
-    let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA).map_err(PacketError::Malformed)?;
+    let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, MAX_PKT_DATA)
+        .map_err(PacketError::Malformed)?;
     let hdr = Header {
         src_cid: pkt.src_cid(),
         dst_cid: pkt.dst_cid(),
@@ -95,7 +99,7 @@ where
         fwd_cnt: pkt.fwd_cnt(),
     };
     let mut data = Vec::new();
-    if hdr.op == OP_RW && pkt.len() > 0 {
+    if hdr.op == OP_RW && !pkt.is_empty() {
         if let Some(slice) = pkt.data_slice() {
             let n = (pkt.len() as usize).min(slice.len());
             data.resize(n, 0);
@@ -108,12 +112,17 @@ where
 /// Writes `pkt` into an RX chain. When the chain's buffer is smaller than the payload, only
 /// the part that fits is written; the rest is returned so it can go into the next buffer.
 /// Returns the number of bytes written (header included) and the leftover payload.
-pub fn write_rx<T>(mem: &GuestMemoryMmap, chain: &mut DescriptorChain<T>, pkt: &Packet) -> Result<(u32, Vec<u8>), PacketError>
+pub fn write_rx<T>(
+    mem: &GuestMemoryMmap,
+    chain: &mut DescriptorChain<T>,
+    pkt: &Packet,
+) -> Result<(u32, Vec<u8>), PacketError>
 where
     T: Deref,
     T::Target: GuestMemory,
 {
-    let mut out = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA).map_err(PacketError::Malformed)?;
+    let mut out = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA)
+        .map_err(PacketError::Malformed)?;
     let room = out.data_slice().map_or(0, |s| s.len());
     if room == 0 && !pkt.data.is_empty() {
         return Err(PacketError::NoRoom);
@@ -141,9 +150,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_vsock::packet::PKT_HEADER_SIZE;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -174,14 +183,27 @@ mod tests {
     #[test]
     fn tx_packet_header_and_payload_round_trip() {
         let m = mem();
-        let hdr = Header { src_cid: 3, dst_cid: 2, src_port: 1025, dst_port: 1234, type_: TYPE_STREAM, op: OP_RW, flags: 0, buf_alloc: 65536, fwd_cnt: 17 };
+        let hdr = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 1025,
+            dst_port: 1234,
+            type_: TYPE_STREAM,
+            op: OP_RW,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 17,
+        };
         let mut raw = raw_header(&hdr);
         raw[24..28].copy_from_slice(&5u32.to_le_bytes());
         m.write_slice(&raw, GuestAddress(0x4000)).unwrap();
         m.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
         let q = MockSplitQueue::new(&m, 16);
         let mut chain = q
-            .build_desc_chain(&[desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_NEXT, 1), desc(0x5000, 5, 0, 0)])
+            .build_desc_chain(&[
+                desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_NEXT, 1),
+                desc(0x5000, 5, 0, 0),
+            ])
             .unwrap();
         let pkt = read_tx(&m, &mut chain).unwrap();
         assert_eq!(pkt.hdr, hdr);
@@ -194,20 +216,34 @@ mod tests {
         let q = MockSplitQueue::new(&m, 16);
         // Header descriptor shorter than a vsock header.
         let mut chain = q.build_desc_chain(&[desc(0x4000, 8, 0, 0)]).unwrap();
-        assert!(matches!(read_tx(&m, &mut chain), Err(PacketError::Malformed(_))));
+        assert!(matches!(
+            read_tx(&m, &mut chain),
+            Err(PacketError::Malformed(_))
+        ));
         // Header outside guest memory.
-        let mut chain = q.build_desc_chain(&[desc(0x20_0000, PKT_HEADER_SIZE as u32, 0, 0)]).unwrap();
+        let mut chain = q
+            .build_desc_chain(&[desc(0x20_0000, PKT_HEADER_SIZE as u32, 0, 0)])
+            .unwrap();
         assert!(read_tx(&m, &mut chain).is_err());
         // A TX buffer the driver marked device-writable.
-        let mut chain = q.build_desc_chain(&[desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_WRITE, 0)]).unwrap();
+        let mut chain = q
+            .build_desc_chain(&[desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_WRITE, 0)])
+            .unwrap();
         assert!(read_tx(&m, &mut chain).is_err());
         // Payload length larger than the data descriptor.
-        let hdr = Header { op: OP_RW, type_: TYPE_STREAM, ..Default::default() };
+        let hdr = Header {
+            op: OP_RW,
+            type_: TYPE_STREAM,
+            ..Default::default()
+        };
         let mut raw = raw_header(&hdr);
         raw[24..28].copy_from_slice(&100u32.to_le_bytes());
         m.write_slice(&raw, GuestAddress(0x4000)).unwrap();
         let mut chain = q
-            .build_desc_chain(&[desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_NEXT, 1), desc(0x5000, 5, 0, 0)])
+            .build_desc_chain(&[
+                desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_NEXT, 1),
+                desc(0x5000, 5, 0, 0),
+            ])
             .unwrap();
         assert!(read_tx(&m, &mut chain).is_err());
     }
@@ -218,11 +254,27 @@ mod tests {
         let q = MockSplitQueue::new(&m, 16);
         let mut chain = q
             .build_desc_chain(&[
-                desc(0x4000, PKT_HEADER_SIZE as u32, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+                desc(
+                    0x4000,
+                    PKT_HEADER_SIZE as u32,
+                    VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                    1,
+                ),
                 desc(0x5000, 4, VRING_DESC_F_WRITE, 0),
             ])
             .unwrap();
-        let pkt = Packet { hdr: Header { src_cid: 2, dst_cid: 3, op: OP_RW, type_: TYPE_STREAM, buf_alloc: 9, fwd_cnt: 1, ..Default::default() }, data: b"abcdefg".to_vec() };
+        let pkt = Packet {
+            hdr: Header {
+                src_cid: 2,
+                dst_cid: 3,
+                op: OP_RW,
+                type_: TYPE_STREAM,
+                buf_alloc: 9,
+                fwd_cnt: 1,
+                ..Default::default()
+            },
+            data: b"abcdefg".to_vec(),
+        };
         let (used, rest) = write_rx(&m, &mut chain, &pkt).unwrap();
         assert_eq!(used, PKT_HEADER_SIZE as u32 + 4);
         assert_eq!(rest, b"efg");
