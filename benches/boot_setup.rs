@@ -38,6 +38,7 @@ fn spawn_vmm(kernel: &Path, initrd: &Path, console: &Path, uds: Option<&Path>) -
         cmd.arg("--vsock-uds").arg(uds);
     }
     cmd.env("SHOAL_VMM_TIMING", "1")
+        .env("SHOAL_LOG", "shoal_vmm=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     cmd.spawn().expect("spawn shoal-vmm")
@@ -89,6 +90,13 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+/// Parses the VMM's debug line "boot: STEP done elapsed_us=N".
+fn boot_step(line: &str) -> Option<(String, u64)> {
+    let rest = &line[line.find("boot: ")? + 6..];
+    let (step, us) = rest.split_once(" done elapsed_us=")?;
+    Some((step.to_string(), us.trim().parse().ok()?))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]
@@ -114,32 +122,55 @@ fn scratch() -> PathBuf {
 fn bench_setup(kernel: &Path, initrd: &Path, runs: usize) {
     let dir = scratch();
     let (mut setup_ms, mut vmm_rss, mut guest_rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut exec_ms, mut init_ms, mut vm_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut steps: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for i in 0..runs {
         let console = dir.join(format!("console-{i}"));
         let t0 = monotonic_ns();
         let mut child = spawn_vmm(kernel, initrd, &console, None);
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
+        let (mut main_at, mut boot_at) = (0, 0);
         let first_run = loop {
             line.clear();
             if stderr.read_line(&mut line).unwrap_or(0) == 0 {
                 panic!("shoal-vmm exited before its first KVM_RUN");
             }
-            if let Some(rest) = line
-                .trim()
-                .strip_prefix("shoal-vmm: first KVM_RUN at monotonic ")
-            {
-                break rest.trim_end_matches(" ns").parse::<u64>().unwrap();
+            let stamp = |prefix: &str| {
+                let rest = line.trim().strip_prefix(prefix)?;
+                rest.trim_end_matches(" ns").parse::<u64>().ok()
+            };
+            if let Some((step, us)) = boot_step(&line) {
+                steps.entry(step).or_default().push(us as f64 / 1e3);
+            } else if let Some(t) = stamp("shoal-vmm: main at monotonic ") {
+                main_at = t;
+            } else if let Some(t) = stamp("shoal-vmm: boot at monotonic ") {
+                boot_at = t;
+            } else if let Some(t) = stamp("shoal-vmm: first KVM_RUN at monotonic ") {
+                break t;
             }
         };
+        exec_ms.push((main_at - t0) as f64 / 1e6);
+        init_ms.push((boot_at - main_at) as f64 / 1e6);
+        vm_ms.push((first_run - boot_at) as f64 / 1e6);
         let (total, guest) = rss_split(child.id());
         setup_ms.push((first_run - t0) as f64 / 1e6);
         vmm_rss.push((total - guest) as f64 / 1024.0);
         guest_rss.push(guest as f64 / 1024.0);
         stop(child);
+        // Let the kernel finish tearing down the previous VM before the next start.
+        std::thread::sleep(Duration::from_millis(200));
     }
     println!("native, {MEMORY_MIB} MiB / 1 vCPU guest, real kernel + initramfs:");
     report("process start -> first KVM_RUN", "ms", setup_ms);
+    report("  of which: spawn + exec + dynamic loading", "ms", exec_ms);
+    report("  of which: logging, arguments, signals", "ms", init_ms);
+    report("  of which: Vm::boot -> first KVM_RUN", "ms", vm_ms);
+    let mut steps: Vec<_> = steps.into_iter().collect();
+    steps.sort_by(|a, b| a.1[0].partial_cmp(&b.1[0]).unwrap());
+    for (step, v) in steps {
+        report(&format!("    Vm::boot: {step} (done at)"), "ms", v);
+    }
     report("VMM RSS beside guest RAM (at first run)", "MiB", vmm_rss);
     report(
         "guest RAM resident (kernel+initrd loaded)",

@@ -37,14 +37,16 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let main_entered = monotonic_ns();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Args::parse()) {
+    match run(Args::parse(), main_entered) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shoal-vmm: {e:#}");
@@ -53,7 +55,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<ExitCode> {
+fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -71,9 +73,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         signal_hook::consts::SIGTERM,
     ])
     .context("cannot install signal handlers")?;
+    let boot_called = monotonic_ns();
     let vm = Vm::boot(&config)?;
     if std::env::var_os("SHOAL_VMM_TIMING").is_some() {
-        report_first_run(&vm);
+        report_first_run(&vm, main_entered, boot_called);
     }
     let stopper = vm.stopper();
     let signal_handle = signals.handle();
@@ -95,9 +98,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// For the boot-setup benchmark: prints when vCPU 0 first entered KVM_RUN, as
-/// CLOCK_MONOTONIC nanoseconds, so a parent can subtract its own spawn time.
-fn report_first_run(vm: &Vm) {
+/// For the boot-setup benchmark: prints when `main` started, when `Vm::boot` was called and
+/// when vCPU 0 first entered KVM_RUN, as CLOCK_MONOTONIC nanoseconds, so a parent can
+/// subtract its own spawn time.
+fn report_first_run(vm: &Vm, main_entered: u64, boot_called: u64) {
+    eprintln!("shoal-vmm: main at monotonic {main_entered} ns");
+    eprintln!("shoal-vmm: boot at monotonic {boot_called} ns");
     for _ in 0..5000 {
         if let Some(at) = vm.first_run_at() {
             let now_mono = monotonic_ns();

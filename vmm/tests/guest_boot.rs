@@ -81,7 +81,7 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 #[test]
-fn boots_linux_and_talks_vsock_both_ways() {
+fn boot_guest_linux_and_vsock_both_ways() {
     let Some((kernel, initrd)) = artifacts() else {
         return;
     };
@@ -175,7 +175,7 @@ fn boots_linux_and_talks_vsock_both_ways() {
 }
 
 #[test]
-fn cli_exits_zero_after_guest_reboot() {
+fn boot_guest_cli_exits_zero_after_reboot() {
     let Some((kernel, initrd)) = artifacts() else {
         return;
     };
