@@ -346,3 +346,32 @@ fn cli_exit_status_follows_the_guest() {
         "{err}"
     );
 }
+
+#[test]
+fn a_vcpu_failure_ends_the_vm_with_an_error() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = Scratch::new("error");
+    // Jump into the MMIO gap where no device and no RAM is: KVM cannot fetch instructions
+    // there and stops the vCPU with an internal error.
+    let mut code = print(b"jumping\n");
+    code.extend_from_slice(&[0x48, 0xb8, 0x00, 0x20, 0x00, 0xd0, 0, 0, 0, 0]); // mov rax, 0xd0002000
+    code.extend_from_slice(&[0xff, 0xe0]); // jmp rax
+    let vm = Vm::boot(&config(&dir, &code)).expect("boot");
+    let reason = wait_with_timeout(vm, Duration::from_secs(20));
+    match reason {
+        ExitReason::Error(text) => assert!(text.contains("vCPU 0"), "{text}"),
+        other => panic!("expected an error exit, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path("console")).unwrap(),
+        "jumping\n"
+    );
+    assert!(
+        thread_names().is_empty(),
+        "threads left: {:?}",
+        thread_names()
+    );
+}
