@@ -315,10 +315,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shoal-vsock-cfg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut dev = Vsock::new(0x1234_5678_9, &dir.join("v.sock")).unwrap();
+        let mut dev = Vsock::new(0x0001_2345_6789, &dir.join("v.sock")).unwrap();
         let mut cfg = [0u8; 8];
         dev.read_config(0, &mut cfg);
-        assert_eq!(u64::from_le_bytes(cfg), 0x1234_5678_9);
+        assert_eq!(u64::from_le_bytes(cfg), 0x0001_2345_6789);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let err = dev.activate(
             mem,
