@@ -1,1 +1,13 @@
-//! shoal guest agent. The container API arrives with issue #3; nothing here yet.
+//! shoal-agent: PID 1 of a shoal micro-VM. It takes orders from the shim over ttrpc and runs
+//! the pod's OCI containers with youki's libcontainer.
+//!
+//! Modules: `service` (ttrpc requests → `sandbox`), `sandbox` (containers and processes),
+//! `stdio` (process streams over separate connections), `reaper` (child exits),
+//! `cgroup` (stats, updates, OOM), `init` (PID 1 set-up), `error`.
+pub mod cgroup;
+pub mod error;
+pub mod init;
+pub mod reaper;
+pub mod sandbox;
+pub mod service;
+pub mod stdio;

@@ -1,0 +1,149 @@
+//! The agent's error type and how it maps to ttrpc status codes.
+use ttrpc::{Code, Error as TtrpcError};
+
+/// Everything a request can fail with. Messages name the container, process or path.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("container {0} does not exist")]
+    NoSuchContainer(String),
+    #[error("container {0} already exists")]
+    ContainerExists(String),
+    #[error("process {exec_id} does not exist in container {container_id}")]
+    NoSuchProcess {
+        container_id: String,
+        exec_id: String,
+    },
+    #[error("process {exec_id} already exists in container {container_id}")]
+    ProcessExists {
+        container_id: String,
+        exec_id: String,
+    },
+    #[error(
+        "invalid container id {0:?}: use letters, digits, '-', '_' and '.', at most 128 characters"
+    )]
+    InvalidId(String),
+    #[error("invalid OCI runtime spec: {0}")]
+    InvalidSpec(String),
+    #[error("invalid OCI process: {0}")]
+    InvalidProcess(String),
+    #[error("invalid resources: {0}")]
+    InvalidResources(String),
+    #[error("container {id}: root file system {path} does not exist")]
+    MissingRootfs { id: String, path: String },
+    #[error("container {id} is {state}; {action} needs it {wanted}")]
+    WrongState {
+        id: String,
+        state: String,
+        action: &'static str,
+        wanted: &'static str,
+    },
+    #[error("process {exec_id} of container {container_id} has already exited")]
+    ProcessExited {
+        container_id: String,
+        exec_id: String,
+    },
+    #[error("stdio stream {0:?} was not connected in time")]
+    StdioTimeout(String),
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+    #[error("container {id}: {action} failed: {source}")]
+    Runtime {
+        id: String,
+        action: &'static str,
+        source: libcontainer::error::LibcontainerError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys { what: String, source: nix::Error },
+}
+
+impl AgentError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        AgentError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub fn sys(what: impl Into<String>, source: nix::Error) -> Self {
+        AgentError::Sys {
+            what: what.into(),
+            source,
+        }
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            AgentError::NoSuchContainer(_) | AgentError::NoSuchProcess { .. } => Code::NOT_FOUND,
+            AgentError::ContainerExists(_) | AgentError::ProcessExists { .. } => {
+                Code::ALREADY_EXISTS
+            }
+            AgentError::InvalidId(_)
+            | AgentError::InvalidSpec(_)
+            | AgentError::InvalidProcess(_)
+            | AgentError::InvalidResources(_)
+            | AgentError::MissingRootfs { .. } => Code::INVALID_ARGUMENT,
+            AgentError::WrongState { .. } | AgentError::ProcessExited { .. } => {
+                Code::FAILED_PRECONDITION
+            }
+            AgentError::StdioTimeout(_) => Code::DEADLINE_EXCEEDED,
+            AgentError::Unsupported(_) => Code::UNIMPLEMENTED,
+            AgentError::Runtime { .. } | AgentError::Io { .. } | AgentError::Sys { .. } => {
+                Code::INTERNAL
+            }
+        }
+    }
+}
+
+impl From<AgentError> for TtrpcError {
+    fn from(e: AgentError) -> Self {
+        TtrpcError::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+/// Container and exec ids become file names and cgroup names: keep them tame.
+pub fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidId(id.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        validate_id("abc-1.2_x").unwrap();
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129), "é"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn codes() {
+        let e: TtrpcError = AgentError::NoSuchContainer("c1".into()).into();
+        match e {
+            TtrpcError::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::NOT_FOUND);
+                assert!(s.message().contains("c1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

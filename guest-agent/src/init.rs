@@ -1,0 +1,118 @@
+//! PID 1 duties in the guest: the file systems every container needs, the cgroup v2
+//! hierarchy with controllers delegated to containers, hostname and DNS, power-off.
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+use crate::cgroup::{CGROUP_PARENT, CGROUP_ROOT};
+use crate::error::{AgentError, Result};
+
+fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(target).map_err(|e| AgentError::io(format!("create {target}"), e))?;
+    match mount(Some(fstype), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => Ok(()),
+        Err(e) => Err(AgentError::sys(format!("mount {fstype} on {target}"), e)),
+    }
+}
+
+/// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, cgroup2, /run and /tmp (guest PID 1 only).
+pub fn mount_basics() -> Result<()> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", nosuid, None)?;
+    mount_fs("sysfs", "/sys", nosuid, None)?;
+    mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=0620,ptmxmode=0666"),
+    )?;
+    mount_fs("tmpfs", "/dev/shm", nosuid, Some("mode=1777"))?;
+    mount_fs("cgroup2", CGROUP_ROOT, nosuid, None)?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    Ok(())
+}
+
+/// Creates the parent cgroup of all containers with the controllers they need delegated.
+/// Needs a cgroup v2 hierarchy at /sys/fs/cgroup.
+pub fn prepare_cgroups() -> Result<()> {
+    let root = Path::new(CGROUP_ROOT);
+    if !root.join("cgroup.controllers").exists() {
+        return Err(AgentError::io(
+            format!("{CGROUP_ROOT} is not a cgroup v2 hierarchy"),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+    let available = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    let wanted: Vec<&str> = ["cpu", "cpuset", "io", "memory", "pids"]
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .collect();
+    let enable = wanted
+        .iter()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let parent = root.join(CGROUP_PARENT);
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| AgentError::io(format!("create {}", parent.display()), e))?;
+    for dir in [root, parent.as_path()] {
+        let file = dir.join("cgroup.subtree_control");
+        std::fs::write(&file, &enable)
+            .map_err(|e| AgentError::io(format!("enable {enable} in {}", file.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Hostname and resolv.conf for the pod (the guest is the pod's own machine).
+pub fn configure_sandbox(
+    hostname: &str,
+    dns_servers: &[String],
+    dns_search: &[String],
+) -> Result<()> {
+    if !hostname.is_empty() {
+        if hostname.len() > 64
+            || !hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(AgentError::InvalidSpec(format!(
+                "invalid hostname {hostname:?}"
+            )));
+        }
+        nix::unistd::sethostname(hostname)
+            .map_err(|e| AgentError::sys(format!("set hostname {hostname}"), e))?;
+    }
+    if !dns_servers.is_empty() || !dns_search.is_empty() {
+        let mut text = String::new();
+        for s in dns_servers {
+            text.push_str(&format!("nameserver {s}\n"));
+        }
+        if !dns_search.is_empty() {
+            text.push_str(&format!("search {}\n", dns_search.join(" ")));
+        }
+        std::fs::create_dir_all("/run/shoal")
+            .map_err(|e| AgentError::io("create /run/shoal", e))?;
+        std::fs::write("/run/shoal/resolv.conf", text)
+            .map_err(|e| AgentError::io("write /run/shoal/resolv.conf", e))?;
+    }
+    Ok(())
+}
+
+/// Syncs and reboots the VM (the VMM turns a guest reboot into a clean exit).
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    std::process::exit(0);
+}

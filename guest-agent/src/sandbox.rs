@@ -1,0 +1,522 @@
+//! The pod's state inside the agent: its containers and their processes. Methods here are
+//! blocking (libcontainer forks and waits); the ttrpc layer calls them off the async runtime.
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+use tokio::sync::watch;
+
+use crate::cgroup;
+use crate::error::{validate_id, AgentError, Result};
+use crate::reaper::{ExitStatus, Reaper};
+use crate::stdio::{ProcessIo, StreamRegistry, Tokens};
+
+/// One process the agent started (a container's init or an exec).
+pub struct Process {
+    pub pid: i32,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    io: Mutex<ProcessIo>,
+}
+
+impl Process {
+    /// The exit status once the process has exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for exit, then for the output copies to finish.
+    pub async fn wait(self: &Arc<Self>) -> ExitStatus {
+        let mut rx = self.exit.clone();
+        let status = loop {
+            if let Some(s) = *rx.borrow_and_update() {
+                break s;
+            }
+            if rx.changed().await.is_err() {
+                // The reaper is gone (agent shutting down); report an abnormal end.
+                break 255;
+            }
+        };
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            me.io.lock().unwrap_or_else(|e| e.into_inner()).drain()
+        })
+        .await;
+        status
+    }
+
+    pub fn close_stdin(&self) {
+        self.io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .close_stdin();
+    }
+}
+
+struct ContainerEntry {
+    runtime: Mutex<Container>,
+    bundle: PathBuf,
+    processes: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+/// Stdio of a process request.
+pub struct StdioRequest {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// The pod.
+pub struct Sandbox {
+    state_root: PathBuf,
+    bundles: PathBuf,
+    reaper: Reaper,
+    streams: StreamRegistry,
+    containers: Mutex<HashMap<String, Arc<ContainerEntry>>>,
+    ooms: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+}
+
+fn status_name(s: ContainerStatus) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
+impl Sandbox {
+    /// A sandbox keeping libcontainer state and bundles under `state_dir`.
+    pub fn new(state_dir: &Path, reaper: Reaper, streams: StreamRegistry) -> Result<Arc<Sandbox>> {
+        let state_root = state_dir.join("containers");
+        let bundles = state_dir.join("bundles");
+        for d in [&state_root, &bundles] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| AgentError::io(format!("create {}", d.display()), e))?;
+        }
+        let sandbox = Arc::new(Sandbox {
+            state_root,
+            bundles,
+            reaper,
+            streams,
+            containers: Mutex::new(HashMap::new()),
+            ooms: Arc::new((Mutex::new(VecDeque::new()), Condvar::new())),
+        });
+        sandbox.watch_ooms();
+        Ok(sandbox)
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<ContainerEntry>> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchContainer(id.into()))
+    }
+
+    /// A process of a container ("" = its init process).
+    pub fn process(&self, container_id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        let entry = self.entry(container_id)?;
+        let procs = entry.processes.lock().unwrap_or_else(|e| e.into_inner());
+        procs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| AgentError::NoSuchProcess {
+                container_id: container_id.into(),
+                exec_id: exec_id.into(),
+            })
+    }
+
+    fn refreshed_status(entry: &ContainerEntry) -> ContainerStatus {
+        let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = c.refresh_status();
+        c.status()
+    }
+
+    fn builder(&self, id: &str, stdio: crate::stdio::ChildStdio) -> Result<ContainerBuilder> {
+        ContainerBuilder::new(id.to_string(), SyscallType::default())
+            .with_root_path(&self.state_root)
+            .map_err(|source| AgentError::Runtime {
+                id: id.into(),
+                action: "prepare",
+                source,
+            })
+            .map(|b| {
+                b.with_stdin(stdio.stdin)
+                    .with_stdout(stdio.stdout)
+                    .with_stderr(stdio.stderr)
+            })
+    }
+
+    /// Creates a container from its OCI spec; its init process waits for `start`.
+    pub fn create_container(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        stdio: StdioRequest,
+    ) -> Result<i32> {
+        validate_id(id)?;
+        if stdio.terminal {
+            return Err(AgentError::Unsupported("a terminal (tty) for a process"));
+        }
+        if self
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+        {
+            return Err(AgentError::ContainerExists(id.into()));
+        }
+        let mut spec: Spec = serde_json::from_slice(spec_json)
+            .map_err(|e| AgentError::InvalidSpec(e.to_string()))?;
+        if spec.process().is_none() {
+            return Err(AgentError::InvalidSpec("no process".into()));
+        }
+        let root = if rootfs.is_empty() {
+            spec.root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .ok_or_else(|| AgentError::InvalidSpec("no root and no rootfs given".into()))?
+        } else {
+            PathBuf::from(rootfs)
+        };
+        if !root.is_absolute() || !root.is_dir() {
+            return Err(AgentError::MissingRootfs {
+                id: id.into(),
+                path: root.display().to_string(),
+            });
+        }
+        let mut root_cfg = spec.root().clone().unwrap_or_default();
+        root_cfg.set_path(root);
+        spec.set_root(Some(root_cfg));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_cgroups_path(Some(cgroup::cgroups_path(id)));
+        spec.set_linux(Some(linux));
+
+        let bundle = self.bundles.join(id);
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| AgentError::io(format!("create bundle {}", bundle.display()), e))?;
+        let cleanup_bundle = |e| {
+            let _ = std::fs::remove_dir_all(&bundle);
+            e
+        };
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| AgentError::InvalidSpec(e.to_string()))
+            .map_err(cleanup_bundle)?;
+
+        let (mut io, child, outputs) =
+            ProcessIo::prepare(&self.streams, tokens(&stdio)).map_err(cleanup_bundle)?;
+        let container = {
+            let _fork = self.reaper.fork_lock();
+            self.builder(id, child)
+                .and_then(|b| {
+                    b.validate_id()
+                        .map_err(|source| AgentError::Runtime {
+                            id: id.into(),
+                            action: "create",
+                            source,
+                        })?
+                        .as_init(&bundle)
+                        .with_systemd(false)
+                        .with_detach(true)
+                        .build()
+                        .map_err(|source| AgentError::Runtime {
+                            id: id.into(),
+                            action: "create",
+                            source,
+                        })
+                })
+                .map_err(cleanup_bundle)?
+        };
+        let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+        let exit = self.reaper.watch(pid);
+        io.start(outputs);
+        let init = Arc::new(Process {
+            pid,
+            exit,
+            io: Mutex::new(io),
+        });
+        let entry = ContainerEntry {
+            runtime: Mutex::new(container),
+            bundle,
+            processes: Mutex::new(HashMap::from([(String::new(), init)])),
+        };
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.into(), Arc::new(entry));
+        Ok(pid)
+    }
+
+    /// Starts a created container's init process.
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        let entry = self.entry(id)?;
+        let status = Self::refreshed_status(&entry);
+        if status != ContainerStatus::Created {
+            return Err(AgentError::WrongState {
+                id: id.into(),
+                state: status_name(status),
+                action: "start",
+                wanted: "created",
+            });
+        }
+        let _fork = self.reaper.fork_lock();
+        let mut runtime = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        runtime.start().map_err(|source| AgentError::Runtime {
+            id: id.into(),
+            action: "start",
+            source,
+        })
+    }
+
+    /// Starts an extra process in a running container.
+    pub fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: StdioRequest,
+    ) -> Result<i32> {
+        validate_id(exec_id)?;
+        if stdio.terminal {
+            return Err(AgentError::Unsupported("a terminal (tty) for a process"));
+        }
+        let entry = self.entry(id)?;
+        if entry
+            .processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(exec_id)
+        {
+            return Err(AgentError::ProcessExists {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            });
+        }
+        let process: OciProcess = serde_json::from_slice(process_json)
+            .map_err(|e| AgentError::InvalidProcess(e.to_string()))?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(AgentError::InvalidProcess("no args".into()));
+        }
+        let status = Self::refreshed_status(&entry);
+        if status != ContainerStatus::Running {
+            return Err(AgentError::WrongState {
+                id: id.into(),
+                state: status_name(status),
+                action: "exec",
+                wanted: "running",
+            });
+        }
+        let path = entry.bundle.join(format!("exec-{exec_id}.json"));
+        let json =
+            serde_json::to_vec(&process).map_err(|e| AgentError::InvalidProcess(e.to_string()))?;
+        std::fs::write(&path, json)
+            .map_err(|e| AgentError::io(format!("write {}", path.display()), e))?;
+
+        let (mut io, child, outputs) = ProcessIo::prepare(&self.streams, tokens(&stdio))?;
+        let pid = {
+            let _fork = self.reaper.fork_lock();
+            self.builder(id, child).and_then(|b| {
+                b.as_tenant()
+                    .with_process(Some(&path))
+                    .with_detach(true)
+                    .build()
+                    .map_err(|source| AgentError::Runtime {
+                        id: id.into(),
+                        action: "exec",
+                        source,
+                    })
+            })?
+        };
+        let _ = std::fs::remove_file(&path);
+        let exit = self.reaper.watch(pid.as_raw());
+        io.start(outputs);
+        let proc = Arc::new(Process {
+            pid: pid.as_raw(),
+            exit,
+            io: Mutex::new(io),
+        });
+        entry
+            .processes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(exec_id.into(), proc);
+        Ok(pid.as_raw())
+    }
+
+    /// Sends `signal` to one process, or to every process of the container with `all`.
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let entry = self.entry(id)?;
+        let sig = nix::sys::signal::Signal::try_from(signal as i32)
+            .map_err(|e| AgentError::sys(format!("signal {signal}"), e))?;
+        if all {
+            for pid in cgroup::pids(&cgroup::dir(id)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+            }
+            return Ok(());
+        }
+        let proc = self.process(id, exec_id)?;
+        if proc.exit_status().is_some() {
+            return Err(AgentError::ProcessExited {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            });
+        }
+        if exec_id.is_empty() && Self::refreshed_status(&entry) == ContainerStatus::Created {
+            // Not started yet: libcontainer knows how to kill a created container.
+            let lc_sig = libcontainer::signal::Signal::try_from(signal as i32)
+                .map_err(|_| AgentError::InvalidProcess(format!("unknown signal {signal}")))?;
+            let mut runtime = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
+            return runtime
+                .kill(lc_sig, false)
+                .map_err(|source| AgentError::Runtime {
+                    id: id.into(),
+                    action: "kill",
+                    source,
+                });
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.pid), sig)
+            .map_err(|e| AgentError::sys(format!("signal process {}", proc.pid), e))
+    }
+
+    pub fn pause(&self, id: &str) -> Result<()> {
+        let entry = self.entry(id)?;
+        let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = c.refresh_status();
+        c.pause().map_err(|source| AgentError::Runtime {
+            id: id.into(),
+            action: "pause",
+            source,
+        })
+    }
+
+    pub fn resume(&self, id: &str) -> Result<()> {
+        let entry = self.entry(id)?;
+        let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = c.refresh_status();
+        c.resume().map_err(|source| AgentError::Runtime {
+            id: id.into(),
+            action: "resume",
+            source,
+        })
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        self.entry(id)?;
+        let resources: LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|e| AgentError::InvalidResources(e.to_string()))?;
+        cgroup::update(&cgroup::dir(id), &resources)
+    }
+
+    pub fn stats(&self, id: &str) -> Result<cgroup::Stats> {
+        self.entry(id)?;
+        Ok(cgroup::stats(&cgroup::dir(id)))
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.entry(id)?;
+        Ok(cgroup::pids(&cgroup::dir(id)))
+    }
+
+    /// Deletes a container: its processes (when `force` or already stopped), cgroup, state and bundle.
+    pub fn remove(&self, id: &str, force: bool) -> Result<()> {
+        let entry = self.entry(id)?;
+        let status = Self::refreshed_status(&entry);
+        if !force && matches!(status, ContainerStatus::Running | ContainerStatus::Paused) {
+            return Err(AgentError::WrongState {
+                id: id.into(),
+                state: status_name(status),
+                action: "remove",
+                wanted: "stopped (or force)",
+            });
+        }
+        {
+            let _fork = self.reaper.fork_lock();
+            let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
+            c.delete(true).map_err(|source| AgentError::Runtime {
+                id: id.into(),
+                action: "delete",
+                source,
+            })?;
+        }
+        let _ = std::fs::remove_dir_all(&entry.bundle);
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    /// Kills and deletes every container (shutdown).
+    pub fn remove_all(&self) {
+        let ids: Vec<String> = self
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Err(e) = self.remove(&id, true) {
+                tracing::warn!("shutdown: {e}");
+            }
+        }
+    }
+
+    /// Blocks until a container's cgroup records an OOM kill; returns the container id.
+    pub fn next_oom(&self, timeout: Duration) -> Option<String> {
+        let (queue, cv) = &*self.ooms;
+        let guard = queue.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, timeout, |q| q.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        guard.pop_front()
+    }
+
+    /// Polls every container's `memory.events` for new OOM kills.
+    fn watch_ooms(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("oom-watch".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let mut seen: HashMap<String, u64> = HashMap::new();
+                loop {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let Some(sandbox) = weak.upgrade() else {
+                        return;
+                    };
+                    let ids: Vec<String> = sandbox
+                        .containers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keys()
+                        .cloned()
+                        .collect();
+                    seen.retain(|id, _| ids.contains(id));
+                    for id in ids {
+                        let kills = cgroup::stats(&cgroup::dir(&id)).memory_oom_kills;
+                        let before = seen.insert(id.clone(), kills).unwrap_or(0);
+                        if kills > before {
+                            let (queue, cv) = &*sandbox.ooms;
+                            queue
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push_back(id);
+                            cv.notify_all();
+                        }
+                    }
+                }
+            });
+    }
+}
+
+fn tokens(s: &StdioRequest) -> Tokens<'_> {
+    Tokens {
+        stdin: &s.stdin,
+        stdout: &s.stdout,
+        stderr: &s.stderr,
+    }
+}

@@ -1,0 +1,543 @@
+//! The agent on a host: `shoal-agent --listen unix:...` driven through the generated ttrpc
+//! client, running busybox containers from bundles built here. Needs root and a cgroup v2
+//! hierarchy at /sys/fs/cgroup (the nested lab provides one; `scripts/test` runs it there
+//! when this host has cgroup v1).
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::{LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, Spec};
+use shoal_agent_api::agent::*;
+use shoal_agent_api::agent_ttrpc::AgentClient;
+use ttrpc::context;
+
+fn can_run() -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: agent host tests need root");
+        return false;
+    }
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        eprintln!("SKIP: /sys/fs/cgroup is not cgroup v2 here; scripts/test runs these in the lab");
+        return false;
+    }
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("SKIP: /bin/busybox missing (Debian package busybox-static)");
+        return false;
+    }
+    true
+}
+
+struct Agent {
+    dir: PathBuf,
+    child: Child,
+    sock: PathBuf,
+    client: AgentClient,
+}
+
+impl Agent {
+    async fn start(name: &str) -> Agent {
+        let dir = std::env::temp_dir().join(format!("shoal-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal-agent"))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not create {}",
+                sock.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap();
+        let client = AgentClient::new(c);
+        let info = client.check(ctx(), &CheckRequest::new()).await.unwrap();
+        assert_eq!(info.pid, child.id());
+        Agent {
+            dir,
+            child,
+            sock,
+            client,
+        }
+    }
+
+    /// A busybox root file system.
+    fn rootfs(&self, name: &str) -> PathBuf {
+        let root = self.dir.join(name);
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        for d in ["proc", "sys", "dev", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        for applet in [
+            "sh", "echo", "sleep", "cat", "head", "tail", "true", "hostname", "ps", "wc",
+        ] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        root
+    }
+
+    /// Opens a stdio stream named `token` on the agent's stdio socket.
+    fn stream(&self, token: &str) -> UnixStream {
+        let mut s = UnixStream::connect(format!("{}.io", self.sock.display())).unwrap();
+        s.write_all(format!("STREAM {token}\n").as_bytes()).unwrap();
+        s
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ctx() -> context::Context {
+    context::with_timeout(30_000_000_000)
+}
+
+fn spec(args: &[&str]) -> Spec {
+    let mut spec = Spec::default();
+    let process = ProcessBuilder::default()
+        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .terminal(false)
+        .build()
+        .unwrap();
+    spec.set_process(Some(process));
+    spec
+}
+
+fn spec_json(spec: &Spec) -> Vec<u8> {
+    serde_json::to_vec(spec).unwrap()
+}
+
+fn stdio(out: &str, err: &str) -> Stdio {
+    Stdio {
+        stdout: out.into(),
+        stderr: err.into(),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    a: &Agent,
+    id: &str,
+    spec: &Spec,
+    rootfs: &Path,
+    stdio: Stdio,
+) -> ttrpc::Result<CreateContainerResponse> {
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec_json: spec_json(spec),
+        rootfs: rootfs.display().to_string(),
+        stdio: Some(stdio).into(),
+        ..Default::default()
+    };
+    a.client.create_container(ctx(), &req).await
+}
+
+fn creq(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn preq(id: &str, exec: &str) -> ProcessRequest {
+    ProcessRequest {
+        container_id: id.into(),
+        exec_id: exec.into(),
+        ..Default::default()
+    }
+}
+
+fn read_all(mut s: UnixStream) -> String {
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn code_of(e: &ttrpc::Error) -> ttrpc::Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        other => panic!("not a status: {other:?}"),
+    }
+}
+
+/// Runs `args` to completion and returns (stdout, exit status).
+async fn run(a: &Agent, id: &str, args: &[&str]) -> (String, u32) {
+    let rootfs = a.rootfs(&format!("rootfs-{id}"));
+    let out = a.stream(&format!("{id}-out"));
+    create(a, id, &spec(args), &rootfs, stdio(&format!("{id}-out"), ""))
+        .await
+        .unwrap();
+    a.client.start_container(ctx(), &creq(id)).await.unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    let status = a
+        .client
+        .wait_process(ctx(), &preq(id, ""))
+        .await
+        .unwrap()
+        .exit_status;
+    let text = reader.join().unwrap();
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    (text, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_echo_exit_code_and_cleanup() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("echo").await;
+    let (out, status) = run(&a, "echo1", &["echo", "hello from a container"]).await;
+    assert_eq!((out.as_str(), status), ("hello from a container\n", 0));
+    let (_, status) = run(&a, "exit7", &["sh", "-c", "exit 7"]).await;
+    assert_eq!(status, 7);
+    // Removal leaves no cgroup, bundle or container state.
+    assert!(!Path::new("/sys/fs/cgroup/shoal/echo1").exists());
+    assert!(!a.dir.join("state/bundles/echo1").exists());
+    assert!(!a.dir.join("state/containers/echo1").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_exec_signals_pause_and_processes() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("exec").await;
+    let rootfs = a.rootfs("rootfs");
+    let id = "long1";
+    create(
+        &a,
+        id,
+        &spec(&[
+            "sh",
+            "-c",
+            "trap 'exit 3' TERM; while true; do sleep 0.1; done",
+        ]),
+        &rootfs,
+        stdio("", ""),
+    )
+    .await
+    .unwrap();
+    a.client.start_container(ctx(), &creq(id)).await.unwrap();
+
+    // exec into the running container
+    let out = a.stream("exec1-out");
+    let process = ProcessBuilder::default()
+        .args(vec!["echo".into(), "exec works".into()])
+        .env(vec!["PATH=/bin".into()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    let req = ExecProcessRequest {
+        container_id: id.into(),
+        exec_id: "exec1".into(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(stdio("exec1-out", "")).into(),
+        ..Default::default()
+    };
+    a.client.exec_process(ctx(), &req).await.unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    assert_eq!(
+        a.client
+            .wait_process(ctx(), &preq(id, "exec1"))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    assert_eq!(reader.join().unwrap(), "exec works\n");
+
+    // the process list and stats see the container's processes
+    let pids = a
+        .client
+        .list_processes(ctx(), &creq(id))
+        .await
+        .unwrap()
+        .pids;
+    assert!(!pids.is_empty());
+    let stats = a.client.stats_container(ctx(), &creq(id)).await.unwrap();
+    assert!(
+        stats.pids_current >= 1 && stats.memory_current > 0,
+        "{stats:?}"
+    );
+
+    // pause freezes the cgroup, resume thaws it
+    a.client.pause_container(ctx(), &creq(id)).await.unwrap();
+    let events =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/shoal/{id}/cgroup.events")).unwrap();
+    assert!(events.contains("frozen 1"), "{events}");
+    a.client.resume_container(ctx(), &creq(id)).await.unwrap();
+    let events =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/shoal/{id}/cgroup.events")).unwrap();
+    assert!(events.contains("frozen 0"), "{events}");
+
+    // removing a running container without force is refused
+    let err = a
+        .client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::FAILED_PRECONDITION);
+
+    // SIGTERM runs the trap: exit 3
+    a.client
+        .signal_process(
+            ctx(),
+            &SignalProcessRequest {
+                container_id: id.into(),
+                signal: 15,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a.client
+            .wait_process(ctx(), &preq(id, ""))
+            .await
+            .unwrap()
+            .exit_status,
+        3
+    );
+    // signalling or exec'ing into the stopped container is an error
+    let err = a
+        .client
+        .signal_process(
+            ctx(),
+            &SignalProcessRequest {
+                container_id: id.into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::FAILED_PRECONDITION);
+    let req = ExecProcessRequest {
+        exec_id: "exec2".into(),
+        ..req
+    };
+    let err = a.client.exec_process(ctx(), &req).await.unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::FAILED_PRECONDITION);
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // SIGKILL: 128 + 9
+    let id = "long2";
+    create(&a, id, &spec(&["sleep", "1000"]), &rootfs, stdio("", ""))
+        .await
+        .unwrap();
+    a.client.start_container(ctx(), &creq(id)).await.unwrap();
+    a.client
+        .signal_process(
+            ctx(),
+            &SignalProcessRequest {
+                container_id: id.into(),
+                signal: 9,
+                all: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a.client
+            .wait_process(ctx(), &preq(id, ""))
+            .await
+            .unwrap()
+            .exit_status,
+        137
+    );
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!Path::new("/sys/fs/cgroup/shoal/long2").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_memory_limit_and_oom_event() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("oom").await;
+    let rootfs = a.rootfs("rootfs");
+    let id = "hog";
+    let mut s = spec(&["sh", "-c", "head -c 200000000 /dev/zero | tail"]);
+    let mut linux = s.linux().clone().unwrap_or_default();
+    linux.set_resources(Some(
+        LinuxResourcesBuilder::default()
+            .memory(
+                LinuxMemoryBuilder::default()
+                    .limit(32i64 << 20)
+                    .swap(32i64 << 20)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap(),
+    ));
+    s.set_linux(Some(linux));
+    create(&a, id, &s, &rootfs, stdio("", "")).await.unwrap();
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup/shoal/{id}/memory.max")).unwrap();
+    assert_eq!(max.trim(), (32u64 << 20).to_string());
+    let oom = tokio::spawn({
+        let client = a.client.clone();
+        async move {
+            client
+                .wait_oom_event(context::with_timeout(60_000_000_000), &Empty::new())
+                .await
+        }
+    });
+    a.client.start_container(ctx(), &creq(id)).await.unwrap();
+    let status = a
+        .client
+        .wait_process(ctx(), &preq(id, ""))
+        .await
+        .unwrap()
+        .exit_status;
+    assert_ne!(status, 0, "the memory hog was stopped");
+    let event = oom.await.unwrap().unwrap();
+    assert_eq!(event.container_id, id);
+    let stats = a.client.stats_container(ctx(), &creq(id)).await.unwrap();
+    assert!(stats.memory_oom_kills >= 1);
+    assert_eq!(stats.memory_max, 32 << 20);
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_bad_requests_get_clear_errors() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("bad").await;
+    let rootfs = a.rootfs("rootfs");
+    let bad_json = CreateContainerRequest {
+        container_id: "x".into(),
+        spec_json: b"{not json".to_vec(),
+        rootfs: rootfs.display().to_string(),
+        ..Default::default()
+    };
+    let err = a
+        .client
+        .create_container(ctx(), &bad_json)
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::INVALID_ARGUMENT);
+    let err = create(
+        &a,
+        "y",
+        &spec(&["true"]),
+        &a.dir.join("no-such-rootfs"),
+        stdio("", ""),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(format!("{err:?}").contains("no-such-rootfs"));
+    let err = create(&a, "../evil", &spec(&["true"]), &rootfs, stdio("", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::INVALID_ARGUMENT);
+    create(&a, "dup", &spec(&["true"]), &rootfs, stdio("", ""))
+        .await
+        .unwrap();
+    let err = create(&a, "dup", &spec(&["true"]), &rootfs, stdio("", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::ALREADY_EXISTS);
+    let err = a
+        .client
+        .start_container(ctx(), &creq("nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::NOT_FOUND);
+    let err = a
+        .client
+        .wait_process(ctx(), &preq("dup", "no-exec"))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::NOT_FOUND);
+    // A stream that never connects times out with a named error.
+    let err = create(
+        &a,
+        "nostream",
+        &spec(&["true"]),
+        &rootfs,
+        stdio("never-connected", ""),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::DEADLINE_EXCEEDED);
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: "dup".into(),
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The agent is still healthy after all that.
+    a.client.check(ctx(), &CheckRequest::new()).await.unwrap();
+}
