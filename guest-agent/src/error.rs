@@ -50,7 +50,7 @@ pub enum AgentError {
     Runtime {
         id: String,
         action: &'static str,
-        source: libcontainer::error::LibcontainerError,
+        source: Box<libcontainer::error::LibcontainerError>,
     },
     #[error("{what}: {source}")]
     Io {

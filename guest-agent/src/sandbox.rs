@@ -79,6 +79,28 @@ pub struct Sandbox {
     streams: StreamRegistry,
     containers: Mutex<HashMap<String, Arc<ContainerEntry>>>,
     ooms: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    /// pivot_root cannot leave an initramfs (the kernel's rootfs cannot be unmounted); there
+    /// containers get their root by moving it over / and chroot instead. The VM is the
+    /// isolation boundary either way.
+    no_pivot: bool,
+}
+
+/// Whether this process's root is the kernel's initial rootfs (an initramfs).
+pub fn root_is_initramfs() -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // Fields: id parent major:minor root mount-point options ... - fstype source super-options
+    info.lines().any(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        let mount_point = fields.get(4).copied();
+        let fstype = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 1))
+            .copied();
+        mount_point == Some("/") && fstype == Some("rootfs")
+    })
 }
 
 fn status_name(s: ContainerStatus) -> String {
@@ -101,7 +123,11 @@ impl Sandbox {
             streams,
             containers: Mutex::new(HashMap::new()),
             ooms: Arc::new((Mutex::new(VecDeque::new()), Condvar::new())),
+            no_pivot: root_is_initramfs(),
         });
+        if sandbox.no_pivot {
+            tracing::info!("root is an initramfs: containers use chroot instead of pivot_root");
+        }
         sandbox.watch_ooms();
         Ok(sandbox)
     }
@@ -140,7 +166,7 @@ impl Sandbox {
             .map_err(|source| AgentError::Runtime {
                 id: id.into(),
                 action: "prepare",
-                source,
+                source: Box::new(source),
             })
             .map(|b| {
                 b.with_stdin(stdio.stdin)
@@ -216,16 +242,17 @@ impl Sandbox {
                         .map_err(|source| AgentError::Runtime {
                             id: id.into(),
                             action: "create",
-                            source,
+                            source: Box::new(source),
                         })?
                         .as_init(&bundle)
+                        .with_no_pivot(self.no_pivot)
                         .with_systemd(false)
                         .with_detach(true)
                         .build()
                         .map_err(|source| AgentError::Runtime {
                             id: id.into(),
                             action: "create",
-                            source,
+                            source: Box::new(source),
                         })
                 })
                 .map_err(cleanup_bundle)?
@@ -267,7 +294,7 @@ impl Sandbox {
         runtime.start().map_err(|source| AgentError::Runtime {
             id: id.into(),
             action: "start",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -326,7 +353,7 @@ impl Sandbox {
                     .map_err(|source| AgentError::Runtime {
                         id: id.into(),
                         action: "exec",
-                        source,
+                        source: Box::new(source),
                     })
             })?
         };
@@ -374,7 +401,7 @@ impl Sandbox {
                 .map_err(|source| AgentError::Runtime {
                     id: id.into(),
                     action: "kill",
-                    source,
+                    source: Box::new(source),
                 });
         }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.pid), sig)
@@ -388,7 +415,7 @@ impl Sandbox {
         c.pause().map_err(|source| AgentError::Runtime {
             id: id.into(),
             action: "pause",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -399,7 +426,7 @@ impl Sandbox {
         c.resume().map_err(|source| AgentError::Runtime {
             id: id.into(),
             action: "resume",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -438,7 +465,7 @@ impl Sandbox {
             c.delete(true).map_err(|source| AgentError::Runtime {
                 id: id.into(),
                 action: "delete",
-                source,
+                source: Box::new(source),
             })?;
         }
         let _ = std::fs::remove_dir_all(&entry.bundle);

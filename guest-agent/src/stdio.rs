@@ -158,6 +158,9 @@ pub struct ProcessIo {
     outputs: Vec<JoinHandle<()>>,
 }
 
+/// Output pipes (read ends) and the streams they are copied to, once the process runs.
+pub type PendingOutputs = Vec<(File, Stream)>;
+
 /// The process's ends of its stdio, handed to libcontainer.
 pub struct ChildStdio {
     pub stdin: OwnedFd,
@@ -191,7 +194,7 @@ impl ProcessIo {
     pub fn prepare(
         registry: &StreamRegistry,
         tokens: Tokens<'_>,
-    ) -> Result<(ProcessIo, ChildStdio, Vec<(File, Stream)>)> {
+    ) -> Result<(ProcessIo, ChildStdio, PendingOutputs)> {
         let claim = |t: &str| {
             if t.is_empty() {
                 Ok(None)
@@ -239,7 +242,7 @@ impl ProcessIo {
     }
 
     /// Starts the copy threads (after the process exists, so its pipe ends are closed here).
-    pub fn start(&mut self, outputs: Vec<(File, Stream)>) {
+    pub fn start(&mut self, outputs: PendingOutputs) {
         for (mut pipe, mut stream) in outputs {
             let spawned = std::thread::Builder::new()
                 .name("stdio-out".into())

@@ -35,3 +35,74 @@ pub mod agent_ttrpc {
 pub const AGENT_PORT: u32 = 1024;
 /// vsock port where the shim opens stdio streams.
 pub const STDIO_PORT: u32 = 1025;
+
+/// Reaching the agent from the host through a VM's hybrid-vsock socket.
+pub mod client {
+    use std::io::{self, Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    /// Connects to guest vsock `port` through the VM's hybrid-vsock unix socket: writes
+    /// `CONNECT <port>\n` and reads the `OK <n>\n` answer. The stream then reaches the guest.
+    pub fn hybrid_vsock_connect(uds: &Path, port: u32) -> io::Result<UnixStream> {
+        let mut s = UnixStream::connect(uds)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        // Byte by byte: anything after the newline belongs to the stream.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 64 {
+            if s.read(&mut b)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("nothing listens on guest vsock port {port}"),
+                ));
+            }
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "unexpected hybrid vsock answer {:?}",
+                    String::from_utf8_lossy(&line)
+                ),
+            ));
+        }
+        s.set_read_timeout(None)?;
+        Ok(s)
+    }
+
+    /// Connects a ttrpc client to the agent, retrying until `timeout` while the guest boots.
+    pub async fn connect_agent(
+        uds: &Path,
+        port: u32,
+        timeout: Duration,
+    ) -> io::Result<super::agent_ttrpc::AgentClient> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match hybrid_vsock_connect(uds, port) {
+                Ok(s) => {
+                    s.set_nonblocking(true)?;
+                    let stream = tokio::net::UnixStream::from_std(s)?;
+                    let client =
+                        ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+                    return Ok(super::agent_ttrpc::AgentClient::new(client));
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "agent did not answer on vsock port {port} within {timeout:?}: {e}"
+                        ),
+                    ))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The agent as PID 1 of a real micro-VM, driven over hybrid vsock like the shim will: boot
+//! shoal's guest kernel with the test guest image (agent + a busybox root file system),
+//! run containers, shut down. `scripts/test` sets SHOAL_GUEST_KERNEL and
+//! SHOAL_AGENT_TEST_IMAGE and runs this natively or in the nested lab.
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use oci_spec::runtime::{ProcessBuilder, Spec};
+use shoal_agent_api::agent::*;
+use shoal_agent_api::client::{connect_agent, hybrid_vsock_connect};
+use shoal_agent_api::{AGENT_PORT, STDIO_PORT};
+use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
+use ttrpc::context;
+
+fn artifacts() -> Option<(PathBuf, PathBuf)> {
+    let (Some(kernel), Some(image)) = (
+        std::env::var_os("SHOAL_GUEST_KERNEL"),
+        std::env::var_os("SHOAL_AGENT_TEST_IMAGE"),
+    ) else {
+        eprintln!("SKIP: SHOAL_GUEST_KERNEL / SHOAL_AGENT_TEST_IMAGE not set; scripts/test sets them where a guest can boot");
+        return None;
+    };
+    if Path::new("/sys/module/kvm_pvm").exists() && std::env::var_os("SHOAL_IN_LAB").is_none() {
+        eprintln!("SKIP: /dev/kvm is nested PVM, which cannot boot a Linux guest; run through scripts/lab");
+        return None;
+    }
+    Some((kernel.into(), image.into()))
+}
+
+fn ctx() -> context::Context {
+    context::with_timeout(60_000_000_000)
+}
+
+fn spec(args: &[&str]) -> Vec<u8> {
+    let mut spec = Spec::default();
+    let process = ProcessBuilder::default()
+        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .terminal(false)
+        .build()
+        .unwrap();
+    spec.set_process(Some(process));
+    serde_json::to_vec(&spec).unwrap()
+}
+
+/// Opens a stdio stream to the guest and names it.
+fn stream(uds: &Path, token: &str) -> std::os::unix::net::UnixStream {
+    let mut s = hybrid_vsock_connect(uds, STDIO_PORT).unwrap();
+    s.write_all(format!("STREAM {token}\n").as_bytes()).unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_guest_agent_runs_containers_in_a_vm() {
+    let Some((kernel, image)) = artifacts() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("shoal-agent-vm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("vm.sock");
+    let config = VmConfig {
+        kernel,
+        initrd: Some(image),
+        cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+        memory_mib: 256,
+        vcpus: 2,
+        vsock: Some(VsockConfig {
+            uds_path: uds.clone(),
+            cid: 3,
+        }),
+        console: Console::File(dir.join("console")),
+    };
+    let vm = Vm::boot(&config).expect("boot");
+    let stopper = vm.stopper();
+    let vm_thread = std::thread::spawn(move || vm.wait());
+    let console = || std::fs::read_to_string(dir.join("console")).unwrap_or_default();
+
+    let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| {
+            stopper.stop();
+            panic!("{e}\nconsole:\n{}", console())
+        });
+    let info = agent.check(ctx(), &CheckRequest::new()).await.unwrap();
+    assert_eq!(info.pid, 1, "the agent is PID 1 of the guest");
+    agent
+        .create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                hostname: "shoal-pod".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // A container's output and exit code travel back over vsock.
+    let out = stream(&uds, "c1-out");
+    let req = CreateContainerRequest {
+        container_id: "c1".into(),
+        spec_json: spec(&["sh", "-c", "echo hello from $(hostname); exit 7"]),
+        rootfs: "/rootfs/busybox".into(),
+        stdio: Some(Stdio {
+            stdout: "c1-out".into(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    agent
+        .create_container(ctx(), &req)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\nconsole:\n{}", console()));
+    agent
+        .start_container(
+            ctx(),
+            &ContainerRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut out = out;
+        out.read_to_string(&mut text).unwrap();
+        text
+    });
+    let wait = agent
+        .wait_process(
+            ctx(),
+            &ProcessRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(wait.exit_status, 7);
+    let text = reader.join().unwrap();
+    // The spec's UTS namespace gets the spec's hostname (none): the container sees its own.
+    assert!(text.starts_with("hello from "), "{text:?}");
+    agent
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // Stdin goes in, output comes out, closing stdin ends the process.
+    let input = stream(&uds, "c2-in");
+    let out = stream(&uds, "c2-out");
+    let req = CreateContainerRequest {
+        container_id: "c2".into(),
+        spec_json: spec(&["cat"]),
+        rootfs: "/rootfs/busybox".into(),
+        stdio: Some(Stdio {
+            stdin: "c2-in".into(),
+            stdout: "c2-out".into(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &req).await.unwrap();
+    agent
+        .start_container(
+            ctx(),
+            &ContainerRequest {
+                container_id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut input = input;
+    input.write_all(b"piped through cat\n").unwrap();
+    input.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    let mut out = out;
+    out.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "piped through cat\n");
+    let wait = agent
+        .wait_process(
+            ctx(),
+            &ProcessRequest {
+                container_id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(wait.exit_status, 0);
+
+    // Shutdown stops what is left and powers the VM off cleanly.
+    agent.shutdown(ctx(), &Empty::new()).await.unwrap();
+    let reason = vm_thread.join().unwrap();
+    assert_eq!(reason, ExitReason::Reboot, "console:\n{}", console());
+    assert!(!uds.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
