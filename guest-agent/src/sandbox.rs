@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::cgroup;
 use crate::error::{validate_id, AgentError, Result};
 use crate::reaper::{ExitStatus, Reaper};
-use crate::stdio::{ProcessIo, StreamRegistry, Tokens};
+use crate::stdio::{ConsoleReceiver, ProcessIo, StreamRegistry, Tokens};
 
 /// One process the agent started (a container's init or an exec).
 pub struct Process {
@@ -54,6 +54,13 @@ impl Process {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .close_stdin();
+    }
+
+    pub fn resize(&self, width: u16, height: u16) -> Result<()> {
+        self.io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(width, height)
     }
 }
 
@@ -184,9 +191,6 @@ impl Sandbox {
         stdio: StdioRequest,
     ) -> Result<i32> {
         validate_id(id)?;
-        if stdio.terminal {
-            return Err(AgentError::Unsupported("a terminal (tty) for a process"));
-        }
         if self
             .containers
             .lock()
@@ -232,11 +236,18 @@ impl Sandbox {
             .map_err(|e| AgentError::InvalidSpec(e.to_string()))
             .map_err(cleanup_bundle)?;
 
+        let console = stdio
+            .terminal
+            .then(|| ConsoleReceiver::listen(&bundle.join("console.sock")))
+            .transpose()
+            .map_err(cleanup_bundle)?;
+        let console_path = console.as_ref().map(|c| c.path().to_path_buf());
         let (mut io, child, outputs) =
-            ProcessIo::prepare(&self.streams, tokens(&stdio)).map_err(cleanup_bundle)?;
+            ProcessIo::prepare(&self.streams, tokens(&stdio), console).map_err(cleanup_bundle)?;
         let container = {
             let _fork = self.reaper.fork_lock();
             self.builder(id, child)
+                .map(|b| b.with_console_socket(console_path.as_ref()))
                 .and_then(|b| {
                     b.validate_id()
                         .map_err(|source| AgentError::Runtime {
@@ -259,7 +270,7 @@ impl Sandbox {
         };
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
         let exit = self.reaper.watch(pid);
-        io.start(outputs);
+        io.start(outputs)?;
         let init = Arc::new(Process {
             pid,
             exit,
@@ -307,9 +318,6 @@ impl Sandbox {
         stdio: StdioRequest,
     ) -> Result<i32> {
         validate_id(exec_id)?;
-        if stdio.terminal {
-            return Err(AgentError::Unsupported("a terminal (tty) for a process"));
-        }
         let entry = self.entry(id)?;
         if entry
             .processes
@@ -342,11 +350,17 @@ impl Sandbox {
         std::fs::write(&path, json)
             .map_err(|e| AgentError::io(format!("write {}", path.display()), e))?;
 
-        let (mut io, child, outputs) = ProcessIo::prepare(&self.streams, tokens(&stdio))?;
+        let console = stdio
+            .terminal
+            .then(|| ConsoleReceiver::listen(&entry.bundle.join(format!("console-{exec_id}.sock"))))
+            .transpose()?;
+        let console_path = console.as_ref().map(|c| c.path().to_path_buf());
+        let (mut io, child, outputs) = ProcessIo::prepare(&self.streams, tokens(&stdio), console)?;
         let pid = {
             let _fork = self.reaper.fork_lock();
             self.builder(id, child).and_then(|b| {
-                b.as_tenant()
+                b.with_console_socket(console_path.as_ref())
+                    .as_tenant()
                     .with_process(Some(&path))
                     .with_detach(true)
                     .build()
@@ -359,7 +373,7 @@ impl Sandbox {
         };
         let _ = std::fs::remove_file(&path);
         let exit = self.reaper.watch(pid.as_raw());
-        io.start(outputs);
+        io.start(outputs)?;
         let proc = Arc::new(Process {
             pid: pid.as_raw(),
             exit,

@@ -9,7 +9,7 @@ use shoal_agent_api::agent_ttrpc::Agent;
 use tokio::sync::Notify;
 use ttrpc::r#async::TtrpcContext;
 
-use crate::error::{AgentError, Result};
+use crate::error::Result;
 use crate::sandbox::{Sandbox, StdioRequest};
 
 /// The agent service.
@@ -135,15 +135,11 @@ impl Agent for AgentService {
         })
     }
 
-    async fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: ResizePtyRequest,
-    ) -> ttrpc::Result<Empty> {
-        Err(
-            AgentError::Unsupported("resizing a terminal (tty processes are not supported yet)")
-                .into(),
-        )
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let proc = self.sandbox.process(&req.container_id, &req.exec_id)?;
+        let clamp = |v: u32| v.min(u32::from(u16::MAX)) as u16;
+        proc.resize(clamp(req.width), clamp(req.height))?;
+        Ok(Empty::new())
     }
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {

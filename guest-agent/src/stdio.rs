@@ -11,7 +11,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -156,10 +156,96 @@ pub struct ProcessIo {
     stdin: Arc<Mutex<Option<File>>>,
     stdin_stream: Option<Stream>,
     outputs: Vec<JoinHandle<()>>,
+    /// The pty master of a terminal process (for resizing).
+    pty: Option<File>,
 }
 
-/// Output pipes (read ends) and the streams they are copied to, once the process runs.
-pub type PendingOutputs = Vec<(File, Stream)>;
+/// What still has to be wired once the process exists.
+pub enum PendingOutputs {
+    /// Output pipes (read ends) and the streams they are copied to.
+    Pipes(Vec<(File, Stream)>),
+    /// A terminal: the pty master arrives on the console socket; its output goes to `stdout`.
+    Tty {
+        console: ConsoleReceiver,
+        stdout: Option<Stream>,
+    },
+}
+
+/// Receives the pty master that libcontainer sends over a console socket (SCM_RIGHTS).
+pub struct ConsoleReceiver {
+    path: PathBuf,
+    handle: JoinHandle<io::Result<OwnedFd>>,
+}
+
+/// How long the container may take to send its terminal.
+const CONSOLE_WAIT: Duration = Duration::from_secs(30);
+
+impl ConsoleReceiver {
+    /// Listens on `path` for the console fd in a background thread.
+    pub fn listen(path: &Path) -> Result<ConsoleReceiver> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .map_err(|e| AgentError::io(format!("bind console socket {}", path.display()), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| AgentError::io("console socket", e))?;
+        let handle = std::thread::Builder::new()
+            .name("console".into())
+            .stack_size(PUMP_STACK)
+            .spawn(move || receive_console(listener))
+            .map_err(|e| AgentError::io("start the console thread", e))?;
+        Ok(ConsoleReceiver {
+            path: path.into(),
+            handle,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pty master, once received.
+    pub fn finish(self) -> Result<OwnedFd> {
+        let result = self
+            .handle
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("console thread panicked")));
+        let _ = std::fs::remove_file(&self.path);
+        result.map_err(|e| AgentError::io("receive the container's terminal", e))
+    }
+}
+
+fn receive_console(listener: UnixListener) -> io::Result<OwnedFd> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let deadline = Instant::now() + CONSOLE_WAIT;
+    let conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(CONSOLE_WAIT))?;
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut data = [0u8; 4096];
+    let mut iov = [io::IoSliceMut::new(&mut data)];
+    recvmsg(&conn, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            if let Some(fd) = fds.next() {
+                return Ok(fd);
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "console socket message carried no file descriptor",
+    ))
+}
 
 /// The process's ends of its stdio, handed to libcontainer.
 pub struct ChildStdio {
@@ -191,9 +277,12 @@ pub struct Tokens<'a> {
 
 impl ProcessIo {
     /// Claims the process's streams and builds the pipes; copying starts with [`ProcessIo::start`].
+    /// With `console`, the process gets a terminal: its output goes to the stdout stream and
+    /// the stderr token is not used.
     pub fn prepare(
         registry: &StreamRegistry,
         tokens: Tokens<'_>,
+        console: Option<ConsoleReceiver>,
     ) -> Result<(ProcessIo, ChildStdio, PendingOutputs)> {
         let claim = |t: &str| {
             if t.is_empty() {
@@ -202,6 +291,29 @@ impl ProcessIo {
                 registry.claim(t, STREAM_WAIT).map(Some)
             }
         };
+        if let Some(console) = console {
+            let (stdin_s, stdout_s) = (claim(tokens.stdin)?, claim(tokens.stdout)?);
+            // The terminal replaces stdio inside the container; these only fill the slots.
+            let child = ChildStdio {
+                stdin: dev_null(false)?.into(),
+                stdout: dev_null(true)?.into(),
+                stderr: dev_null(true)?.into(),
+            };
+            let io = ProcessIo {
+                stdin: Arc::new(Mutex::new(None)),
+                stdin_stream: stdin_s,
+                outputs: Vec::new(),
+                pty: None,
+            };
+            return Ok((
+                io,
+                child,
+                PendingOutputs::Tty {
+                    console,
+                    stdout: stdout_s,
+                },
+            ));
+        }
         let (stdin_s, stdout_s, stderr_s) = (
             claim(tokens.stdin)?,
             claim(tokens.stdout)?,
@@ -232,17 +344,33 @@ impl ProcessIo {
             stdin: Arc::new(Mutex::new(host_in)),
             stdin_stream: stdin_s,
             outputs: Vec::new(),
+            pty: None,
         };
         let child = ChildStdio {
             stdin: child_in.into(),
             stdout: child_out.into(),
             stderr: child_err.into(),
         };
-        Ok((io, child, pending))
+        Ok((io, child, PendingOutputs::Pipes(pending)))
     }
 
     /// Starts the copy threads (after the process exists, so its pipe ends are closed here).
-    pub fn start(&mut self, outputs: PendingOutputs) {
+    pub fn start(&mut self, pending: PendingOutputs) -> Result<()> {
+        let outputs = match pending {
+            PendingOutputs::Pipes(outputs) => outputs,
+            PendingOutputs::Tty { console, stdout } => {
+                let master = File::from(console.finish()?);
+                let clone = |f: &File| {
+                    f.try_clone()
+                        .map_err(|e| AgentError::io("duplicate the pty master", e))
+                };
+                *self.stdin.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone(&master)?);
+                self.pty = Some(clone(&master)?);
+                // Reading a pty master fails with EIO once the terminal's last user is gone:
+                // io::copy ends there, which is this stream's end of file.
+                stdout.map(|s| vec![(master, s)]).unwrap_or_default()
+            }
+        };
         for (mut pipe, mut stream) in outputs {
             let spawned = std::thread::Builder::new()
                 .name("stdio-out".into())
@@ -276,6 +404,24 @@ impl ProcessIo {
                     stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
                 });
         }
+        Ok(())
+    }
+
+    /// Sets the terminal size of a terminal process.
+    pub fn resize(&self, width: u16, height: u16) -> Result<()> {
+        let Some(pty) = &self.pty else {
+            return Err(AgentError::Unsupported(
+                "resizing a process without a terminal",
+            ));
+        };
+        let size = rustix::termios::Winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(pty, size)
+            .map_err(|e| AgentError::io("set the terminal size", e.into()))
     }
 
     /// Closes the process's stdin now.

@@ -541,3 +541,64 @@ async fn agent_host_bad_requests_get_clear_errors() {
     // The agent is still healthy after all that.
     a.client.check(ctx(), &CheckRequest::new()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_terminal_and_resize() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("tty").await;
+    let rootfs = a.rootfs("rootfs");
+    let id = "tty1";
+    let mut s = spec(&["sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; sleep 2; stty size; read line; echo got $line; exit 5"]);
+    let mut process = s.process().clone().unwrap();
+    process.set_terminal(Some(true));
+    s.set_process(Some(process));
+    let input = a.stream("tty1-in");
+    let out = a.stream("tty1-out");
+    let tty = Stdio {
+        stdin: "tty1-in".into(),
+        stdout: "tty1-out".into(),
+        terminal: true,
+        ..Default::default()
+    };
+    create(&a, id, &s, &rootfs, tty).await.unwrap();
+    a.client.start_container(ctx(), &creq(id)).await.unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    a.client
+        .resize_pty(
+            ctx(),
+            &ResizePtyRequest {
+                container_id: id.into(),
+                width: 100,
+                height: 40,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut input = input;
+    input.write_all(b"typed\n").unwrap();
+    let status = a
+        .client
+        .wait_process(ctx(), &preq(id, ""))
+        .await
+        .unwrap()
+        .exit_status;
+    let text = reader.join().unwrap().replace('\r', "");
+    assert_eq!(status, 5, "{text}");
+    assert!(text.contains("is-a-tty\n"), "{text:?}");
+    assert!(text.contains("40 100\n"), "{text:?}");
+    assert!(text.contains("got typed\n"), "{text:?}");
+    // A process without a terminal cannot be resized.
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
