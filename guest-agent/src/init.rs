@@ -75,39 +75,42 @@ pub fn prepare_cgroups() -> Result<()> {
     Ok(())
 }
 
-/// Hostname and resolv.conf for the pod (the guest is the pod's own machine).
-pub fn configure_sandbox(
-    hostname: &str,
-    dns_servers: &[String],
-    dns_search: &[String],
-) -> Result<()> {
-    if !hostname.is_empty() {
-        if hostname.len() > 64
-            || !hostname
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+/// Sets the guest's hostname (the guest is the pod's own machine).
+pub fn set_hostname(hostname: &str) -> Result<()> {
+    if hostname.len() > 64
+        || !hostname
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(AgentError::InvalidSpec(format!(
+            "invalid hostname {hostname:?}"
+        )));
+    }
+    nix::unistd::sethostname(hostname)
+        .map_err(|e| AgentError::sys(format!("set hostname {hostname}"), e))
+}
+
+/// resolv.conf text for the pod's DNS settings.
+pub fn resolv_conf(dns_servers: &[String], dns_search: &[String]) -> Result<String> {
+    let mut text = String::new();
+    for s in dns_servers {
+        if s.parse::<std::net::IpAddr>().is_err() {
+            return Err(AgentError::InvalidSpec(format!("invalid DNS server {s:?}")));
+        }
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    if !dns_search.is_empty() {
+        if dns_search
+            .iter()
+            .any(|d| d.is_empty() || d.contains(char::is_whitespace))
         {
             return Err(AgentError::InvalidSpec(format!(
-                "invalid hostname {hostname:?}"
+                "invalid DNS search list {dns_search:?}"
             )));
         }
-        nix::unistd::sethostname(hostname)
-            .map_err(|e| AgentError::sys(format!("set hostname {hostname}"), e))?;
+        text.push_str(&format!("search {}\n", dns_search.join(" ")));
     }
-    if !dns_servers.is_empty() || !dns_search.is_empty() {
-        let mut text = String::new();
-        for s in dns_servers {
-            text.push_str(&format!("nameserver {s}\n"));
-        }
-        if !dns_search.is_empty() {
-            text.push_str(&format!("search {}\n", dns_search.join(" ")));
-        }
-        std::fs::create_dir_all("/run/shoal")
-            .map_err(|e| AgentError::io("create /run/shoal", e))?;
-        std::fs::write("/run/shoal/resolv.conf", text)
-            .map_err(|e| AgentError::io("write /run/shoal/resolv.conf", e))?;
-    }
-    Ok(())
+    Ok(text)
 }
 
 /// Syncs and reboots the VM (the VMM turns a guest reboot into a clean exit).

@@ -86,6 +86,9 @@ pub struct Sandbox {
     streams: StreamRegistry,
     containers: Mutex<HashMap<String, Arc<ContainerEntry>>>,
     ooms: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    /// The pod's resolv.conf once CreateSandbox set DNS.
+    resolv_conf: Mutex<Option<PathBuf>>,
+    state_dir: PathBuf,
     /// pivot_root cannot leave an initramfs (the kernel's rootfs cannot be unmounted); there
     /// containers get their root by moving it over / and chroot instead. The VM is the
     /// isolation boundary either way.
@@ -131,6 +134,8 @@ impl Sandbox {
             containers: Mutex::new(HashMap::new()),
             ooms: Arc::new((Mutex::new(VecDeque::new()), Condvar::new())),
             no_pivot: root_is_initramfs(),
+            resolv_conf: Mutex::new(None),
+            state_dir: state_dir.to_path_buf(),
         });
         if sandbox.no_pivot {
             tracing::info!("root is an initramfs: containers use chroot instead of pivot_root");
@@ -224,6 +229,15 @@ impl Sandbox {
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(cgroup::cgroups_path(id)));
         spec.set_linux(Some(linux));
+        self.join_pod_namespaces(&mut spec)?;
+        if let Some(resolv) = self
+            .resolv_conf
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
+            add_resolv_conf(&mut spec, resolv);
+        }
 
         let bundle = self.bundles.join(id);
         std::fs::create_dir_all(&bundle)
@@ -552,6 +566,93 @@ impl Sandbox {
                 }
             });
     }
+}
+
+/// CRI annotations naming a container's role in its pod.
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+impl Sandbox {
+    /// Pod-wide settings: the guest's hostname (guest only) and DNS for every container.
+    pub fn configure(
+        &self,
+        hostname: &str,
+        dns_servers: &[String],
+        dns_search: &[String],
+        set_hostname: bool,
+    ) -> Result<()> {
+        if !hostname.is_empty() && set_hostname {
+            crate::init::set_hostname(hostname)?;
+        }
+        if !dns_servers.is_empty() || !dns_search.is_empty() {
+            let text = crate::init::resolv_conf(dns_servers, dns_search)?;
+            let path = self.state_dir.join("resolv.conf");
+            std::fs::write(&path, text)
+                .map_err(|e| AgentError::io(format!("write {}", path.display()), e))?;
+            *self.resolv_conf.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        }
+        Ok(())
+    }
+
+    /// A CRI pod's containers join the namespaces of its sandbox (pause) container. CRI fills
+    /// the spec with paths of host processes, which mean nothing in the guest; they are
+    /// pointed at the sandbox container's init process here instead.
+    fn join_pod_namespaces(&self, spec: &mut Spec) -> Result<()> {
+        use oci_spec::runtime::LinuxNamespaceType as Ns;
+        let Some(annotations) = spec.annotations().clone() else {
+            return Ok(());
+        };
+        if annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("container") {
+            return Ok(());
+        }
+        let Some(sandbox_id) = annotations.get(CRI_SANDBOX_ID) else {
+            return Err(AgentError::InvalidSpec(format!(
+                "{CRI_CONTAINER_TYPE}=container without {CRI_SANDBOX_ID}"
+            )));
+        };
+        let pod = self.process(sandbox_id, "").map_err(|_| {
+            AgentError::InvalidSpec(format!(
+                "pod sandbox container {sandbox_id} does not exist in this VM"
+            ))
+        })?;
+        if pod.exit_status().is_some() {
+            return Err(AgentError::InvalidSpec(format!(
+                "pod sandbox container {sandbox_id} has exited"
+            )));
+        }
+        let Some(mut linux) = spec.linux().clone() else {
+            return Ok(());
+        };
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        for ns in namespaces.iter_mut() {
+            let name = match ns.typ() {
+                Ns::Network => "net",
+                Ns::Ipc => "ipc",
+                Ns::Uts => "uts",
+                Ns::Pid => "pid",
+                _ => continue,
+            };
+            if ns.path().is_some() {
+                ns.set_path(Some(PathBuf::from(format!("/proc/{}/ns/{name}", pod.pid))));
+            }
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        Ok(())
+    }
+}
+
+/// With pod DNS configured (CreateSandbox), containers see it as /etc/resolv.conf.
+fn add_resolv_conf(spec: &mut Spec, source: &Path) {
+    let mut mounts: Vec<_> = spec.mounts().clone().unwrap_or_default();
+    mounts.retain(|m| m.destination() != Path::new("/etc/resolv.conf"));
+    let mut m = oci_spec::runtime::Mount::default();
+    m.set_destination(PathBuf::from("/etc/resolv.conf"));
+    m.set_source(Some(source.to_path_buf()));
+    m.set_typ(Some("bind".into()));
+    m.set_options(Some(vec!["rbind".into(), "ro".into()]));
+    mounts.push(m);
+    spec.set_mounts(Some(mounts));
 }
 
 fn tokens(s: &StdioRequest) -> Tokens<'_> {

@@ -56,8 +56,16 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        let sb = self.sandbox.clone();
+        // Only PID 1 of a VM owns its machine's hostname; an agent on a host leaves it alone.
+        let set_hostname = std::process::id() == 1;
         blocking(move || {
-            crate::init::configure_sandbox(&req.hostname, &req.dns_servers, &req.dns_search)
+            sb.configure(
+                &req.hostname,
+                &req.dns_servers,
+                &req.dns_search,
+                set_hostname,
+            )
         })
         .await?;
         Ok(Empty::new())

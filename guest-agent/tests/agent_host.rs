@@ -602,3 +602,101 @@ async fn agent_host_terminal_and_resize() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_pod_containers_share_the_sandbox_namespaces() {
+    use oci_spec::runtime::LinuxNamespaceType as Ns;
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("pod").await;
+    let rootfs = a.rootfs("rootfs");
+    let dns = CreateSandboxRequest {
+        dns_servers: vec!["10.0.0.10".into()],
+        dns_search: vec!["svc.local".into()],
+        ..Default::default()
+    };
+    a.client.create_sandbox(ctx(), &dns).await.unwrap();
+
+    let annotations = |kind: &str| {
+        std::collections::HashMap::from([
+            (
+                "io.kubernetes.cri.container-type".to_string(),
+                kind.to_string(),
+            ),
+            (
+                "io.kubernetes.cri.sandbox-id".to_string(),
+                "pod1".to_string(),
+            ),
+        ])
+    };
+    let mut pause = spec(&["sleep", "1000"]);
+    pause.set_hostname(Some("podhost".into()));
+    pause.set_annotations(Some(annotations("sandbox")));
+    create(&a, "pod1", &pause, &rootfs, stdio("", ""))
+        .await
+        .unwrap();
+    a.client
+        .start_container(ctx(), &creq("pod1"))
+        .await
+        .unwrap();
+
+    // CRI hands the app container paths of host processes; the agent points them at pod1.
+    let mut app = spec(&["sh", "-c", "hostname; cat /etc/resolv.conf"]);
+    app.set_annotations(Some(annotations("container")));
+    let mut linux = app.linux().clone().unwrap();
+    let mut namespaces = linux.namespaces().clone().unwrap();
+    for ns in namespaces.iter_mut() {
+        if matches!(ns.typ(), Ns::Uts | Ns::Network | Ns::Ipc) {
+            ns.set_path(Some(PathBuf::from("/proc/4194304/ns/host-path")));
+        }
+    }
+    linux.set_namespaces(Some(namespaces));
+    app.set_linux(Some(linux));
+    let out = a.stream("app-out");
+    create(&a, "app1", &app, &rootfs, stdio("app-out", ""))
+        .await
+        .unwrap();
+    a.client
+        .start_container(ctx(), &creq("app1"))
+        .await
+        .unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    assert_eq!(
+        a.client
+            .wait_process(ctx(), &preq("app1", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    assert_eq!(
+        reader.join().unwrap(),
+        "podhost\nnameserver 10.0.0.10\nsearch svc.local\n"
+    );
+
+    // A container of a pod this VM does not run is refused clearly.
+    let mut stray = spec(&["true"]);
+    let mut ann = annotations("container");
+    ann.insert("io.kubernetes.cri.sandbox-id".into(), "other-pod".into());
+    stray.set_annotations(Some(ann));
+    let err = create(&a, "stray", &stray, &rootfs, stdio("", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(format!("{err:?}").contains("other-pod"));
+
+    for id in ["app1", "pod1"] {
+        a.client
+            .remove_container(
+                ctx(),
+                &RemoveContainerRequest {
+                    container_id: id.into(),
+                    force: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+}
