@@ -69,7 +69,13 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
         // Container processes are reparented to the agent, which must reap them.
         nix::sys::prctl::set_child_subreaper(true).context("become a child subreaper")?;
     }
-    init::prepare_cgroups().context("cgroup v2 set-up")?;
+    match init::prepare_cgroups() {
+        Ok(()) => {}
+        // In a guest this is fatal; an agent on a host without cgroup v2 still answers, and
+        // container creation then fails with a message naming the cgroup problem.
+        Err(e) if pid1 => return Err(e).context("cgroup v2 set-up"),
+        Err(e) => tracing::warn!("cgroup v2 set-up: {e}; containers cannot be created here"),
+    }
     let reaper = Reaper::start().context("start the reaper")?;
     let streams = StreamRegistry::default();
     let address = match &listen {
