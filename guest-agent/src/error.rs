@@ -76,6 +76,35 @@ impl AgentError {
         }
     }
 
+    /// For `map_err`: libcontainer failed at `action` on container `id`.
+    pub fn runtime(
+        id: &str,
+        action: &'static str,
+    ) -> impl FnOnce(libcontainer::error::LibcontainerError) -> Self {
+        let id = id.to_string();
+        move |source| AgentError::Runtime {
+            id,
+            action,
+            source: Box::new(source),
+        }
+    }
+
+    /// Container `id` is in `state`, but `action` needs it `wanted`.
+    pub fn wrong_state(
+        id: &str,
+        state: libcontainer::container::ContainerStatus,
+        action: &'static str,
+        wanted: &'static str,
+    ) -> Self {
+        let state = format!("{state:?}").to_lowercase();
+        AgentError::WrongState {
+            id: id.into(),
+            state,
+            action,
+            wanted,
+        }
+    }
+
     fn code(&self) -> Code {
         match self {
             AgentError::NoSuchContainer(_) | AgentError::NoSuchProcess { .. } => Code::NOT_FOUND,

@@ -113,10 +113,6 @@ pub fn root_is_initramfs() -> bool {
     })
 }
 
-fn status_name(s: ContainerStatus) -> String {
-    format!("{s:?}").to_lowercase()
-}
-
 impl Sandbox {
     /// A sandbox keeping libcontainer state and bundles under `state_dir`.
     pub fn new(state_dir: &Path, reaper: Reaper, streams: StreamRegistry) -> Result<Arc<Sandbox>> {
@@ -175,11 +171,7 @@ impl Sandbox {
     fn builder(&self, id: &str, stdio: crate::stdio::ChildStdio) -> Result<ContainerBuilder> {
         ContainerBuilder::new(id.to_string(), SyscallType::default())
             .with_root_path(&self.state_root)
-            .map_err(|source| AgentError::Runtime {
-                id: id.into(),
-                action: "prepare",
-                source: Box::new(source),
-            })
+            .map_err(AgentError::runtime(id, "prepare"))
             .map(|b| {
                 b.with_stdin(stdio.stdin)
                     .with_stdout(stdio.stdout)
@@ -264,21 +256,13 @@ impl Sandbox {
                 .map(|b| b.with_console_socket(console_path.as_ref()))
                 .and_then(|b| {
                     b.validate_id()
-                        .map_err(|source| AgentError::Runtime {
-                            id: id.into(),
-                            action: "create",
-                            source: Box::new(source),
-                        })?
+                        .map_err(AgentError::runtime(id, "create"))?
                         .as_init(&bundle)
                         .with_no_pivot(self.no_pivot)
                         .with_systemd(false)
                         .with_detach(true)
                         .build()
-                        .map_err(|source| AgentError::Runtime {
-                            id: id.into(),
-                            action: "create",
-                            source: Box::new(source),
-                        })
+                        .map_err(AgentError::runtime(id, "create"))
                 })
                 .map_err(cleanup_bundle)?
         };
@@ -307,20 +291,11 @@ impl Sandbox {
         let entry = self.entry(id)?;
         let status = Self::refreshed_status(&entry);
         if status != ContainerStatus::Created {
-            return Err(AgentError::WrongState {
-                id: id.into(),
-                state: status_name(status),
-                action: "start",
-                wanted: "created",
-            });
+            return Err(AgentError::wrong_state(id, status, "start", "created"));
         }
         let _fork = self.reaper.fork_lock();
         let mut runtime = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
-        runtime.start().map_err(|source| AgentError::Runtime {
-            id: id.into(),
-            action: "start",
-            source: Box::new(source),
-        })
+        runtime.start().map_err(AgentError::runtime(id, "start"))
     }
 
     /// Starts an extra process in a running container.
@@ -351,12 +326,7 @@ impl Sandbox {
         }
         let status = Self::refreshed_status(&entry);
         if status != ContainerStatus::Running {
-            return Err(AgentError::WrongState {
-                id: id.into(),
-                state: status_name(status),
-                action: "exec",
-                wanted: "running",
-            });
+            return Err(AgentError::wrong_state(id, status, "exec", "running"));
         }
         let path = entry.bundle.join(format!("exec-{exec_id}.json"));
         let json =
@@ -378,11 +348,7 @@ impl Sandbox {
                     .with_process(Some(&path))
                     .with_detach(true)
                     .build()
-                    .map_err(|source| AgentError::Runtime {
-                        id: id.into(),
-                        action: "exec",
-                        source: Box::new(source),
-                    })
+                    .map_err(AgentError::runtime(id, "exec"))
             })?
         };
         let _ = std::fs::remove_file(&path);
@@ -426,11 +392,7 @@ impl Sandbox {
             let mut runtime = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
             return runtime
                 .kill(lc_sig, false)
-                .map_err(|source| AgentError::Runtime {
-                    id: id.into(),
-                    action: "kill",
-                    source: Box::new(source),
-                });
+                .map_err(AgentError::runtime(id, "kill"));
         }
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.pid), sig)
             .map_err(|e| AgentError::sys(format!("signal process {}", proc.pid), e))
@@ -440,22 +402,14 @@ impl Sandbox {
         let entry = self.entry(id)?;
         let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
         let _ = c.refresh_status();
-        c.pause().map_err(|source| AgentError::Runtime {
-            id: id.into(),
-            action: "pause",
-            source: Box::new(source),
-        })
+        c.pause().map_err(AgentError::runtime(id, "pause"))
     }
 
     pub fn resume(&self, id: &str) -> Result<()> {
         let entry = self.entry(id)?;
         let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
         let _ = c.refresh_status();
-        c.resume().map_err(|source| AgentError::Runtime {
-            id: id.into(),
-            action: "resume",
-            source: Box::new(source),
-        })
+        c.resume().map_err(AgentError::runtime(id, "resume"))
     }
 
     pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
@@ -480,21 +434,17 @@ impl Sandbox {
         let entry = self.entry(id)?;
         let status = Self::refreshed_status(&entry);
         if !force && matches!(status, ContainerStatus::Running | ContainerStatus::Paused) {
-            return Err(AgentError::WrongState {
-                id: id.into(),
-                state: status_name(status),
-                action: "remove",
-                wanted: "stopped (or force)",
-            });
+            return Err(AgentError::wrong_state(
+                id,
+                status,
+                "remove",
+                "stopped (or force)",
+            ));
         }
         {
             let _fork = self.reaper.fork_lock();
             let mut c = entry.runtime.lock().unwrap_or_else(|e| e.into_inner());
-            c.delete(true).map_err(|source| AgentError::Runtime {
-                id: id.into(),
-                action: "delete",
-                source: Box::new(source),
-            })?;
+            c.delete(true).map_err(AgentError::runtime(id, "delete"))?;
         }
         let _ = std::fs::remove_dir_all(&entry.bundle);
         self.containers

@@ -115,35 +115,39 @@ impl StreamRegistry {
     pub fn serve_unix(&self, path: &Path) -> io::Result<()> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        let registry = self.clone();
-        std::thread::Builder::new()
-            .name("stdio-accept".into())
-            .stack_size(PUMP_STACK)
-            .spawn(move || {
-                for conn in listener.incoming().flatten() {
-                    let r = registry.clone();
-                    let _ = std::thread::Builder::new()
-                        .stack_size(PUMP_STACK)
-                        .spawn(move || r.register(Stream::Unix(conn)));
-                }
-            })?;
-        Ok(())
+        self.serve(move || listener.accept().map(|(c, _)| Stream::Unix(c)))
     }
 
     /// Accepts stdio connections on a vsock port (guest mode) in a background thread.
     pub fn serve_vsock(&self, port: u32) -> io::Result<()> {
-        let listener =
-            vsock::VsockListener::bind(&vsock::VsockAddr::new(vsock::VMADDR_CID_ANY, port))?;
+        let addr = vsock::VsockAddr::new(vsock::VMADDR_CID_ANY, port);
+        let listener = vsock::VsockListener::bind(&addr)?;
+        self.serve(move || listener.accept().map(|(c, _)| Stream::Vsock(c)))
+    }
+
+    /// Runs `accept` in a loop; each new stream is registered on its own short thread, so
+    /// a client that never sends its line holds up no one.
+    fn serve(
+        &self,
+        mut accept: impl FnMut() -> io::Result<Stream> + Send + 'static,
+    ) -> io::Result<()> {
         let registry = self.clone();
         std::thread::Builder::new()
             .name("stdio-accept".into())
             .stack_size(PUMP_STACK)
-            .spawn(move || {
-                for conn in listener.incoming().flatten() {
-                    let r = registry.clone();
-                    let _ = std::thread::Builder::new()
-                        .stack_size(PUMP_STACK)
-                        .spawn(move || r.register(Stream::Vsock(conn)));
+            .spawn(move || loop {
+                match accept() {
+                    Ok(stream) => {
+                        let r = registry.clone();
+                        let _ = std::thread::Builder::new()
+                            .stack_size(PUMP_STACK)
+                            .spawn(move || r.register(stream));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!("stdio listener stopped: {e}");
+                        return;
+                    }
                 }
             })?;
         Ok(())

@@ -2,11 +2,13 @@
 //! `vmm/guest-test-init`). `scripts/test` builds both, passes them in `SHOAL_GUEST_KERNEL` and
 //! `SHOAL_TEST_INITRD`, and runs this file natively when the host's KVM can boot Linux, or
 //! inside the nested lab (`scripts/lab`) when it cannot.
+mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::Scratch;
 
 use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
 
@@ -30,24 +32,8 @@ fn artifacts() -> Option<(PathBuf, PathBuf)> {
     Some((kernel.into(), initrd.into()))
 }
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("shoal-guest-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("guest", name)
 }
 
 /// Connects to guest port `port` through the hybrid-vsock socket, retrying while the guest
@@ -85,7 +71,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
     let Some((kernel, initrd)) = artifacts() else {
         return;
     };
-    let dir = Scratch::new("vsock");
+    let dir = scratch("vsock");
     let uds = dir.path("vm.sock");
     let host_listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
 
@@ -179,7 +165,7 @@ fn boot_guest_cli_exits_zero_after_reboot() {
     let Some((kernel, initrd)) = artifacts() else {
         return;
     };
-    let dir = Scratch::new("cli");
+    let dir = scratch("cli");
     let uds = dir.path("cli.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
         .arg("--kernel")

@@ -1,8 +1,9 @@
 //! Native KVM tests with tiny guest payloads: they run on any /dev/kvm, including nested-PVM
 //! hosts where a full Linux guest cannot boot. Each payload is a minimal 64-bit ELF built
 //! here, loaded through the same path as a kernel.
-use std::path::PathBuf;
+mod support;
 use std::time::Duration;
+use support::Scratch;
 
 use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
 
@@ -76,24 +77,8 @@ fn reset() -> Vec<u8> {
     vec![0xb0, 0xfe, 0xe6, 0x64, 0xf4] // mov al, 0xfe; out 0x64, al; hlt
 }
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("shoal-payload-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(name: &str) -> Scratch {
+    Scratch::new("payload", name)
 }
 
 fn config(dir: &Scratch, code: &[u8]) -> VmConfig {
@@ -122,7 +107,7 @@ fn serial_output_and_i8042_reset() {
     if !kvm_available() {
         return;
     }
-    let dir = Scratch::new("serial");
+    let dir = scratch("serial");
     let mut code = print(b"hello from a tiny guest\n");
     code.extend(reset());
     let vm = Vm::boot(&config(&dir, &code)).expect("boot");
@@ -140,7 +125,7 @@ fn mmio_exits_reach_the_virtio_transport() {
     if !kvm_available() {
         return;
     }
-    let dir = Scratch::new("mmio");
+    let dir = scratch("mmio");
     // mov rcx, 0xd0000000; mov eax, [rcx]; cmp eax, "virt"; jne +3; print 'M'
     let mut code = vec![0x48, 0xb9, 0x00, 0x00, 0x00, 0xd0, 0, 0, 0, 0];
     code.extend_from_slice(&[0x8b, 0x01]);
@@ -207,7 +192,7 @@ fn host_stop_of_a_spinning_guest_leaves_nothing_behind() {
     if !kvm_available() {
         return;
     }
-    let dir = Scratch::new("stop");
+    let dir = scratch("stop");
     let mut code = print(b"spin\n");
     code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
     let mut cfg = config(&dir, &code);
@@ -247,7 +232,7 @@ fn bad_input_is_named_and_leaves_nothing() {
     if !kvm_available() {
         return;
     }
-    let dir = Scratch::new("bad");
+    let dir = scratch("bad");
     let good = config(&dir, &reset());
     let fds = fd_count();
 
@@ -320,7 +305,7 @@ fn cli_exit_status_follows_the_guest() {
     if !kvm_available() {
         return;
     }
-    let dir = Scratch::new("cli");
+    let dir = scratch("cli");
     let kernel = dir.path("payload.elf");
     let mut code = print(b"cli\n");
     code.extend(reset());
@@ -353,7 +338,7 @@ fn a_vcpu_failure_ends_the_vm_with_an_error() {
     if !kvm_available() {
         return;
     }
-    let dir = Scratch::new("error");
+    let dir = scratch("error");
     // Jump into the MMIO gap where no device and no RAM is: KVM cannot fetch instructions
     // there and stops the vCPU with an internal error.
     let mut code = print(b"jumping\n");

@@ -178,7 +178,7 @@ impl VirtioDevice for Vsock {
 
 #[cfg(test)]
 mod tests {
-    use super::packet::{Header, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM};
+    use super::packet::{header_bytes, Header, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM};
     use super::*;
     use std::io::Read;
     use std::os::unix::net::UnixListener;
@@ -191,21 +191,6 @@ mod tests {
 
     fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    }
-
-    fn header_bytes(h: &Header, len: u32) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&h.src_cid.to_le_bytes());
-        b.extend_from_slice(&h.dst_cid.to_le_bytes());
-        b.extend_from_slice(&h.src_port.to_le_bytes());
-        b.extend_from_slice(&h.dst_port.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-        b.extend_from_slice(&h.type_.to_le_bytes());
-        b.extend_from_slice(&h.op.to_le_bytes());
-        b.extend_from_slice(&h.flags.to_le_bytes());
-        b.extend_from_slice(&h.buf_alloc.to_le_bytes());
-        b.extend_from_slice(&h.fwd_cnt.to_le_bytes());
-        b
     }
 
     /// Drives the device through its queues in real guest memory: a guest connection request

@@ -147,6 +147,23 @@ where
     Ok((header_len + n as u32, pkt.data[n..].to_vec()))
 }
 
+/// A vsock header as the driver lays it out in memory (for tests that play the driver).
+#[cfg(test)]
+pub(crate) fn header_bytes(h: &Header, len: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(44);
+    b.extend_from_slice(&h.src_cid.to_le_bytes());
+    b.extend_from_slice(&h.dst_cid.to_le_bytes());
+    b.extend_from_slice(&h.src_port.to_le_bytes());
+    b.extend_from_slice(&h.dst_port.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(&h.type_.to_le_bytes());
+    b.extend_from_slice(&h.op.to_le_bytes());
+    b.extend_from_slice(&h.flags.to_le_bytes());
+    b.extend_from_slice(&h.buf_alloc.to_le_bytes());
+    b.extend_from_slice(&h.fwd_cnt.to_le_bytes());
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,22 +175,6 @@ mod tests {
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn raw_header(h: &Header) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&h.src_cid.to_le_bytes());
-        b.extend_from_slice(&h.dst_cid.to_le_bytes());
-        b.extend_from_slice(&h.src_port.to_le_bytes());
-        b.extend_from_slice(&h.dst_port.to_le_bytes());
-        b.extend_from_slice(&(0u32).to_le_bytes()); // len, patched by caller
-        b.extend_from_slice(&h.type_.to_le_bytes());
-        b.extend_from_slice(&h.op.to_le_bytes());
-        b.extend_from_slice(&h.flags.to_le_bytes());
-        b.extend_from_slice(&h.buf_alloc.to_le_bytes());
-        b.extend_from_slice(&h.fwd_cnt.to_le_bytes());
-        assert_eq!(b.len(), PKT_HEADER_SIZE);
-        b
     }
 
     fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
@@ -194,7 +195,7 @@ mod tests {
             buf_alloc: 65536,
             fwd_cnt: 17,
         };
-        let mut raw = raw_header(&hdr);
+        let mut raw = header_bytes(&hdr, 0);
         raw[24..28].copy_from_slice(&5u32.to_le_bytes());
         m.write_slice(&raw, GuestAddress(0x4000)).unwrap();
         m.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
@@ -236,7 +237,7 @@ mod tests {
             type_: TYPE_STREAM,
             ..Default::default()
         };
-        let mut raw = raw_header(&hdr);
+        let mut raw = header_bytes(&hdr, 0);
         raw[24..28].copy_from_slice(&100u32.to_le_bytes());
         m.write_slice(&raw, GuestAddress(0x4000)).unwrap();
         let mut chain = q
