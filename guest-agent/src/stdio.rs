@@ -25,6 +25,13 @@ pub enum Stream {
 }
 
 impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Vsock(s) => Stream::Vsock(s.try_clone()?),
+        })
+    }
+
     fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(how),
@@ -159,6 +166,8 @@ pub struct ProcessIo {
     /// Write end of the process's stdin pipe; dropping it is end-of-file for the process.
     stdin: Arc<Mutex<Option<File>>>,
     stdin_stream: Option<Stream>,
+    /// A handle on the stdin stream to stop its copy thread (CloseStdin, process exit).
+    stdin_control: Option<Stream>,
     outputs: Vec<JoinHandle<()>>,
     /// The pty master of a terminal process (for resizing).
     pty: Option<File>,
@@ -306,6 +315,7 @@ impl ProcessIo {
             let io = ProcessIo {
                 stdin: Arc::new(Mutex::new(None)),
                 stdin_stream: stdin_s,
+                stdin_control: None,
                 outputs: Vec::new(),
                 pty: None,
             };
@@ -347,6 +357,7 @@ impl ProcessIo {
         let io = ProcessIo {
             stdin: Arc::new(Mutex::new(host_in)),
             stdin_stream: stdin_s,
+            stdin_control: None,
             outputs: Vec::new(),
             pty: None,
         };
@@ -388,6 +399,7 @@ impl ProcessIo {
             }
         }
         if let Some(mut stream) = self.stdin_stream.take() {
+            self.stdin_control = stream.try_clone().ok();
             let stdin = self.stdin.clone();
             let _ = std::thread::Builder::new()
                 .name("stdio-in".into())
@@ -431,13 +443,18 @@ impl ProcessIo {
     /// Closes the process's stdin now.
     pub fn close_stdin(&self) {
         self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(s) = &self.stdin_control {
+            s.shutdown(Shutdown::Read);
+        }
     }
 
-    /// Waits until all output has been copied out (blocking).
+    /// Waits until all output has been copied out (blocking), then stops the stdin copy:
+    /// nobody reads it any more.
     pub fn drain(&mut self) {
         for h in self.outputs.drain(..) {
             let _ = h.join();
         }
+        self.close_stdin();
     }
 }
 

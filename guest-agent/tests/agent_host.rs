@@ -220,10 +220,152 @@ async fn agent_host_echo_exit_code_and_cleanup() {
     assert_eq!((out.as_str(), status), ("hello from a container\n", 0));
     let (_, status) = run(&a, "exit7", &["sh", "-c", "exit 7"]).await;
     assert_eq!(status, 7);
-    // Removal leaves no cgroup, bundle or container state.
+    // Removal leaves no cgroup, bundle, container state, mount or process.
     assert!(!Path::new("/sys/fs/cgroup/shoal/echo1").exists());
     assert!(!a.dir.join("state/bundles/echo1").exists());
     assert!(!a.dir.join("state/containers/echo1").exists());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("rootfs-echo1"),
+        "a mount of the container is left:\n{mounts}"
+    );
+    let children: String = std::fs::read_dir(format!("/proc/{}/task", a.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .collect();
+    assert!(
+        children.trim().is_empty(),
+        "the agent still has children: {children}"
+    );
+
+    // A spec without a process is refused with a message saying so.
+    let mut partial = spec(&["true"]);
+    partial.set_process(None);
+    let err = create(
+        &a,
+        "partial",
+        &partial,
+        &a.rootfs("rootfs-partial"),
+        stdio("", ""),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code_of(&err), ttrpc::Code::INVALID_ARGUMENT);
+    assert!(format!("{err:?}").contains("no process"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_close_stdin_and_stats_under_load() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("stdin").await;
+    let rootfs = a.rootfs("rootfs");
+    // CloseStdin ends `cat` while the host side of the stream stays open.
+    let _input = a.stream("cat-in");
+    let out = a.stream("cat-out");
+    let io = Stdio {
+        stdin: "cat-in".into(),
+        stdout: "cat-out".into(),
+        ..Default::default()
+    };
+    create(&a, "cat1", &spec(&["cat"]), &rootfs, io)
+        .await
+        .unwrap();
+    a.client
+        .start_container(ctx(), &creq("cat1"))
+        .await
+        .unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    a.client
+        .close_stdin(ctx(), &preq("cat1", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.client
+            .wait_process(ctx(), &preq("cat1", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    assert_eq!(reader.join().unwrap(), "");
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: "cat1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // CPU statistics grow while the container works.
+    create(
+        &a,
+        "busy",
+        &spec(&["sleep", "1000"]),
+        &rootfs,
+        stdio("", ""),
+    )
+    .await
+    .unwrap();
+    a.client
+        .start_container(ctx(), &creq("busy"))
+        .await
+        .unwrap();
+    let before = a
+        .client
+        .stats_container(ctx(), &creq("busy"))
+        .await
+        .unwrap();
+    let process = ProcessBuilder::default()
+        .args(vec![
+            "sh".into(),
+            "-c".into(),
+            "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done".into(),
+        ])
+        .env(vec!["PATH=/bin".into()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    let req = ExecProcessRequest {
+        container_id: "busy".into(),
+        exec_id: "spin".into(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        ..Default::default()
+    };
+    a.client.exec_process(ctx(), &req).await.unwrap();
+    assert_eq!(
+        a.client
+            .wait_process(ctx(), &preq("busy", "spin"))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    let after = a
+        .client
+        .stats_container(ctx(), &creq("busy"))
+        .await
+        .unwrap();
+    assert!(
+        after.cpu_usage_usec > before.cpu_usage_usec + 1000,
+        "before {before:?}\nafter {after:?}"
+    );
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: "busy".into(),
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!Path::new("/sys/fs/cgroup/shoal/busy").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
