@@ -71,6 +71,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
             uds_path: uds.clone(),
             cid: 3,
         }),
+        disks: Vec::new(),
         console: Console::File(dir.join("console")),
     };
     let vm = Vm::boot(&config).expect("boot");

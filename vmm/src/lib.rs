@@ -50,8 +50,40 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Hybrid vsock: the host unix socket and the guest's CID.
     pub vsock: Option<VsockConfig>,
+    /// Disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
     /// Where the serial console goes.
     pub console: Console,
+}
+
+/// A virtio-blk disk backed by a host file or block device.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    /// `PATH` or `PATH,ro`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.rsplit_once(',') {
+            Some((path, "ro")) => Ok(DiskConfig {
+                path: path.into(),
+                read_only: true,
+            }),
+            Some((path, "rw")) => Ok(DiskConfig {
+                path: path.into(),
+                read_only: false,
+            }),
+            Some((_, opt)) => Err(format!("unknown disk option {opt:?} (use ro or rw)")),
+            None if s.is_empty() => Err("empty disk path".into()),
+            None => Ok(DiskConfig {
+                path: s.into(),
+                read_only: false,
+            }),
+        }
+    }
 }
 
 /// Hybrid vsock settings.
@@ -71,6 +103,7 @@ impl VmConfig {
             memory_mib: 128,
             vcpus: 1,
             vsock: None,
+            disks: Vec::new(),
             console: Console::Sink,
         }
     }
@@ -98,6 +131,10 @@ pub enum Error {
     Vsock(#[from] virtio::vsock::MuxerError),
     #[error(transparent)]
     EventLoop(#[from] event_loop::EventLoopError),
+    #[error(transparent)]
+    Block(#[from] virtio::block::BlockError),
+    #[error("{0} virtio devices requested; at most {max} fit", max = layout::VIRTIO_MMIO_MAX_DEVICES)]
+    TooManyDevices(usize),
     #[error("vCPU count must be between 1 and {max}, got {got}")]
     VcpuCount { got: u8, max: u8 },
     #[error("vsock CID must be 3 or more (0-2 are reserved), got {0}")]
@@ -378,6 +415,15 @@ fn virtio_devices(
             &vsock.uds_path,
         )?));
     }
+    for disk in &config.disks {
+        devices.push(Box::new(virtio::block::Block::open(
+            &disk.path,
+            disk.read_only,
+        )?));
+    }
+    if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
+        return Err(Error::TooManyDevices(devices.len()));
+    }
     let (mut slots, mut loop_devices, mut cmdline) = (Vec::new(), Vec::new(), Vec::new());
     for (index, device) in devices.into_iter().enumerate() {
         let (base, size) = layout::virtio_mmio_window(index as u32);
@@ -429,4 +475,22 @@ fn virtio_devices(
         cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
     Ok((slots, loop_devices, cmdline))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiskConfig;
+
+    #[test]
+    fn disk_arguments() {
+        let d: DiskConfig = "/img/a.ext4".parse().unwrap();
+        assert_eq!(
+            (d.path.to_str().unwrap(), d.read_only),
+            ("/img/a.ext4", false)
+        );
+        let d: DiskConfig = "/img/b,ro".parse().unwrap();
+        assert_eq!((d.path.to_str().unwrap(), d.read_only), ("/img/b", true));
+        assert!("/img/c,rx".parse::<DiskConfig>().is_err());
+        assert!("".parse::<DiskConfig>().is_err());
+    }
 }

@@ -31,6 +31,9 @@ struct Args {
     /// Guest CID for vsock.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
+    /// A virtio-blk disk: `PATH` or `PATH,ro` (repeat for more; the guest sees vda, vdb, ...).
+    #[arg(long = "blk", value_name = "PATH[,ro]")]
+    disks: Vec<shoal_vmm::DiskConfig>,
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -66,6 +69,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
             uds_path,
             cid: args.vsock_cid,
         }),
+        disks: args.disks,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
     };
     let mut signals = signal_hook::iterator::Signals::new([

@@ -85,6 +85,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
             uds_path: uds.clone(),
             cid: 3,
         }),
+        disks: Vec::new(),
         console: Console::File(dir.path("console")),
     };
     let started = Instant::now();
@@ -197,4 +198,127 @@ fn boot_guest_cli_exits_zero_after_reboot() {
         "console:\n{console}"
     );
     assert!(!uds.exists());
+}
+
+/// Sends one command line to the test init and returns its one-line answer.
+fn ask(uds: &Path, line: &str, deadline: Instant) -> String {
+    let (mut s, mut r) = connect_guest(uds, GUEST_PORT, deadline);
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    r.read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
+}
+
+/// Boots a VM with `disk` as vda, runs `commands`, reboots; returns the answers.
+fn with_disk(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Scratch,
+    disk: &Path,
+    read_only: bool,
+    commands: &[&str],
+) -> Vec<String> {
+    let uds = dir.path("disk.sock");
+    let config = VmConfig {
+        kernel: kernel.into(),
+        initrd: Some(initrd.into()),
+        cmdline: "console=ttyS0 reboot=k panic=1".into(),
+        memory_mib: 128,
+        vcpus: 1,
+        vsock: Some(VsockConfig {
+            uds_path: uds.clone(),
+            cid: 3,
+        }),
+        disks: vec![shoal_vmm::DiskConfig {
+            path: disk.into(),
+            read_only,
+        }],
+        console: Console::File(dir.path("console")),
+    };
+    // The guest's first connection goes to host port 1234; answer it so it moves on.
+    let hello = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
+    let vm = Vm::boot(&config).expect("boot");
+    let stopper = vm.stopper();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(DEADLINE);
+        stopper.stop();
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let _ = hello.accept().unwrap();
+    let answers = commands.iter().map(|c| ask(&uds, c, deadline)).collect();
+    let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
+    s.write_all(b"reboot\n").unwrap();
+    assert_eq!(vm.wait(), ExitReason::Reboot);
+    drop(watchdog);
+    let _ = std::fs::remove_file(format!("{}_{HOST_PORT}", uds.display()));
+    answers
+}
+
+#[test]
+fn boot_guest_virtio_blk_ext4_survives_a_restart() {
+    let Some((kernel, initrd)) = artifacts() else {
+        return;
+    };
+    let dir = scratch("blk");
+    // Not on tmpfs, so the disk really uses O_DIRECT.
+    let image = PathBuf::from(format!(
+        "/var/tmp/shoal-blk-test-{}.img",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&image);
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image)
+        .status()
+        .expect("mkfs.ext4 (Debian e2fsprogs)");
+    assert!(mkfs.success());
+
+    let answers = with_disk(
+        &kernel,
+        &initrd,
+        &dir,
+        &image,
+        false,
+        &[
+            "mount /dev/vda /mnt ext4",
+            "write /mnt/hello.txt written through virtio-blk",
+            "sync",
+            "read /mnt/hello.txt",
+            "umount /mnt",
+        ],
+    );
+    let console = std::fs::read_to_string(dir.path("console")).unwrap_or_default();
+    assert_eq!(
+        answers,
+        ["ok", "ok", "ok", "written through virtio-blk", "ok"],
+        "console:\n{console}"
+    );
+
+    // A new VM over the same image sees the file; read-only disks refuse writes.
+    let answers = with_disk(
+        &kernel,
+        &initrd,
+        &dir,
+        &image,
+        true,
+        &[
+            "mount /dev/vda /mnt ext4",
+            "read /mnt/hello.txt",
+            "write /mnt/other.txt x",
+        ],
+    );
+    assert_eq!(
+        answers[0], "ok read-only",
+        "the guest sees a write-protected disk"
+    );
+    assert_eq!(answers[1], "written through virtio-blk");
+    assert!(
+        answers[2].starts_with("error"),
+        "read-only disk accepted a write: {answers:?}"
+    );
+    let _ = std::fs::remove_file(&image);
 }

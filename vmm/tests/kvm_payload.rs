@@ -289,6 +289,14 @@ fn bad_input_is_named_and_leaves_nothing() {
     assert!(e.contains("no-such-dir/v.sock"), "{e}");
 
     let mut c = good.clone();
+    c.disks = vec![shoal_vmm::DiskConfig {
+        path: dir.path("missing.img"),
+        read_only: false,
+    }];
+    let e = Vm::boot(&c).err().unwrap().to_string();
+    assert!(e.contains("missing.img") && e.contains("disk image"), "{e}");
+
+    let mut c = good.clone();
     c.vcpus = 0;
     assert!(Vm::boot(&c)
         .err()

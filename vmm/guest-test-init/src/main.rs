@@ -5,7 +5,9 @@
 //! 2. Connects to host vsock port 1234 and sends `hello from the guest over vsock\n`.
 //! 3. Serves vsock port 1024, one command line per connection:
 //!    `echo TEXT` → `TEXT\n`; `sink N` → reads N bytes, answers `got N SUM\n`;
-//!    `source N` → writes N bytes (byte i = i % 251), then closes; `reboot` → step 4.
+//!    `source N` → writes N bytes (byte i = i % 251), then closes; `mount DEV DIR FSTYPE`,
+//!    `write PATH TEXT`, `read PATH`, `sync`, `umount DIR` → `ok`/the text, or `error: ...`
+//!    (for disk tests); `reboot` → step 4.
 //! 4. Prints `SHOAL-TEST-INIT: rebooting`, syncs and reboots (the VMM then exits cleanly).
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -121,8 +123,57 @@ fn serve(out: &mut File) -> Result<(), Box<dyn std::error::Error>> {
                 let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
                 stream.write_all(&data)?;
             }
+            "mount" | "write" | "read" | "sync" | "umount" => {
+                let reply = match file_command(cmd, arg) {
+                    Ok(text) => text,
+                    Err(e) => format!("error: {e}"),
+                };
+                stream.write_all(format!("{reply}\n").as_bytes())?;
+            }
             "reboot" => return Ok(()),
             _ => stream.write_all(b"unknown command\n")?,
+        }
+    }
+}
+
+/// The disk-test commands; returns the reply line.
+fn file_command(cmd: &str, arg: &str) -> Result<String, Box<dyn std::error::Error>> {
+    use nix::mount::{mount, umount, MsFlags};
+    match cmd {
+        "mount" => {
+            let mut it = arg.split_whitespace();
+            let (Some(dev), Some(dir), Some(fstype)) = (it.next(), it.next(), it.next()) else {
+                return Err("usage: mount DEV DIR FSTYPE".into());
+            };
+            std::fs::create_dir_all(dir)?;
+            // Like mount(8): a write-protected device is mounted read-only.
+            match mount(Some(dev), dir, Some(fstype), MsFlags::empty(), None::<&str>) {
+                Err(nix::errno::Errno::EROFS) | Err(nix::errno::Errno::EACCES) => {
+                    mount(
+                        Some(dev),
+                        dir,
+                        Some(fstype),
+                        MsFlags::MS_RDONLY,
+                        None::<&str>,
+                    )?;
+                    Ok("ok read-only".into())
+                }
+                other => other.map(|_| "ok".into()).map_err(Into::into),
+            }
+        }
+        "write" => {
+            let (path, text) = arg.split_once(' ').ok_or("usage: write PATH TEXT")?;
+            std::fs::write(path, text)?;
+            Ok("ok".into())
+        }
+        "read" => Ok(std::fs::read_to_string(arg)?),
+        "sync" => {
+            nix::unistd::sync();
+            Ok("ok".into())
+        }
+        _ => {
+            umount(arg)?;
+            Ok("ok".into())
         }
     }
 }

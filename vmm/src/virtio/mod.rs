@@ -1,4 +1,5 @@
 //! virtio: the device trait, interrupts, and the MMIO transport. Device types live below.
+pub mod block;
 pub mod mmio;
 pub mod vsock;
 
