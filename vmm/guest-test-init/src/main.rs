@@ -7,7 +7,8 @@
 //!    `echo TEXT` → `TEXT\n`; `sink N` → reads N bytes, answers `got N SUM\n`;
 //!    `source N` → writes N bytes (byte i = i % 251), then closes; `mount DEV DIR FSTYPE`,
 //!    `write PATH TEXT`, `read PATH`, `sync`, `umount DIR` → `ok`/the text, or `error: ...`
-//!    (for disk tests); `reboot` → step 4.
+//!    (for disk tests); `readdev DEV`, `writedev DEV BYTES`, `randread DEV COUNT` → `BYTES NANOS`
+//!    (disk benchmark, O_DIRECT in the guest); `reboot` → step 4.
 //! 4. Prints `SHOAL-TEST-INIT: rebooting`, syncs and reboots (the VMM then exits cleanly).
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -123,6 +124,13 @@ fn serve(out: &mut File) -> Result<(), Box<dyn std::error::Error>> {
                 let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
                 stream.write_all(&data)?;
             }
+            "readdev" | "writedev" | "randread" => {
+                let reply = match disk_bench(cmd, arg) {
+                    Ok(text) => text,
+                    Err(e) => format!("error: {e}"),
+                };
+                stream.write_all(format!("{reply}\n").as_bytes())?;
+            }
             "mount" | "write" | "read" | "sync" | "umount" => {
                 let reply = match file_command(cmd, arg) {
                     Ok(text) => text,
@@ -176,4 +184,76 @@ fn file_command(cmd: &str, arg: &str) -> Result<String, Box<dyn std::error::Erro
             Ok("ok".into())
         }
     }
+}
+
+/// A 4 KiB-aligned window into a larger buffer (O_DIRECT needs aligned memory).
+fn aligned(buf: &mut [u8], len: usize) -> &mut [u8] {
+    let start = buf.as_ptr().align_offset(4096);
+    &mut buf[start..start + len]
+}
+
+/// Disk benchmark commands; returns "BYTES NANOS".
+fn disk_bench(cmd: &str, arg: &str) -> Result<String, Box<dyn std::error::Error>> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const CHUNK: usize = 1 << 20;
+    let mut parts = arg.split_whitespace();
+    let dev = parts.next().ok_or("device missing")?;
+    let n: u64 = parts.next().map(str::parse).transpose()?.unwrap_or(0);
+    let mut raw = vec![0u8; CHUNK + 4096];
+    let buf = aligned(&mut raw, CHUNK);
+    let start = std::time::Instant::now();
+    let mut done: u64 = 0;
+    match cmd {
+        "readdev" => {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_DIRECT)
+                .open(dev)?;
+            loop {
+                let got = f.read_at(buf, done)?;
+                if got == 0 {
+                    break;
+                }
+                done += got as u64;
+            }
+        }
+        "writedev" => {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_DIRECT)
+                .open(dev)?;
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = i as u8;
+            }
+            while done < n {
+                f.write_all_at(buf, done)?;
+                done += CHUNK as u64;
+            }
+            f.sync_all()?;
+        }
+        _ => {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_DIRECT)
+                .open(dev)?;
+            let blocks = f.metadata()?.len().max(
+                std::fs::read_to_string(format!(
+                    "/sys/class/block/{}/size",
+                    dev.trim_start_matches("/dev/")
+                ))?
+                .trim()
+                .parse::<u64>()?
+                    * 512,
+            ) / 4096;
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                f.read_exact_at(&mut buf[..4096], (x % blocks) * 4096)?;
+                done += 4096;
+            }
+        }
+    }
+    Ok(format!("{done} {}", start.elapsed().as_nanos()))
 }
