@@ -279,3 +279,36 @@ mod tests {
         assert_eq!(e, (RequestError::NoStatus, None));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz_support::{random_chain, Rng, MEM_SIZE};
+    use virtio_queue::mock::MockSplitQueue;
+
+    /// Random chains never panic the parser, and what it accepts lies inside guest memory.
+    #[test]
+    fn random_chains() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mut rng = Rng(0xb10c_f00d);
+        let mut accepted = 0;
+        for _ in 0..5000 {
+            let descs = random_chain(&mut rng, &mem);
+            let q = MockSplitQueue::new(&mem, 16);
+            let Ok(chain) = q.build_desc_chain(&descs) else {
+                continue;
+            };
+            if let Ok(req) = parse(&mem, chain) {
+                accepted += 1;
+                for (addr, len) in &req.data {
+                    assert!(addr.0 + u64::from(*len) <= MEM_SIZE, "{req:?}");
+                }
+                assert!(req.status.0 < MEM_SIZE);
+            }
+        }
+        assert!(
+            accepted > 0,
+            "the generator should produce some valid requests"
+        );
+    }
+}

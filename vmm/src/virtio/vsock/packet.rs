@@ -288,3 +288,45 @@ mod tests {
         assert_eq!(buf_alloc, 9);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz_support::{random_chain, Rng, MEM_SIZE};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    /// Random TX and RX chains never panic, and parsed payloads respect the size limit.
+    #[test]
+    fn random_chains() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mut rng = Rng(0x50c4_e7ed);
+        let pkt = Packet {
+            hdr: Header {
+                op: OP_RW,
+                type_: TYPE_STREAM,
+                ..Default::default()
+            },
+            data: vec![7u8; 3000],
+        };
+        for _ in 0..5000 {
+            let descs = random_chain(&mut rng, &mem);
+            let q = MockSplitQueue::new(&mem, 16);
+            if let Ok(mut chain) = q.build_desc_chain(&descs) {
+                if let Ok(p) = read_tx(&mem, &mut chain) {
+                    assert!(p.data.len() <= MAX_PKT_DATA as usize);
+                }
+            }
+            if let Ok(mut chain) = q.build_desc_chain(&descs) {
+                if let Ok((used, rest)) = write_rx(&mem, &mut chain, &pkt) {
+                    assert_eq!(
+                        used as usize - PKT_HEADER_SIZE_FOR_TESTS + rest.len(),
+                        pkt.data.len()
+                    );
+                }
+            }
+        }
+    }
+
+    const PKT_HEADER_SIZE_FOR_TESTS: usize = virtio_vsock::packet::PKT_HEADER_SIZE;
+}
