@@ -454,16 +454,18 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Kills and deletes every container (shutdown).
-    pub fn remove_all(&self) {
-        let ids: Vec<String> = self
-            .containers
+    fn container_ids(&self) -> Vec<String> {
+        self.containers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .cloned()
-            .collect();
-        for id in ids {
+            .collect()
+    }
+
+    /// Kills and deletes every container (shutdown).
+    pub fn remove_all(&self) {
+        for id in self.container_ids() {
             if let Err(e) = self.remove(&id, true) {
                 tracing::warn!("shutdown: {e}");
             }
@@ -493,13 +495,7 @@ impl Sandbox {
                     let Some(sandbox) = weak.upgrade() else {
                         return;
                     };
-                    let ids: Vec<String> = sandbox
-                        .containers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .keys()
-                        .cloned()
-                        .collect();
+                    let ids = sandbox.container_ids();
                     seen.retain(|id, _| ids.contains(id));
                     for id in ids {
                         let kills = cgroup::stats(&cgroup::dir(&id)).memory_oom_kills;

@@ -2,6 +2,7 @@
 //! client, running busybox containers from bundles built here. Needs root and a cgroup v2
 //! hierarchy at /sys/fs/cgroup (the nested lab provides one; `scripts/test` runs it there
 //! when this host has cgroup v1).
+mod support;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use oci_spec::runtime::{LinuxMemoryBuilder, LinuxResourcesBuilder, ProcessBuilder, Spec};
 use shoal_agent_api::agent::*;
 use shoal_agent_api::agent_ttrpc::AgentClient;
+use support::spec;
 use ttrpc::context;
 
 fn can_run() -> bool {
@@ -109,19 +111,6 @@ impl Drop for Agent {
 
 fn ctx() -> context::Context {
     context::with_timeout(30_000_000_000)
-}
-
-fn spec(args: &[&str]) -> Spec {
-    let mut spec = Spec::default();
-    let process = ProcessBuilder::default()
-        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .env(vec!["PATH=/bin".to_string()])
-        .cwd("/")
-        .terminal(false)
-        .build()
-        .unwrap();
-    spec.set_process(Some(process));
-    spec
 }
 
 fn spec_json(spec: &Spec) -> Vec<u8> {

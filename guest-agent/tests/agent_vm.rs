@@ -2,11 +2,11 @@
 //! shoal's guest kernel with the test guest image (agent + a busybox root file system),
 //! run containers, shut down. `scripts/test` sets SHOAL_GUEST_KERNEL and
 //! SHOAL_AGENT_TEST_IMAGE and runs this natively or in the nested lab.
+mod support;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use oci_spec::runtime::{ProcessBuilder, Spec};
 use shoal_agent_api::agent::*;
 use shoal_agent_api::client::{connect_agent, hybrid_vsock_connect};
 use shoal_agent_api::{AGENT_PORT, STDIO_PORT};
@@ -33,16 +33,7 @@ fn ctx() -> context::Context {
 }
 
 fn spec(args: &[&str]) -> Vec<u8> {
-    let mut spec = Spec::default();
-    let process = ProcessBuilder::default()
-        .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .env(vec!["PATH=/bin".to_string()])
-        .cwd("/")
-        .terminal(false)
-        .build()
-        .unwrap();
-    spec.set_process(Some(process));
-    serde_json::to_vec(&spec).unwrap()
+    serde_json::to_vec(&support::spec(args)).unwrap()
 }
 
 /// Opens a stdio stream to the guest and names it.
