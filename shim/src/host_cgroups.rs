@@ -1,0 +1,410 @@
+//! Host cgroups for sandboxes, from a pool.
+//!
+//! Creating and removing cgroups serializes in the kernel, so under a start storm mkdir/rmdir
+//! per sandbox becomes the bottleneck. The pool creates its cgroups once; a sandbox *claims*
+//! a free one (its limits written in one batch) and *releases* it when done. Claims are files
+//! in a state directory, created with O_EXCL and holding the claimer's pid and the sandbox id:
+//! claiming is atomic across processes (one shim per sandbox), and after a crash a claim whose
+//! process is gone is released when the pool is next opened.
+//!
+//! Works on cgroup v2 and on v1 (one directory per controller hierarchy), with cgroupfs or
+//! systemd naming. Written against the cgroup files directly: the few files the pool touches
+//! did not justify cgroups-rs and its systemd/D-Bus dependencies.
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Errors naming the cgroup, file or limit that was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("{0} is not a cgroup v1 or v2 mount")]
+    NoCgroupFs(PathBuf),
+    #[error("cannot create or use the pool's parent cgroup {path}: {source}")]
+    Parent {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot use the pool state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("all {size} pooled cgroups are claimed")]
+    Exhausted { size: usize },
+    #[error("memory limit {limit} bytes is below the sandbox overhead of {overhead} bytes")]
+    BelowOverhead { limit: u64, overhead: u64 },
+    #[error("cgroup {path} still has processes; kill them before releasing it")]
+    Busy { path: PathBuf },
+    #[error("cannot write {value} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: std::io::Error,
+    },
+    #[error("invalid sandbox id {0:?}")]
+    InvalidId(String),
+}
+
+type Result<T> = std::result::Result<T, PoolError>;
+
+/// Which cgroup layout the host has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// One unified tree.
+    V2,
+    /// One tree per controller; the pool uses these.
+    V1 { controllers: Vec<&'static str> },
+}
+
+/// How cgroups are named (as the container runtimes' drivers do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// `<parent>/slot-0007`
+    Cgroupfs,
+    /// `<parent>.slice/<parent>-slot-0007.scope`
+    Systemd,
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Where cgroup file systems are mounted (default /sys/fs/cgroup).
+    pub root: PathBuf,
+    /// Name of the parent cgroup (default `shoal`).
+    pub parent: String,
+    pub driver: Driver,
+    /// Number of pooled cgroups.
+    pub size: usize,
+    /// Where claim files live (default /run/shoal/cgroup-pool).
+    pub state_dir: PathBuf,
+    /// The VMM's own memory beyond guest RAM; a limit below it cannot work.
+    pub memory_overhead: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            root: "/sys/fs/cgroup".into(),
+            parent: "shoal".into(),
+            driver: Driver::Cgroupfs,
+            size: 64,
+            state_dir: "/run/shoal/cgroup-pool".into(),
+            memory_overhead: 16 << 20,
+        }
+    }
+}
+
+/// Resource limits of one sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_max: Option<u64>,
+    /// CPU time per period, microseconds.
+    pub cpu_quota_us: Option<u64>,
+    pub cpu_period_us: Option<u64>,
+    pub pids_max: Option<u64>,
+}
+
+/// A claimed cgroup (one directory per hierarchy).
+#[derive(Debug)]
+pub struct Claim {
+    pub slot: usize,
+    pub sandbox_id: String,
+    pub dirs: Vec<PathBuf>,
+    claim_file: PathBuf,
+}
+
+/// The pool.
+pub struct Pool {
+    cfg: PoolConfig,
+    hierarchy: Hierarchy,
+    /// Parent directory in each hierarchy.
+    parents: Vec<PathBuf>,
+    /// Where the next claim starts looking.
+    next: AtomicUsize,
+}
+
+const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+
+/// Detects the cgroup layout under `root`.
+pub fn detect(root: &Path) -> Result<Hierarchy> {
+    if root.join("cgroup.controllers").exists() {
+        return Ok(Hierarchy::V2);
+    }
+    let controllers: Vec<&'static str> = V1_CONTROLLERS
+        .into_iter()
+        .filter(|c| root.join(c).join("tasks").exists())
+        .collect();
+    if controllers.is_empty() {
+        return Err(PoolError::NoCgroupFs(root.into()));
+    }
+    Ok(Hierarchy::V1 { controllers })
+}
+
+fn write(path: &Path, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|source| PoolError::Write {
+        path: path.into(),
+        value: value.into(),
+        source,
+    })
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+impl Pool {
+    /// Opens (creating what is missing) the pool, and releases claims left by dead processes.
+    pub fn open(cfg: PoolConfig) -> Result<Pool> {
+        let hierarchy = detect(&cfg.root)?;
+        let parent_name = match cfg.driver {
+            Driver::Cgroupfs => cfg.parent.clone(),
+            Driver::Systemd => format!("{}.slice", cfg.parent),
+        };
+        let parents: Vec<PathBuf> = match &hierarchy {
+            Hierarchy::V2 => vec![cfg.root.join(&parent_name)],
+            Hierarchy::V1 { controllers } => controllers
+                .iter()
+                .map(|c| cfg.root.join(c).join(&parent_name))
+                .collect(),
+        };
+        for p in &parents {
+            std::fs::create_dir_all(p).map_err(|source| PoolError::Parent {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        if hierarchy == Hierarchy::V2 {
+            // Delegate the controllers the limits need, down to the pooled cgroups.
+            for dir in [cfg.root.clone(), parents[0].clone()] {
+                let file = dir.join("cgroup.subtree_control");
+                std::fs::write(&file, "+cpu +memory +pids")
+                    .map_err(|source| PoolError::Parent { path: file, source })?;
+            }
+        }
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| PoolError::State {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let next = AtomicUsize::new(std::process::id() as usize % cfg.size.max(1));
+        let pool = Pool {
+            cfg,
+            hierarchy,
+            parents,
+            next,
+        };
+        for slot in 0..pool.cfg.size {
+            for dir in pool.slot_dirs(slot) {
+                if !dir.exists() {
+                    std::fs::create_dir(&dir).map_err(|source| PoolError::Parent {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+        pool.recover()?;
+        Ok(pool)
+    }
+
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hierarchy
+    }
+
+    fn slot_name(&self, slot: usize) -> String {
+        match self.cfg.driver {
+            Driver::Cgroupfs => format!("slot-{slot:04}"),
+            Driver::Systemd => format!("{}-slot-{slot:04}.scope", self.cfg.parent),
+        }
+    }
+
+    fn slot_dirs(&self, slot: usize) -> Vec<PathBuf> {
+        let name = self.slot_name(slot);
+        self.parents.iter().map(|p| p.join(&name)).collect()
+    }
+
+    fn claim_file(&self, slot: usize) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join(format!("{}.claim", self.slot_name(slot)))
+    }
+
+    /// Releases claims whose owning process has exited (a crashed shim).
+    fn recover(&self) -> Result<()> {
+        for slot in 0..self.cfg.size {
+            let file = self.claim_file(slot);
+            let Ok(text) = std::fs::read_to_string(&file) else {
+                continue;
+            };
+            let pid: i32 = text
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if !pid_alive(pid) {
+                tracing::info!(
+                    slot,
+                    "releasing a cgroup left claimed by exited process {pid}"
+                );
+                self.reset(slot)?;
+                let _ = std::fs::remove_file(&file);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of slots nobody claims.
+    pub fn free_count(&self) -> usize {
+        (0..self.cfg.size)
+            .filter(|s| !self.claim_file(*s).exists())
+            .count()
+    }
+
+    /// Claims a free cgroup for `sandbox_id` and writes `limits` to it.
+    pub fn claim(&self, sandbox_id: &str, limits: &Limits) -> Result<Claim> {
+        if sandbox_id.is_empty()
+            || sandbox_id.len() > 128
+            || sandbox_id.contains(char::is_whitespace)
+        {
+            return Err(PoolError::InvalidId(sandbox_id.into()));
+        }
+        if let Some(limit) = limits.memory_max {
+            if limit < self.cfg.memory_overhead {
+                return Err(PoolError::BelowOverhead {
+                    limit,
+                    overhead: self.cfg.memory_overhead,
+                });
+            }
+        }
+        // Start where the last claim ended (and, across shims, at a per-process offset) so a
+        // claim does not walk past every taken slot.
+        let size = self.cfg.size;
+        let start = self.next.load(Ordering::Relaxed);
+        for slot in (0..size).map(|i| (start + i) % size.max(1)) {
+            let file = self.claim_file(slot);
+            let created = OpenOptions::new().write(true).create_new(true).open(&file);
+            let Ok(mut f) = created else { continue };
+            self.next.store(slot + 1, Ordering::Relaxed);
+            let _ = writeln!(f, "{} {sandbox_id}", std::process::id());
+            let claim = Claim {
+                slot,
+                sandbox_id: sandbox_id.into(),
+                dirs: self.slot_dirs(slot),
+                claim_file: file,
+            };
+            if let Err(e) = self.apply(&claim, limits) {
+                let _ = self.reset(slot);
+                let _ = std::fs::remove_file(&claim.claim_file);
+                return Err(e);
+            }
+            return Ok(claim);
+        }
+        Err(PoolError::Exhausted {
+            size: self.cfg.size,
+        })
+    }
+
+    /// The (file, value) writes for `limits` in this hierarchy, one batch per directory.
+    fn writes(&self, limits: &Limits) -> Vec<(&'static str, &'static str, String)> {
+        let mut w = Vec::new();
+        let v2 = self.hierarchy == Hierarchy::V2;
+        let mem = limits.memory_max.map(|m| m.to_string());
+        let pids = limits
+            .pids_max
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "max".into());
+        let period = limits.cpu_period_us.unwrap_or(100_000);
+        if v2 {
+            w.push(("", "memory.max", mem.unwrap_or_else(|| "max".into())));
+            let quota = limits
+                .cpu_quota_us
+                .map(|q| q.to_string())
+                .unwrap_or_else(|| "max".into());
+            w.push(("", "cpu.max", format!("{quota} {period}")));
+            w.push(("", "pids.max", pids));
+        } else {
+            w.push((
+                "memory",
+                "memory.limit_in_bytes",
+                mem.unwrap_or_else(|| "-1".into()),
+            ));
+            w.push(("cpu", "cpu.cfs_period_us", period.to_string()));
+            w.push((
+                "cpu",
+                "cpu.cfs_quota_us",
+                limits
+                    .cpu_quota_us
+                    .map(|q| q.to_string())
+                    .unwrap_or_else(|| "-1".into()),
+            ));
+            w.push(("pids", "pids.max", pids));
+        }
+        w
+    }
+
+    fn dir_for(&self, dirs: &[PathBuf], controller: &str) -> Option<PathBuf> {
+        match &self.hierarchy {
+            Hierarchy::V2 => dirs.first().cloned(),
+            Hierarchy::V1 { controllers } => controllers
+                .iter()
+                .position(|c| *c == controller)
+                .map(|i| dirs[i].clone()),
+        }
+    }
+
+    fn apply(&self, claim: &Claim, limits: &Limits) -> Result<()> {
+        for (controller, file, value) in self.writes(limits) {
+            if let Some(dir) = self.dir_for(&claim.dirs, controller) {
+                write(&dir.join(file), &value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Back to no limits.
+    fn reset(&self, slot: usize) -> Result<()> {
+        let dirs = self.slot_dirs(slot);
+        for (controller, file, value) in self.writes(&Limits::default()) {
+            if let Some(dir) = self.dir_for(&dirs, controller) {
+                write(&dir.join(file), &value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves process `pid` (the sandbox's VMM) into the claimed cgroup.
+    pub fn add_process(&self, claim: &Claim, pid: u32) -> Result<()> {
+        for dir in &claim.dirs {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Returns a claimed cgroup to the pool; it must have no processes left (on `Busy` the
+    /// claim stays valid: kill the processes and release again).
+    pub fn release(&self, claim: &Claim) -> Result<()> {
+        for dir in &claim.dirs {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if !procs.trim().is_empty() {
+                return Err(PoolError::Busy { path: dir.clone() });
+            }
+        }
+        self.reset(claim.slot)?;
+        let _ = std::fs::remove_file(&claim.claim_file);
+        Ok(())
+    }
+
+    /// Removes every pooled cgroup and the parent (for uninstall and tests).
+    pub fn destroy(self) -> Result<()> {
+        for slot in 0..self.cfg.size {
+            for dir in self.slot_dirs(slot) {
+                let _ = std::fs::remove_dir(&dir);
+            }
+            let _ = std::fs::remove_file(self.claim_file(slot));
+        }
+        for p in &self.parents {
+            let _ = std::fs::remove_dir(p);
+        }
+        Ok(())
+    }
+}

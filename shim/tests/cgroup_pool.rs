@@ -1,0 +1,171 @@
+//! The host cgroup pool on this host's real cgroup file system (v1 here, v2 in the lab and
+//! on most production hosts). Needs root.
+use std::path::{Path, PathBuf};
+
+use containerd_shim_shoal_v2::host_cgroups::{
+    detect, Driver, Hierarchy, Limits, Pool, PoolConfig, PoolError,
+};
+
+fn can_run() -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: cgroup pool tests need root");
+        return false;
+    }
+    if detect(Path::new("/sys/fs/cgroup")).is_err() {
+        eprintln!("SKIP: no cgroup file system at /sys/fs/cgroup");
+        return false;
+    }
+    true
+}
+
+fn config(name: &str, size: usize, driver: Driver) -> PoolConfig {
+    PoolConfig {
+        parent: format!("shoal-test-{name}-{}", std::process::id()),
+        driver,
+        size,
+        state_dir: std::env::temp_dir().join(format!("shoal-pool-{name}-{}", std::process::id())),
+        memory_overhead: 8 << 20,
+        ..Default::default()
+    }
+}
+
+fn memory_file(pool: &Pool, dirs: &[PathBuf]) -> PathBuf {
+    match pool.hierarchy() {
+        Hierarchy::V2 => dirs[0].join("memory.max"),
+        Hierarchy::V1 { controllers } => dirs
+            [controllers.iter().position(|c| *c == "memory").unwrap()]
+        .join("memory.limit_in_bytes"),
+    }
+}
+
+#[test]
+fn claim_apply_release_and_exhaustion() {
+    if !can_run() {
+        return;
+    }
+    for driver in [Driver::Cgroupfs, Driver::Systemd] {
+        let pool = Pool::open(config(&format!("basic-{driver:?}"), 3, driver)).unwrap();
+        assert_eq!(pool.free_count(), 3);
+        let limits = Limits {
+            memory_max: Some(256 << 20),
+            cpu_quota_us: Some(50_000),
+            cpu_period_us: Some(100_000),
+            pids_max: Some(64),
+        };
+        let a = pool.claim("sb-a", &limits).unwrap();
+        assert!(a.dirs.iter().all(|d| d.exists()));
+        if driver == Driver::Systemd {
+            assert!(
+                a.dirs[0].to_string_lossy().contains(".slice/")
+                    && a.dirs[0].to_string_lossy().ends_with(".scope"),
+                "{:?}",
+                a.dirs
+            );
+        }
+        let mem = std::fs::read_to_string(memory_file(&pool, &a.dirs)).unwrap();
+        assert_eq!(mem.trim(), (256u64 << 20).to_string());
+        let b = pool.claim("sb-b", &Limits::default()).unwrap();
+        let c = pool.claim("sb-c", &Limits::default()).unwrap();
+        assert_ne!(a.slot, b.slot);
+        assert!(matches!(
+            pool.claim("sb-d", &Limits::default()),
+            Err(PoolError::Exhausted { size: 3 })
+        ));
+        let a_dirs = a.dirs.clone();
+        pool.release(&a).unwrap();
+        assert_eq!(pool.free_count(), 1);
+        // Released cgroups go back to no limit, and are reused.
+        let mem = std::fs::read_to_string(memory_file(&pool, &a_dirs)).unwrap();
+        assert_ne!(mem.trim(), (256u64 << 20).to_string());
+        let d = pool.claim("sb-d", &Limits::default()).unwrap();
+        for c in [b, c, d] {
+            pool.release(&c).unwrap();
+        }
+        pool.destroy().unwrap();
+    }
+}
+
+#[test]
+fn a_busy_cgroup_is_not_released_and_processes_move_in() {
+    if !can_run() {
+        return;
+    }
+    let pool = Pool::open(config("busy", 1, Driver::Cgroupfs)).unwrap();
+    let claim = pool.claim("sb", &Limits::default()).unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    pool.add_process(&claim, child.id()).unwrap();
+    let procs = std::fs::read_to_string(claim.dirs[0].join("cgroup.procs")).unwrap();
+    assert!(procs.contains(&child.id().to_string()));
+    let e = pool.release(&claim).unwrap_err();
+    assert!(matches!(e, PoolError::Busy { .. }), "{e}");
+    assert_eq!(pool.free_count(), 0, "a busy cgroup stays claimed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The process is gone; the claim can be released.
+    pool.release(&claim).unwrap();
+    pool.destroy().unwrap();
+}
+
+#[test]
+fn claims_of_a_crashed_shim_are_recovered() {
+    if !can_run() {
+        return;
+    }
+    let cfg = config("crash", 2, Driver::Cgroupfs);
+    let pool = Pool::open(cfg.clone()).unwrap();
+    let live = pool.claim("alive", &Limits::default()).unwrap();
+    // A claim made by a process that has since died (a crashed shim): write its claim file
+    // as that process would have.
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let other = (0..2).find(|s| *s != live.slot).unwrap();
+    std::fs::write(
+        cfg.state_dir.join(format!("slot-{other:04}.claim")),
+        format!("{dead_pid} crashed\n"),
+    )
+    .unwrap();
+    assert_eq!(pool.free_count(), 0);
+    drop(pool);
+    let pool = Pool::open(cfg).unwrap();
+    assert_eq!(
+        pool.free_count(),
+        1,
+        "the dead claim was released, the live one kept"
+    );
+    pool.release(&live).unwrap();
+    pool.destroy().unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_without_claiming() {
+    if !can_run() {
+        return;
+    }
+    let pool = Pool::open(config("bad", 1, Driver::Cgroupfs)).unwrap();
+    let e = pool
+        .claim(
+            "sb",
+            &Limits {
+                memory_max: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, PoolError::BelowOverhead { .. }), "{e}");
+    assert!(e.to_string().contains("overhead"));
+    assert!(matches!(
+        pool.claim("two words", &Limits::default()),
+        Err(PoolError::InvalidId(_))
+    ));
+    assert_eq!(pool.free_count(), 1, "failed claims leave the slot free");
+    pool.destroy().unwrap();
+
+    let mut cfg = config("noroot", 1, Driver::Cgroupfs);
+    cfg.root = PathBuf::from("/nonexistent/cgroup");
+    let e = Pool::open(cfg).err().unwrap();
+    assert!(e.to_string().contains("/nonexistent/cgroup"), "{e}");
+}
