@@ -681,7 +681,8 @@ async fn agent_host_terminal_and_resize() {
     let a = Agent::start("tty").await;
     let rootfs = a.rootfs("rootfs");
     let id = "tty1";
-    let mut s = spec(&["sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; sleep 2; stty size; read line; echo got $line; exit 5"]);
+    // Input is read first, so the terminal's echo of it comes before any output.
+    let mut s = spec(&["sh", "-c", "read line; echo got $line; [ -t 0 ] && [ -t 1 ] && echo is-a-tty; sleep 2; stty size; exit 5"]);
     let mut process = s.process().clone().unwrap();
     process.set_terminal(Some(true));
     s.set_process(Some(process));
