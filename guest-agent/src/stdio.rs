@@ -7,7 +7,7 @@
 //! threads, so a slow reader on the host holds the writer in the container (back-pressure).
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -456,12 +456,4 @@ impl ProcessIo {
         }
         self.close_stdin();
     }
-}
-
-/// Reads one line from a stream (used by tests and the client side).
-pub fn read_line(stream: &mut impl Read) -> io::Result<String> {
-    let mut r = BufReader::new(stream);
-    let mut s = String::new();
-    r.read_line(&mut s)?;
-    Ok(s)
 }

@@ -9,11 +9,11 @@ pub mod cpuid;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
-#[cfg(test)]
-mod fuzz_support;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+#[cfg(test)]
+mod test_support;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

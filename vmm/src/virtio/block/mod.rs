@@ -321,19 +321,16 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use crate::test_support::{chained as d, desc};
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Address;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    fn d(addr: u64, len: u32, write: bool, next: u16) -> RawDescriptor {
-        let flags = VRING_DESC_F_NEXT | if write { VRING_DESC_F_WRITE } else { 0 };
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    }
-
+    /// The status byte that ends a request.
     fn last(addr: u64) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, 1, VRING_DESC_F_WRITE as u16, 0))
+        desc(addr, 1, VRING_DESC_F_WRITE, 0)
     }
 
     struct Disk(PathBuf);
@@ -474,7 +471,7 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::fuzz_support::{random_chain, Rng, MEM_SIZE};
+    use crate::test_support::{random_chain, Rng, MEM_SIZE};
     use virtio_queue::mock::MockSplitQueue;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

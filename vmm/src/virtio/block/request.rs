@@ -143,17 +143,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use crate::test_support::chained;
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
+    /// build_desc_chain links the descriptors itself, so `next` does not matter here.
     fn d(addr: u64, len: u32, write: bool) -> RawDescriptor {
-        let flags = VRING_DESC_F_NEXT | if write { VRING_DESC_F_WRITE } else { 0 };
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, 0))
+        chained(addr, len, write, 0)
     }
 
     fn header(m: &GuestMemoryMmap, kind: u32, sector: u64) {
@@ -283,7 +283,7 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::fuzz_support::{random_chain, Rng, MEM_SIZE};
+    use crate::test_support::{random_chain, Rng, MEM_SIZE};
     use virtio_queue::mock::MockSplitQueue;
 
     /// Random chains never panic the parser, and what it accepts lies inside guest memory.

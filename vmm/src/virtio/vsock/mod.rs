@@ -180,18 +180,14 @@ impl VirtioDevice for Vsock {
 mod tests {
     use super::packet::{header_bytes, Header, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM};
     use super::*;
+    use crate::test_support::desc;
     use std::io::Read;
     use std::os::unix::net::UnixListener;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_vsock::packet::PKT_HEADER_SIZE;
     use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    }
 
     /// Drives the device through its queues in real guest memory: a guest connection request
     /// on TX reaches a host socket, the response lands in an RX buffer, data follows.

@@ -167,18 +167,14 @@ pub(crate) fn header_bytes(h: &Header, len: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::desc;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_vsock::packet::PKT_HEADER_SIZE;
     use vm_memory::{Bytes, GuestAddress};
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
     }
 
     #[test]
@@ -292,7 +288,7 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::fuzz_support::{random_chain, Rng, MEM_SIZE};
+    use crate::test_support::{random_chain, Rng, MEM_SIZE};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 

@@ -1,10 +1,26 @@
-//! Randomised inputs for the parser tests ("fuzzing" with a fixed seed, so any failure can be
-//! replayed): random descriptor chains laid out in real guest memory.
+//! Test helpers for the virtio devices: descriptors, and randomised inputs for the parser
+//! tests ("fuzzing" with a fixed seed, so any failure can be replayed): random descriptor
+//! chains laid out in real guest memory.
 #![cfg(test)]
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// A split-ring descriptor.
+pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+}
+
+/// A descriptor chained to `next`, device-writable when `write`.
+pub fn chained(addr: u64, len: u32, write: bool, next: u16) -> RawDescriptor {
+    desc(
+        addr,
+        len,
+        VRING_DESC_F_NEXT | if write { VRING_DESC_F_WRITE } else { 0 },
+        next,
+    )
+}
 
 /// xorshift64: small, deterministic, good enough to spread inputs.
 pub struct Rng(pub u64);
