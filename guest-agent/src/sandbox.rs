@@ -266,9 +266,14 @@ impl Sandbox {
                 })
                 .map_err(cleanup_bundle)?
         };
+        let mut container = container;
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
         let exit = self.reaper.watch(pid);
-        io.start(outputs)?;
+        if let Err(e) = io.start(outputs) {
+            // Without its stdio the container is of no use: take it down again.
+            let _ = container.delete(true);
+            return Err(cleanup_bundle(e));
+        }
         let init = Arc::new(Process {
             pid,
             exit,
@@ -340,7 +345,7 @@ impl Sandbox {
             .transpose()?;
         let console_path = console.as_ref().map(|c| c.path().to_path_buf());
         let (mut io, child, outputs) = ProcessIo::prepare(&self.streams, tokens(&stdio), console)?;
-        let pid = {
+        let built = {
             let _fork = self.reaper.fork_lock();
             self.builder(id, child).and_then(|b| {
                 b.with_console_socket(console_path.as_ref())
@@ -349,11 +354,16 @@ impl Sandbox {
                     .with_detach(true)
                     .build()
                     .map_err(AgentError::runtime(id, "exec"))
-            })?
+            })
         };
         let _ = std::fs::remove_file(&path);
+        let pid = built?;
         let exit = self.reaper.watch(pid.as_raw());
-        io.start(outputs)?;
+        if let Err(e) = io.start(outputs) {
+            let pid = nix::unistd::Pid::from_raw(pid.as_raw());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
         let proc = Arc::new(Process {
             pid: pid.as_raw(),
             exit,
