@@ -158,6 +158,7 @@ fn main() {
                 read_only: false,
             },
         ],
+        shares: Vec::new(),
         console: Console::File(dir.join("console")),
     };
     let hello = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();

@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
             cid: 3,
         }),
         disks: Vec::new(),
+        shares: Vec::new(),
         console: Console::File(dir.join("console")),
     })?;
     let vm_thread = std::thread::spawn(move || vm.wait());

@@ -63,6 +63,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
             cid: 3,
         }),
         disks: Vec::new(),
+        shares: Vec::new(),
         console: Console::File(dir.join("console")),
     };
     let vm = Vm::boot(&config).expect("boot");

@@ -31,6 +31,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use devices::Console;
 pub use exit::ExitReason;
+pub use virtio::fs::{CacheMode, FsConfig};
 
 use devices::{Bus, Legacy, MmioSlot};
 use event_loop::{EventLoop, LoopDevice};
@@ -54,6 +55,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// Shared directories (virtio-fs), each mounted in the guest by its tag.
+    pub shares: Vec<FsConfig>,
     /// Where the serial console goes.
     pub console: Console,
 }
@@ -106,6 +109,7 @@ impl VmConfig {
             vcpus: 1,
             vsock: None,
             disks: Vec::new(),
+            shares: Vec::new(),
             console: Console::Sink,
         }
     }
@@ -131,6 +135,8 @@ pub enum Error {
     Legacy(#[from] devices::legacy::LegacyError),
     #[error(transparent)]
     Vsock(#[from] virtio::vsock::MuxerError),
+    #[error(transparent)]
+    Fs(#[from] virtio::fs::FsError),
     #[error(transparent)]
     EventLoop(#[from] event_loop::EventLoopError),
     #[error(transparent)]
@@ -422,6 +428,9 @@ fn virtio_devices(
             &disk.path,
             disk.read_only,
         )?));
+    }
+    for share in &config.shares {
+        devices.push(Box::new(virtio::fs::Fs::new(share)?));
     }
     if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
         return Err(Error::TooManyDevices(devices.len()));

@@ -34,6 +34,10 @@ struct Args {
     /// A virtio-blk disk: `PATH` or `PATH,ro` (repeat for more; the guest sees vda, vdb, ...).
     #[arg(long = "blk", value_name = "PATH[,ro]")]
     disks: Vec<shoal_vmm::DiskConfig>,
+    /// A shared directory (virtio-fs): `TAG=DIR[,cache=never|auto|always]`; the guest mounts it
+    /// with `mount -t virtiofs TAG DIR`. Repeat for more.
+    #[arg(long = "fs", value_name = "TAG=DIR[,cache=MODE]")]
+    shares: Vec<shoal_vmm::FsConfig>,
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -70,6 +74,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
             cid: args.vsock_cid,
         }),
         disks: args.disks,
+        shares: args.shares,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
     };
     let mut signals = signal_hook::iterator::Signals::new([

@@ -86,6 +86,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
             cid: 3,
         }),
         disks: Vec::new(),
+        shares: Vec::new(),
         console: Console::File(dir.path("console")),
     };
     let started = Instant::now();
@@ -209,16 +210,29 @@ fn ask(uds: &Path, line: &str, deadline: Instant) -> String {
     reply.trim_end().to_string()
 }
 
-/// Boots a VM with `disk` as vda, runs `commands`, reboots; returns the answers.
-fn with_disk(
+/// Runs one shell line in the guest (busybox); returns its output and exit status.
+fn sh(uds: &Path, line: &str, deadline: Instant) -> (String, i32) {
+    let (mut s, mut r) = connect_guest(uds, GUEST_PORT, deadline);
+    s.write_all(format!("sh {line}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    r.read_to_string(&mut out).unwrap();
+    let (text, status) = out
+        .trim_end()
+        .rsplit_once("exit=")
+        .unwrap_or_else(|| panic!("no exit status from the guest for {line:?}: {out:?}"));
+    (text.to_string(), status.parse().unwrap())
+}
+
+/// Boots a VM with `disks` and `shares`, runs `body` against its vsock socket, reboots.
+fn with_vm<T>(
     kernel: &Path,
     initrd: &Path,
     dir: &Scratch,
-    disk: &Path,
-    read_only: bool,
-    commands: &[&str],
-) -> Vec<String> {
-    let uds = dir.path("disk.sock");
+    disks: Vec<shoal_vmm::DiskConfig>,
+    shares: Vec<shoal_vmm::FsConfig>,
+    body: impl FnOnce(&Path, Instant) -> T,
+) -> T {
+    let uds = dir.path("vm.sock");
     let config = VmConfig {
         kernel: kernel.into(),
         initrd: Some(initrd.into()),
@@ -229,10 +243,8 @@ fn with_disk(
             uds_path: uds.clone(),
             cid: 3,
         }),
-        disks: vec![shoal_vmm::DiskConfig {
-            path: disk.into(),
-            read_only,
-        }],
+        disks,
+        shares,
         console: Console::File(dir.path("console")),
     };
     // The guest's first connection goes to host port 1234; answer it so it moves on.
@@ -245,13 +257,31 @@ fn with_disk(
     });
     let deadline = Instant::now() + DEADLINE;
     let _ = hello.accept().unwrap();
-    let answers = commands.iter().map(|c| ask(&uds, c, deadline)).collect();
+    let result = body(&uds, deadline);
     let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
     s.write_all(b"reboot\n").unwrap();
     assert_eq!(vm.wait(), ExitReason::Reboot);
     drop(watchdog);
     let _ = std::fs::remove_file(format!("{}_{HOST_PORT}", uds.display()));
-    answers
+    result
+}
+
+/// Boots a VM with `disk` as vda, runs `commands`, reboots; returns the answers.
+fn with_disk(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Scratch,
+    disk: &Path,
+    read_only: bool,
+    commands: &[&str],
+) -> Vec<String> {
+    let disks = vec![shoal_vmm::DiskConfig {
+        path: disk.into(),
+        read_only,
+    }];
+    with_vm(kernel, initrd, dir, disks, Vec::new(), |uds, deadline| {
+        commands.iter().map(|c| ask(uds, c, deadline)).collect()
+    })
 }
 
 #[test]
@@ -321,4 +351,115 @@ fn boot_guest_virtio_blk_ext4_survives_a_restart() {
         "read-only disk accepted a write: {answers:?}"
     );
     let _ = std::fs::remove_file(&image);
+}
+
+#[test]
+fn boot_guest_virtio_fs_share_overlay_and_no_escape() {
+    let Some((kernel, initrd)) = artifacts() else {
+        return;
+    };
+    let dir = scratch("fs");
+    let share = dir.path("share");
+    std::fs::create_dir_all(share.join("lower")).unwrap();
+    std::fs::write(share.join("hello"), "from the host").unwrap();
+    std::fs::write(share.join("lower/a"), "lower a").unwrap();
+    std::fs::write(share.join("lower/gone"), "to be hidden").unwrap();
+    // Outside the share, and two links in the share that point at it.
+    std::fs::write(dir.path("secret"), "host secret").unwrap();
+    std::os::unix::fs::symlink(dir.path("secret"), share.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../secret", share.join("up")).unwrap();
+    let shares = vec![shoal_vmm::FsConfig {
+        tag: "shared".into(),
+        dir: share.clone(),
+        cache: shoal_vmm::CacheMode::Auto,
+    }];
+
+    let steps = [
+        // Mount the tag and read what the host put there.
+        "mkdir -p /mnt && mount -t virtiofs shared /mnt && cat /mnt/hello",
+        // Create, write, rename, delete, symlink.
+        "echo from the guest > /mnt/new && mv /mnt/new /mnt/renamed && mkdir /mnt/d \
+         && echo x > /mnt/d/f && rm /mnt/d/f && rmdir /mnt/d && ln -s renamed /mnt/sl \
+         && cat /mnt/sl && sync",
+        // Escape attempts: links out of the tree and `..` resolve in the guest, not the host.
+        "cat /mnt/abs /mnt/up /mnt/../secret /mnt/lower/../../secret; ls -a /mnt/..; true",
+        // A read-only overlay lower on the share, upper on guest tmpfs.
+        "mkdir -p /run/u /run/w /ov && mount -t tmpfs tmpfs /run/u && mkdir /run/u/up /run/u/wk \
+         && mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/run/u/up,workdir=/run/u/wk /ov \
+         && echo new > /ov/b && rm /ov/gone && cat /ov/a && echo && ls /ov",
+        // An overlay whose upper layer lives on the share too (xattrs, whiteouts on the host).
+        "mkdir -p /mnt/upper /mnt/work /ov2 \
+         && mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/upper,workdir=/mnt/work /ov2 \
+         && echo changed > /ov2/a && rm /ov2/gone && ls /ov2 && sync",
+        "umount /ov2 && umount /ov && umount /mnt",
+    ];
+    let answers = with_vm(
+        &kernel,
+        &initrd,
+        &dir,
+        Vec::new(),
+        shares,
+        |uds, deadline| {
+            steps
+                .iter()
+                .map(|line| sh(uds, line, deadline))
+                .collect::<Vec<_>>()
+        },
+    );
+    let console = std::fs::read_to_string(dir.path("console")).unwrap_or_default();
+    let ok = |i: usize| {
+        assert_eq!(
+            answers[i].1, 0,
+            "step {i} failed: {}\n{}\nconsole:\n{console}",
+            steps[i], answers[i].0
+        );
+        answers[i].0.as_str()
+    };
+    assert_eq!(ok(0), "from the host");
+    assert_eq!(ok(1).trim(), "from the guest");
+    let escape = ok(2);
+    assert!(
+        !escape.contains("host secret"),
+        "the guest read a file outside the share: {escape}"
+    );
+    assert!(escape.contains("No such file"), "{escape}");
+    let overlay = ok(3);
+    assert!(overlay.starts_with("lower a"), "{overlay}");
+    assert!(
+        overlay.contains('b') && !overlay.contains("gone"),
+        "{overlay}"
+    );
+    let overlay2 = ok(4);
+    assert!(!overlay2.contains("gone"), "{overlay2}");
+    ok(5);
+
+    // What the guest did is on the host; the overlay lower layers were not touched.
+    assert_eq!(
+        std::fs::read_to_string(share.join("renamed")).unwrap(),
+        "from the guest\n"
+    );
+    assert!(!share.join("new").exists() && !share.join("d").exists());
+    assert_eq!(
+        std::fs::read_link(share.join("sl")).unwrap(),
+        PathBuf::from("renamed")
+    );
+    assert_eq!(
+        std::fs::read_to_string(share.join("lower/a")).unwrap(),
+        "lower a"
+    );
+    assert!(share.join("lower/gone").exists());
+    assert_eq!(
+        std::fs::read_to_string(share.join("upper/a")).unwrap(),
+        "changed\n"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let whiteout = std::fs::symlink_metadata(share.join("upper/gone")).unwrap();
+    assert!(
+        whiteout.file_type().is_char_device(),
+        "overlayfs whiteout on the host: {whiteout:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path("secret")).unwrap(),
+        "host secret"
+    );
 }

@@ -8,7 +8,8 @@
 //!    `source N` → writes N bytes (byte i = i % 251), then closes; `mount DEV DIR FSTYPE`,
 //!    `write PATH TEXT`, `read PATH`, `sync`, `umount DIR` → `ok`/the text, or `error: ...`
 //!    (for disk tests); `readdev DEV`, `writedev DEV BYTES`, `randread DEV COUNT` → `BYTES NANOS`
-//!    (disk benchmark, O_DIRECT in the guest); `reboot` → step 4.
+//!    (disk benchmark, O_DIRECT in the guest; DEV may also be a file); `sh LINE` → the output
+//!    of `/bin/sh -c LINE` (busybox) and `exit=N`; `reboot` → step 4.
 //! 4. Prints `SHOAL-TEST-INIT: rebooting`, syncs and reboots (the VMM then exits cleanly).
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -138,6 +139,26 @@ fn serve(out: &mut File) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 stream.write_all(format!("{reply}\n").as_bytes())?;
             }
+            "sh" => {
+                // One shell command line (busybox, /bin in the test initramfs): its output,
+                // then `exit=N`, then the connection closes.
+                let reply = match std::process::Command::new("/bin/sh")
+                    .args(["-c", arg])
+                    .env("PATH", "/bin")
+                    .output()
+                {
+                    Ok(o) => {
+                        let mut r = o.stdout;
+                        r.extend_from_slice(&o.stderr);
+                        r.extend_from_slice(
+                            format!("exit={}\n", o.status.code().unwrap_or(-1)).as_bytes(),
+                        );
+                        r
+                    }
+                    Err(e) => format!("cannot run /bin/sh: {e}\nexit=-1\n").into_bytes(),
+                };
+                stream.write_all(&reply)?;
+            }
             "reboot" => return Ok(()),
             _ => stream.write_all(b"unknown command\n")?,
         }
@@ -236,15 +257,20 @@ fn disk_bench(cmd: &str, arg: &str) -> Result<String, Box<dyn std::error::Error>
                 .read(true)
                 .custom_flags(nix::libc::O_DIRECT)
                 .open(dev)?;
-            let blocks = f.metadata()?.len().max(
-                std::fs::read_to_string(format!(
-                    "/sys/class/block/{}/size",
-                    dev.trim_start_matches("/dev/")
-                ))?
-                .trim()
-                .parse::<u64>()?
-                    * 512,
-            ) / 4096;
+            // A file has a length; a block device has its size in sysfs.
+            let bytes = match f.metadata()?.len() {
+                0 => {
+                    std::fs::read_to_string(format!(
+                        "/sys/class/block/{}/size",
+                        dev.trim_start_matches("/dev/")
+                    ))?
+                    .trim()
+                    .parse::<u64>()?
+                        * 512
+                }
+                len => len,
+            };
+            let blocks = bytes / 4096;
             let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
             for _ in 0..n {
                 x ^= x << 13;

@@ -1,5 +1,6 @@
 //! virtio: the device trait, interrupts, and the MMIO transport. Device types live below.
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -30,6 +31,8 @@ pub enum VirtioError {
     },
     #[error("{device}: queue {index} is not valid in guest memory")]
     InvalidQueue { device: &'static str, index: usize },
+    #[error("{device}: {what}")]
+    Backend { device: &'static str, what: String },
 }
 
 /// A device's interrupt line: the status register the driver reads and the irqfd that raises it.

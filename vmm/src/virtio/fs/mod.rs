@@ -1,0 +1,344 @@
+//! virtio-fs: a host directory tree shared with the guest, served inside the VMM (no daemon).
+//!
+//! FUSE requests arrive on two queues (high priority for FORGET/INTERRUPT, one request queue)
+//! and are answered by fuse-backend-rs's FUSE server over its passthrough file system, rooted
+//! at the shared directory. The passthrough layer resolves every name with `openat` against an
+//! `O_PATH` descriptor of its parent, refuses names with `/`, opens with `O_NOFOLLOW` and maps
+//! `..` at the root to the root itself, so the guest reaches nothing outside the tree: symlinks
+//! in the tree are handed to the guest as links and resolved there, in the guest's namespace.
+//!
+//! fuse-backend-rs is built against vm-memory 0.17 and virtio-queue 0.17, the VMM against 0.18.
+//! The two are not interchangeable, so at activation the device builds a 0.17 view of the same
+//! guest mapping (no copy, no second mapping) and runs its queues with virtio-queue 0.17.
+//! Requests are served on a worker thread of the device's own, so a slow file system call never
+//! holds up the device thread's other devices (vsock, disks).
+pub mod config;
+
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{self, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use fuse_virtio_queue::QueueT as _;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use config::{CacheMode, FsConfig};
+
+use super::{Interrupt, VirtioDevice, VirtioError};
+
+/// virtio device id of a file system device.
+pub const VIRTIO_ID_FS: u32 = 26;
+/// The high-priority queue and one request queue.
+const QUEUE_SIZES: [u16; 2] = [128, 256];
+/// The longest tag the guest accepts (virtio spec: 36 bytes, not NUL-terminated when full).
+pub const TAG_MAX: usize = 36;
+/// Stack of the worker thread: the FUSE server keeps its buffers on the heap.
+const WORKER_STACK: usize = 256 * 1024;
+
+/// Errors from setting up a shared directory.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("virtio-fs tag {tag:?}: {reason}")]
+    Tag { tag: String, reason: &'static str },
+    #[error("virtio-fs directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("virtio-fs directory {path} is not a directory")]
+    NotDir { path: PathBuf },
+    #[error("cannot start the passthrough file system for {path}: {source}")]
+    Passthrough {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type FuseServer = Server<Arc<PassthroughFs>>;
+
+/// The running half: the worker thread and what stops it.
+struct Worker {
+    kick: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Worker {
+    fn shut_down(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.kick.write(1);
+        if self.handle.join().is_err() {
+            tracing::error!("virtio-fs worker panicked");
+        }
+    }
+}
+
+/// One virtio-fs device.
+pub struct Fs {
+    tag: String,
+    config: Vec<u8>,
+    server: Arc<FuseServer>,
+    worker: Option<Worker>,
+}
+
+impl Fs {
+    /// Opens the shared directory of `config` and prepares the FUSE server for it.
+    pub fn new(config: &FsConfig) -> Result<Fs, FsError> {
+        config::check_tag(&config.tag)?;
+        let dir = std::fs::canonicalize(&config.dir).map_err(|source| FsError::Dir {
+            path: config.dir.clone(),
+            source,
+        })?;
+        if !dir.is_dir() {
+            return Err(FsError::NotDir { path: dir });
+        }
+        let root_dir = dir.to_str().ok_or_else(|| FsError::Dir {
+            path: dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not UTF-8"),
+        })?;
+        let (timeout, policy) = match config.cache {
+            CacheMode::Never => (Duration::ZERO, passthrough::CachePolicy::Never),
+            CacheMode::Auto => (Duration::from_secs(1), passthrough::CachePolicy::Auto),
+            CacheMode::Always => (
+                Duration::from_secs(86_400),
+                passthrough::CachePolicy::Always,
+            ),
+        };
+        let fs_config = passthrough::Config {
+            root_dir: root_dir.to_owned(),
+            cache_policy: policy,
+            entry_timeout: timeout,
+            attr_timeout: timeout,
+            // overlayfs on top of the share stores its metadata in xattrs.
+            xattr: true,
+            do_import: true,
+            writeback: false,
+            ..Default::default()
+        };
+        let err = |source| FsError::Passthrough {
+            path: dir.clone(),
+            source,
+        };
+        let fs = PassthroughFs::new(fs_config).map_err(err)?;
+        fs.import().map_err(err)?;
+        let mut blob = vec![0u8; TAG_MAX + 4];
+        blob[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
+        blob[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes());
+        Ok(Fs {
+            tag: config.tag.clone(),
+            config: blob,
+            server: Arc::new(Server::new(Arc::new(fs))),
+            worker: None,
+        })
+    }
+
+    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+}
+
+/// A vm-memory 0.17 view of the VMM's guest memory, for fuse-backend-rs.
+///
+/// Each region of `mem` is described to 0.17 by its host address and length; nothing is mapped
+/// or copied. The caller keeps `mem` alive for as long as the view is used.
+fn memory_view(
+    mem: &GuestMemoryMmap,
+) -> Result<fuse_vm_memory::GuestMemoryMmap, fuse_vm_memory::mmap::FromRangesError> {
+    let mut regions = Vec::new();
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: `region.as_ptr()` .. `+ len` is the live host mapping of this guest RAM
+        // region. `build_raw` only records the pointer (it neither maps nor, on drop, unmaps),
+        // and the worker that uses the view holds a clone of `mem`, whose regions own the
+        // mapping, for the view's whole life.
+        let raw = unsafe {
+            fuse_vm_memory::MmapRegion::build_raw(
+                region.as_ptr(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(fuse_vm_memory::mmap::FromRangesError::MmapRegion)?;
+        let start = fuse_vm_memory::GuestAddress(region.start_addr().raw_value());
+        let region = fuse_vm_memory::GuestRegionMmap::new(raw, start)
+            .ok_or(fuse_vm_memory::mmap::FromRangesError::InvalidGuestRegion)?;
+        regions.push(region);
+    }
+    fuse_vm_memory::GuestMemoryMmap::from_regions(regions)
+        .map_err(fuse_vm_memory::mmap::FromRangesError::Collection)
+}
+
+/// The same queue, as virtio-queue 0.17 sees it.
+fn queue_view(
+    queue: &Queue,
+    mem: &fuse_vm_memory::GuestMemoryMmap,
+) -> Option<fuse_virtio_queue::Queue> {
+    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+    let mut view = fuse_virtio_queue::Queue::new(queue.max_size()).ok()?;
+    view.set_size(queue.size());
+    let (lo, hi) = split(queue.desc_table());
+    view.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(queue.avail_ring());
+    view.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(queue.used_ring());
+    view.set_used_ring_address(lo, hi);
+    view.set_event_idx(queue.event_idx_enabled());
+    view.set_next_avail(queue.next_avail());
+    view.set_next_used(queue.next_used());
+    view.set_ready(queue.ready());
+    view.is_valid(mem).then_some(view)
+}
+
+/// Serves every request waiting on `queue`; returns whether any was answered.
+fn serve_queue(
+    server: &FuseServer,
+    mem: &fuse_vm_memory::GuestMemoryMmap,
+    queue: &mut fuse_virtio_queue::Queue,
+) -> bool {
+    let mut any = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let reader = Reader::from_descriptor_chain(mem, chain.clone());
+        let writer = VirtioFsWriter::new(mem, chain);
+        let written = match (reader, writer) {
+            (Ok(reader), Ok(writer)) => server
+                .handle_message(reader, writer.into(), None, None)
+                .unwrap_or_else(|e| {
+                    tracing::debug!("virtio-fs: request not served: {e}");
+                    0
+                }),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("virtio-fs: bad descriptor chain: {e}");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, written as u32) {
+            tracing::warn!("virtio-fs: cannot return a request: {e:?}");
+        }
+        any = true;
+    }
+    any
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn name(&self) -> &'static str {
+        "fs"
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data)
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), VirtioError> {
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(VirtioError::QueueCount {
+                device: "fs",
+                got: queues.len(),
+                expected: QUEUE_SIZES.len(),
+            });
+        }
+        let view = memory_view(&mem).map_err(|e| VirtioError::Backend {
+            device: "fs",
+            what: format!("cannot describe guest memory: {e}"),
+        })?;
+        let mut views = Vec::with_capacity(queues.len());
+        for (index, queue) in queues.iter().enumerate() {
+            views.push(queue_view(queue, &view).ok_or(VirtioError::InvalidQueue {
+                device: "fs",
+                index,
+            })?);
+        }
+        if let Some(old) = self.worker.take() {
+            old.shut_down();
+        }
+        let kick = Arc::new(EventFd::new(0).map_err(|e| VirtioError::Backend {
+            device: "fs",
+            what: format!("cannot create the worker's eventfd: {e}"),
+        })?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = self.server.clone();
+        let (worker_kick, worker_stop) = (kick.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("shoal-fs-{}", self.tag))
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                // Owns the 0.18 memory so the view's regions stay mapped.
+                let _owner = mem;
+                let mut queues = views;
+                loop {
+                    if worker_kick.read().is_err() {
+                        tracing::error!(
+                            "virtio-fs: worker eventfd {} failed",
+                            worker_kick.as_raw_fd()
+                        );
+                        return;
+                    }
+                    if worker_stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let mut any = false;
+                    for queue in queues.iter_mut() {
+                        any |= serve_queue(&server, &view, queue);
+                    }
+                    if any {
+                        interrupt.signal_used();
+                    }
+                }
+            });
+        let handle = spawned.map_err(|e| VirtioError::Backend {
+            device: "fs",
+            what: format!("cannot start the worker thread: {e}"),
+        })?;
+        self.worker = Some(Worker { kick, stop, handle });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.shut_down();
+        }
+    }
+
+    fn queue_notify(&mut self, _index: usize) {
+        if let Some(worker) = &self.worker {
+            if let Err(e) = worker.kick.write(1) {
+                tracing::warn!("virtio-fs: cannot wake the worker: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests;
