@@ -15,6 +15,19 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> R
     }
 }
 
+/// Mounts the sandbox's virtio-fs share (tag `tag`) at `target`.
+pub fn mount_share(tag: &str, target: &str) -> Result<()> {
+    std::fs::create_dir_all(target).map_err(|e| AgentError::io(format!("create {target}"), e))?;
+    mount(
+        Some(tag),
+        target,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| AgentError::sys(format!("mount virtio-fs tag {tag:?} on {target}"), e))
+}
+
 /// Mounts /proc, /sys, /dev, /dev/pts, /dev/shm, cgroup2, /run and /tmp (guest PID 1 only).
 pub fn mount_basics() -> Result<()> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -60,6 +60,9 @@ impl Agent for AgentService {
         // Only PID 1 of a VM owns its machine's hostname; an agent on a host leaves it alone.
         let set_hostname = std::process::id() == 1;
         blocking(move || {
+            if !req.shared_fs_tag.is_empty() {
+                crate::init::mount_share(&req.shared_fs_tag, shoal_agent_api::GUEST_SHARED_DIR)?;
+            }
             sb.configure(
                 &req.hostname,
                 &req.dns_servers,

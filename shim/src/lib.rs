@@ -1,3 +1,15 @@
-//! containerd shim v2 for shoal. The Task service arrives with issue #5; what exists is the
-//! host side of sandbox cgroups: [`host_cgroups`], a pool of pre-created cgroups.
+//! containerd shim v2 for shoal: one shim process per sandbox (pod), which boots the sandbox's
+//! micro-VM in-process and serves containerd's Task API against the guest agent.
+//!
+//! - [`service`]: the shim's `start`/`delete` actions and the Task service;
+//! - [`sandbox`]: the VM, its agent connection and state directory;
+//! - [`mounts`]: rootfs and volumes under the virtio-fs shared tree;
+//! - [`io`]: containerd's stdio fifos to and from the agent's streams;
+//! - [`config`]: `/etc/shoal/config.toml` and sizing annotations;
+//! - [`host_cgroups`]: a pool of pre-created sandbox cgroups.
+pub mod config;
 pub mod host_cgroups;
+pub mod io;
+pub mod mounts;
+pub mod sandbox;
+pub mod service;

@@ -35,6 +35,8 @@ pub mod agent_ttrpc {
 pub const AGENT_PORT: u32 = 1024;
 /// vsock port where the shim opens stdio streams.
 pub const STDIO_PORT: u32 = 1025;
+/// Where the agent mounts the sandbox's virtio-fs share in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/shoal/shared";
 
 /// Reaching the agent from the host through a VM's hybrid-vsock socket.
 pub mod client {

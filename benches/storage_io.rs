@@ -1,8 +1,9 @@
-//! virtio-blk throughput and host page-cache growth (run by `scripts/bench`; prints figures,
-//! asserts nothing). Side by side in one run: the same O_DIRECT operations on the host file
-//! and from the guest through virtio-blk — sequential 1 MiB reads and writes, 4 KiB random
-//! reads — and how much the host page cache grows while the guest reads a 256 MiB disk
-//! (with O_DIRECT on the host side the target is none).
+//! virtio-blk and virtio-fs throughput and host page-cache growth (run by `scripts/bench`;
+//! prints figures, asserts nothing). Side by side in one run: the same O_DIRECT operations on
+//! the host file, from the guest through virtio-blk (the file as a disk) and from the guest
+//! through virtio-fs (the file in a shared directory) — sequential 1 MiB reads and writes,
+//! 4 KiB random reads — and how much the host page cache grows while the guest reads 256 MiB
+//! (virtio-blk opens its file with O_DIRECT: the target is none).
 //!
 //! Needs SHOAL_GUEST_KERNEL and SHOAL_TEST_INITRD, root, and a host that can boot guests
 //! (`scripts/bench` runs it in the nested lab otherwise: then speeds are EMULATED).
@@ -15,7 +16,14 @@ use std::time::{Duration, Instant};
 
 use shoal_vmm::{Console, DiskConfig, Vm, VmConfig, VsockConfig};
 
-const SIZE: u64 = 256 << 20;
+/// The file size; SHOAL_BENCH_IO_MIB overrides the 256 MiB default (for quick checks).
+fn size() -> u64 {
+    std::env::var("SHOAL_BENCH_IO_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(256)
+        << 20
+}
 const CHUNK: usize = 1 << 20;
 const RANDOM_READS: u64 = 2000;
 
@@ -53,10 +61,10 @@ fn host_baseline(ro: &Path, rw: &Path) -> (f64, f64, f64) {
         .unwrap();
     let t = Instant::now();
     let mut off = 0;
-    while off < SIZE {
+    while off < size() {
         off += f.read_at(buf, off).unwrap() as u64;
     }
-    let read = SIZE as f64 / 1e6 / t.elapsed().as_secs_f64();
+    let read = size() as f64 / 1e6 / t.elapsed().as_secs_f64();
     let w = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
@@ -64,19 +72,19 @@ fn host_baseline(ro: &Path, rw: &Path) -> (f64, f64, f64) {
         .unwrap();
     let t = Instant::now();
     let mut off = 0;
-    while off < SIZE {
+    while off < size() {
         w.write_all_at(buf, off).unwrap();
         off += CHUNK as u64;
     }
     w.sync_all().unwrap();
-    let write = SIZE as f64 / 1e6 / t.elapsed().as_secs_f64();
+    let write = size() as f64 / 1e6 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..RANDOM_READS {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        f.read_exact_at(&mut buf[..4096], (x % (SIZE / 4096)) * 4096)
+        f.read_exact_at(&mut buf[..4096], (x % (size() / 4096)) * 4096)
             .unwrap();
     }
     let iops = RANDOM_READS as f64 / t.elapsed().as_secs_f64();
@@ -119,7 +127,7 @@ fn main() {
         std::env::var_os("SHOAL_GUEST_KERNEL"),
         std::env::var_os("SHOAL_TEST_INITRD"),
     ) else {
-        eprintln!("blk_io: set SHOAL_GUEST_KERNEL and SHOAL_TEST_INITRD (scripts/bench does)");
+        eprintln!("storage_io: set SHOAL_GUEST_KERNEL and SHOAL_TEST_INITRD (scripts/bench does)");
         std::process::exit(2);
     };
     let dir = PathBuf::from(format!("/var/tmp/shoal-bench-blk-{}", std::process::id()));
@@ -127,11 +135,13 @@ fn main() {
     let (ro, rw) = (dir.join("ro.img"), dir.join("rw.img"));
     let mut f = std::fs::File::create(&ro).unwrap();
     let block: Vec<u8> = (0..CHUNK).map(|i| (i * 7 + 3) as u8).collect();
-    for _ in 0..SIZE / CHUNK as u64 {
+    for _ in 0..size() / CHUNK as u64 {
         f.write_all(&block).unwrap();
     }
     f.sync_all().unwrap();
-    std::fs::File::create(&rw).unwrap().set_len(SIZE).unwrap();
+    std::fs::File::create(&rw).unwrap().set_len(size()).unwrap();
+    let rw_fs = dir.join("rw-fs.img");
+    std::fs::File::create(&rw_fs).unwrap().set_len(size()).unwrap();
     drop_caches();
 
     let (h_read, h_write, h_iops) = host_baseline(&ro, &rw);
@@ -158,7 +168,11 @@ fn main() {
                 read_only: false,
             },
         ],
-        shares: Vec::new(),
+        shares: vec![shoal_vmm::FsConfig {
+            tag: "bench".into(),
+            dir: dir.clone(),
+            cache: shoal_vmm::CacheMode::Auto,
+        }],
         console: Console::File(dir.join("console")),
     };
     let hello = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
@@ -171,10 +185,29 @@ fn main() {
     let (b, s) = guest(&uds, "readdev /dev/vda", deadline);
     let cache_growth = cached_mib() - cache_before;
     let g_read = b / 1e6 / s;
-    let (b, s) = guest(&uds, &format!("writedev /dev/vdb {SIZE}"), deadline);
+    let (b, s) = guest(&uds, &format!("writedev /dev/vdb {}", size()), deadline);
     let g_write = b / 1e6 / s;
     let (b, s) = guest(&uds, &format!("randread /dev/vda {RANDOM_READS}"), deadline);
     let g_iops = b / 4096.0 / s;
+
+    // The same through virtio-fs: the image files seen in the shared directory.
+    let (mut s, mut r) = connect(&uds, 1024, deadline);
+    s.write_all(b"sh mkdir -p /mnt && mount -t virtiofs bench /mnt\n")
+        .unwrap();
+    let mut answer = String::new();
+    r.read_to_string(&mut answer).unwrap();
+    assert!(answer.ends_with("exit=0\n"), "mounting virtio-fs: {answer}");
+    drop_caches();
+    let cache_before = cached_mib();
+    eprintln!("storage_io: virtio-fs mounted; reading");
+    let (b, s) = guest(&uds, "readdev /mnt/ro.img", deadline);
+    let fs_cache_growth = cached_mib() - cache_before;
+    let f_read = b / 1e6 / s;
+    eprintln!("storage_io: virtio-fs writing");
+    let (b, s) = guest(&uds, &format!("writedev /mnt/rw-fs.img {}", size()), deadline);
+    let f_write = b / 1e6 / s;
+    let (b, s) = guest(&uds, &format!("randread /mnt/ro.img {RANDOM_READS}"), deadline);
+    let f_iops = b / 4096.0 / s;
     let (mut s, _) = connect(&uds, 1024, deadline);
     s.write_all(b"reboot\n").unwrap();
     let _ = vm.wait();
@@ -190,23 +223,30 @@ fn main() {
     } else {
         "native"
     };
-    println!("virtio-blk, 256 MiB image on the host file system ({label}):");
-    println!("{:<44} {:>12} {:>12}", "", "host", "guest");
+    let mib = size() >> 20;
+    println!("virtio-blk and virtio-fs, {mib} MiB file on the host file system ({label}):");
     println!(
-        "{:<44} {:>9.1} MB/s {:>9.1} MB/s",
-        "sequential read, 1 MiB, O_DIRECT", h_read, g_read
+        "{:<44} {:>14} {:>14} {:>14}",
+        "", "host", "virtio-blk", "virtio-fs"
     );
     println!(
-        "{:<44} {:>9.1} MB/s {:>9.1} MB/s",
-        "sequential write + fsync, 1 MiB, O_DIRECT", h_write, g_write
+        "{:<44} {:>9.1} MB/s {:>9.1} MB/s {:>9.1} MB/s",
+        "sequential read, 1 MiB, O_DIRECT", h_read, g_read, f_read
     );
     println!(
-        "{:<44} {:>9.0} IOPS {:>9.0} IOPS",
-        "random read, 4 KiB, O_DIRECT", h_iops, g_iops
+        "{:<44} {:>9.1} MB/s {:>9.1} MB/s {:>9.1} MB/s",
+        "sequential write + fsync, 1 MiB, O_DIRECT", h_write, g_write, f_write
     );
     println!(
-        "{:<44} {:>9.1} MiB",
-        "host page-cache growth, guest reads 256 MiB", cache_growth
+        "{:<44} {:>9.0} IOPS {:>9.0} IOPS {:>9.0} IOPS",
+        "random read, 4 KiB, O_DIRECT", h_iops, g_iops, f_iops
+    );
+    println!(
+        "{:<44} {:>14} {:>9.1} MiB {:>9.1} MiB",
+        format!("host page-cache growth, guest reads {mib} MiB"),
+        "",
+        cache_growth,
+        fs_cache_growth
     );
     println!(
         "{:<44} {:>9.1} MiB",

@@ -1,0 +1,185 @@
+//! The shim's configuration: `/etc/shoal/config.toml` (or the file `SHOAL_CONFIG` names),
+//! then per-pod sizing from annotations.
+//!
+//! ```toml
+//! kernel = "/usr/share/shoal/vmlinux"          # guest kernel (uncompressed ELF)
+//! initrd = "/usr/share/shoal/shoal-agent.img"  # guest image: the agent as /init
+//! vcpus = 1
+//! memory_mib = 256
+//! log_level = "info"                           # tracing filter for the shim's log
+//! state_dir = "/run/shoal"                     # per-sandbox sockets, shared dirs, console
+//! agent_timeout_secs = 60                      # boot to agent answering
+//! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet"
+//! ```
+//!
+//! Annotations on the sandbox's spec: `io.shoal.vm.vcpus`, `io.shoal.vm.memory_mib`. Any other
+//! `io.shoal.*` annotation is refused, so a typo does not silently give a default-sized VM.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable naming the config file (containerd passes its environment to shims).
+pub const CONFIG_ENV: &str = "SHOAL_CONFIG";
+/// Where the config file lives when `SHOAL_CONFIG` is not set.
+pub const DEFAULT_CONFIG: &str = "/etc/shoal/config.toml";
+/// Annotation: vCPUs of the sandbox VM.
+pub const ANNOTATION_VCPUS: &str = "io.shoal.vm.vcpus";
+/// Annotation: memory of the sandbox VM in MiB.
+pub const ANNOTATION_MEMORY: &str = "io.shoal.vm.memory_mib";
+const ANNOTATION_PREFIX: &str = "io.shoal.";
+
+/// Errors in configuration; each names the file or annotation at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read shoal config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shoal config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown annotation {0:?} (shoal knows {ANNOTATION_VCPUS} and {ANNOTATION_MEMORY})")]
+    UnknownAnnotation(String),
+    #[error("annotation {key}={value:?}: {reason}")]
+    BadAnnotation {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Everything the shim needs to start a sandbox.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub log_level: String,
+    pub state_dir: PathBuf,
+    pub agent_timeout_secs: u64,
+    pub kernel_cmdline: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kernel: "/usr/share/shoal/vmlinux".into(),
+            initrd: "/usr/share/shoal/shoal-agent.img".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            log_level: "info".into(),
+            state_dir: "/run/shoal".into(),
+            agent_timeout_secs: 60,
+            kernel_cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the config file: `$SHOAL_CONFIG` if set (it must exist), else
+    /// `/etc/shoal/config.toml` if present, else the defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(path) => Config::from_file(Path::new(&path)),
+            None if Path::new(DEFAULT_CONFIG).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG))
+            }
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        if config.vcpus == 0 || config.memory_mib < 64 {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: "vcpus must be at least 1 and memory_mib at least 64".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// Applies the sandbox's sizing annotations; refuses unknown `io.shoal.*` keys.
+    pub fn apply_annotations(&mut self, annotations: &HashMap<String, String>) -> Result<(), ConfigError> {
+        for (key, value) in annotations {
+            if !key.starts_with(ANNOTATION_PREFIX) {
+                continue;
+            }
+            let bad = |reason: &str| ConfigError::BadAnnotation {
+                key: key.clone(),
+                value: value.clone(),
+                reason: reason.into(),
+            };
+            match key.as_str() {
+                ANNOTATION_VCPUS => {
+                    self.vcpus = value
+                        .parse()
+                        .ok()
+                        .filter(|v| (1..=64).contains(v))
+                        .ok_or_else(|| bad("expected a number of vCPUs from 1 to 64"))?;
+                }
+                ANNOTATION_MEMORY => {
+                    self.memory_mib = value
+                        .parse()
+                        .ok()
+                        .filter(|v| *v >= 64)
+                        .ok_or_else(|| bad("expected MiB, at least 64"))?;
+                }
+                _ => return Err(ConfigError::UnknownAnnotation(key.clone())),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("shoal-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("config.toml");
+        std::fs::write(&p, "vcpus = 2\nmemory_mib = 512\n").unwrap();
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.kernel, Config::default().kernel);
+        std::fs::write(&p, "vcpu = 2\n").unwrap();
+        let e = Config::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("vcpu") && e.contains("config.toml"), "{e}");
+        std::fs::write(&p, "memory_mib = 8\n").unwrap();
+        assert!(Config::from_file(&p).is_err());
+        let e = Config::from_file(&dir.join("missing.toml")).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn annotations_size_the_vm_and_typos_are_refused() {
+        let mut c = Config::default();
+        let a = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        c.apply_annotations(&a(&[(ANNOTATION_VCPUS, "2"), (ANNOTATION_MEMORY, "300"), ("other", "x")]))
+            .unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 300));
+        let e = c.apply_annotations(&a(&[("io.shoal.vm.cpus", "2")])).unwrap_err();
+        assert!(e.to_string().contains("io.shoal.vm.cpus"));
+        let e = c.apply_annotations(&a(&[(ANNOTATION_VCPUS, "0")])).unwrap_err();
+        assert!(e.to_string().contains("1 to 64"));
+    }
+}

@@ -1,0 +1,239 @@
+//! A sandbox: one micro-VM booted in the shim's own process, its agent, and its state
+//! directory (`<state_dir>/<sandbox id>/`: the virtio-fs shared tree, the hybrid-vsock socket,
+//! the guest console log).
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use shoal_agent_api::agent::{CheckRequest, CreateSandboxRequest, Empty};
+use shoal_agent_api::agent_ttrpc::AgentClient;
+use shoal_agent_api::client::connect_agent;
+use shoal_agent_api::AGENT_PORT;
+use shoal_vmm::{CacheMode, Console, ExitReason, FsConfig, Stopper, Vm, VmConfig, VsockConfig};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::mounts;
+
+/// virtio-fs tag of every sandbox's shared tree.
+pub const SHARE_TAG: &str = "shoal";
+
+/// Errors starting or stopping a sandbox; each says what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("guest {what} {path} not found; set `{key}` in the shoal config (/etc/shoal/config.toml) or run scripts/install")]
+    MissingArtifact {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
+    #[error("cannot prepare the sandbox directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the sandbox VM failed to start: {0}")]
+    Boot(#[from] shoal_vmm::Error),
+    #[error("the guest agent did not answer within {secs} s (guest console: {console}): {message}")]
+    AgentTimeout {
+        secs: u64,
+        console: PathBuf,
+        message: String,
+    },
+    #[error("the guest agent refused to set up the sandbox: {0}")]
+    Agent(ttrpc::Error),
+}
+
+/// How the VM ended, once it has.
+pub type VmExit = watch::Receiver<Option<ExitReason>>;
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub shared: PathBuf,
+    pub uds: PathBuf,
+    pub agent: AgentClient,
+    stopper: Stopper,
+    vm_thread: Mutex<Option<JoinHandle<()>>>,
+    pub exited: VmExit,
+}
+
+/// A ttrpc context with a deadline (0: none).
+pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(timeout.as_nanos() as i64)
+}
+
+impl Sandbox {
+    /// Boots the VM for sandbox `id` and waits for its agent.
+    pub async fn start(id: &str, hostname: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+        for (what, key, path) in [
+            ("kernel", "kernel", &config.kernel),
+            ("image", "initrd", &config.initrd),
+        ] {
+            if !path.is_file() {
+                return Err(SandboxError::MissingArtifact {
+                    what,
+                    key,
+                    path: path.clone(),
+                });
+            }
+        }
+        let dir = config.state_dir.join(id);
+        // A directory left by a shim that died: take its mounts down first.
+        let _ = mounts::remove_tree(&dir);
+        let shared = dir.join("shared");
+        std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir {
+            path: shared.clone(),
+            source,
+        })?;
+        let uds = dir.join("vsock.sock");
+        let console = dir.join("console.log");
+        let vm_config = VmConfig {
+            kernel: config.kernel.clone(),
+            initrd: Some(config.initrd.clone()),
+            cmdline: config.kernel_cmdline.clone(),
+            memory_mib: config.memory_mib,
+            vcpus: config.vcpus,
+            vsock: Some(VsockConfig {
+                uds_path: uds.clone(),
+                cid: 3,
+            }),
+            disks: Vec::new(),
+            shares: vec![FsConfig {
+                tag: SHARE_TAG.into(),
+                dir: shared.clone(),
+                cache: CacheMode::Auto,
+            }],
+            console: Console::File(console.clone()),
+        };
+        let booted = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))
+            .await
+            .expect("VM boot task");
+        let vm = match booted {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = mounts::remove_tree(&dir);
+                return Err(e.into());
+            }
+        };
+        let stopper = vm.stopper();
+        let (tx, exited) = watch::channel(None);
+        let vm_thread = std::thread::Builder::new()
+            .name("shoal-vm-wait".into())
+            .spawn(move || {
+                let reason = vm.wait();
+                tracing::info!("sandbox VM ended: {reason:?}");
+                let _ = tx.send(Some(reason));
+            })
+            .expect("spawning the VM wait thread");
+        let mut sandbox = SandboxParts {
+            stopper,
+            vm_thread: Some(vm_thread),
+            dir: dir.clone(),
+        };
+        let timeout = Duration::from_secs(config.agent_timeout_secs);
+        let agent = match connect_agent(&uds, AGENT_PORT, timeout).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                sandbox.stop();
+                return Err(SandboxError::AgentTimeout {
+                    secs: config.agent_timeout_secs,
+                    console,
+                    message: e.to_string(),
+                });
+            }
+        };
+        let setup = async {
+            agent.check(ctx(timeout), &CheckRequest::new()).await?;
+            let req = CreateSandboxRequest {
+                hostname: hostname.into(),
+                sandbox_id: id.into(),
+                shared_fs_tag: SHARE_TAG.into(),
+                ..Default::default()
+            };
+            agent.create_sandbox(ctx(timeout), &req).await
+        };
+        if let Err(e) = setup.await {
+            sandbox.stop();
+            return Err(SandboxError::Agent(e));
+        }
+        let (stopper, vm_thread) = sandbox.disarm();
+        Ok(Sandbox {
+            id: id.into(),
+            dir,
+            shared,
+            uds,
+            agent,
+            stopper,
+            vm_thread: Mutex::new(vm_thread),
+            exited,
+        })
+    }
+
+    /// Host directory and guest path of container `cid`'s files.
+    pub fn container_dirs(&self, cid: &str) -> (PathBuf, String) {
+        (
+            self.shared.join(cid),
+            format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR),
+        )
+    }
+
+    /// Asks the guest to power off, stops the VM if it does not, and removes the state dir.
+    pub async fn shut_down(&self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.agent.shutdown(ctx(Duration::from_secs(2)), &Empty::new()),
+        )
+        .await;
+        let mut exited = self.exited.clone();
+        let ended = tokio::time::timeout(Duration::from_secs(3), exited.wait_for(Option::is_some));
+        if ended.await.is_err() {
+            tracing::warn!("sandbox {}: guest did not power off; stopping the VM", self.id);
+            self.stopper.stop();
+        }
+        let handle = self.vm_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        if let Err(e) = mounts::remove_tree(&self.dir) {
+            tracing::warn!("sandbox {}: {e}", self.id);
+        }
+    }
+}
+
+/// The VM while the sandbox is still being set up: stopped and cleaned if setup fails.
+struct SandboxParts {
+    stopper: Stopper,
+    vm_thread: Option<JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+impl SandboxParts {
+    fn stop(&mut self) {
+        self.stopper.stop();
+        if let Some(h) = self.vm_thread.take() {
+            let _ = h.join();
+        }
+        let _ = mounts::remove_tree(&self.dir);
+    }
+
+    /// Setup succeeded: hand the VM over to the sandbox.
+    fn disarm(mut self) -> (Stopper, Option<JoinHandle<()>>) {
+        (self.stopper.clone(), self.vm_thread.take())
+    }
+}
+
+impl Drop for SandboxParts {
+    fn drop(&mut self) {
+        if self.vm_thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// The sandbox directory for `id` under `state_dir`, if it exists.
+pub fn existing_dir(state_dir: &Path, id: &str) -> Option<PathBuf> {
+    let d = state_dir.join(id);
+    d.is_dir().then_some(d)
+}

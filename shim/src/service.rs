@@ -1,0 +1,930 @@
+//! The shim: containerd's `start`/`delete` actions and the Task service, served against the
+//! sandbox's guest agent.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config as ShimConfig, Context, DeleteResponse, Flags, StartOpts, TtrpcResult};
+use containerd_shim_protos::api;
+use containerd_shim_protos::cgroups_v2::metrics as v2;
+use containerd_shim_protos::events::task as ev;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::{EnumOrUnknown, MessageDyn, MessageField};
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::topics;
+use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim_protos::types::task::{ProcessInfo, Status};
+use oci_spec::runtime::Spec;
+use shoal_agent_api::agent as ag;
+use tokio::sync::{watch, Mutex};
+
+use crate::config::Config;
+use crate::io::{Fifos, ProcessIo};
+use crate::mounts::{self, RootfsMount};
+use crate::sandbox::{ctx, Sandbox};
+
+/// CRI's annotations that group a pod's containers into one sandbox.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Exit status reported when the VM dies under a process (as if killed by SIGKILL).
+const VM_GONE_STATUS: u32 = 255;
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn not_found(what: &str) -> ttrpc::Error {
+    status(ttrpc::Code::NOT_FOUND, format!("{what} not found"))
+}
+
+fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+fn timestamp_from_nanos(n: i64) -> Timestamp {
+    if n <= 0 {
+        return now();
+    }
+    Timestamp {
+        seconds: n / 1_000_000_000,
+        nanos: (n % 1_000_000_000) as i32,
+        ..Default::default()
+    }
+}
+
+/// Exit status and time, once a process has ended.
+type Exit = Option<(u32, Timestamp)>;
+
+/// One process: a container's init (exec id "") or an exec.
+struct Process {
+    fifos: Fifos,
+    spec_json: Vec<u8>,
+    status: Status,
+    guest_pid: u32,
+    exit: watch::Receiver<Exit>,
+    exit_tx: Arc<watch::Sender<Exit>>,
+    io: Arc<std::sync::Mutex<Option<ProcessIo>>>,
+}
+
+impl Process {
+    fn new(fifos: Fifos, spec_json: Vec<u8>) -> Process {
+        let (tx, rx) = watch::channel(None);
+        Process {
+            fifos,
+            spec_json,
+            status: Status::CREATED,
+            guest_pid: 0,
+            exit: rx,
+            exit_tx: Arc::new(tx),
+            io: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    fn exited(&self) -> Exit {
+        self.exit.borrow().clone()
+    }
+}
+
+struct Container {
+    bundle: String,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sandbox: Option<Arc<Sandbox>>,
+    containers: HashMap<String, Container>,
+}
+
+struct State {
+    namespace: String,
+    exit: ExitSignal,
+    publisher: OnceLock<RemotePublisher>,
+    inner: Mutex<Inner>,
+}
+
+/// The shim; one process serves every container of one sandbox.
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<State>,
+}
+
+/// Reads and checks a bundle's config.json, naming what is wrong.
+pub fn load_spec(bundle: &Path) -> Result<Spec, String> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path).map_err(|e| format!("invalid OCI spec {}: {e}", path.display()))?;
+    if spec.process().is_none() {
+        return Err(format!("{}: no process to run", path.display()));
+    }
+    if spec.root().is_none() {
+        return Err(format!("{}: no root file system", path.display()));
+    }
+    Ok(spec)
+}
+
+/// The sandbox a container belongs to: its CRI pod, or itself.
+fn sandbox_id(spec: &Spec, container_id: &str) -> String {
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    match annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) {
+        Some("container") => annotations
+            .get(CRI_SANDBOX_ID)
+            .cloned()
+            .unwrap_or_else(|| container_id.to_string()),
+        _ => container_id.to_string(),
+    }
+}
+
+impl Service {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let Some(publisher) = self.state.publisher.get() else {
+            return;
+        };
+        if let Err(e) = publisher
+            .publish(Context::default(), topic, &self.state.namespace, event)
+            .await
+        {
+            tracing::warn!("cannot publish {topic}: {e}");
+        }
+    }
+
+    async fn sandbox(&self) -> TtrpcResult<Arc<Sandbox>> {
+        self.state
+            .inner
+            .lock()
+            .await
+            .sandbox
+            .clone()
+            .ok_or_else(|| status(ttrpc::Code::FAILED_PRECONDITION, "no sandbox is running"))
+    }
+
+    /// Starts the sandbox for the first container (or returns the running one).
+    async fn ensure_sandbox(&self, inner: &mut Inner, spec: &Spec, cid: &str) -> TtrpcResult<Arc<Sandbox>> {
+        if let Some(sb) = &inner.sandbox {
+            return Ok(sb.clone());
+        }
+        let mut config = Config::load().map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        config
+            .apply_annotations(&spec.annotations().clone().unwrap_or_default())
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let id = sandbox_id(spec, cid);
+        let hostname = spec.hostname().clone().unwrap_or_default();
+        let started = std::time::Instant::now();
+        let sb = Sandbox::start(&id, &hostname, &config)
+            .await
+            .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
+        tracing::info!("sandbox {id}: VM booted and agent ready in {:?}", started.elapsed());
+        let sb = Arc::new(sb);
+        self.watch_oom(sb.clone());
+        inner.sandbox = Some(sb.clone());
+        Ok(sb)
+    }
+
+    fn watch_oom(&self, sb: Arc<Sandbox>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = sb.agent.wait_oom_event(ctx(Duration::ZERO), &ag::Empty::new()).await {
+                me.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(ev::TaskOOM {
+                        container_id: event.container_id,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            }
+        });
+    }
+
+    /// Shuts the sandbox down once no container is left in it.
+    async fn release_sandbox_if_empty(&self, inner: &mut Inner) {
+        if !inner.containers.is_empty() {
+            return;
+        }
+        if let Some(sb) = inner.sandbox.take() {
+            sb.shut_down().await;
+        }
+    }
+
+    /// Waits for a started process to end, then records and announces its exit.
+    fn spawn_waiter(&self, sb: Arc<Sandbox>, cid: String, exec_id: String, tx: Arc<watch::Sender<Exit>>, io: Arc<std::sync::Mutex<Option<ProcessIo>>>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let req = ag::ProcessRequest {
+                container_id: cid.clone(),
+                exec_id: exec_id.clone(),
+                ..Default::default()
+            };
+            let mut vm_exited = sb.exited.clone();
+            let (code, at) = tokio::select! {
+                r = sb.agent.wait_process(ctx(Duration::ZERO), &req) => match r {
+                    Ok(r) => (r.exit_status, timestamp_from_nanos(r.exited_at_unix_nanos)),
+                    Err(e) => {
+                        tracing::warn!("{cid}/{exec_id}: lost the process: {e}");
+                        (VM_GONE_STATUS, now())
+                    }
+                },
+                _ = vm_exited.wait_for(Option::is_some) => {
+                    tracing::warn!("{cid}/{exec_id}: the sandbox VM ended under the process");
+                    (VM_GONE_STATUS, now())
+                }
+            };
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(io) = io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    io.drain(Duration::from_secs(5));
+                }
+            })
+            .await;
+            {
+                let mut inner = me.state.inner.lock().await;
+                if let Some(c) = inner.containers.get_mut(&cid) {
+                    let p = if exec_id.is_empty() { Some(&mut c.init) } else { c.execs.get_mut(&exec_id) };
+                    if let Some(p) = p {
+                        p.status = Status::STOPPED;
+                    }
+                }
+            }
+            let _ = tx.send(Some((code, at.clone())));
+            me.publish(
+                topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(ev::TaskExit {
+                    container_id: cid.clone(),
+                    id: if exec_id.is_empty() { cid } else { exec_id },
+                    pid: std::process::id(),
+                    exit_status: code,
+                    exited_at: MessageField::some(at),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        });
+    }
+
+    /// Undoes a container's host side: stdio copies, mounts, files.
+    fn clean_container_files(sb: &Sandbox, cid: &str) {
+        let (host_dir, _) = sb.container_dirs(cid);
+        if let Err(e) = mounts::remove_tree(&host_dir) {
+            tracing::warn!("{cid}: {e}");
+        }
+    }
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
+        // tracing, not the crate's `log` logger: main() set it up.
+        config.no_setup_logger = true;
+        Service {
+            state: Arc::new(State {
+                namespace: args.namespace.clone(),
+                exit: ExitSignal::default(),
+                publisher: OnceLock::new(),
+                inner: Mutex::new(Inner::default()),
+            }),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
+        // containerd runs `start` in the bundle directory.
+        let grouping = match load_spec(Path::new(".")) {
+            Ok(spec) => sandbox_id(&spec, &opts.id),
+            Err(_) => opts.id.clone(),
+        };
+        spawn(opts, &grouping, Vec::new()).await
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
+        // The shim serving this container is gone (and its VM with it): clean what it left.
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let cid = bundle.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Ok(config) = Config::load() {
+            let sid = load_spec(&bundle).map(|s| sandbox_id(&s, &cid)).unwrap_or_else(|_| cid.clone());
+            if let Some(dir) = crate::sandbox::existing_dir(&config.state_dir, &sid) {
+                let _ = mounts::remove_tree(&dir.join("shared").join(&cid));
+                let others = std::fs::read_dir(dir.join("shared")).map(|d| d.count()).unwrap_or(0);
+                if others == 0 || sid == cid {
+                    let _ = mounts::remove_tree(&dir);
+                }
+            }
+        }
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(now()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.state.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let _ = self.state.publisher.set(publisher);
+        self.clone()
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+        let cid = req.id.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let mut spec = load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        if !req.checkpoint.is_empty() {
+            return Err(status(ttrpc::Code::UNIMPLEMENTED, "restoring from a checkpoint is not supported by shoal"));
+        }
+        let mut inner = self.state.inner.lock().await;
+        if inner.containers.contains_key(&cid) {
+            return Err(status(ttrpc::Code::ALREADY_EXISTS, format!("container {cid} already exists")));
+        }
+        let sb = self.ensure_sandbox(&mut inner, &spec, &cid).await?;
+        let fifos = Fifos {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let result = async {
+            let (host_dir, guest_dir) = sb.container_dirs(&cid);
+            let rootfs: Vec<RootfsMount> = req
+                .rootfs
+                .iter()
+                .map(|m| RootfsMount {
+                    kind: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect();
+            mounts::mount_rootfs(&rootfs, &bundle, &host_dir.join("rootfs"))
+                .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+            mounts::share_volumes(&mut spec, &host_dir, &guest_dir)
+                .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+            let spec_json = serde_json::to_vec(&spec).map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+            let uds = sb.uds.clone();
+            let f = fifos.clone();
+            let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &f))
+                .await
+                .expect("stdio task")
+                .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
+            let mut init = Process::new(fifos.clone(), Vec::new());
+            *init.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+            let created = sb
+                .agent
+                .create_container(
+                    ctx(RPC_TIMEOUT),
+                    &ag::CreateContainerRequest {
+                        container_id: cid.clone(),
+                        spec_json,
+                        rootfs: format!("{guest_dir}/rootfs"),
+                        stdio: MessageField::some(stdio),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            match created {
+                Ok(r) => {
+                    init.guest_pid = r.pid;
+                    Ok(init)
+                }
+                Err(e) => {
+                    if let Some(io) = init.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                        io.shut_down(&fifos);
+                    }
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let init = match result {
+            Ok(init) => init,
+            Err(e) => {
+                Self::clean_container_files(&sb, &cid);
+                self.release_sandbox_if_empty(&mut inner).await;
+                return Err(e);
+            }
+        };
+        inner.containers.insert(
+            cid.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                init,
+                execs: HashMap::new(),
+            },
+        );
+        drop(inner);
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(ev::TaskCreate {
+                container_id: cid,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: MessageField::some(ev::TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid: std::process::id(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse {
+            pid: std::process::id(),
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let sb = self.sandbox().await?;
+        let mut inner = self.state.inner.lock().await;
+        let c = inner.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            if c.init.status != Status::CREATED {
+                return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("container {} was already started", req.id)));
+            }
+            sb.agent
+                .start_container(
+                    ctx(RPC_TIMEOUT),
+                    &ag::ContainerRequest {
+                        container_id: req.id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            c.init.status = Status::RUNNING;
+            self.spawn_waiter(sb.clone(), req.id.clone(), String::new(), c.init.exit_tx.clone(), c.init.io.clone());
+            drop(inner);
+            self.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(ev::TaskStart {
+                    container_id: req.id,
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        } else {
+            let p = c.execs.get_mut(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            if p.status != Status::CREATED {
+                return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("exec {} was already started", req.exec_id)));
+            }
+            let uds = sb.uds.clone();
+            let f = p.fifos.clone();
+            let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &f))
+                .await
+                .expect("stdio task")
+                .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
+            *p.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+            let r = sb
+                .agent
+                .exec_process(
+                    ctx(RPC_TIMEOUT),
+                    &ag::ExecProcessRequest {
+                        container_id: req.id.clone(),
+                        exec_id: req.exec_id.clone(),
+                        process_json: p.spec_json.clone(),
+                        stdio: MessageField::some(stdio),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    let fifos = p.fifos.clone();
+                    if let Some(io) = p.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                        io.shut_down(&fifos);
+                    }
+                    return Err(e);
+                }
+            };
+            p.guest_pid = r.pid;
+            p.status = Status::RUNNING;
+            self.spawn_waiter(sb.clone(), req.id.clone(), req.exec_id.clone(), p.exit_tx.clone(), p.io.clone());
+            drop(inner);
+            self.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(ev::TaskExecStarted {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        let mut inner = self.state.inner.lock().await;
+        let c = inner.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let pid = std::process::id();
+        if !req.exec_id.is_empty() {
+            let p = c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            if p.status == Status::RUNNING {
+                return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("exec {} is still running", req.exec_id)));
+            }
+            let (code, at) = p.exited().unwrap_or((0, now()));
+            c.execs.remove(&req.exec_id);
+            return Ok(api::DeleteResponse {
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(at),
+                ..Default::default()
+            });
+        }
+        if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+            return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("container {} is still running; kill it first", req.id)));
+        }
+        let (code, at) = c.init.exited().unwrap_or((0, now()));
+        let c = inner.containers.remove(&req.id).expect("looked up above");
+        if let Some(sb) = inner.sandbox.clone() {
+            let removed = sb
+                .agent
+                .remove_container(
+                    ctx(RPC_TIMEOUT),
+                    &ag::RemoveContainerRequest {
+                        container_id: req.id.clone(),
+                        force: true,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            if let Err(e) = removed {
+                // A dead VM has nothing left to remove; anything else is worth a line.
+                if sb.exited.borrow().is_none() {
+                    tracing::warn!("{}: agent could not remove the container: {e}", req.id);
+                }
+            }
+            for p in std::iter::once(&c.init).chain(c.execs.values()) {
+                if let Some(io) = p.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    io.shut_down(&p.fifos);
+                }
+            }
+            Self::clean_container_files(&sb, &req.id);
+        }
+        self.release_sandbox_if_empty(&mut inner).await;
+        drop(inner);
+        self.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(ev::TaskDelete {
+                container_id: req.id.clone(),
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(at.clone()),
+                id: req.id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        let _ = c.bundle;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let mut inner = self.state.inner.lock().await;
+        let c = inner.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(status(ttrpc::Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
+        }
+        if c.init.status != Status::RUNNING {
+            return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("container {} is not running", req.id)));
+        }
+        let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        if let Err(e) = serde_json::from_slice::<oci_spec::runtime::Process>(&spec) {
+            return Err(status(ttrpc::Code::INVALID_ARGUMENT, format!("exec {}: invalid process spec: {e}", req.exec_id)));
+        }
+        let fifos = Fifos {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        c.execs.insert(req.exec_id.clone(), Process::new(fifos, spec));
+        drop(inner);
+        self.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(ev::TaskExecAdded {
+                container_id: req.id,
+                exec_id: req.exec_id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        let inner = self.state.inner.lock().await;
+        let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let p = if req.exec_id.is_empty() {
+            &c.init
+        } else {
+            c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+        };
+        let (code, at) = p.exited().map(|(c, t)| (c, MessageField::some(t))).unwrap_or((0, MessageField::none()));
+        Ok(api::StateResponse {
+            id: req.id,
+            bundle: c.bundle.clone(),
+            pid: std::process::id(),
+            status: EnumOrUnknown::new(p.status),
+            stdin: p.fifos.stdin.clone(),
+            stdout: p.fifos.stdout.clone(),
+            stderr: p.fifos.stderr.clone(),
+            terminal: p.fifos.terminal,
+            exit_status: code,
+            exited_at: at,
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let sb = self.sandbox().await?;
+        let r = sb
+            .agent
+            .list_processes(
+                ctx(RPC_TIMEOUT),
+                &ag::ContainerRequest {
+                    container_id: req.id,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(api::PidsResponse {
+            processes: r
+                .pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        {
+            let inner = self.state.inner.lock().await;
+            let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                &c.init
+            } else {
+                c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+            };
+            if p.status == Status::STOPPED {
+                return Err(status(ttrpc::Code::NOT_FOUND, "process already finished"));
+            }
+        }
+        sb.agent
+            .signal_process(
+                ctx(RPC_TIMEOUT),
+                &ag::SignalProcessRequest {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    signal: req.signal,
+                    all: req.all,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let mut rx = {
+            let inner = self.state.inner.lock().await;
+            let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                &c.init
+            } else {
+                c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+            };
+            p.exit.clone()
+        };
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| status(ttrpc::Code::ABORTED, "the shim is shutting down"))?
+            .clone()
+            .expect("waited for Some");
+        Ok(api::WaitResponse {
+            exit_status: exit.0,
+            exited_at: MessageField::some(exit.1),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        sb.agent
+            .pause_container(
+                ctx(RPC_TIMEOUT),
+                &ag::ContainerRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if let Some(c) = self.state.inner.lock().await.containers.get_mut(&req.id) {
+            c.init.status = Status::PAUSED;
+        }
+        self.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(ev::TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        sb.agent
+            .resume_container(
+                ctx(RPC_TIMEOUT),
+                &ag::ContainerRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if let Some(c) = self.state.inner.lock().await.containers.get_mut(&req.id) {
+            if c.init.status == Status::PAUSED {
+                c.init.status = Status::RUNNING;
+            }
+        }
+        self.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(ev::TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        let resources = req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        sb.agent
+            .update_container(
+                ctx(RPC_TIMEOUT),
+                &ag::UpdateContainerRequest {
+                    container_id: req.id,
+                    resources_json: resources,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let sb = self.sandbox().await?;
+        let s = sb
+            .agent
+            .stats_container(
+                ctx(RPC_TIMEOUT),
+                &ag::ContainerRequest {
+                    container_id: req.id,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let metrics = v2::Metrics {
+            pids: MessageField::some(v2::PidsStat {
+                current: s.pids_current,
+                limit: s.pids_max,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(v2::CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                ..Default::default()
+            }),
+            memory: MessageField::some(v2::MemoryStat {
+                usage: s.memory_current,
+                usage_limit: s.memory_max,
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(v2::MemoryEvents {
+                oom_kill: s.memory_oom_kills,
+                ..Default::default()
+            }),
+            io: MessageField::some(v2::IOStat {
+                usage: vec![v2::IOEntry {
+                    rbytes: s.io_read_bytes,
+                    wbytes: s.io_write_bytes,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        sb.agent
+            .resize_pty(
+                ctx(RPC_TIMEOUT),
+                &ag::ResizePtyRequest {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    width: req.width,
+                    height: req.height,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let io = {
+            let inner = self.state.inner.lock().await;
+            let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let p = if req.exec_id.is_empty() {
+                &c.init
+            } else {
+                c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+            };
+            p.io.clone()
+        };
+        tokio::task::spawn_blocking(move || {
+            if let Some(io) = io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                io.close_stdin(Duration::from_secs(1));
+            }
+        })
+        .await
+        .expect("close stdin task");
+        Ok(api::Empty::new())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
+        Err(status(ttrpc::Code::UNIMPLEMENTED, format!("checkpoint of {}: not supported by shoal", req.id)))
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+        let inner = self.state.inner.lock().await;
+        if !inner.containers.contains_key(&req.id) {
+            return Err(not_found(&format!("container {}", req.id)));
+        }
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let mut inner = self.state.inner.lock().await;
+        if !inner.containers.is_empty() {
+            return Ok(api::Empty::new());
+        }
+        self.release_sandbox_if_empty(&mut inner).await;
+        self.state.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
