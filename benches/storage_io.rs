@@ -141,7 +141,10 @@ fn main() {
     f.sync_all().unwrap();
     std::fs::File::create(&rw).unwrap().set_len(size()).unwrap();
     let rw_fs = dir.join("rw-fs.img");
-    std::fs::File::create(&rw_fs).unwrap().set_len(size()).unwrap();
+    std::fs::File::create(&rw_fs)
+        .unwrap()
+        .set_len(size())
+        .unwrap();
     drop_caches();
 
     let (h_read, h_write, h_iops) = host_baseline(&ro, &rw);
@@ -204,9 +207,17 @@ fn main() {
     let fs_cache_growth = cached_mib() - cache_before;
     let f_read = b / 1e6 / s;
     eprintln!("storage_io: virtio-fs writing");
-    let (b, s) = guest(&uds, &format!("writedev /mnt/rw-fs.img {}", size()), deadline);
+    let (b, s) = guest(
+        &uds,
+        &format!("writedev /mnt/rw-fs.img {}", size()),
+        deadline,
+    );
     let f_write = b / 1e6 / s;
-    let (b, s) = guest(&uds, &format!("randread /mnt/ro.img {RANDOM_READS}"), deadline);
+    let (b, s) = guest(
+        &uds,
+        &format!("randread /mnt/ro.img {RANDOM_READS}"),
+        deadline,
+    );
     let f_iops = b / 4096.0 / s;
     let (mut s, _) = connect(&uds, 1024, deadline);
     s.write_all(b"reboot\n").unwrap();

@@ -123,7 +123,9 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
             _ = shutdown.notified() => tracing::info!("shutdown requested"),
             _ = term.recv() => tracing::info!("SIGTERM"),
         }
-        let _ = server.shutdown().await;
+        // The shim keeps long polls open (OOM events, waits): don't wait for them to finish.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_millis(300), server.shutdown()).await;
         anyhow::Ok(())
     })?;
     sandbox.remove_all();

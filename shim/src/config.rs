@@ -110,7 +110,10 @@ impl Config {
     }
 
     /// Applies the sandbox's sizing annotations; refuses unknown `io.shoal.*` keys.
-    pub fn apply_annotations(&mut self, annotations: &HashMap<String, String>) -> Result<(), ConfigError> {
+    pub fn apply_annotations(
+        &mut self,
+        annotations: &HashMap<String, String>,
+    ) -> Result<(), ConfigError> {
         for (key, value) in annotations {
             if !key.starts_with(ANNOTATION_PREFIX) {
                 continue;
@@ -160,7 +163,9 @@ mod tests {
         assert!(e.contains("vcpu") && e.contains("config.toml"), "{e}");
         std::fs::write(&p, "memory_mib = 8\n").unwrap();
         assert!(Config::from_file(&p).is_err());
-        let e = Config::from_file(&dir.join("missing.toml")).unwrap_err().to_string();
+        let e = Config::from_file(&dir.join("missing.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.toml"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -174,12 +179,20 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>()
         };
-        c.apply_annotations(&a(&[(ANNOTATION_VCPUS, "2"), (ANNOTATION_MEMORY, "300"), ("other", "x")]))
-            .unwrap();
+        c.apply_annotations(&a(&[
+            (ANNOTATION_VCPUS, "2"),
+            (ANNOTATION_MEMORY, "300"),
+            ("other", "x"),
+        ]))
+        .unwrap();
         assert_eq!((c.vcpus, c.memory_mib), (2, 300));
-        let e = c.apply_annotations(&a(&[("io.shoal.vm.cpus", "2")])).unwrap_err();
+        let e = c
+            .apply_annotations(&a(&[("io.shoal.vm.cpus", "2")]))
+            .unwrap_err();
         assert!(e.to_string().contains("io.shoal.vm.cpus"));
-        let e = c.apply_annotations(&a(&[(ANNOTATION_VCPUS, "0")])).unwrap_err();
+        let e = c
+            .apply_annotations(&a(&[(ANNOTATION_VCPUS, "0")]))
+            .unwrap_err();
         assert!(e.to_string().contains("1 to 64"));
     }
 }

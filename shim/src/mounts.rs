@@ -47,7 +47,11 @@ pub struct RootfsMount {
 
 /// Mounts the rootfs at `target`: containerd's mounts (the snapshot) when given, else a bind
 /// of the bundle's own `rootfs` directory.
-pub fn mount_rootfs(mounts: &[RootfsMount], bundle: &Path, target: &Path) -> Result<(), MountError> {
+pub fn mount_rootfs(
+    mounts: &[RootfsMount],
+    bundle: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
     std::fs::create_dir_all(target).map_err(io("create", target))?;
     if mounts.is_empty() {
         let src = bundle.join("rootfs");
@@ -79,8 +83,7 @@ pub fn mount_rootfs(mounts: &[RootfsMount], bundle: &Path, target: &Path) -> Res
 
 fn is_bind(m: &OciMount) -> bool {
     m.typ().as_deref() == Some("bind")
-        || m
-            .options()
+        || m.options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
 }
@@ -114,7 +117,12 @@ pub fn share_volumes(spec: &mut Spec, host_dir: &Path, guest_dir: &str) -> Resul
             .options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "rbind"));
-        let flags = MsFlags::MS_BIND | if recursive { MsFlags::MS_REC } else { MsFlags::empty() };
+        let flags = MsFlags::MS_BIND
+            | if recursive {
+                MsFlags::MS_REC
+            } else {
+                MsFlags::empty()
+            };
         mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
             .map_err(|e| fail(e.to_string()))?;
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/volume-{i}"))));

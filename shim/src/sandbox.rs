@@ -35,7 +35,9 @@ pub enum SandboxError {
     },
     #[error("the sandbox VM failed to start: {0}")]
     Boot(#[from] shoal_vmm::Error),
-    #[error("the guest agent did not answer within {secs} s (guest console: {console}): {message}")]
+    #[error(
+        "the guest agent did not answer within {secs} s (guest console: {console}): {message}"
+    )]
     AgentTimeout {
         secs: u64,
         console: PathBuf,
@@ -183,16 +185,24 @@ impl Sandbox {
     pub async fn shut_down(&self) {
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            self.agent.shutdown(ctx(Duration::from_secs(2)), &Empty::new()),
+            self.agent
+                .shutdown(ctx(Duration::from_secs(2)), &Empty::new()),
         )
         .await;
         let mut exited = self.exited.clone();
         let ended = tokio::time::timeout(Duration::from_secs(3), exited.wait_for(Option::is_some));
         if ended.await.is_err() {
-            tracing::warn!("sandbox {}: guest did not power off; stopping the VM", self.id);
+            tracing::warn!(
+                "sandbox {}: guest did not power off; stopping the VM",
+                self.id
+            );
             self.stopper.stop();
         }
-        let handle = self.vm_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self
+            .vm_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }

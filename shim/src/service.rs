@@ -8,7 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Config as ShimConfig, Context, DeleteResponse, Flags, StartOpts, TtrpcResult};
+use containerd_shim::{
+    Config as ShimConfig, Context, DeleteResponse, Flags, StartOpts, TtrpcResult,
+};
 use containerd_shim_protos::api;
 use containerd_shim_protos::cgroups_v2::metrics as v2;
 use containerd_shim_protos::events::task as ev;
@@ -125,7 +127,8 @@ pub struct Service {
 /// Reads and checks a bundle's config.json, naming what is wrong.
 pub fn load_spec(bundle: &Path) -> Result<Spec, String> {
     let path = bundle.join("config.json");
-    let spec = Spec::load(&path).map_err(|e| format!("invalid OCI spec {}: {e}", path.display()))?;
+    let spec =
+        Spec::load(&path).map_err(|e| format!("invalid OCI spec {}: {e}", path.display()))?;
     if spec.process().is_none() {
         return Err(format!("{}: no process to run", path.display()));
     }
@@ -171,11 +174,17 @@ impl Service {
     }
 
     /// Starts the sandbox for the first container (or returns the running one).
-    async fn ensure_sandbox(&self, inner: &mut Inner, spec: &Spec, cid: &str) -> TtrpcResult<Arc<Sandbox>> {
+    async fn ensure_sandbox(
+        &self,
+        inner: &mut Inner,
+        spec: &Spec,
+        cid: &str,
+    ) -> TtrpcResult<Arc<Sandbox>> {
         if let Some(sb) = &inner.sandbox {
             return Ok(sb.clone());
         }
-        let mut config = Config::load().map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut config =
+            Config::load().map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         config
             .apply_annotations(&spec.annotations().clone().unwrap_or_default())
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -185,7 +194,10 @@ impl Service {
         let sb = Sandbox::start(&id, &hostname, &config)
             .await
             .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
-        tracing::info!("sandbox {id}: VM booted and agent ready in {:?}", started.elapsed());
+        tracing::info!(
+            "sandbox {id}: VM booted and agent ready in {:?}",
+            started.elapsed()
+        );
         let sb = Arc::new(sb);
         self.watch_oom(sb.clone());
         inner.sandbox = Some(sb.clone());
@@ -195,7 +207,11 @@ impl Service {
     fn watch_oom(&self, sb: Arc<Sandbox>) {
         let me = self.clone();
         tokio::spawn(async move {
-            while let Ok(event) = sb.agent.wait_oom_event(ctx(Duration::ZERO), &ag::Empty::new()).await {
+            while let Ok(event) = sb
+                .agent
+                .wait_oom_event(ctx(Duration::ZERO), &ag::Empty::new())
+                .await
+            {
                 me.publish(
                     topics::TASK_OOM_EVENT_TOPIC,
                     Box::new(ev::TaskOOM {
@@ -219,7 +235,14 @@ impl Service {
     }
 
     /// Waits for a started process to end, then records and announces its exit.
-    fn spawn_waiter(&self, sb: Arc<Sandbox>, cid: String, exec_id: String, tx: Arc<watch::Sender<Exit>>, io: Arc<std::sync::Mutex<Option<ProcessIo>>>) {
+    fn spawn_waiter(
+        &self,
+        sb: Arc<Sandbox>,
+        cid: String,
+        exec_id: String,
+        tx: Arc<watch::Sender<Exit>>,
+        io: Arc<std::sync::Mutex<Option<ProcessIo>>>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let req = ag::ProcessRequest {
@@ -250,7 +273,11 @@ impl Service {
             {
                 let mut inner = me.state.inner.lock().await;
                 if let Some(c) = inner.containers.get_mut(&cid) {
-                    let p = if exec_id.is_empty() { Some(&mut c.init) } else { c.execs.get_mut(&exec_id) };
+                    let p = if exec_id.is_empty() {
+                        Some(&mut c.init)
+                    } else {
+                        c.execs.get_mut(&exec_id)
+                    };
                     if let Some(p) = p {
                         p.status = Status::STOPPED;
                     }
@@ -310,12 +337,19 @@ impl Shim for Service {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         // The shim serving this container is gone (and its VM with it): clean what it left.
         let bundle = std::env::current_dir().unwrap_or_default();
-        let cid = bundle.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let cid = bundle
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if let Ok(config) = Config::load() {
-            let sid = load_spec(&bundle).map(|s| sandbox_id(&s, &cid)).unwrap_or_else(|_| cid.clone());
+            let sid = load_spec(&bundle)
+                .map(|s| sandbox_id(&s, &cid))
+                .unwrap_or_else(|_| cid.clone());
             if let Some(dir) = crate::sandbox::existing_dir(&config.state_dir, &sid) {
                 let _ = mounts::remove_tree(&dir.join("shared").join(&cid));
-                let others = std::fs::read_dir(dir.join("shared")).map(|d| d.count()).unwrap_or(0);
+                let others = std::fs::read_dir(dir.join("shared"))
+                    .map(|d| d.count())
+                    .unwrap_or(0);
                 if others == 0 || sid == cid {
                     let _ = mounts::remove_tree(&dir);
                 }
@@ -341,16 +375,26 @@ impl Shim for Service {
 
 #[async_trait]
 impl Task for Service {
-    async fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
         let cid = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
         if !req.checkpoint.is_empty() {
-            return Err(status(ttrpc::Code::UNIMPLEMENTED, "restoring from a checkpoint is not supported by shoal"));
+            return Err(status(
+                ttrpc::Code::UNIMPLEMENTED,
+                "restoring from a checkpoint is not supported by shoal",
+            ));
         }
         let mut inner = self.state.inner.lock().await;
         if inner.containers.contains_key(&cid) {
-            return Err(status(ttrpc::Code::ALREADY_EXISTS, format!("container {cid} already exists")));
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {cid} already exists"),
+            ));
         }
         let sb = self.ensure_sandbox(&mut inner, &spec, &cid).await?;
         let fifos = Fifos {
@@ -374,7 +418,8 @@ impl Task for Service {
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
             mounts::share_volumes(&mut spec, &host_dir, &guest_dir)
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-            let spec_json = serde_json::to_vec(&spec).map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+            let spec_json = serde_json::to_vec(&spec)
+                .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
             let uds = sb.uds.clone();
             let f = fifos.clone();
             let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &f))
@@ -451,14 +496,24 @@ impl Task for Service {
         })
     }
 
-    async fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
         let sb = self.sandbox().await?;
         let mut inner = self.state.inner.lock().await;
-        let c = inner.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let c = inner
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         let pid = std::process::id();
         if req.exec_id.is_empty() {
             if c.init.status != Status::CREATED {
-                return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("container {} was already started", req.id)));
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {} was already started", req.id),
+                ));
             }
             sb.agent
                 .start_container(
@@ -470,7 +525,13 @@ impl Task for Service {
                 )
                 .await?;
             c.init.status = Status::RUNNING;
-            self.spawn_waiter(sb.clone(), req.id.clone(), String::new(), c.init.exit_tx.clone(), c.init.io.clone());
+            self.spawn_waiter(
+                sb.clone(),
+                req.id.clone(),
+                String::new(),
+                c.init.exit_tx.clone(),
+                c.init.io.clone(),
+            );
             drop(inner);
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
@@ -482,9 +543,15 @@ impl Task for Service {
             )
             .await;
         } else {
-            let p = c.execs.get_mut(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            let p = c
+                .execs
+                .get_mut(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
             if p.status != Status::CREATED {
-                return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("exec {} was already started", req.exec_id)));
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("exec {} was already started", req.exec_id),
+                ));
             }
             let uds = sb.uds.clone();
             let f = p.fifos.clone();
@@ -518,7 +585,13 @@ impl Task for Service {
             };
             p.guest_pid = r.pid;
             p.status = Status::RUNNING;
-            self.spawn_waiter(sb.clone(), req.id.clone(), req.exec_id.clone(), p.exit_tx.clone(), p.io.clone());
+            self.spawn_waiter(
+                sb.clone(),
+                req.id.clone(),
+                req.exec_id.clone(),
+                p.exit_tx.clone(),
+                p.io.clone(),
+            );
             drop(inner);
             self.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -537,14 +610,27 @@ impl Task for Service {
         })
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         let mut inner = self.state.inner.lock().await;
-        let c = inner.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let c = inner
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         let pid = std::process::id();
         if !req.exec_id.is_empty() {
-            let p = c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
+            let p = c
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
             if p.status == Status::RUNNING {
-                return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("exec {} is still running", req.exec_id)));
+                return Err(status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("exec {} is still running", req.exec_id),
+                ));
             }
             let (code, at) = p.exited().unwrap_or((0, now()));
             c.execs.remove(&req.exec_id);
@@ -556,7 +642,10 @@ impl Task for Service {
             });
         }
         if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
-            return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("container {} is still running; kill it first", req.id)));
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} is still running; kill it first", req.id),
+            ));
         }
         let (code, at) = c.init.exited().unwrap_or((0, now()));
         let c = inner.containers.remove(&req.id).expect("looked up above");
@@ -608,18 +697,38 @@ impl Task for Service {
         })
     }
 
-    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
         let mut inner = self.state.inner.lock().await;
-        let c = inner.containers.get_mut(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let c = inner
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         if c.execs.contains_key(&req.exec_id) {
-            return Err(status(ttrpc::Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("exec {} already exists", req.exec_id),
+            ));
         }
         if c.init.status != Status::RUNNING {
-            return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("container {} is not running", req.id)));
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
         }
-        let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
         if let Err(e) = serde_json::from_slice::<oci_spec::runtime::Process>(&spec) {
-            return Err(status(ttrpc::Code::INVALID_ARGUMENT, format!("exec {}: invalid process spec: {e}", req.exec_id)));
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("exec {}: invalid process spec: {e}", req.exec_id),
+            ));
         }
         let fifos = Fifos {
             stdin: req.stdin,
@@ -627,7 +736,8 @@ impl Task for Service {
             stderr: req.stderr,
             terminal: req.terminal,
         };
-        c.execs.insert(req.exec_id.clone(), Process::new(fifos, spec));
+        c.execs
+            .insert(req.exec_id.clone(), Process::new(fifos, spec));
         drop(inner);
         self.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
@@ -641,15 +751,27 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
         let inner = self.state.inner.lock().await;
-        let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+        let c = inner
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         let p = if req.exec_id.is_empty() {
             &c.init
         } else {
-            c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+            c.execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
         };
-        let (code, at) = p.exited().map(|(c, t)| (c, MessageField::some(t))).unwrap_or((0, MessageField::none()));
+        let (code, at) = p
+            .exited()
+            .map(|(c, t)| (c, MessageField::some(t)))
+            .unwrap_or((0, MessageField::none()));
         Ok(api::StateResponse {
             id: req.id,
             bundle: c.bundle.clone(),
@@ -666,7 +788,11 @@ impl Task for Service {
         })
     }
 
-    async fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
         let sb = self.sandbox().await?;
         let r = sb
             .agent
@@ -695,11 +821,16 @@ impl Task for Service {
         let sb = self.sandbox().await?;
         {
             let inner = self.state.inner.lock().await;
-            let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let c = inner
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
             let p = if req.exec_id.is_empty() {
                 &c.init
             } else {
-                c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+                c.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
             };
             if p.status == Status::STOPPED {
                 return Err(status(ttrpc::Code::NOT_FOUND, "process already finished"));
@@ -720,14 +851,23 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
         let mut rx = {
             let inner = self.state.inner.lock().await;
-            let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let c = inner
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
             let p = if req.exec_id.is_empty() {
                 &c.init
             } else {
-                c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+                c.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
             };
             p.exit.clone()
         };
@@ -769,7 +909,11 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
         let sb = self.sandbox().await?;
         sb.agent
             .resume_container(
@@ -796,9 +940,17 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
         let sb = self.sandbox().await?;
-        let resources = req.resources.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
         sb.agent
             .update_container(
                 ctx(RPC_TIMEOUT),
@@ -812,7 +964,11 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
         let sb = self.sandbox().await?;
         let s = sb
             .agent
@@ -863,7 +1019,11 @@ impl Task for Service {
         })
     }
 
-    async fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
         let sb = self.sandbox().await?;
         sb.agent
             .resize_pty(
@@ -880,14 +1040,23 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
         let io = {
             let inner = self.state.inner.lock().await;
-            let c = inner.containers.get(&req.id).ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let c = inner
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
             let p = if req.exec_id.is_empty() {
                 &c.init
             } else {
-                c.execs.get(&req.exec_id).ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
+                c.execs
+                    .get(&req.exec_id)
+                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
             };
             p.io.clone()
         };
@@ -901,11 +1070,22 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
-        Err(status(ttrpc::Code::UNIMPLEMENTED, format!("checkpoint of {}: not supported by shoal", req.id)))
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(status(
+            ttrpc::Code::UNIMPLEMENTED,
+            format!("checkpoint of {}: not supported by shoal", req.id),
+        ))
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
         let inner = self.state.inner.lock().await;
         if !inner.containers.contains_key(&req.id) {
             return Err(not_found(&format!("container {}", req.id)));
@@ -918,7 +1098,11 @@ impl Task for Service {
         })
     }
 
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
         let mut inner = self.state.inner.lock().await;
         if !inner.containers.is_empty() {
             return Ok(api::Empty::new());
