@@ -40,8 +40,30 @@ fn init_logging() {
     }
 }
 
+/// Marks when this process started (from /proc/self/stat, in CLOCK_BOOTTIME ms).
+fn log_process_start() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Field 22, counted after the parenthesised command name.
+    let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return;
+    };
+    let ticks: Option<f64> = after.split_whitespace().nth(19).and_then(|v| v.parse().ok());
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    if let Some(ticks) = ticks {
+        tracing::info!("shoal-phase shim_started boottime_ms={:.1}", ticks * 1e3 / hz);
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     init_logging();
+    if !std::env::args().any(|a| a == "start" || a == "delete") {
+        log_process_start();
+    }
     containerd_shim::asynchronous::run::<Service>("io.containerd.shoal.v2", None).await;
 }

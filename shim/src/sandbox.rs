@@ -61,6 +61,19 @@ pub struct Sandbox {
     pub exited: VmExit,
 }
 
+/// CLOCK_BOOTTIME in milliseconds: one clock for the shim's phase marks and for benchmarks
+/// that compare them with their own.
+pub fn boottime_ms() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6)
+        .unwrap_or(0.0)
+}
+
+/// Logs one start-up phase mark (`benches/ctr_run.rs` reads them from containerd's log).
+pub fn mark(phase: &str) {
+    tracing::info!("shoal-phase {phase} boottime_ms={:.1}", boottime_ms());
+}
+
 /// A ttrpc context with a deadline (0: none).
 pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(timeout.as_nanos() as i64)
@@ -119,6 +132,7 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
+        mark("vm_created");
         let stopper = vm.stopper();
         let (tx, exited) = watch::channel(None);
         let vm_thread = std::thread::Builder::new()
@@ -160,6 +174,7 @@ impl Sandbox {
             sandbox.stop();
             return Err(SandboxError::Agent(e));
         }
+        mark("agent_ready");
         let (stopper, vm_thread) = sandbox.disarm();
         Ok(Sandbox {
             id: id.into(),

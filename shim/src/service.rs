@@ -525,6 +525,7 @@ impl Task for Service {
                 )
                 .await?;
             c.init.status = Status::RUNNING;
+            crate::sandbox::mark("container_started");
             self.spawn_waiter(
                 sb.clone(),
                 req.id.clone(),

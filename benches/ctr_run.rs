@@ -1,0 +1,108 @@
+//! `ctr run --rm` of busybox `true` through a real containerd: shoal vs runc, same image, same
+//! run (run by `scripts/bench`; prints figures, asserts nothing). Prints median and p99 per
+//! runtime and, for shoal, the split of a start: ctr launched → shim serving → VM created →
+//! agent ready → container started (from the shim's phase marks in containerd's log).
+//!
+//! Needs what `shim/tests/ctr_e2e.rs` needs (root, containerd, SHOAL_GUEST_KERNEL,
+//! SHOAL_AGENT_IMAGE, SHOAL_BUSYBOX_IMAGE; the lab where the host cannot boot guests: then
+//! the latencies are EMULATED). SHOAL_BENCH_RUNS sets the runs per runtime (default 20).
+#[path = "../shim/tests/support/containerd.rs"]
+mod containerd;
+
+use std::time::Instant;
+
+use containerd::{env, text, Containerd, IMAGE, RUNTIME};
+
+fn boottime_ms() -> f64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+    t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The shim's phase marks logged after `since` (boottime ms), by phase name.
+fn phases(log: &str, since: f64) -> Vec<(String, f64)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("shoal-phase ").nth(1)?;
+            let (name, value) = rest.split_once(" boottime_ms=")?;
+            let v: f64 = value.split_whitespace().next()?.trim_end_matches('"').parse().ok()?;
+            (v >= since).then(|| (name.to_string(), v))
+        })
+        .collect()
+}
+
+fn main() {
+    let Some(env) = env() else {
+        std::process::exit(2);
+    };
+    let runs: usize = std::env::var("SHOAL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let c = Containerd::start(&env, "bench", "log_level = \"info\"\n");
+    let mut results = Vec::new();
+    let mut split = vec![Vec::new(); 4];
+    for runtime in [RUNTIME, "io.containerd.runc.v2"] {
+        let mut times = Vec::new();
+        for i in 0..runs {
+            let id = format!("bench-{}-{i}", if runtime == RUNTIME { "shoal" } else { "runc" });
+            let t0 = boottime_ms();
+            let started = Instant::now();
+            let out = c.ctr(&["run", "--rm", "--runtime", runtime, IMAGE, &id, "true"]);
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            assert!(out.status.success(), "{runtime}: {}\n{}", text(&out), c.log());
+            times.push(ms);
+            if runtime == RUNTIME {
+                let marks = phases(&c.log(), t0);
+                let at = |name: &str| marks.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+                if let (Some(shim), Some(vm), Some(agent), Some(started)) = (
+                    at("shim_started"),
+                    at("vm_created"),
+                    at("agent_ready"),
+                    at("container_started"),
+                ) {
+                    split[0].push(shim - t0);
+                    split[1].push(vm - shim);
+                    split[2].push(agent - vm);
+                    split[3].push(started - agent);
+                }
+            }
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        results.push((runtime, times));
+    }
+    c.assert_clean();
+    let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
+        "EMULATED: nested lab, QEMU TCG"
+    } else {
+        "native"
+    };
+    println!("ctr run --rm busybox true, {runs} sequential runs per runtime ({label}):");
+    println!("{:<26} {:>12} {:>12}", "runtime", "median ms", "p99 ms");
+    for (runtime, times) in &results {
+        println!(
+            "{:<26} {:>12.0} {:>12.0}",
+            runtime,
+            percentile(times, 0.5),
+            percentile(times, 0.99)
+        );
+    }
+    let names = [
+        "ctr launched -> shim serving",
+        "shim serving -> VM created",
+        "VM created -> agent ready",
+        "agent ready -> container started",
+    ];
+    println!("shoal start split (median ms over {} runs):", split[0].len());
+    for (name, mut v) in names.iter().zip(split) {
+        if v.is_empty() {
+            continue;
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!("  {:<34} {:>8.0}", name, percentile(&v, 0.5));
+    }
+}

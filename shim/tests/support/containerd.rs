@@ -1,0 +1,236 @@
+//! A private containerd for tests and benchmarks: its own root, state and socket, the shim
+//! on its PATH, shoal's config from `SHOAL_CONFIG`, the busybox image imported.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+pub const RUNTIME: &str = "io.containerd.shoal.v2";
+pub const IMAGE: &str = "docker.io/library/shoal-busybox:latest";
+
+pub struct Env {
+    pub kernel: PathBuf,
+    pub agent: PathBuf,
+    pub image: PathBuf,
+}
+
+pub fn env() -> Option<Env> {
+    let get = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let (Some(kernel), Some(agent), Some(image)) = (
+        get("SHOAL_GUEST_KERNEL"),
+        get("SHOAL_AGENT_IMAGE"),
+        get("SHOAL_BUSYBOX_IMAGE"),
+    ) else {
+        eprintln!("SKIP: SHOAL_GUEST_KERNEL / SHOAL_AGENT_IMAGE / SHOAL_BUSYBOX_IMAGE not set; scripts/test sets them");
+        return None;
+    };
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: containerd and the shim need root");
+        return None;
+    }
+    if Command::new("containerd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: containerd is not installed (scripts/deps containerd)");
+        return None;
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() && std::env::var_os("SHOAL_IN_LAB").is_none() {
+        eprintln!("SKIP: /dev/kvm is nested PVM, which cannot boot a Linux guest; run through scripts/lab");
+        return None;
+    }
+    Some(Env {
+        kernel,
+        agent,
+        image,
+    })
+}
+
+/// A private containerd with the shim on its PATH.
+pub struct Containerd {
+    pub root: PathBuf,
+    pub run: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    /// Starts containerd; `shoal_config` is the body of the shim's config file (kernel and
+    /// image lines are added unless it sets them).
+    pub fn start(env: &Env, name: &str, shoal_config: &str) -> Containerd {
+        let tag = format!("shoal-e2e-{name}-{}", std::process::id());
+        let root = PathBuf::from("/var/tmp").join(&tag);
+        let run = PathBuf::from("/run").join(&tag);
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            root.join("containerd.toml"),
+            format!(
+                "version = 2\nroot = \"{}/root\"\nstate = \"{}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}/containerd.sock\"\n",
+                root.display(),
+                run.display(),
+                run.display()
+            ),
+        )
+        .unwrap();
+        let mut config = String::new();
+        if !shoal_config.contains("kernel =") {
+            config += &format!("kernel = \"{}\"\n", env.kernel.display());
+        }
+        if !shoal_config.contains("initrd =") {
+            config += &format!("initrd = \"{}\"\n", env.agent.display());
+        }
+        config += &format!("state_dir = \"{}/shoal\"\n", run.display());
+        if !shoal_config.contains("log_level =") {
+            config += "log_level = \"debug\"\n";
+        }
+        config += shoal_config;
+        std::fs::write(root.join("shoal.toml"), config).unwrap();
+        let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-shoal-v2"));
+        let path = format!(
+            "{}:{}",
+            shim.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(root.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(root.join("containerd.toml"))
+            .env("PATH", path)
+            .env("SHOAL_CONFIG", root.join("shoal.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd");
+        let c = Containerd { root, run, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.run.join("containerd.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start:\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = c.ctr(&["images", "import", env.image.to_str().unwrap()]);
+        assert!(out.status.success(), "image import: {}", text(&out));
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a")
+            .arg(self.run.join("containerd.sock"))
+            .args(args);
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("ctr")
+    }
+
+    /// `ctr run --rm --runtime shoal IMAGE ID CMD...` with extra flags before the image.
+    pub fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "--runtime", RUNTIME];
+        args.extend_from_slice(flags);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    pub fn shoal_state(&self) -> PathBuf {
+        self.run.join("shoal")
+    }
+
+    /// Nothing of shoal's is left: no shim, no sandbox directory, no mount under it.
+    pub fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let shims = shim_pids();
+            let leftovers: Vec<_> = std::fs::read_dir(self.shoal_state())
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default();
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(self.shoal_state().to_str().unwrap()))
+                .count();
+            if shims.is_empty() && leftovers.is_empty() && mounts == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: shims {shims:?}, sandbox dirs {leftovers:?}, {mounts} mounts\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for pid in shim_pids() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.root.join("root"))
+            .output();
+        for dir in [&self.run, &self.root] {
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let mut points: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(dir.to_str().unwrap()))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+pub fn shim_pids() -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/cmdline")) {
+            if comm
+                .split('\0')
+                .next()
+                .is_some_and(|a| a.ends_with("containerd-shim-shoal-v2"))
+            {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+

@@ -1,0 +1,2 @@
+//! Helpers shared by the shim's integration tests.
+pub mod containerd;
