@@ -29,7 +29,12 @@ fn phases(log: &str, since: f64) -> Vec<(String, f64)> {
         .filter_map(|l| {
             let rest = l.split("shoal-phase ").nth(1)?;
             let (name, value) = rest.split_once(" boottime_ms=")?;
-            let v: f64 = value.split_whitespace().next()?.trim_end_matches('"').parse().ok()?;
+            let v: f64 = value
+                .split_whitespace()
+                .next()?
+                .trim_end_matches('"')
+                .parse()
+                .ok()?;
             (v >= since).then(|| (name.to_string(), v))
         })
         .collect()
@@ -49,12 +54,20 @@ fn main() {
     for runtime in [RUNTIME, "io.containerd.runc.v2"] {
         let mut times = Vec::new();
         for i in 0..runs {
-            let id = format!("bench-{}-{i}", if runtime == RUNTIME { "shoal" } else { "runc" });
+            let id = format!(
+                "bench-{}-{i}",
+                if runtime == RUNTIME { "shoal" } else { "runc" }
+            );
             let t0 = boottime_ms();
             let started = Instant::now();
             let out = c.ctr(&["run", "--rm", "--runtime", runtime, IMAGE, &id, "true"]);
             let ms = started.elapsed().as_secs_f64() * 1e3;
-            assert!(out.status.success(), "{runtime}: {}\n{}", text(&out), c.log());
+            assert!(
+                out.status.success(),
+                "{runtime}: {}\n{}",
+                text(&out),
+                c.log()
+            );
             times.push(ms);
             if runtime == RUNTIME {
                 let marks = phases(&c.log(), t0);
@@ -97,7 +110,10 @@ fn main() {
         "VM created -> agent ready",
         "agent ready -> container started",
     ];
-    println!("shoal start split (median ms over {} runs):", split[0].len());
+    println!(
+        "shoal start split (median ms over {} runs):",
+        split[0].len()
+    );
     for (name, mut v) in names.iter().zip(split) {
         if v.is_empty() {
             continue;

@@ -49,13 +49,19 @@ fn log_process_start() {
     let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
         return;
     };
-    let ticks: Option<f64> = after.split_whitespace().nth(19).and_then(|v| v.parse().ok());
+    let ticks: Option<f64> = after
+        .split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok());
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .unwrap_or(100) as f64;
     if let Some(ticks) = ticks {
-        tracing::info!("shoal-phase shim_started boottime_ms={:.1}", ticks * 1e3 / hz);
+        tracing::info!(
+            "shoal-phase shim_started boottime_ms={:.1}",
+            ticks * 1e3 / hz
+        );
     }
 }
 

@@ -13,6 +13,7 @@
 //! Requests are served on a worker thread of the device's own, so a slow file system call never
 //! holds up the device thread's other devices (vsock, disks).
 pub mod config;
+mod tuned;
 
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -61,7 +62,7 @@ pub enum FsError {
     },
 }
 
-type FuseServer = Server<Arc<PassthroughFs>>;
+type FuseServer = Server<Arc<tuned::ContainerFs>>;
 
 /// The running half: the worker thread and what stops it.
 struct Worker {
@@ -134,7 +135,7 @@ impl Fs {
         Ok(Fs {
             tag: config.tag.clone(),
             config: blob,
-            server: Arc::new(Server::new(Arc::new(fs))),
+            server: Arc::new(Server::new(Arc::new(tuned::ContainerFs(fs)))),
             worker: None,
         })
     }
