@@ -41,6 +41,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("unknown annotation {0:?} (shoal knows {ANNOTATION_VCPUS} and {ANNOTATION_MEMORY})")]
     UnknownAnnotation(String),
+    #[error("runtime options: {0}")]
+    Options(String),
     #[error("annotation {key}={value:?}: {reason}")]
     BadAnnotation {
         key: String,
@@ -145,6 +147,38 @@ impl Config {
     }
 }
 
+/// The config file named by containerd's runtime options (`runtimeoptions.v1.Options`, what
+/// CRI's `ConfigPath` and `ctr run --runtime-config-path` send), if any. Other option types
+/// are refused: shoal would not know what they ask for.
+pub fn config_path_option(
+    any: &containerd_shim_protos::protobuf::well_known_types::any::Any,
+) -> Result<Option<PathBuf>, ConfigError> {
+    if any.type_url.is_empty() && any.value.is_empty() {
+        return Ok(None);
+    }
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        return Err(ConfigError::Options(format!(
+            "runtime options of type {:?} are not shoal's (use ConfigPath: runtimeoptions.v1.Options)",
+            any.type_url
+        )));
+    }
+    // message Options { string type_url = 1; string config_path = 2; }
+    let mut input = containerd_shim_protos::protobuf::CodedInputStream::from_bytes(&any.value);
+    let bad = |e: containerd_shim_protos::protobuf::Error| ConfigError::Options(e.to_string());
+    let mut path = None;
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+        match tag {
+            18 => path = Some(input.read_string().map_err(bad)?),
+            other => {
+                let wire = containerd_shim_protos::protobuf::rt::WireType::new(other & 7)
+                    .ok_or_else(|| ConfigError::Options(format!("bad field tag {other}")))?;
+                input.skip_field(wire).map_err(bad)?;
+            }
+        }
+    }
+    Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +202,30 @@ mod tests {
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn runtime_options_name_a_config_file() {
+        use containerd_shim_protos::protobuf::well_known_types::any::Any;
+        // type_url = "x", config_path = "/etc/shoal/other.toml"
+        let mut value = vec![10, 1, b'x', 18, 21];
+        value.extend_from_slice(b"/etc/shoal/other.toml");
+        let any = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        assert_eq!(
+            config_path_option(&any).unwrap(),
+            Some(PathBuf::from("/etc/shoal/other.toml"))
+        );
+        assert_eq!(config_path_option(&Any::default()).unwrap(), None);
+        let runc = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            ..Default::default()
+        };
+        let e = config_path_option(&runc).unwrap_err().to_string();
+        assert!(e.contains("containerd.runc.v1.Options"), "{e}");
     }
 
     #[test]

@@ -179,12 +179,22 @@ impl Service {
         inner: &mut Inner,
         spec: &Spec,
         cid: &str,
+        options: Option<&containerd_shim_protos::protobuf::well_known_types::any::Any>,
     ) -> TtrpcResult<Arc<Sandbox>> {
         if let Some(sb) = &inner.sandbox {
             return Ok(sb.clone());
         }
-        let mut config =
-            Config::load().map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let invalid = |e: String| status(ttrpc::Code::INVALID_ARGUMENT, e);
+        let config_path = options
+            .map(crate::config::config_path_option)
+            .transpose()
+            .map_err(|e| invalid(e.to_string()))?
+            .flatten();
+        let mut config = match config_path {
+            Some(path) => Config::from_file(&path),
+            None => Config::load(),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
         config
             .apply_annotations(&spec.annotations().clone().unwrap_or_default())
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
@@ -396,7 +406,9 @@ impl Task for Service {
                 format!("container {cid} already exists"),
             ));
         }
-        let sb = self.ensure_sandbox(&mut inner, &spec, &cid).await?;
+        let sb = self
+            .ensure_sandbox(&mut inner, &spec, &cid, req.options.as_ref())
+            .await?;
         let fifos = Fifos {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -69,6 +69,41 @@ fn ctr_run_prints_output_exit_codes_and_stdin() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(stdout(&out), "PIPED THROUGH\n");
+
+    // Runtime options name another config file (CRI's ConfigPath): a 2-vCPU VM.
+    let other = c.root.join("two-cpus.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "kernel = \"{}\"\ninitrd = \"{}\"\nstate_dir = \"{}\"\nvcpus = 2\n",
+            env.kernel.display(),
+            env.agent.display(),
+            c.shoal_state().display()
+        ),
+    )
+    .unwrap();
+    let out = c.run(
+        &["--rm", "--runtime-config-path", other.to_str().unwrap()],
+        "twocpu",
+        &["nproc"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stdout(&out), "2\n");
+    c.assert_clean();
+}
+
+#[test]
+fn ctr_vm_dying_under_a_container_ends_the_task() {
+    let Some(env) = env() else { return };
+    let c = Containerd::start(&env, "crash", "");
+    // A real guest crash: a privileged container panics the guest kernel through sysrq
+    // (panic=1 reboots it, and the VM ends). The task must end with a non-zero status.
+    let out = c.run(
+        &["--rm", "--privileged"],
+        "crash",
+        &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 600"],
+    );
+    assert_eq!(out.status.code(), Some(255), "{}\n{}", text(&out), c.log());
     c.assert_clean();
 }
 
