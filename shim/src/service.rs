@@ -1125,3 +1125,40 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_specs_are_checked_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("shoal-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |json: &str| {
+            std::fs::write(dir.join("config.json"), json).unwrap();
+            load_spec(&dir).unwrap_err()
+        };
+        assert!(err("{not json").contains("config.json"));
+        assert!(err(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#).contains("no process"));
+        let e = err(
+            r#"{"ociVersion":"1.0.2","process":{"cwd":"/","args":["true"],"user":{"uid":0,"gid":0}}}"#,
+        );
+        assert!(e.contains("no root"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(load_spec(&dir).unwrap_err().contains("config.json"));
+    }
+
+    #[test]
+    fn cri_containers_join_their_pod_sandbox() {
+        let mut spec = Spec::default();
+        assert_eq!(sandbox_id(&spec, "c1"), "c1");
+        let mut a = HashMap::new();
+        a.insert(CRI_CONTAINER_TYPE.to_string(), "container".to_string());
+        a.insert(CRI_SANDBOX_ID.to_string(), "pod1".to_string());
+        spec.set_annotations(Some(a.clone()));
+        assert_eq!(sandbox_id(&spec, "c1"), "pod1");
+        a.insert(CRI_CONTAINER_TYPE.to_string(), "sandbox".to_string());
+        spec.set_annotations(Some(a));
+        assert_eq!(sandbox_id(&spec, "pod1"), "pod1");
+    }
+}

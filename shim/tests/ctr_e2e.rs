@@ -225,6 +225,35 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     let _ = c.ctr(&["container", "delete", "typo"]);
     c.assert_clean();
 
+    // A spec without a process, and a volume whose host path does not exist.
+    let spec = c.root.join("no-process.json");
+    std::fs::write(&spec, r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#).unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--config",
+        spec.to_str().unwrap(),
+        "noproc",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no process"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "noproc"]);
+    let out = c.run(
+        &[
+            "--rm",
+            "--mount",
+            "type=bind,src=/nonexistent-volume,dst=/data,options=rbind",
+        ],
+        "novol",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("/nonexistent-volume"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "novol"]);
+    c.assert_clean();
+
     // The shim is killed under a running container: containerd sees the task stop, and
     // deleting it leaves nothing behind.
     let out = c.run(&["-d"], "victim", &["sleep", "600"]);
