@@ -111,6 +111,31 @@ struct Inner {
     containers: HashMap<String, Container>,
 }
 
+impl Inner {
+    /// Container `id` and its process `exec_id` ("" for the init process).
+    fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<(&Container, &Process)> {
+        let c = self
+            .containers
+            .get(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))?;
+        let p = if exec_id.is_empty() {
+            &c.init
+        } else {
+            c.execs
+                .get(exec_id)
+                .ok_or_else(|| not_found(&format!("exec {exec_id}")))?
+        };
+        Ok((c, p))
+    }
+}
+
+fn container_request(id: &str) -> ag::ContainerRequest {
+    ag::ContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
 struct State {
     namespace: String,
     exit: ExitSignal,
@@ -307,6 +332,39 @@ impl Service {
             )
             .await;
         });
+    }
+
+    /// Pauses (`pause`) or resumes a container and announces it.
+    async fn freeze(&self, id: String, pause: bool) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        let req = container_request(&id);
+        if pause {
+            sb.agent.pause_container(ctx(RPC_TIMEOUT), &req).await?;
+        } else {
+            sb.agent.resume_container(ctx(RPC_TIMEOUT), &req).await?;
+        }
+        if let Some(c) = self.state.inner.lock().await.containers.get_mut(&id) {
+            match (pause, c.init.status) {
+                (true, Status::RUNNING) => c.init.status = Status::PAUSED,
+                (false, Status::PAUSED) => c.init.status = Status::RUNNING,
+                _ => {}
+            }
+        }
+        let (topic, event): (&str, Box<dyn MessageDyn>) = if pause {
+            let e = ev::TaskPaused {
+                container_id: id,
+                ..Default::default()
+            };
+            (topics::TASK_PAUSED_EVENT_TOPIC, Box::new(e))
+        } else {
+            let e = ev::TaskResumed {
+                container_id: id,
+                ..Default::default()
+            };
+            (topics::TASK_RESUMED_EVENT_TOPIC, Box::new(e))
+        };
+        self.publish(topic, event).await;
+        Ok(api::Empty::new())
     }
 
     /// Undoes a container's host side: stdio copies, mounts, files.
@@ -528,13 +586,7 @@ impl Task for Service {
                 ));
             }
             sb.agent
-                .start_container(
-                    ctx(RPC_TIMEOUT),
-                    &ag::ContainerRequest {
-                        container_id: req.id.clone(),
-                        ..Default::default()
-                    },
-                )
+                .start_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
                 .await?;
             c.init.status = Status::RUNNING;
             crate::sandbox::mark("container_started");
@@ -770,17 +822,7 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let inner = self.state.inner.lock().await;
-        let c = inner
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-        let p = if req.exec_id.is_empty() {
-            &c.init
-        } else {
-            c.execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-        };
+        let (c, p) = inner.process(&req.id, &req.exec_id)?;
         let (code, at) = p
             .exited()
             .map(|(c, t)| (c, MessageField::some(t)))
@@ -809,13 +851,7 @@ impl Task for Service {
         let sb = self.sandbox().await?;
         let r = sb
             .agent
-            .list_processes(
-                ctx(RPC_TIMEOUT),
-                &ag::ContainerRequest {
-                    container_id: req.id,
-                    ..Default::default()
-                },
-            )
+            .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id))
             .await?;
         Ok(api::PidsResponse {
             processes: r
@@ -834,17 +870,7 @@ impl Task for Service {
         let sb = self.sandbox().await?;
         {
             let inner = self.state.inner.lock().await;
-            let c = inner
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-            };
+            let (_, p) = inner.process(&req.id, &req.exec_id)?;
             if p.status == Status::STOPPED {
                 return Err(status(ttrpc::Code::NOT_FOUND, "process already finished"));
             }
@@ -871,17 +897,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::WaitResponse> {
         let mut rx = {
             let inner = self.state.inner.lock().await;
-            let c = inner
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-            };
+            let (_, p) = inner.process(&req.id, &req.exec_id)?;
             p.exit.clone()
         };
         let exit = rx
@@ -898,28 +914,7 @@ impl Task for Service {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let sb = self.sandbox().await?;
-        sb.agent
-            .pause_container(
-                ctx(RPC_TIMEOUT),
-                &ag::ContainerRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        if let Some(c) = self.state.inner.lock().await.containers.get_mut(&req.id) {
-            c.init.status = Status::PAUSED;
-        }
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(ev::TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::Empty::new())
+        self.freeze(req.id, true).await
     }
 
     async fn resume(
@@ -927,30 +922,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        let sb = self.sandbox().await?;
-        sb.agent
-            .resume_container(
-                ctx(RPC_TIMEOUT),
-                &ag::ContainerRequest {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        if let Some(c) = self.state.inner.lock().await.containers.get_mut(&req.id) {
-            if c.init.status == Status::PAUSED {
-                c.init.status = Status::RUNNING;
-            }
-        }
-        self.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(ev::TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::Empty::new())
+        self.freeze(req.id, false).await
     }
 
     async fn update(
@@ -985,13 +957,7 @@ impl Task for Service {
         let sb = self.sandbox().await?;
         let s = sb
             .agent
-            .stats_container(
-                ctx(RPC_TIMEOUT),
-                &ag::ContainerRequest {
-                    container_id: req.id,
-                    ..Default::default()
-                },
-            )
+            .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
             .await?;
         let metrics = v2::Metrics {
             pids: MessageField::some(v2::PidsStat {
@@ -1060,17 +1026,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let io = {
             let inner = self.state.inner.lock().await;
-            let c = inner
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?
-            };
+            let (_, p) = inner.process(&req.id, &req.exec_id)?;
             p.io.clone()
         };
         tokio::task::spawn_blocking(move || {
