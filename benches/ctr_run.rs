@@ -1,7 +1,8 @@
 //! `ctr run --rm` of busybox `true` through a real containerd: shoal vs runc, same image, same
 //! run (run by `scripts/bench`; prints figures, asserts nothing). Prints median and p99 per
-//! runtime and, for shoal, the split of a start: ctr launched → shim serving → VM created →
-//! agent ready → container started (from the shim's phase marks in containerd's log).
+//! runtime and, for shoal, the split of a run: ctr launched → shim serving → VM created →
+//! agent ready → container started → exit seen → sandbox stopped (from the shim's phase marks
+//! in containerd's log).
 //!
 //! Needs what `shim/tests/ctr_e2e.rs` needs (root, containerd, SHOAL_GUEST_KERNEL,
 //! SHOAL_AGENT_IMAGE, SHOAL_BUSYBOX_IMAGE; the lab where the host cannot boot guests: then
@@ -50,7 +51,7 @@ fn main() {
         .unwrap_or(20);
     let c = Containerd::start(&env, "bench", "log_level = \"info\"\n");
     let mut results = Vec::new();
-    let mut split = vec![Vec::new(); 4];
+    let mut split = vec![Vec::new(); 6];
     for runtime in [RUNTIME, "io.containerd.runc.v2"] {
         let mut times = Vec::new();
         for i in 0..runs {
@@ -72,16 +73,21 @@ fn main() {
             if runtime == RUNTIME {
                 let marks = phases(&c.log(), t0);
                 let at = |name: &str| marks.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
-                if let (Some(shim), Some(vm), Some(agent), Some(started)) = (
-                    at("shim_started"),
-                    at("vm_created"),
-                    at("agent_ready"),
-                    at("container_started"),
-                ) {
-                    split[0].push(shim - t0);
-                    split[1].push(vm - shim);
-                    split[2].push(agent - vm);
-                    split[3].push(started - agent);
+                let names = [
+                    "shim_started",
+                    "vm_created",
+                    "agent_ready",
+                    "container_started",
+                    "process_exited",
+                    "sandbox_stopped",
+                ];
+                let found: Option<Vec<f64>> = names.iter().map(|n| at(n)).collect();
+                if let Some(found) = found {
+                    let mut previous = t0;
+                    for (slot, at) in split.iter_mut().zip(found) {
+                        slot.push(at - previous);
+                        previous = at;
+                    }
                 }
             }
         }
@@ -109,9 +115,11 @@ fn main() {
         "shim serving -> VM created",
         "VM created -> agent ready",
         "agent ready -> container started",
+        "container started -> exit seen",
+        "exit seen -> sandbox stopped (delete)",
     ];
     println!(
-        "shoal start split (median ms over {} runs):",
+        "shoal split of one run (median ms over {} runs):",
         split[0].len()
     );
     for (name, mut v) in names.iter().zip(split) {

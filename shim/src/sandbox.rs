@@ -224,6 +224,7 @@ impl Sandbox {
         if let Err(e) = mounts::remove_tree(&self.dir) {
             tracing::warn!("sandbox {}: {e}", self.id);
         }
+        mark("sandbox_stopped");
     }
 }
 

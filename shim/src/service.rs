@@ -299,6 +299,7 @@ impl Service {
                     (VM_GONE_STATUS, now())
                 }
             };
+            crate::sandbox::mark("process_exited");
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(io) = io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                     io.drain(Duration::from_secs(5));
