@@ -107,7 +107,7 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let services = shoal_agent_api::agent_ttrpc::create_agent(Arc::new(service));
         let mut server = ttrpc::r#async::Server::new()
             .bind(&address)
@@ -127,7 +127,11 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
         let _ =
             tokio::time::timeout(std::time::Duration::from_millis(300), server.shutdown()).await;
         anyhow::Ok(())
-    })?;
+    });
+    // Blocking tasks may sit in long polls (OOM events wait up to 30 s): dropping the runtime
+    // would wait for them, and the VM's power-off with it.
+    runtime.shutdown_background();
+    served?;
     sandbox.remove_all();
     if let Listen::Unix(path) = &listen {
         let _ = std::fs::remove_file(path);

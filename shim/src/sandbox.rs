@@ -198,13 +198,15 @@ impl Sandbox {
 
     /// Asks the guest to power off, stops the VM if it does not, and removes the state dir.
     pub async fn shut_down(&self) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.agent
-                .shutdown(ctx(Duration::from_secs(2)), &Empty::new()),
-        )
-        .await;
+        // The agent may power off before its answer leaves the guest: wait for whichever of
+        // the answer and the VM's end comes first, then for the VM's end.
         let mut exited = self.exited.clone();
+        let empty = Empty::new();
+        let shutdown = self.agent.shutdown(ctx(Duration::from_secs(2)), &empty);
+        tokio::select! {
+            _ = shutdown => {}
+            _ = exited.wait_for(Option::is_some) => {}
+        }
         let ended = tokio::time::timeout(Duration::from_secs(3), exited.wait_for(Option::is_some));
         if ended.await.is_err() {
             tracing::warn!(
