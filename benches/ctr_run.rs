@@ -13,11 +13,7 @@ mod containerd;
 use std::time::Instant;
 
 use containerd::{env, text, Containerd, IMAGE, RUNTIME};
-
-fn boottime_ms() -> f64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
-    t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6
-}
+use containerd_shim_shoal_v2::sandbox::boottime_ms;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

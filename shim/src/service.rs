@@ -97,6 +97,24 @@ impl Process {
     fn exited(&self) -> Exit {
         self.exit.borrow().clone()
     }
+
+    /// Opens the process's agent streams and starts copying; returns the agent's tokens.
+    async fn connect_io(&self, uds: &Path) -> TtrpcResult<ag::Stdio> {
+        let (uds, fifos) = (uds.to_path_buf(), self.fifos.clone());
+        let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &fifos))
+            .await
+            .expect("stdio task")
+            .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
+        *self.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+        Ok(stdio)
+    }
+
+    /// Ends the process's stdio copies.
+    fn stop_io(&self) {
+        if let Some(io) = self.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            io.shut_down(&self.fifos);
+        }
+    }
 }
 
 struct Container {
@@ -491,14 +509,8 @@ impl Task for Service {
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
             let spec_json = serde_json::to_vec(&spec)
                 .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
-            let uds = sb.uds.clone();
-            let f = fifos.clone();
-            let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &f))
-                .await
-                .expect("stdio task")
-                .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
             let mut init = Process::new(fifos.clone(), Vec::new());
-            *init.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+            let stdio = init.connect_io(&sb.uds).await?;
             let created = sb
                 .agent
                 .create_container(
@@ -518,9 +530,7 @@ impl Task for Service {
                     Ok(init)
                 }
                 Err(e) => {
-                    if let Some(io) = init.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                        io.shut_down(&fifos);
-                    }
+                    init.stop_io();
                     Err(e)
                 }
             }
@@ -619,13 +629,7 @@ impl Task for Service {
                     format!("exec {} was already started", req.exec_id),
                 ));
             }
-            let uds = sb.uds.clone();
-            let f = p.fifos.clone();
-            let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &f))
-                .await
-                .expect("stdio task")
-                .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
-            *p.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+            let stdio = p.connect_io(&sb.uds).await?;
             let r = sb
                 .agent
                 .exec_process(
@@ -642,10 +646,7 @@ impl Task for Service {
             let r = match r {
                 Ok(r) => r,
                 Err(e) => {
-                    let fifos = p.fifos.clone();
-                    if let Some(io) = p.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                        io.shut_down(&fifos);
-                    }
+                    p.stop_io();
                     return Err(e);
                 }
             };
@@ -734,9 +735,7 @@ impl Task for Service {
                 }
             }
             for p in std::iter::once(&c.init).chain(c.execs.values()) {
-                if let Some(io) = p.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                    io.shut_down(&p.fifos);
-                }
+                p.stop_io();
             }
             Self::clean_container_files(&sb, &req.id);
         }
@@ -754,7 +753,6 @@ impl Task for Service {
             }),
         )
         .await;
-        let _ = c.bundle;
         Ok(api::DeleteResponse {
             pid,
             exit_status: code,

@@ -156,11 +156,7 @@ impl Containerd {
             let leftovers: Vec<_> = std::fs::read_dir(self.shoal_state())
                 .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
                 .unwrap_or_default();
-            let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap()
-                .lines()
-                .filter(|l| l.contains(self.shoal_state().to_str().unwrap()))
-                .count();
+            let mounts = containerd_shim_shoal_v2::mounts::mounts_under(&self.shoal_state()).len();
             if shims.is_empty() && leftovers.is_empty() && mounts == 0 {
                 return;
             }
@@ -182,22 +178,9 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.root.join("root"))
-            .output();
+        // Snapshot and sandbox mounts included: the shim's own clean-up serves here too.
         for dir in [&self.run, &self.root] {
-            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            let mut points: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(dir.to_str().unwrap()))
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for p in points {
-                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
-            }
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = containerd_shim_shoal_v2::mounts::remove_tree(dir);
         }
     }
 }

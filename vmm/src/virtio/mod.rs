@@ -110,6 +110,23 @@ pub trait VirtioDevice: Send {
     fn backend_event(&mut self) {}
 }
 
+/// Checks that the driver activated `device` with the `expected` number of queues.
+pub fn expect_queues(
+    device: &'static str,
+    queues: &[Queue],
+    expected: usize,
+) -> Result<(), VirtioError> {
+    if queues.len() == expected {
+        Ok(())
+    } else {
+        Err(VirtioError::QueueCount {
+            device,
+            got: queues.len(),
+            expected,
+        })
+    }
+}
+
 /// Copies a little-endian configuration blob's bytes at `offset` into `data`, zero past the end.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {

@@ -292,13 +292,7 @@ impl VirtioDevice for Block {
         mut queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        if queues.len() != 1 {
-            return Err(VirtioError::QueueCount {
-                device: "block",
-                got: queues.len(),
-                expected: 1,
-            });
-        }
+        super::expect_queues("block", &queues, QUEUE_SIZES.len())?;
         self.active = Some(Active {
             mem,
             queue: queues.remove(0),

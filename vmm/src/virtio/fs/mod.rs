@@ -257,13 +257,7 @@ impl VirtioDevice for Fs {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(VirtioError::QueueCount {
-                device: "fs",
-                got: queues.len(),
-                expected: QUEUE_SIZES.len(),
-            });
-        }
+        super::expect_queues("fs", &queues, QUEUE_SIZES.len())?;
         let view = memory_view(&mem).map_err(|e| VirtioError::Backend {
             device: "fs",
             what: format!("cannot describe guest memory: {e}"),

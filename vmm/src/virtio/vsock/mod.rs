@@ -133,13 +133,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), VirtioError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(VirtioError::QueueCount {
-                device: "vsock",
-                got: queues.len(),
-                expected: QUEUE_SIZES.len(),
-            });
-        }
+        super::expect_queues("vsock", &queues, QUEUE_SIZES.len())?;
         self.active = Some(Active {
             mem,
             queues,
