@@ -84,9 +84,53 @@ struct Figures {
     start_s: f64,
     pss_mib: f64,
     unattributed_mib: f64,
+    /// Where a shoal sandbox's PSS goes (MiB per sandbox): guest RAM, other anonymous memory
+    /// (heap, stacks), file-backed (binary, libraries).
+    split: Option<[f64; 3]>,
+    /// The first sandbox's guest /proc/meminfo (shoal only).
+    guest_meminfo: Option<String>,
 }
 
-fn measure(c: &Containerd, runtime: &str, shim_comm: &str, n: usize) -> Figures {
+/// PSS of one process split into guest RAM (anonymous mappings at least `guest_bytes` long:
+/// the kernel may merge the guest's mapping with an adjacent anonymous one), other anonymous
+/// memory, and file-backed memory, in KiB.
+fn pss_split_kib(pid: i32, guest_bytes: u64) -> [u64; 3] {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out = [0u64; 3];
+    let mut kind = 1;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, dev, inode, [path].
+            let (lo, hi) = first.split_once('-').unwrap_or(("0", "0"));
+            let len =
+                u64::from_str_radix(hi, 16).unwrap_or(0) - u64::from_str_radix(lo, 16).unwrap_or(0);
+            let inode = words.nth(3).unwrap_or("0");
+            let path = words.next().unwrap_or("");
+            kind = if inode != "0" && path.starts_with('/') {
+                2
+            } else if len >= guest_bytes {
+                0
+            } else {
+                1
+            };
+        } else if first == "Pss:" {
+            out[kind] += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Starts `n` sandboxes, measures, deletes them. `guest_bytes` is the shoal guest's RAM size
+/// (None for runc), to tell guest RAM apart in the shim's mappings.
+fn measure(
+    c: &Containerd,
+    runtime: &str,
+    shim_comm: &str,
+    n: usize,
+    guest_bytes: Option<u64>,
+) -> Figures {
     let before = meminfo_kib("MemAvailable:");
     let started = Instant::now();
     let ids: Vec<String> = (0..n)
@@ -131,10 +175,34 @@ fn measure(c: &Containerd, runtime: &str, shim_comm: &str, n: usize) -> Figures 
     let pids = sandbox_pids(shim_comm);
     let pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
     let used = before.saturating_sub(meminfo_kib("MemAvailable:"));
+    let per = |kib: u64| kib as f64 / 1024.0 / n as f64;
+    let (split, guest_meminfo) = match guest_bytes {
+        Some(bytes) => {
+            let mut sum = [0u64; 3];
+            for p in &pids {
+                for (s, v) in sum.iter_mut().zip(pss_split_kib(*p, bytes)) {
+                    *s += v;
+                }
+            }
+            let meminfo = c.ctr(&[
+                "task",
+                "exec",
+                "--exec-id",
+                "meminfo",
+                &ids[0],
+                "cat",
+                "/proc/meminfo",
+            ]);
+            (Some(sum.map(per)), Some(stdout(&meminfo)))
+        }
+        None => (None, None),
+    };
     let figures = Figures {
         start_s,
-        pss_mib: pss as f64 / 1024.0 / n as f64,
-        unattributed_mib: used.saturating_sub(pss) as f64 / 1024.0 / n as f64,
+        pss_mib: per(pss),
+        unattributed_mib: per(used.saturating_sub(pss)),
+        split,
+        guest_meminfo,
     };
     for id in &ids {
         let _ = c.ctr(&["task", "kill", "-s", "KILL", id]);
@@ -158,10 +226,15 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let c = Containerd::start(&env, "density", "log_level = \"warn\"\n");
-    let shoal = measure(&c, RUNTIME, "containerd-shim", n);
+    // SHOAL_DENSITY_CONFIG: extra lines for the shim's config (to compare settings).
+    let extra = std::env::var("SHOAL_DENSITY_CONFIG").unwrap_or_default();
+    let c = Containerd::start(&env, "density", &format!("log_level = \"warn\"\n{extra}\n"));
+    let memory_mib: u64 = shoal_config_value(&c, "memory_mib")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let shoal = measure(&c, RUNTIME, "containerd-shim", n, Some(memory_mib << 20));
     c.assert_clean();
-    let runc = measure(&c, RUNC, "containerd-shim", n);
+    let runc = measure(&c, RUNC, "containerd-shim", n, None);
     let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
         "nested lab: memory figures hold, times EMULATED"
     } else {
@@ -192,19 +265,46 @@ fn main() {
         shoal.start_s,
         runc.start_s
     );
+    if let Some([guest, anon, file]) = shoal.split {
+        println!("shoal PSS per sandbox by kind: guest RAM {guest:.1} MiB, other anonymous (heap, stacks) {anon:.1} MiB, files (binary, libraries) {file:.1} MiB");
+    }
+    if let Some(meminfo) = &shoal.guest_meminfo {
+        let pick: Vec<String> = meminfo
+            .lines()
+            .filter(|l| {
+                [
+                    "MemTotal",
+                    "MemFree",
+                    "Buffers",
+                    "Cached",
+                    "Shmem",
+                    "Slab",
+                    "KernelStack",
+                    "PageTables",
+                    "AnonPages",
+                ]
+                .iter()
+                .any(|k| l.starts_with(&format!("{k}:")))
+            })
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        println!("one shoal guest's /proc/meminfo: {}", pick.join(", "));
+    }
     println!("left behind after deleting all: nothing (checked)");
 }
 
-/// The VM size the shim used (from the config the fixture wrote).
-fn shoal_vmm_size(c: &Containerd) -> String {
+/// A value from the shim config the fixture wrote.
+fn shoal_config_value(c: &Containerd, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(c.root.join("shoal.toml")).unwrap_or_default();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k} = ")).map(str::to_string))
-    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = ")).map(str::to_string))
+}
+
+/// The VM size the shim used.
+fn shoal_vmm_size(c: &Containerd) -> String {
     format!(
         "{} vCPU, {} MiB",
-        get("vcpus").unwrap_or_else(|| "1".into()),
-        get("memory_mib").unwrap_or_else(|| "256".into())
+        shoal_config_value(c, "vcpus").unwrap_or_else(|| "1".into()),
+        shoal_config_value(c, "memory_mib").unwrap_or_else(|| "256".into())
     )
 }

@@ -176,6 +176,7 @@ fn main() {
             dir: dir.clone(),
             cache: shoal_vmm::CacheMode::Auto,
         }],
+        free_page_reporting: false,
         console: Console::File(dir.join("console")),
     };
     let hello = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();

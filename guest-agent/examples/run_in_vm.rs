@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         disks: Vec::new(),
         shares: Vec::new(),
+        free_page_reporting: true,
         console: Console::File(dir.join("console")),
     })?;
     let vm_thread = std::thread::spawn(move || vm.wait());

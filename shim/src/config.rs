@@ -10,6 +10,7 @@
 //! state_dir = "/run/shoal"                     # per-sandbox sockets, shared dirs, console
 //! agent_timeout_secs = 60                      # boot to agent answering
 //! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet"
+//! free_page_reporting = true                   # guests give freed pages back to the host
 //! ```
 //!
 //! Annotations on the sandbox's spec: `io.shoal.vm.vcpus`, `io.shoal.vm.memory_mib`. Any other
@@ -63,6 +64,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub agent_timeout_secs: u64,
     pub kernel_cmdline: String,
+    /// Give the host back the pages each guest frees (virtio-balloon free page reporting).
+    pub free_page_reporting: bool,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             state_dir: "/run/shoal".into(),
             agent_timeout_secs: 60,
             kernel_cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+            free_page_reporting: true,
         }
     }
 }

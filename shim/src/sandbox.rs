@@ -120,6 +120,7 @@ impl Sandbox {
                 dir: shared.clone(),
                 cache: CacheMode::Auto,
             }],
+            free_page_reporting: config.free_page_reporting,
             console: Console::File(console.clone()),
         };
         let booted = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))

@@ -57,6 +57,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Shared directories (virtio-fs), each mounted in the guest by its tag.
     pub shares: Vec<FsConfig>,
+    /// A virtio-balloon through which the guest reports its free pages, which the VMM then
+    /// gives back to the host.
+    pub free_page_reporting: bool,
     /// Where the serial console goes.
     pub console: Console,
 }
@@ -110,6 +113,7 @@ impl VmConfig {
             vsock: None,
             disks: Vec::new(),
             shares: Vec::new(),
+            free_page_reporting: false,
             console: Console::Sink,
         }
     }
@@ -179,6 +183,7 @@ pub struct Vm {
     stop_devices: EventFd,
     device_thread: Option<JoinHandle<()>>,
     first_run: Arc<OnceLock<Instant>>,
+    balloon: Option<Arc<virtio::balloon::BalloonStats>>,
     // Dropped last, after every thread using them has been joined.
     _bus: Arc<Bus>,
     _kvm_vm: vm::KvmVm,
@@ -236,7 +241,8 @@ impl Vm {
             source,
         })?);
         let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone())?;
-        let (mmio_slots, loop_devices, cmdline_devices) = virtio_devices(&kvm_vm, &mem, config)?;
+        let (mmio_slots, loop_devices, cmdline_devices, balloon) =
+            virtio_devices(&kvm_vm, &mem, config)?;
 
         let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_devices)?;
         let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
@@ -283,6 +289,7 @@ impl Vm {
             stop_devices,
             device_thread: None,
             first_run: Arc::new(OnceLock::new()),
+            balloon,
             _bus: Arc::new(Bus::new(legacy, mmio_slots)),
             _kvm_vm: kvm_vm,
             _mem: mem,
@@ -306,6 +313,11 @@ impl Vm {
     /// When vCPU 0 first entered KVM_RUN, once it has.
     pub fn first_run_at(&self) -> Option<Instant> {
         self.first_run.get().copied()
+    }
+
+    /// What free page reporting has given back so far (None without a balloon).
+    pub fn balloon_stats(&self) -> Option<&virtio::balloon::BalloonStats> {
+        self.balloon.as_deref()
     }
 
     /// Waits until the guest reboots or powers off, the host stops the VM, or something
@@ -404,7 +416,12 @@ fn legacy_devices(
     Ok(Legacy::new(console, serial_irq, exit)?)
 }
 
-type VirtioSetup = (Vec<MmioSlot>, Vec<LoopDevice>, Vec<String>);
+type VirtioSetup = (
+    Vec<MmioSlot>,
+    Vec<LoopDevice>,
+    Vec<String>,
+    Option<Arc<virtio::balloon::BalloonStats>>,
+);
 
 /// Creates the configured virtio devices, each with its MMIO window, irqfd and one ioeventfd
 /// per queue, and the `virtio_mmio.device=` entries that announce them to the guest.
@@ -431,6 +448,12 @@ fn virtio_devices(
     }
     for share in &config.shares {
         devices.push(Box::new(virtio::fs::Fs::new(share)?));
+    }
+    let mut balloon = None;
+    if config.free_page_reporting {
+        let device = virtio::balloon::Balloon::new();
+        balloon = Some(device.stats());
+        devices.push(Box::new(device));
     }
     if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
         return Err(Error::TooManyDevices(devices.len()));
@@ -485,7 +508,7 @@ fn virtio_devices(
         });
         cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
-    Ok((slots, loop_devices, cmdline))
+    Ok((slots, loop_devices, cmdline, balloon))
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ struct Args {
     /// with `mount -t virtiofs TAG DIR`. Repeat for more.
     #[arg(long = "fs", value_name = "TAG=DIR[,cache=MODE]")]
     shares: Vec<shoal_vmm::FsConfig>,
+    /// Give pages the guest frees back to the host (virtio-balloon free page reporting).
+    #[arg(long)]
+    free_page_reporting: bool,
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -75,6 +78,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
         }),
         disks: args.disks,
         shares: args.shares,
+        free_page_reporting: args.free_page_reporting,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
     };
     let mut signals = signal_hook::iterator::Signals::new([

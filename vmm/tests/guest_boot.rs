@@ -87,6 +87,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
         }),
         disks: Vec::new(),
         shares: Vec::new(),
+        free_page_reporting: true,
         console: Console::File(dir.path("console")),
     };
     let started = Instant::now();
@@ -201,6 +202,107 @@ fn boot_guest_cli_exits_zero_after_reboot() {
     assert!(!uds.exists());
 }
 
+/// Resident KiB of a process's guest RAM: its anonymous mappings of at least `guest_mib`
+/// (the kernel may merge the guest's mapping with a neighbour, never split it).
+fn guest_rss_kib(pid: u32, guest_mib: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut total, mut counting) = (0, false);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if let Some((lo, hi)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let len = u64::from_str_radix(hi, 16).unwrap() - u64::from_str_radix(lo, 16).unwrap();
+            counting = len >= guest_mib << 20 && words.nth(3) == Some("0");
+        } else if counting && first == "Rss:" {
+            total += words.next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    total
+}
+
+#[test]
+fn boot_guest_free_page_reporting_gives_freed_memory_back() {
+    let Some((kernel, initrd)) = artifacts() else {
+        return;
+    };
+    let dir = scratch("balloon");
+    let uds = dir.path("balloon.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args([
+            "--memory-mib",
+            "256",
+            "--vcpus",
+            "1",
+            "--free-page-reporting",
+        ])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--console")
+        .arg(dir.path("console"))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while !uds.exists() {
+        assert!(
+            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "shoal-vmm did not create its vsock socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss = || guest_rss_kib(child.id(), 256);
+    // 96 MiB of file data in the guest's RAM-backed root: the host backs it.
+    let (out, status) = sh(
+        &uds,
+        "dd if=/dev/zero of=/fill bs=1M count=96 2>&1 && grep MemFree /proc/meminfo",
+        deadline,
+    );
+    assert_eq!(status, 0, "{out}");
+    let filled = rss();
+    assert!(
+        filled > 96 << 10,
+        "guest RAM resident after the fill: {filled} KiB"
+    );
+    // Deleted, the pages are free in the guest; the balloon reports them and the VMM drops
+    // them (the guest reports in batches, about two seconds after pages are freed).
+    let (out, status) = sh(&uds, "rm /fill", deadline);
+    assert_eq!(status, 0, "{out}");
+    let wait_until = Instant::now() + Duration::from_secs(90);
+    let mut now = rss();
+    while now + (64 << 10) > filled && Instant::now() < wait_until {
+        std::thread::sleep(Duration::from_millis(500));
+        now = rss();
+    }
+    assert!(
+        now + (64 << 10) <= filled,
+        "guest RAM resident went from {filled} KiB to only {now} KiB after the guest freed 96 MiB"
+    );
+    // Pages given back are usable again: data written into them reads back intact.
+    let (out, status) = sh(
+        &uds,
+        "dd if=/dev/urandom of=/a bs=1M count=48 2>/dev/null && cp /a /b && md5sum /a /b",
+        deadline,
+    );
+    assert_eq!(status, 0, "{out}");
+    let sums: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(sums.len(), 2, "{out}");
+    assert_eq!(
+        sums[0], sums[1],
+        "data differs after reuse of reported pages: {out}"
+    );
+    eprintln!("guest RAM resident: {filled} KiB filled, {now} KiB after the free");
+    let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
+    s.write_all(b"reboot\n").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "shoal-vmm exited with {status}");
+}
+
 /// Sends one command line to the test init and returns its one-line answer.
 fn ask(uds: &Path, line: &str, deadline: Instant) -> String {
     let (mut s, mut r) = connect_guest(uds, GUEST_PORT, deadline);
@@ -245,6 +347,7 @@ fn with_vm<T>(
         }),
         disks,
         shares,
+        free_page_reporting: false,
         console: Console::File(dir.path("console")),
     };
     // The guest's first connection goes to host port 1234; answer it so it moves on.

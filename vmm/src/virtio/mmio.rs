@@ -152,7 +152,7 @@ impl MmioTransport {
     /// A register write from the guest.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= REG_CONFIG {
-            tracing::debug!(offset, "virtio-mmio: configuration space is read-only");
+            self.device.write_config(offset - REG_CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -253,12 +253,15 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let queues = std::mem::replace(&mut self.queues, Self::fresh_queues(self.device.as_ref()));
+        let mut queues =
+            std::mem::replace(&mut self.queues, Self::fresh_queues(self.device.as_ref()));
         // Keep the driver's view of queue registers (size, ready) readable after activation.
         for (kept, q) in self.queues.iter_mut().zip(&queues) {
             kept.set_size(q.size());
             kept.set_ready(q.ready());
         }
+        // Queues a feature the driver did not take would add stay unused.
+        queues.truncate(self.device.queues_in_use(self.driver_features));
         if let Some(i) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
             tracing::warn!(
                 device = self.device.name(),

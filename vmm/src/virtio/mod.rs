@@ -1,4 +1,5 @@
 //! virtio: the device trait, interrupts, and the MMIO transport. Device types live below.
+pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod mmio;
@@ -89,8 +90,21 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers.
     fn features(&self) -> u64;
+    /// How many queues the driver must set up, given the features it accepted (all of
+    /// them unless a feature adds a queue).
+    fn queues_in_use(&self, _driver_features: u64) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver wrote the configuration space (read-only unless the device says otherwise).
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(
+            device = self.name(),
+            offset,
+            "virtio: configuration space is read-only"
+        );
+    }
     /// The driver set DRIVER_OK: start serving `queues`.
     fn activate(
         &mut self,
