@@ -84,20 +84,22 @@ struct Figures {
     start_s: f64,
     pss_mib: f64,
     unattributed_mib: f64,
-    /// Where a shoal sandbox's PSS goes (MiB per sandbox): guest RAM, other anonymous memory
-    /// (heap, stacks), file-backed (binary, libraries).
-    split: Option<[f64; 3]>,
+    /// Where a shoal sandbox's PSS goes (MiB per sandbox): see [`pss_split_kib`].
+    split: Option<[f64; 4]>,
     /// The first sandbox's guest /proc/meminfo (shoal only).
     guest_meminfo: Option<String>,
 }
 
-/// PSS of one process split into guest RAM (anonymous mappings at least `guest_bytes` long:
-/// the kernel may merge the guest's mapping with an adjacent anonymous one), other anonymous
-/// memory, and file-backed memory, in KiB.
-fn pss_split_kib(pid: i32, guest_bytes: u64) -> [u64; 3] {
+/// Anonymous mappings at least this long are guest RAM (the VMM's own are far smaller).
+const GUEST_RAM_MIN: u64 = 16 << 20;
+
+/// PSS of one process split four ways, in KiB: guest RAM (large anonymous mappings), the
+/// guest kernel's pages mapped from `kernel` (shared between VMs), other anonymous memory
+/// (heap, stacks), other files (binary, libraries).
+fn pss_split_kib(pid: i32, kernel: &str) -> [u64; 4] {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut out = [0u64; 3];
-    let mut kind = 1;
+    let mut out = [0u64; 4];
+    let mut kind = 2;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
         let first = words.next().unwrap_or_default();
@@ -108,12 +110,14 @@ fn pss_split_kib(pid: i32, guest_bytes: u64) -> [u64; 3] {
                 u64::from_str_radix(hi, 16).unwrap_or(0) - u64::from_str_radix(lo, 16).unwrap_or(0);
             let inode = words.nth(3).unwrap_or("0");
             let path = words.next().unwrap_or("");
-            kind = if inode != "0" && path.starts_with('/') {
-                2
-            } else if len >= guest_bytes {
+            kind = if path == kernel {
+                1
+            } else if inode != "0" && path.starts_with('/') {
+                3
+            } else if len >= GUEST_RAM_MIN {
                 0
             } else {
-                1
+                2
             };
         } else if first == "Pss:" {
             out[kind] += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -122,14 +126,14 @@ fn pss_split_kib(pid: i32, guest_bytes: u64) -> [u64; 3] {
     out
 }
 
-/// Starts `n` sandboxes, measures, deletes them. `guest_bytes` is the shoal guest's RAM size
-/// (None for runc), to tell guest RAM apart in the shim's mappings.
+/// Starts `n` sandboxes, measures, deletes them. `kernel` is the shoal guest's kernel file
+/// (None for runc), to tell the VM's memory apart in the shim's mappings.
 fn measure(
     c: &Containerd,
     runtime: &str,
     shim_comm: &str,
     n: usize,
-    guest_bytes: Option<u64>,
+    kernel: Option<&str>,
 ) -> Figures {
     let before = meminfo_kib("MemAvailable:");
     let started = Instant::now();
@@ -176,11 +180,11 @@ fn measure(
     let pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
     let used = before.saturating_sub(meminfo_kib("MemAvailable:"));
     let per = |kib: u64| kib as f64 / 1024.0 / n as f64;
-    let (split, guest_meminfo) = match guest_bytes {
-        Some(bytes) => {
-            let mut sum = [0u64; 3];
+    let (split, guest_meminfo) = match kernel {
+        Some(kernel) => {
+            let mut sum = [0u64; 4];
             for p in &pids {
-                for (s, v) in sum.iter_mut().zip(pss_split_kib(*p, bytes)) {
+                for (s, v) in sum.iter_mut().zip(pss_split_kib(*p, kernel)) {
                     *s += v;
                 }
             }
@@ -228,11 +232,18 @@ fn main() {
         .unwrap_or(50);
     // SHOAL_DENSITY_CONFIG: extra lines for the shim's config (to compare settings).
     let extra = std::env::var("SHOAL_DENSITY_CONFIG").unwrap_or_default();
-    let c = Containerd::start(&env, "density", &format!("log_level = \"warn\"\n{extra}\n"));
-    let memory_mib: u64 = shoal_config_value(&c, "memory_mib")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let shoal = measure(&c, RUNTIME, "containerd-shim", n, Some(memory_mib << 20));
+    let pool = if extra.contains("[cgroups]") {
+        String::new()
+    } else {
+        format!("[cgroups]\npool_size = {n}\n")
+    };
+    let c = Containerd::start(
+        &env,
+        "density",
+        &format!("log_level = \"warn\"\n{extra}\n{pool}"),
+    );
+    let kernel = env.kernel.to_string_lossy().into_owned();
+    let shoal = measure(&c, RUNTIME, "containerd-shim", n, Some(&kernel));
     c.assert_clean();
     let runc = measure(&c, RUNC, "containerd-shim", n, None);
     let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
@@ -265,8 +276,8 @@ fn main() {
         shoal.start_s,
         runc.start_s
     );
-    if let Some([guest, anon, file]) = shoal.split {
-        println!("shoal PSS per sandbox by kind: guest RAM {guest:.1} MiB, other anonymous (heap, stacks) {anon:.1} MiB, files (binary, libraries) {file:.1} MiB");
+    if let Some([guest, kernel, anon, file]) = shoal.split {
+        println!("shoal PSS per sandbox by kind: guest RAM {guest:.1} MiB, guest kernel mapped from its file {kernel:.1} MiB, other anonymous (heap, stacks) {anon:.1} MiB, other files (binary, libraries) {file:.1} MiB");
     }
     if let Some(meminfo) = &shoal.guest_meminfo {
         let pick: Vec<String> = meminfo

@@ -11,6 +11,15 @@
 //! agent_timeout_secs = 60                      # boot to agent answering
 //! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet"
 //! free_page_reporting = true                   # guests give freed pages back to the host
+//!
+//! [cgroups]                                    # host cgroups for sandboxes, from a pool
+//! enabled = true
+//! root = "/sys/fs/cgroup"
+//! parent = "shoal"
+//! driver = "cgroupfs"                          # or "systemd"
+//! pool_size = 256
+//! state_dir = "/run/shoal/cgroup-pool"
+//! overhead_mib = 64                            # host memory beyond guest RAM
 //! ```
 //!
 //! Annotations on the sandbox's spec: `io.shoal.vm.vcpus`, `io.shoal.vm.memory_mib`. Any other
@@ -19,6 +28,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::host_cgroups::{Driver, PoolConfig};
 
 /// Environment variable naming the config file (containerd passes its environment to shims).
 pub const CONFIG_ENV: &str = "SHOAL_CONFIG";
@@ -66,6 +77,62 @@ pub struct Config {
     pub kernel_cmdline: String,
     /// Give the host back the pages each guest frees (virtio-balloon free page reporting).
     pub free_page_reporting: bool,
+    /// Host cgroups for sandboxes.
+    pub cgroups: CgroupsConfig,
+}
+
+/// `[cgroups]`: each sandbox's shim (which holds its VM) runs in a host cgroup claimed from a
+/// pool created ahead of time (`crate::host_cgroups`), its memory limit the VM's RAM plus
+/// `overhead_mib`, its CPU quota the container's.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupsConfig {
+    /// Off: sandboxes stay in containerd's cgroup, unlimited on the host.
+    pub enabled: bool,
+    /// Where the cgroup file systems are mounted.
+    pub root: PathBuf,
+    /// Parent cgroup of the pool (`shoal`, or `shoal.slice` with the systemd driver).
+    pub parent: String,
+    /// `cgroupfs` (`shoal/slot-0007`) or `systemd` (`shoal.slice/shoal-slot-0007.scope`).
+    pub driver: Driver,
+    /// Number of pooled cgroups: the most sandboxes this host runs at once.
+    pub pool_size: usize,
+    /// Claim files.
+    pub state_dir: PathBuf,
+    /// Host memory a sandbox may use beyond its guest RAM (VMM threads, device buffers, the
+    /// shim itself).
+    pub overhead_mib: u64,
+}
+
+/// Smallest `overhead_mib` accepted: an idle shim with its VMM already needs about this much.
+pub const MIN_OVERHEAD_MIB: u64 = 16;
+
+impl Default for CgroupsConfig {
+    fn default() -> Self {
+        let pool = PoolConfig::default();
+        CgroupsConfig {
+            enabled: true,
+            root: pool.root,
+            parent: pool.parent,
+            driver: pool.driver,
+            pool_size: 256,
+            state_dir: pool.state_dir,
+            overhead_mib: 64,
+        }
+    }
+}
+
+impl CgroupsConfig {
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            root: self.root.clone(),
+            parent: self.parent.clone(),
+            driver: self.driver,
+            size: self.pool_size,
+            state_dir: self.state_dir.clone(),
+            memory_overhead: self.overhead_mib << 20,
+        }
+    }
 }
 
 impl Default for Config {
@@ -80,6 +147,7 @@ impl Default for Config {
             agent_timeout_secs: 60,
             kernel_cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
             free_page_reporting: true,
+            cgroups: CgroupsConfig::default(),
         }
     }
 }
@@ -110,6 +178,16 @@ impl Config {
             return Err(ConfigError::Parse {
                 path: path.into(),
                 message: "vcpus must be at least 1 and memory_mib at least 64".into(),
+            });
+        }
+        let cg = &config.cgroups;
+        if cg.enabled && (cg.pool_size == 0 || cg.overhead_mib < MIN_OVERHEAD_MIB) {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!(
+                    "cgroups.pool_size must be at least 1 and cgroups.overhead_mib at least {MIN_OVERHEAD_MIB} (got {} and {})",
+                    cg.pool_size, cg.overhead_mib
+                ),
             });
         }
         Ok(config)
@@ -205,6 +283,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cgroups_section_is_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("shoal-config-cg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("config.toml");
+        std::fs::write(
+            &p,
+            "memory_mib = 128\n[cgroups]\ndriver = \"systemd\"\npool_size = 9\noverhead_mib = 32\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!(c.cgroups.driver, Driver::Systemd);
+        let pool = c.cgroups.pool_config();
+        assert_eq!((pool.size, pool.memory_overhead), (9, 32 << 20));
+        assert_eq!(pool.parent, "shoal");
+        for (bad, named) in [
+            ("[cgroups]\noverhead_mib = 4\n", "overhead_mib"),
+            ("[cgroups]\npool_size = 0\n", "pool_size"),
+            ("[cgroups]\ndriver = \"cgroupv3\"\n", "cgroupv3"),
+            ("[cgroups]\npool = 3\n", "pool"),
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            let e = Config::from_file(&p).unwrap_err().to_string();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
+        // Turned off, the pool's settings are not checked.
+        std::fs::write(&p, "[cgroups]\nenabled = false\noverhead_mib = 0\n").unwrap();
+        assert!(!Config::from_file(&p).unwrap().cgroups.enabled);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -44,6 +44,8 @@ pub enum PoolError {
     },
     #[error("invalid sandbox id {0:?}")]
     InvalidId(String),
+    #[error("cannot tell which cgroups process {pid} is in: {message}")]
+    ProcCgroup { pid: u32, message: String },
 }
 
 type Result<T> = std::result::Result<T, PoolError>;
@@ -58,7 +60,8 @@ pub enum Hierarchy {
 }
 
 /// How cgroups are named (as the container runtimes' drivers do).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Driver {
     /// `<parent>/slot-0007`
     Cgroupfs,
@@ -149,12 +152,24 @@ fn write(path: &Path, value: &str) -> Result<()> {
     })
 }
 
+/// Whether `pid` is a live process (a zombie is not: it holds no cgroup any more).
 fn pid_alive(pid: i32) -> bool {
-    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if pid <= 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 impl Pool {
-    /// Opens (creating what is missing) the pool, and releases claims left by dead processes.
+    /// Opens (creating what is missing) the pool, and releases claims left by dead processes
+    /// (`containerd-shim-shoal-v2 delete`, run after a shim died, relies on this).
     pub fn open(cfg: PoolConfig) -> Result<Pool> {
         let hierarchy = detect(&cfg.root)?;
         let parent_name = match cfg.driver {
@@ -375,6 +390,47 @@ impl Pool {
     /// Moves process `pid` (the sandbox's VMM) into the claimed cgroup.
     pub fn add_process(&self, claim: &Claim, pid: u32) -> Result<()> {
         for dir in &claim.dirs {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The cgroups process `pid` is in now, one per directory of a claim (same order), so
+    /// that it can be moved back before its claim is released.
+    pub fn cgroups_of(&self, pid: u32) -> Result<Vec<PathBuf>> {
+        let err = |message: String| PoolError::ProcCgroup { pid, message };
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| err(e.to_string()))?;
+        // Lines are `ID:CONTROLLERS:PATH`; v2's is `0::PATH`.
+        let path_for = |wanted: Option<&str>| {
+            text.lines().find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let hit = match wanted {
+                    None => controllers.is_empty(),
+                    Some(c) => controllers.split(',').any(|x| x == c),
+                };
+                hit.then(|| path.trim_start_matches('/').to_string())
+            })
+        };
+        match &self.hierarchy {
+            Hierarchy::V2 => path_for(None)
+                .map(|p| vec![self.cfg.root.join(p)])
+                .ok_or_else(|| err("no cgroup v2 entry".into())),
+            Hierarchy::V1 { controllers } => controllers
+                .iter()
+                .map(|c| {
+                    path_for(Some(c))
+                        .map(|p| self.cfg.root.join(c).join(p))
+                        .ok_or_else(|| err(format!("no entry for controller {c}")))
+                })
+                .collect(),
+        }
+    }
+
+    /// Moves process `pid` back to the cgroups `cgroups_of` named.
+    pub fn move_back(&self, pid: u32, previous: &[PathBuf]) -> Result<()> {
+        for dir in previous {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())

@@ -65,11 +65,23 @@ fn log_process_start() {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    init_logging();
-    if !std::env::args().any(|a| a == "start" || a == "delete") {
-        log_process_start();
+fn main() {
+    if std::env::args().any(|a| a == "start") {
+        // For the serving shim `start` spawns (glibc reads it when that process starts): a
+        // couple of malloc arenas instead of one per thread keeps each sandbox's shim small.
+        // Set while this process still has one thread.
+        std::env::set_var("MALLOC_ARENA_MAX", "2");
     }
-    containerd_shim::asynchronous::run::<Service>("io.containerd.shoal.v2", None).await;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the shim's async runtime");
+    runtime.block_on(async {
+        init_logging();
+        if !std::env::args().any(|a| a == "start" || a == "delete") {
+            log_process_start();
+        }
+        containerd_shim::asynchronous::run::<Service>("io.containerd.shoal.v2", None).await;
+    });
 }

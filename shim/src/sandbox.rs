@@ -14,6 +14,7 @@ use shoal_vmm::{CacheMode, Console, ExitReason, FsConfig, Stopper, Vm, VmConfig,
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::host_cgroups::{Claim, Limits, Pool, PoolError};
 use crate::mounts;
 
 /// virtio-fs tag of every sandbox's shared tree.
@@ -45,6 +46,72 @@ pub enum SandboxError {
     },
     #[error("the guest agent refused to set up the sandbox: {0}")]
     Agent(ttrpc::Error),
+    #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
+    Cgroup(#[from] PoolError),
+}
+
+/// A sandbox's host cgroup, claimed from the pool with the shim (and so the VM's threads and
+/// guest RAM) moved into it. Dropping it moves the shim back where it came from and returns
+/// the cgroup to the pool, on every path: setup failure, shutdown, or the shim exiting.
+pub struct HostCgroup {
+    pool: Pool,
+    claim: Claim,
+    previous: Vec<PathBuf>,
+}
+
+impl HostCgroup {
+    /// Claims a cgroup for sandbox `id` with `limits` and moves this process into it.
+    pub fn enter(id: &str, config: &Config, limits: &Limits) -> Result<HostCgroup, PoolError> {
+        let pool = Pool::open(config.cgroups.pool_config())?;
+        let pid = std::process::id();
+        let previous = pool.cgroups_of(pid)?;
+        let claim = pool.claim(id, limits)?;
+        let cgroup = HostCgroup {
+            pool,
+            claim,
+            previous,
+        };
+        // On error the drop returns the claim.
+        cgroup.pool.add_process(&cgroup.claim, pid)?;
+        tracing::info!(
+            "sandbox {id}: host cgroup {}",
+            cgroup.claim.dirs[0].display()
+        );
+        Ok(cgroup)
+    }
+
+    /// The claimed cgroup's directories (one per hierarchy).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.claim.dirs
+    }
+}
+
+impl Drop for HostCgroup {
+    fn drop(&mut self) {
+        let pid = std::process::id();
+        if let Err(e) = self.pool.move_back(pid, &self.previous) {
+            tracing::warn!("cannot move the shim out of its sandbox cgroup: {e}");
+        }
+        if let Err(e) = self.pool.release(&self.claim) {
+            // A later shim's pool open recovers the claim once this process has exited.
+            tracing::warn!("cannot release the sandbox cgroup now: {e}");
+        }
+    }
+}
+
+/// Host limits of a sandbox: its VM's RAM plus the configured overhead, and the container's
+/// CPU quota if it has one.
+pub fn host_limits(
+    config: &Config,
+    cpu_quota_us: Option<u64>,
+    cpu_period_us: Option<u64>,
+) -> Limits {
+    Limits {
+        memory_max: Some((config.memory_mib + config.cgroups.overhead_mib) << 20),
+        cpu_quota_us,
+        cpu_period_us,
+        pids_max: None,
+    }
 }
 
 /// How the VM ended, once it has.
@@ -58,6 +125,7 @@ pub struct Sandbox {
     pub agent: AgentClient,
     stopper: Stopper,
     vm_thread: Mutex<Option<JoinHandle<()>>>,
+    cgroup: Mutex<Option<HostCgroup>>,
     pub exited: VmExit,
 }
 
@@ -80,8 +148,14 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 }
 
 impl Sandbox {
-    /// Boots the VM for sandbox `id` and waits for its agent.
-    pub async fn start(id: &str, hostname: &str, config: &Config) -> Result<Sandbox, SandboxError> {
+    /// Boots the VM for sandbox `id` (in a host cgroup with `limits` when the config enables
+    /// them) and waits for its agent.
+    pub async fn start(
+        id: &str,
+        hostname: &str,
+        config: &Config,
+        limits: &Limits,
+    ) -> Result<Sandbox, SandboxError> {
         for (what, key, path) in [
             ("kernel", "kernel", &config.kernel),
             ("image", "initrd", &config.initrd),
@@ -104,6 +178,18 @@ impl Sandbox {
         })?;
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
+        // Before the VM exists, so that its guest RAM is charged to the sandbox's cgroup.
+        let cgroup = match config.cgroups.enabled {
+            true => match HostCgroup::enter(id, config, limits) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = mounts::remove_tree(&dir);
+                    return Err(e.into());
+                }
+            },
+            false => None,
+        };
+        mark("cgroup_claimed");
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
             initrd: Some(config.initrd.clone()),
@@ -148,6 +234,7 @@ impl Sandbox {
             stopper,
             vm_thread: Some(vm_thread),
             dir: dir.clone(),
+            cgroup,
         };
         let timeout = Duration::from_secs(config.agent_timeout_secs);
         let agent = match connect_agent(&uds, AGENT_PORT, timeout).await {
@@ -176,7 +263,7 @@ impl Sandbox {
             return Err(SandboxError::Agent(e));
         }
         mark("agent_ready");
-        let (stopper, vm_thread) = sandbox.disarm();
+        let (stopper, vm_thread, cgroup) = sandbox.disarm();
         Ok(Sandbox {
             id: id.into(),
             dir,
@@ -185,6 +272,7 @@ impl Sandbox {
             agent,
             stopper,
             vm_thread: Mutex::new(vm_thread),
+            cgroup: Mutex::new(cgroup),
             exited,
         })
     }
@@ -227,6 +315,7 @@ impl Sandbox {
         if let Err(e) = mounts::remove_tree(&self.dir) {
             tracing::warn!("sandbox {}: {e}", self.id);
         }
+        drop(self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take());
         mark("sandbox_stopped");
     }
 }
@@ -236,6 +325,7 @@ struct SandboxParts {
     stopper: Stopper,
     vm_thread: Option<JoinHandle<()>>,
     dir: PathBuf,
+    cgroup: Option<HostCgroup>,
 }
 
 impl SandboxParts {
@@ -245,11 +335,16 @@ impl SandboxParts {
             let _ = h.join();
         }
         let _ = mounts::remove_tree(&self.dir);
+        self.cgroup = None;
     }
 
     /// Setup succeeded: hand the VM over to the sandbox.
-    fn disarm(mut self) -> (Stopper, Option<JoinHandle<()>>) {
-        (self.stopper.clone(), self.vm_thread.take())
+    fn disarm(mut self) -> (Stopper, Option<JoinHandle<()>>, Option<HostCgroup>) {
+        (
+            self.stopper.clone(),
+            self.vm_thread.take(),
+            self.cgroup.take(),
+        )
     }
 }
 

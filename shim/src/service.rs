@@ -241,10 +241,32 @@ impl Service {
         config
             .apply_annotations(&spec.annotations().clone().unwrap_or_default())
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        // A container's memory limit larger than the VM grows the VM to hold it.
+        let memory_limit = resources
+            .as_ref()
+            .and_then(|r| r.memory().as_ref().and_then(|m| m.limit()))
+            .filter(|l| *l > 0)
+            .map(|l| (l as u64).div_ceil(1 << 20));
+        if let Some(mib) = memory_limit.filter(|mib| *mib > config.memory_mib) {
+            tracing::info!(
+                "container memory limit {mib} MiB: VM RAM grows from {} MiB",
+                config.memory_mib
+            );
+            config.memory_mib = mib;
+        }
+        let cpu = resources.as_ref().and_then(|r| r.cpu().clone());
+        let quota = cpu
+            .as_ref()
+            .and_then(|c| c.quota())
+            .filter(|q| *q > 0)
+            .map(|q| q as u64);
+        let period = cpu.as_ref().and_then(|c| c.period());
+        let limits = crate::sandbox::host_limits(&config, quota, period);
         let id = sandbox_id(spec, cid);
         let hostname = spec.hostname().clone().unwrap_or_default();
         let started = std::time::Instant::now();
-        let sb = Sandbox::start(&id, &hostname, &config)
+        let sb = Sandbox::start(&id, &hostname, &config, &limits)
             .await
             .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
         tracing::info!(
@@ -439,6 +461,12 @@ impl Shim for Service {
                     .unwrap_or(0);
                 if others == 0 || sid == cid {
                     let _ = mounts::remove_tree(&dir);
+                }
+            }
+            // Opening the pool returns cgroups whose shim is gone, this one's included.
+            if config.cgroups.enabled {
+                if let Err(e) = crate::host_cgroups::Pool::open(config.cgroups.pool_config()) {
+                    tracing::warn!("cannot recover the dead shim's host cgroup: {e}");
                 }
             }
         }

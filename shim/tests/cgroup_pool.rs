@@ -86,6 +86,35 @@ fn claim_apply_release_and_exhaustion() {
 }
 
 #[test]
+fn a_process_moves_in_and_back_out_before_release() {
+    if !can_run() {
+        return;
+    }
+    let pool = Pool::open(config("move", 1, Driver::Cgroupfs)).unwrap();
+    let claim = pool.claim("sb", &Limits::default()).unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let before = pool.cgroups_of(child.id()).unwrap();
+    assert_eq!(before.len(), claim.dirs.len());
+    assert!(
+        before.iter().all(|d| d.join("cgroup.procs").exists()),
+        "{before:?}"
+    );
+    pool.add_process(&claim, child.id()).unwrap();
+    assert_eq!(pool.cgroups_of(child.id()).unwrap(), claim.dirs);
+    pool.move_back(child.id(), &before).unwrap();
+    assert_eq!(pool.cgroups_of(child.id()).unwrap(), before);
+    // Out again, the cgroup is empty and goes back to the pool while the process lives on.
+    pool.release(&claim).unwrap();
+    assert_eq!(pool.free_count(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    pool.destroy().unwrap();
+}
+
+#[test]
 fn a_busy_cgroup_is_not_released_and_processes_move_in() {
     if !can_run() {
         return;
@@ -114,28 +143,39 @@ fn claims_of_a_crashed_shim_are_recovered() {
     if !can_run() {
         return;
     }
-    let cfg = config("crash", 2, Driver::Cgroupfs);
+    let cfg = config("crash", 3, Driver::Cgroupfs);
     let pool = Pool::open(cfg.clone()).unwrap();
     let live = pool.claim("alive", &Limits::default()).unwrap();
-    // A claim made by a process that has since died (a crashed shim): write its claim file
-    // as that process would have.
+    // Claims made by processes that have since died (crashed shims): one reaped, one a
+    // zombie nobody has waited for yet. Their claim files are written as they would have.
     let mut dead = std::process::Command::new("true").spawn().unwrap();
     let dead_pid = dead.id();
     dead.wait().unwrap();
-    let other = (0..2).find(|s| *s != live.slot).unwrap();
-    std::fs::write(
-        cfg.state_dir.join(format!("slot-{other:04}.claim")),
-        format!("{dead_pid} crashed\n"),
-    )
-    .unwrap();
+    let mut zombie = std::process::Command::new("true").spawn().unwrap();
+    let zombie_pid = zombie.id();
+    while !std::fs::read_to_string(format!("/proc/{zombie_pid}/stat"))
+        .unwrap()
+        .contains(") Z ")
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let others: Vec<usize> = (0..3).filter(|s| *s != live.slot).collect();
+    for (slot, pid) in others.iter().zip([dead_pid, zombie_pid]) {
+        std::fs::write(
+            cfg.state_dir.join(format!("slot-{slot:04}.claim")),
+            format!("{pid} crashed\n"),
+        )
+        .unwrap();
+    }
     assert_eq!(pool.free_count(), 0);
     drop(pool);
     let pool = Pool::open(cfg).unwrap();
     assert_eq!(
         pool.free_count(),
-        1,
-        "the dead claim was released, the live one kept"
+        2,
+        "the dead claims were released, the live one kept"
     );
+    zombie.wait().unwrap();
     pool.release(&live).unwrap();
     pool.destroy().unwrap();
 }

@@ -190,6 +190,83 @@ fn ctr_detached_task_lifecycle_and_events() {
     assert_eq!(topics, expected, "events:\n{}", lines.join("\n"));
 }
 
+/// The sandbox's shim (holding its VM) runs in a host cgroup from the pool, limited to the
+/// VM's RAM plus the configured overhead and charged for the guest's memory; a start beyond
+/// the pool fails with a clear error and leaves nothing; deleting returns the cgroup.
+#[test]
+fn ctr_sandbox_in_a_pooled_host_cgroup_and_pool_exhaustion() {
+    use containerd_shim_shoal_v2::host_cgroups::{Hierarchy, Pool};
+    let Some(env) = env() else { return };
+    let c = Containerd::start(
+        &env,
+        "cgroup",
+        "memory_mib = 128\n[cgroups]\npool_size = 1\noverhead_mib = 32\n",
+    );
+    let out = c.run(&["-d"], "held", &["sleep", "1000"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    wait_status(&c, "held", "RUNNING");
+    let shims = shim_pids();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let pool = Pool::open(c.shoal_config().cgroups.pool_config()).unwrap();
+    let dirs = pool.cgroups_of(shims[0] as u32).unwrap();
+    assert!(
+        dirs[0].to_string_lossy().contains("slot-0000"),
+        "the shim is in {dirs:?}, not the pool's slot"
+    );
+    let (limit_file, usage_file) = match pool.hierarchy() {
+        Hierarchy::V2 => (dirs[0].join("memory.max"), dirs[0].join("memory.current")),
+        Hierarchy::V1 { controllers } => {
+            let d = &dirs[controllers.iter().position(|c| *c == "memory").unwrap()];
+            (
+                d.join("memory.limit_in_bytes"),
+                d.join("memory.usage_in_bytes"),
+            )
+        }
+    };
+    let read = |p: &std::path::Path| -> u64 {
+        std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+    };
+    assert_eq!(read(&limit_file), (128 + 32) << 20);
+    let usage = read(&usage_file);
+    assert!(
+        usage > 16 << 20,
+        "the guest's memory is charged to the sandbox cgroup: only {usage} bytes"
+    );
+    assert_eq!(c.cgroup_claims().len(), 1);
+
+    // The pool has one slot: a second sandbox cannot start, says why, and leaves nothing.
+    let out = c.run(&["-d"], "extra", &["sleep", "1000"]);
+    assert!(!out.status.success(), "a start beyond the pool succeeded");
+    let err = text(&out);
+    assert!(
+        err.contains("host cgroup") && err.contains("all 1 pooled cgroups are claimed"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dirs = std::fs::read_dir(c.shoal_state()).unwrap().count();
+        if shim_pids().len() == 1 && dirs == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed start left a shim or a sandbox dir behind"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = c.ctr(&["container", "delete", "extra"]);
+
+    assert!(c
+        .ctr(&["task", "kill", "-s", "KILL", "held"])
+        .status
+        .success());
+    wait_status(&c, "held", "STOPPED");
+    assert!(c.ctr(&["task", "delete", "held"]).status.success());
+    assert!(c.ctr(&["container", "delete", "held"]).status.success());
+    c.assert_clean();
+    assert_eq!(pool.free_count(), 1, "the slot went back to the pool");
+}
+
 #[test]
 fn ctr_run_with_a_terminal() {
     let Some(env) = env() else { return };

@@ -71,11 +71,18 @@ pub struct LoadedInitrd {
 }
 
 /// Loads an uncompressed ELF kernel at its physical addresses (at or above 1 MiB).
+///
+/// Page-aligned parts of the kernel's segments are not copied: the file's pages are mapped
+/// copy-on-write over guest RAM (see [`SharedPages`]), so every VM booted from the same
+/// `vmlinux` shares the host page cache's copy of the kernel until the guest writes a page.
+/// The file must therefore be replaced by renaming a new one over it, never rewritten in
+/// place (`scripts/install` does so).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+    let file = File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.into(),
         source,
     })?;
+    let mut file = SharedPages { file, shared: 0 };
     let result =
         Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
             BootError::LoadKernel {
@@ -83,10 +90,108 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 source,
             }
         })?;
+    tracing::debug!(
+        shared_bytes = file.shared,
+        "kernel pages mapped from {}",
+        path.display()
+    );
     Ok(LoadedKernel {
         entry: result.kernel_load,
         end: result.kernel_end,
     })
+}
+
+const PAGE_SIZE: usize = 4096;
+
+/// A kernel image reader for the ELF loader that maps what it can instead of copying it.
+/// When the file position and the destination in guest RAM are both page-aligned, whole
+/// pages are mapped `MAP_PRIVATE | MAP_FIXED` from the file over the guest's anonymous RAM;
+/// the partial last page is read as usual (so the bytes after it stay zero, as a segment's
+/// bss needs). Pages the guest later writes become private copies; pages it only reads stay
+/// shared with every other VM using the same file. Where the file system cannot map the
+/// file, the reader copies.
+struct SharedPages {
+    file: File,
+    /// Bytes mapped rather than copied.
+    shared: u64,
+}
+
+impl SharedPages {
+    /// Maps `len` bytes of the file at `offset` over guest RAM at `host`.
+    fn map(&self, offset: u64, host: *mut u8, len: usize) -> std::io::Result<()> {
+        // SAFETY: `host..host+len` is part of a VolatileSlice of guest RAM, which the
+        // GuestMemoryMmap that produced it keeps mapped for the VM's life; both ends are
+        // page-aligned (checked by the caller). MAP_FIXED swaps those pages for a private,
+        // writable, copy-on-write view of the file, so the range stays mapped with the same
+        // access and the later munmap of the whole region still covers it. No Rust reference
+        // points into guest RAM (it is only accessed through volatile operations), and the
+        // kernel is loaded before any vCPU exists, so no one observes the swap; KVM follows
+        // host mapping changes through its MMU notifier.
+        let mapped = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                offset as libc::off_t,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Read for SharedPages {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl std::io::Seek for SharedPages {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl vm_memory::ReadVolatile for SharedPages {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        use std::io::Seek;
+        use vm_memory::VolatileMemoryError as E;
+        let offset = self.file.stream_position().map_err(E::IOError)?;
+        let host = buf.ptr_guard_mut().as_ptr();
+        let whole = buf.len() / PAGE_SIZE * PAGE_SIZE;
+        let mut done = 0;
+        if whole > 0
+            && offset.is_multiple_of(PAGE_SIZE as u64)
+            && (host as usize).is_multiple_of(PAGE_SIZE)
+        {
+            match self.map(offset, host, whole) {
+                Ok(()) => {
+                    self.file
+                        .seek(std::io::SeekFrom::Current(whole as i64))
+                        .map_err(E::IOError)?;
+                    self.shared += whole as u64;
+                    done = whole;
+                }
+                Err(e) => tracing::debug!("kernel pages cannot be mapped, copying them: {e}"),
+            }
+        }
+        // The loader wants the whole buffer from one call.
+        while done < buf.len() {
+            let mut rest = buf.subslice(done, buf.len() - done)?;
+            match self.file.read_volatile(&mut rest)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
+    }
 }
 
 /// Copies the initramfs to the top of low RAM (page aligned), where the kernel expects it.
@@ -275,6 +380,82 @@ mod tests {
 
     fn mem(mib: u64) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap()
+    }
+
+    /// A file of `pages` pages plus 100 bytes, each byte a function of its offset.
+    fn image(name: &str, pages: usize) -> (PathBuf, Vec<u8>) {
+        let data: Vec<u8> = (0..pages * PAGE_SIZE + 100)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        let path = std::env::temp_dir().join(format!("shoal-pages-{name}-{}", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+
+    fn mapped_from(path: &Path, host: usize) -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .any(|l| {
+                let range = l.split_whitespace().next().unwrap();
+                let (lo, hi) = range.split_once('-').unwrap();
+                let (lo, hi) = (
+                    usize::from_str_radix(lo, 16).unwrap(),
+                    usize::from_str_radix(hi, 16).unwrap(),
+                );
+                (lo..hi).contains(&host) && l.ends_with(path.to_str().unwrap())
+            })
+    }
+
+    #[test]
+    fn aligned_kernel_pages_are_mapped_private_and_the_tail_copied() {
+        let (path, data) = image("aligned", 3);
+        let m = mem(1);
+        let mut r = SharedPages {
+            file: File::open(&path).unwrap(),
+            shared: 0,
+        };
+        m.read_exact_volatile_from(GuestAddress(0x1_0000), &mut r, data.len())
+            .unwrap();
+        assert_eq!(r.shared, 3 * PAGE_SIZE as u64);
+        let mut got = vec![0u8; data.len() + 16];
+        m.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
+        assert_eq!(&got[..data.len()], &data[..]);
+        assert!(
+            got[data.len()..].iter().all(|b| *b == 0),
+            "bytes after the image stay zero"
+        );
+        let host = m.get_host_address(GuestAddress(0x1_0000)).unwrap() as usize;
+        assert!(
+            mapped_from(&path, host),
+            "the first page comes from the file"
+        );
+        assert!(
+            !mapped_from(&path, host + 3 * PAGE_SIZE),
+            "the tail page is guest RAM"
+        );
+        // A guest write changes guest memory only, never the file.
+        m.write_obj(0xffu8, GuestAddress(0x1_0000)).unwrap();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x1_0000)).unwrap(), 0xff);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn unaligned_kernel_pages_are_copied() {
+        let (path, data) = image("unaligned", 2);
+        let m = mem(1);
+        let mut r = SharedPages {
+            file: File::open(&path).unwrap(),
+            shared: 0,
+        };
+        m.read_exact_volatile_from(GuestAddress(0x1_0010), &mut r, data.len())
+            .unwrap();
+        assert_eq!(r.shared, 0);
+        let mut got = vec![0u8; data.len()];
+        m.read_slice(&mut got, GuestAddress(0x1_0010)).unwrap();
+        assert_eq!(got, data);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

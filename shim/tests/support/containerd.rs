@@ -85,7 +85,18 @@ impl Containerd {
         if !shoal_config.contains("log_level =") {
             config += "log_level = \"debug\"\n";
         }
-        config += shoal_config;
+        // The host cgroup pool: one parent cgroup and claim directory per fixture, so tests
+        // running side by side do not share slots; 8 slots unless the test says otherwise.
+        let pool_keys = format!(
+            "parent = \"{tag}\"\nstate_dir = \"{}/cgroup-pool\"\n",
+            run.display()
+        );
+        if shoal_config.contains("[cgroups]\n") {
+            config += &shoal_config.replacen("[cgroups]\n", &format!("[cgroups]\n{pool_keys}"), 1);
+        } else {
+            config += shoal_config;
+            config += &format!("\n[cgroups]\npool_size = 8\n{pool_keys}");
+        }
         std::fs::write(root.join("shoal.toml"), config).unwrap();
         let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-shoal-v2"));
         let path = format!(
@@ -148,6 +159,24 @@ impl Containerd {
         self.run.join("shoal")
     }
 
+    /// The shim's config as the fixture wrote it.
+    pub fn shoal_config(&self) -> containerd_shim_shoal_v2::config::Config {
+        containerd_shim_shoal_v2::config::Config::from_file(&self.root.join("shoal.toml"))
+            .expect("the fixture's shoal config")
+    }
+
+    /// Claim files of the fixture's host cgroup pool (sandboxes holding a cgroup).
+    pub fn cgroup_claims(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.shoal_config().cgroups.state_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "claim"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Nothing of shoal's is left: no shim, no sandbox directory, no mount under it.
     pub fn assert_clean(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -157,12 +186,13 @@ impl Containerd {
                 .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
                 .unwrap_or_default();
             let mounts = containerd_shim_shoal_v2::mounts::mounts_under(&self.shoal_state()).len();
-            if shims.is_empty() && leftovers.is_empty() && mounts == 0 {
+            let claims = self.cgroup_claims();
+            if shims.is_empty() && leftovers.is_empty() && mounts == 0 && claims.is_empty() {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "left behind: shims {shims:?}, sandbox dirs {leftovers:?}, {mounts} mounts\n{}",
+                "left behind: shims {shims:?}, sandbox dirs {leftovers:?}, {mounts} mounts, cgroup claims {claims:?}\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -178,6 +208,15 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The fixture's cgroup pool goes with it (the killed shims' cgroups are empty now).
+        let cgroups = self.shoal_config().cgroups;
+        if cgroups.enabled {
+            if let Ok(pool) =
+                containerd_shim_shoal_v2::host_cgroups::Pool::open(cgroups.pool_config())
+            {
+                let _ = pool.destroy();
+            }
+        }
         // Snapshot and sandbox mounts included: the shim's own clean-up serves here too.
         for dir in [&self.run, &self.root] {
             let _ = containerd_shim_shoal_v2::mounts::remove_tree(dir);
