@@ -31,7 +31,7 @@ fn spawn_vmm(kernel: &Path, initrd: &Path, console: &Path, uds: Option<&Path>) -
         "--vcpus",
         "1",
         "--cmdline",
-        "console=ttyS0 reboot=k panic=1 quiet",
+        shoal_vmm::DEFAULT_CMDLINE,
     ]);
     cmd.arg("--console").arg(console);
     if let Some(uds) = uds {

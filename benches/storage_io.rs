@@ -154,7 +154,7 @@ fn main() {
     let config = VmConfig {
         kernel: kernel.into(),
         initrd: Some(initrd.into()),
-        cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
         memory_mib: 256,
         vcpus: 1,
         vsock: Some(VsockConfig {

@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let vm = Vm::boot(&VmConfig {
         kernel: PathBuf::from(kernel),
         initrd: Some(PathBuf::from(image)),
-        cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
         memory_mib: 256,
         vcpus: 1,
         vsock: Some(VsockConfig {

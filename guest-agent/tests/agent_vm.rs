@@ -55,7 +55,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
     let config = VmConfig {
         kernel,
         initrd: Some(image),
-        cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
         memory_mib: 256,
         vcpus: 2,
         vsock: Some(VsockConfig {

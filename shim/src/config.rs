@@ -9,7 +9,7 @@
 //! log_level = "info"                           # tracing filter for the shim's log
 //! state_dir = "/run/shoal"                     # per-sandbox sockets, shared dirs, console
 //! agent_timeout_secs = 60                      # boot to agent answering
-//! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet"
+//! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet noreplace-smp"
 //! free_page_reporting = true                   # guests give freed pages back to the host
 //!
 //! [cgroups]                                    # host cgroups for sandboxes, from a pool
@@ -145,7 +145,7 @@ impl Default for Config {
             log_level: "info".into(),
             state_dir: "/run/shoal".into(),
             agent_timeout_secs: 60,
-            kernel_cmdline: "console=ttyS0 reboot=k panic=1 quiet".into(),
+            kernel_cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
             free_page_reporting: true,
             cgroups: CgroupsConfig::default(),
         }
