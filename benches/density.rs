@@ -162,6 +162,10 @@ fn measure(
             text(&out),
             c.log()
         );
+        eprintln!(
+            "density: {id} started at {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

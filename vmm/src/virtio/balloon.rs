@@ -93,10 +93,8 @@ impl Balloon {
                             .inflated_bytes
                             .fetch_add(dropped, Ordering::Relaxed);
                     }
-                    REPORTING => {
-                        if discard(mem, addr, len) {
-                            self.stats.reported_bytes.fetch_add(len, Ordering::Relaxed);
-                        }
+                    REPORTING if discard(mem, addr, len) => {
+                        self.stats.reported_bytes.fetch_add(len, Ordering::Relaxed);
                     }
                     // Deflated pages need nothing: the guest's next touch faults them in.
                     _ => {}
