@@ -177,6 +177,7 @@ fn main() {
             cache: shoal_vmm::CacheMode::Auto,
         }],
         free_page_reporting: false,
+        share_kernel_pages: true,
         console: Console::File(dir.join("console")),
     };
     let hello = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();

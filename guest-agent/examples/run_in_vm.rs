@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
         disks: Vec::new(),
         shares: Vec::new(),
         free_page_reporting: true,
+        share_kernel_pages: true,
         console: Console::File(dir.join("console")),
     })?;
     let vm_thread = std::thread::spawn(move || vm.wait());

@@ -207,6 +207,7 @@ impl Sandbox {
                 cache: CacheMode::Auto,
             }],
             free_page_reporting: config.free_page_reporting,
+            share_kernel_pages: true,
             console: Console::File(console.clone()),
         };
         let booted = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))

@@ -79,6 +79,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
         disks: args.disks,
         shares: args.shares,
         free_page_reporting: args.free_page_reporting,
+        share_kernel_pages: true,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
     };
     let mut signals = signal_hook::iterator::Signals::new([
