@@ -194,14 +194,37 @@ fn boot_guest_cli_exits_zero_after_reboot() {
     };
     let dir = scratch("cli");
     let uds = dir.path("cli.sock");
+    let (mut child, deadline) = spawn_cli_vm(&kernel, &initrd, &dir, &uds, &["--memory-mib", "96"]);
+    let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
+    s.write_all(b"reboot\n").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "shoal-vmm exited with {status}");
+    let console = std::fs::read_to_string(dir.path("console")).unwrap();
+    assert!(
+        console.contains("SHOAL-TEST-INIT: up cpus=1 "),
+        "console:\n{console}"
+    );
+    assert!(!uds.exists());
+}
+
+/// Starts `shoal-vmm` (1 vCPU, console to the scratch dir) with `args` and waits until its
+/// vsock socket exists; returns the child and the test's deadline.
+fn spawn_cli_vm(
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Scratch,
+    uds: &Path,
+    args: &[&str],
+) -> (std::process::Child, Instant) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--initrd")
-        .arg(&initrd)
-        .args(["--memory-mib", "96", "--vcpus", "1"])
+        .arg(initrd)
+        .args(["--vcpus", "1"])
+        .args(args)
         .arg("--vsock-uds")
-        .arg(&uds)
+        .arg(uds)
         .arg("--console")
         .arg(dir.path("console"))
         .spawn()
@@ -214,16 +237,7 @@ fn boot_guest_cli_exits_zero_after_reboot() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
-    s.write_all(b"reboot\n").unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "shoal-vmm exited with {status}");
-    let console = std::fs::read_to_string(dir.path("console")).unwrap();
-    assert!(
-        console.contains("SHOAL-TEST-INIT: up cpus=1 "),
-        "console:\n{console}"
-    );
-    assert!(!uds.exists());
+    (child, deadline)
 }
 
 /// Resident KiB of a VMM process's guest RAM: its anonymous mappings of at least 16 MiB (the
@@ -252,32 +266,13 @@ fn boot_guest_free_page_reporting_gives_freed_memory_back() {
     };
     let dir = scratch("balloon");
     let uds = dir.path("balloon.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal-vmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args([
-            "--memory-mib",
-            "256",
-            "--vcpus",
-            "1",
-            "--free-page-reporting",
-        ])
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--console")
-        .arg(dir.path("console"))
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    while !uds.exists() {
-        assert!(
-            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
-            "shoal-vmm did not create its vsock socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut child, deadline) = spawn_cli_vm(
+        &kernel,
+        &initrd,
+        &dir,
+        &uds,
+        &["--memory-mib", "256", "--free-page-reporting"],
+    );
     let rss = || guest_rss_kib(child.id());
     // 96 MiB of file data in the guest's RAM-backed root: the host backs it.
     let (out, status) = sh(
