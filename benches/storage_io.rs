@@ -176,6 +176,7 @@ fn main() {
             dir: dir.clone(),
             cache: shoal_vmm::CacheMode::Auto,
         }],
+        nets: Vec::new(),
         free_page_reporting: false,
         share_kernel_pages: true,
         console: Console::File(dir.join("console")),

@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         disks: Vec::new(),
         shares: Vec::new(),
+        nets: Vec::new(),
         free_page_reporting: true,
         share_kernel_pages: true,
         console: Console::File(dir.join("console")),

@@ -64,6 +64,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         }),
         disks: Vec::new(),
         shares: Vec::new(),
+        nets: Vec::new(),
         free_page_reporting: true,
         share_kernel_pages: true,
         console: Console::File(dir.join("console")),

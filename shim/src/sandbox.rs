@@ -206,6 +206,7 @@ impl Sandbox {
                 dir: shared.clone(),
                 cache: CacheMode::Auto,
             }],
+            nets: Vec::new(),
             free_page_reporting: config.free_page_reporting,
             share_kernel_pages: true,
             console: Console::File(console.clone()),

@@ -52,14 +52,23 @@ impl EventLoop {
             for (q, evt) in dev.queue_evts.iter().enumerate() {
                 add(evt.as_raw_fd(), token(i, q as u64))?;
             }
-            let backend = dev
-                .transport
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device()
-                .backend_fd();
+            let (backend, edge) = {
+                let transport = dev.transport.lock().unwrap_or_else(|e| e.into_inner());
+                let device = transport.device();
+                (device.backend_fd(), device.backend_edge_triggered())
+            };
             if let Some(fd) = backend {
-                add(fd, token(i, BACKEND))?;
+                let events = match edge {
+                    true => EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    false => EventSet::IN,
+                };
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(events, token(i, BACKEND)),
+                    )
+                    .map_err(EventLoopError::Epoll)?;
             }
         }
         Ok(EventLoop {

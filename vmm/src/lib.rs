@@ -32,6 +32,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 pub use devices::Console;
 pub use exit::ExitReason;
 pub use virtio::fs::{CacheMode, FsConfig};
+pub use virtio::net::NetConfig;
 
 use devices::{Bus, Legacy, MmioSlot};
 use event_loop::{EventLoop, LoopDevice};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Shared directories (virtio-fs), each mounted in the guest by its tag.
     pub shares: Vec<FsConfig>,
+    /// Network cards (virtio-net on host taps), in the order the guest sees them.
+    pub nets: Vec<NetConfig>,
     /// A virtio-balloon through which the guest reports its free pages, which the VMM then
     /// gives back to the host.
     pub free_page_reporting: bool,
@@ -116,6 +119,7 @@ impl VmConfig {
             vsock: None,
             disks: Vec::new(),
             shares: Vec::new(),
+            nets: Vec::new(),
             free_page_reporting: false,
             share_kernel_pages: true,
             console: Console::Sink,
@@ -152,6 +156,8 @@ pub enum Error {
     EventLoop(#[from] event_loop::EventLoopError),
     #[error(transparent)]
     Block(#[from] virtio::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] virtio::net::TapError),
     #[error("{0} virtio devices requested; at most {max} fit", max = layout::VIRTIO_MMIO_MAX_DEVICES)]
     TooManyDevices(usize),
     #[error("vCPU count must be between 1 and {max}, got {got}")]
@@ -455,6 +461,9 @@ fn virtio_devices(
     }
     for share in &config.shares {
         devices.push(Box::new(virtio::fs::Fs::new(share)?));
+    }
+    for net in &config.nets {
+        devices.push(Box::new(virtio::net::Net::new(net)?));
     }
     let mut balloon = None;
     if config.free_page_reporting {

@@ -38,6 +38,10 @@ struct Args {
     /// with `mount -t virtiofs TAG DIR`. Repeat for more.
     #[arg(long = "fs", value_name = "TAG=DIR[,cache=MODE]")]
     shares: Vec<shoal_vmm::FsConfig>,
+    /// A network card on a host tap: `TAP[,mac=MAC][,mtu=N][,netns=PATH]` (the tap is created
+    /// if missing, in the given network namespace; repeat for more; the guest sees eth0, ...).
+    #[arg(long = "net", value_name = "TAP[,mac=MAC][,mtu=N][,netns=PATH]")]
+    nets: Vec<shoal_vmm::NetConfig>,
     /// Give pages the guest frees back to the host (virtio-balloon free page reporting).
     #[arg(long)]
     free_page_reporting: bool,
@@ -78,6 +82,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
         }),
         disks: args.disks,
         shares: args.shares,
+        nets: args.nets,
         free_page_reporting: args.free_page_reporting,
         share_kernel_pages: true,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),

@@ -108,6 +108,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
         }),
         disks: Vec::new(),
         shares: Vec::new(),
+        nets: Vec::new(),
         free_page_reporting: false,
         // Copied, not shared: this test hung twice in the lab after kernel pages became
         // shared (undiagnosed); kept on the old path while that is looked into.
@@ -367,6 +368,7 @@ fn with_vm<T>(
         }),
         disks,
         shares,
+        nets: Vec::new(),
         free_page_reporting: false,
         share_kernel_pages: true,
         console: Console::File(dir.path("console")),

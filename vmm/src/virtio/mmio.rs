@@ -262,6 +262,7 @@ impl MmioTransport {
         }
         // Queues a feature the driver did not take would add stay unused.
         queues.truncate(self.device.queues_in_use(self.driver_features));
+        self.device.set_driver_features(self.driver_features);
         if let Some(i) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
             tracing::warn!(
                 device = self.device.name(),

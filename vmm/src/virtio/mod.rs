@@ -3,6 +3,7 @@ pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::os::unix::io::RawFd;
@@ -95,6 +96,8 @@ pub trait VirtioDevice: Send {
     fn queues_in_use(&self, _driver_features: u64) -> usize {
         self.queue_max_sizes().len()
     }
+    /// The features the driver accepted, told before `activate`.
+    fn set_driver_features(&mut self, _features: u64) {}
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver wrote the configuration space (read-only unless the device says otherwise).
@@ -119,6 +122,11 @@ pub trait VirtioDevice: Send {
     /// A file descriptor the device thread should watch for the device's backend, if any.
     fn backend_fd(&self) -> Option<RawFd> {
         None
+    }
+    /// Watch the backend fd edge-triggered (the device drains it on each event and resumes
+    /// on its own when it had to stop early) rather than level-triggered.
+    fn backend_edge_triggered(&self) -> bool {
+        false
     }
     /// The backend fd is ready.
     fn backend_event(&mut self) {}
