@@ -59,6 +59,10 @@ pub enum AgentError {
     },
     #[error("{what}: {source}")]
     Sys { what: String, source: nix::Error },
+    #[error("network set-up: {0}")]
+    Network(String),
+    #[error("network set-up: {0}")]
+    Netlink(#[from] shoal_netlink::NetlinkError),
 }
 
 impl AgentError {
@@ -115,15 +119,17 @@ impl AgentError {
             | AgentError::InvalidSpec(_)
             | AgentError::InvalidProcess(_)
             | AgentError::InvalidResources(_)
-            | AgentError::MissingRootfs { .. } => Code::INVALID_ARGUMENT,
+            | AgentError::MissingRootfs { .. }
+            | AgentError::Network(_) => Code::INVALID_ARGUMENT,
             AgentError::WrongState { .. } | AgentError::ProcessExited { .. } => {
                 Code::FAILED_PRECONDITION
             }
             AgentError::StdioTimeout(_) => Code::DEADLINE_EXCEEDED,
             AgentError::Unsupported(_) => Code::UNIMPLEMENTED,
-            AgentError::Runtime { .. } | AgentError::Io { .. } | AgentError::Sys { .. } => {
-                Code::INTERNAL
-            }
+            AgentError::Runtime { .. }
+            | AgentError::Io { .. }
+            | AgentError::Sys { .. }
+            | AgentError::Netlink(_) => Code::INTERNAL,
         }
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! Modules: `service` (ttrpc requests → `sandbox`), `sandbox` (containers and processes),
 //! `stdio` (process streams over separate connections), `reaper` (child exits),
-//! `cgroup` (stats, updates, OOM), `init` (PID 1 set-up), `error`.
+//! `cgroup` (stats, updates, OOM), `init` (PID 1 set-up), `network` (the pod's interfaces
+//! and routes in the guest), `error`.
 pub mod cgroup;
 pub mod error;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod sandbox;
 pub mod service;

@@ -9,7 +9,7 @@ use shoal_agent_api::agent_ttrpc::Agent;
 use tokio::sync::Notify;
 use ttrpc::r#async::TtrpcContext;
 
-use crate::error::Result;
+use crate::error::{AgentError, Result};
 use crate::sandbox::{Sandbox, StdioRequest};
 
 /// The agent service.
@@ -57,18 +57,19 @@ impl Agent for AgentService {
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
         let sb = self.sandbox.clone();
-        // Only PID 1 of a VM owns its machine's hostname; an agent on a host leaves it alone.
-        let set_hostname = std::process::id() == 1;
+        // Only PID 1 of a VM owns its machine's hostname and network; an agent on a host
+        // leaves them alone.
+        let in_vm = std::process::id() == 1;
         blocking(move || {
             if !req.shared_fs_tag.is_empty() {
                 crate::init::mount_share(&req.shared_fs_tag, shoal_agent_api::GUEST_SHARED_DIR)?;
             }
-            sb.configure(
-                &req.hostname,
-                &req.dns_servers,
-                &req.dns_search,
-                set_hostname,
-            )
+            if in_vm {
+                crate::network::configure(&req.interfaces, &req.routes)?;
+            } else if !req.interfaces.is_empty() {
+                return Err(AgentError::Unsupported("network interfaces outside a VM"));
+            }
+            sb.configure(&req.hostname, &req.dns_servers, &req.dns_search, in_vm)
         })
         .await?;
         Ok(Empty::new())

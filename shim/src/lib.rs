@@ -6,10 +6,12 @@
 //! - [`mounts`]: rootfs and volumes under the virtio-fs shared tree;
 //! - [`io`]: containerd's stdio fifos to and from the agent's streams;
 //! - [`config`]: `/etc/shoal/config.toml` and sizing annotations;
-//! - [`host_cgroups`]: a pool of pre-created sandbox cgroups.
+//! - [`host_cgroups`]: a pool of pre-created sandbox cgroups;
+//! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects).
 pub mod config;
 pub mod host_cgroups;
 pub mod io;
 pub mod mounts;
+pub mod network;
 pub mod sandbox;
 pub mod service;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::host_cgroups::{Claim, Limits, Pool, PoolError};
 use crate::mounts;
+use crate::network::{Connected, NetworkError, PodNetwork};
 
 /// virtio-fs tag of every sandbox's shared tree.
 pub const SHARE_TAG: &str = "shoal";
@@ -48,6 +49,8 @@ pub enum SandboxError {
     Agent(ttrpc::Error),
     #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
     Cgroup(#[from] PoolError),
+    #[error("cannot carry the pod's network into the VM: {0}")]
+    Network(#[from] NetworkError),
 }
 
 /// A sandbox's host cgroup, claimed from the pool with the shim (and so the VM's threads and
@@ -126,6 +129,9 @@ pub struct Sandbox {
     stopper: Stopper,
     vm_thread: Mutex<Option<JoinHandle<()>>>,
     cgroup: Mutex<Option<HostCgroup>>,
+    network: Mutex<Option<Connected>>,
+    /// The VM carries the pod's network namespace (its containers use the guest's network).
+    pub carries_network: bool,
     pub exited: VmExit,
 }
 
@@ -149,12 +155,13 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 
 impl Sandbox {
     /// Boots the VM for sandbox `id` (in a host cgroup with `limits` when the config enables
-    /// them) and waits for its agent.
+    /// them, with the pod's network when given) and waits for its agent.
     pub async fn start(
         id: &str,
         hostname: &str,
         config: &Config,
         limits: &Limits,
+        network: Option<PodNetwork>,
     ) -> Result<Sandbox, SandboxError> {
         for (what, key, path) in [
             ("kernel", "kernel", &config.kernel),
@@ -206,7 +213,10 @@ impl Sandbox {
                 dir: shared.clone(),
                 cache: CacheMode::Auto,
             }],
-            nets: Vec::new(),
+            nets: network
+                .as_ref()
+                .map(PodNetwork::vm_nets)
+                .unwrap_or_default(),
             free_page_reporting: config.free_page_reporting,
             share_kernel_pages: true,
             console: Console::File(console.clone()),
@@ -237,7 +247,25 @@ impl Sandbox {
             vm_thread: Some(vm_thread),
             dir: dir.clone(),
             cgroup,
+            network: None,
         };
+        let (interfaces, routes) = network
+            .as_ref()
+            .map(PodNetwork::agent_config)
+            .unwrap_or_default();
+        if let Some(net) = network.clone() {
+            let connected = tokio::task::spawn_blocking(move || net.connect())
+                .await
+                .expect("network connect task");
+            match connected {
+                Ok(c) => sandbox.network = Some(c),
+                Err(e) => {
+                    sandbox.stop();
+                    return Err(e.into());
+                }
+            }
+            mark("network_connected");
+        }
         let timeout = Duration::from_secs(config.agent_timeout_secs);
         let agent = match connect_agent(&uds, AGENT_PORT, timeout).await {
             Ok(agent) => agent,
@@ -256,6 +284,8 @@ impl Sandbox {
                 hostname: hostname.into(),
                 sandbox_id: id.into(),
                 shared_fs_tag: SHARE_TAG.into(),
+                interfaces,
+                routes,
                 ..Default::default()
             };
             agent.create_sandbox(ctx(timeout), &req).await
@@ -265,7 +295,7 @@ impl Sandbox {
             return Err(SandboxError::Agent(e));
         }
         mark("agent_ready");
-        let (stopper, vm_thread, cgroup) = sandbox.disarm();
+        let (stopper, vm_thread, cgroup, connected) = sandbox.disarm();
         Ok(Sandbox {
             id: id.into(),
             dir,
@@ -275,6 +305,8 @@ impl Sandbox {
             stopper,
             vm_thread: Mutex::new(vm_thread),
             cgroup: Mutex::new(cgroup),
+            network: Mutex::new(connected),
+            carries_network: network.is_some(),
             exited,
         })
     }
@@ -317,6 +349,14 @@ impl Sandbox {
         if let Err(e) = mounts::remove_tree(&self.dir) {
             tracing::warn!("sandbox {}: {e}", self.id);
         }
+        let connected = self
+            .network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(c) = connected {
+            let _ = tokio::task::spawn_blocking(move || drop(c)).await;
+        }
         drop(self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take());
         mark("sandbox_stopped");
     }
@@ -328,6 +368,7 @@ struct SandboxParts {
     vm_thread: Option<JoinHandle<()>>,
     dir: PathBuf,
     cgroup: Option<HostCgroup>,
+    network: Option<Connected>,
 }
 
 impl SandboxParts {
@@ -336,16 +377,25 @@ impl SandboxParts {
         if let Some(h) = self.vm_thread.take() {
             let _ = h.join();
         }
+        self.network = None;
         let _ = mounts::remove_tree(&self.dir);
         self.cgroup = None;
     }
 
     /// Setup succeeded: hand the VM over to the sandbox.
-    fn disarm(mut self) -> (Stopper, Option<JoinHandle<()>>, Option<HostCgroup>) {
+    fn disarm(
+        mut self,
+    ) -> (
+        Stopper,
+        Option<JoinHandle<()>>,
+        Option<HostCgroup>,
+        Option<Connected>,
+    ) {
         (
             self.stopper.clone(),
             self.vm_thread.take(),
             self.cgroup.take(),
+            self.network.take(),
         )
     }
 }

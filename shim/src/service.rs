@@ -266,7 +266,18 @@ impl Service {
         let id = sandbox_id(spec, cid);
         let hostname = spec.hostname().clone().unwrap_or_default();
         let started = std::time::Instant::now();
-        let sb = Sandbox::start(&id, &hostname, &config, &limits)
+        // A network namespace path names the pod's network, which the VM carries; without a
+        // path the container gets a namespace of its own in the guest (loopback only).
+        let network = match crate::network::spec_netns(spec).map_err(|e| invalid(e.to_string()))? {
+            Some(netns) => Some(
+                tokio::task::spawn_blocking(move || crate::network::PodNetwork::inspect(&netns))
+                    .await
+                    .expect("network inspection task")
+                    .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let sb = Sandbox::start(&id, &hostname, &config, &limits, network)
             .await
             .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
         tracing::info!(
@@ -463,6 +474,19 @@ impl Shim for Service {
                     let _ = mounts::remove_tree(&dir);
                 }
             }
+            // Redirects to the taps of the dead VM.
+            let netns = load_spec(&bundle)
+                .ok()
+                .and_then(|s| crate::network::spec_netns(&s).ok().flatten());
+            if let Some(netns) = netns.filter(|p| p.exists()) {
+                match crate::network::cleanup(&netns) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!("removed {n} dangling redirects in {}", netns.display())
+                    }
+                    Err(e) => tracing::warn!("cannot clean the pod network: {e}"),
+                }
+            }
             // Opening the pool returns cgroups whose shim is gone, this one's included.
             if config.cgroups.enabled {
                 if let Err(e) = crate::host_cgroups::Pool::open(config.cgroups.pool_config()) {
@@ -511,9 +535,13 @@ impl Task for Service {
                 format!("container {cid} already exists"),
             ));
         }
+        let first = inner.sandbox.is_none();
         let sb = self
             .ensure_sandbox(&mut inner, &spec, &cid, req.options.as_ref())
             .await?;
+        if first && sb.carries_network {
+            crate::network::use_vm_network(&mut spec);
+        }
         let fifos = Fifos {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
