@@ -28,6 +28,21 @@ fn wait_status(c: &Containerd, id: &str, status: &str) {
     }
 }
 
+/// After its shim was killed: waits until containerd has noticed, run `shim delete` and
+/// dropped the task or marked it stopped.
+fn wait_task_gone_or_stopped(c: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = stdout(&c.ctr(&["task", "ls"]));
+        let line = out.lines().find(|l| l.starts_with(id));
+        if line.is_none_or(|l| l.contains("STOPPED")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task still listed: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn ctr_run_prints_output_exit_codes_and_stdin() {
     let Some(env) = env() else { return };
@@ -339,19 +354,7 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     for pid in shim_pids() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
     }
-    // containerd notices the dead shim, runs `shim delete` and drops the task.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stdout(&c.ctr(&["task", "ls"])).contains("victim") {
-        let out = stdout(&c.ctr(&["task", "ls"]));
-        if out
-            .lines()
-            .any(|l| l.starts_with("victim") && l.contains("STOPPED"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "task still listed: {out}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_task_gone_or_stopped(&c, "victim");
     let _ = c.ctr(&["task", "delete", "victim"]);
     let _ = c.ctr(&["container", "delete", "victim"]);
     c.assert_clean();
@@ -385,4 +388,226 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     let _ = c.ctr(&["container", "delete", "noagent"]);
     c.assert_clean();
     let _ = std::fs::remove_file(&empty);
+}
+
+/// A pod network namespace as a CNI plugin leaves it: a veth whose host end has
+/// 10.216.N.1/24 and whose pod end, `eth0`, has 10.216.N.2/24 and a default route via the
+/// host end. Deleted (with the host end) on drop.
+struct PodNetns {
+    name: String,
+    host_if: String,
+    subnet: u8,
+}
+
+impl PodNetns {
+    fn new(tag: &str, subnet: u8) -> PodNetns {
+        let name = format!("shoal-e2e-{tag}-{}", std::process::id());
+        let host_if = format!("sh{subnet}-{}", std::process::id() % 100000);
+        for args in [["netns", "del", &name], ["link", "del", &host_if]] {
+            let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+        }
+        let ns = PodNetns {
+            name,
+            host_if,
+            subnet,
+        };
+        let (n, h) = (&ns.name, &ns.host_if);
+        for cmd in [
+            format!("netns add {n}"),
+            format!("link add {h} type veth peer name eth0 netns {n}"),
+            format!("addr add 10.216.{subnet}.1/24 dev {h}"),
+            format!("link set {h} up"),
+            format!("-n {n} link set eth0 mtu 1400"),
+            format!("-n {n} addr add 10.216.{subnet}.2/24 dev eth0"),
+            format!("-n {n} link set eth0 up"),
+            format!("-n {n} link set lo up"),
+            format!("-n {n} route add default via 10.216.{subnet}.1"),
+        ] {
+            let out = Command::new("ip").args(cmd.split(' ')).output().unwrap();
+            assert!(out.status.success(), "ip {cmd}: {}", text(&out));
+        }
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    fn guest_ip(&self) -> String {
+        format!("10.216.{}.2", self.subnet)
+    }
+
+    fn host_ip(&self) -> String {
+        format!("10.216.{}.1", self.subnet)
+    }
+
+    /// `ip`/`tc` output inside the namespace.
+    fn show(&self, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd.split(' '))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Nothing of a sandbox is left in the namespace: no tap, no ingress qdisc.
+    fn assert_clean(&self) {
+        let links = self.show("ip -br link");
+        assert!(!links.contains("shoal-tap"), "tap left behind: {links}");
+        let qdiscs = self.show("tc qdisc show dev eth0");
+        assert!(
+            !qdiscs.contains("ingress"),
+            "redirect left behind: {qdiscs}"
+        );
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        // The host end goes with the namespace (its peer is in there).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Connects to `addr` until it answers (the container's server may still be starting).
+fn connect_retrying(addr: &str) -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot reach {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+#[test]
+fn ctr_pod_network_namespace_is_carried_into_the_vm() {
+    use std::io::Read;
+    let Some(env) = env() else { return };
+    let c = Containerd::start(&env, "net", "");
+    let ns = PodNetns::new("net", 1);
+    let resolv = c.root.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.216.1.53\nsearch pod.example\n").unwrap();
+    let with_ns = format!("network:{}", ns.path());
+    let dns = format!(
+        "type=bind,src={},dst=/etc/resolv.conf,options=rbind:ro",
+        resolv.display()
+    );
+    let out = c.run(
+        &["-d", "--with-ns", &with_ns, "--mount", &dns],
+        "web",
+        &["nc", "-ll", "-p", "7000", "-e", "cat"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    wait_status(&c, "web", "RUNNING");
+
+    // The host reaches the guest: ping, and the container's TCP echo server.
+    let ping = Command::new("busybox")
+        .args(["ping", "-c", "1", "-W", "10", &ns.guest_ip()])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "ping: {}", text(&ping));
+    let mut stream = connect_retrying(&format!("{}:7000", ns.guest_ip()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"echo through the VM\n").unwrap();
+    let mut got = [0u8; 20];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"echo through the VM\n");
+    drop(stream);
+
+    // Inside: the pod's interface, address, MTU, route and DNS.
+    let exec = |id: &str, script: &str| {
+        c.ctr(&["task", "exec", "--exec-id", id, "web", "sh", "-c", script])
+    };
+    let out = exec("addr", "ip addr show eth0; ip route; cat /etc/resolv.conf");
+    let shown = stdout(&out);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(shown.contains("mtu 1400"), "{shown}");
+    assert!(shown.contains("inet 10.216.1.2/24"), "{shown}");
+    assert!(shown.contains("default via 10.216.1.1 dev eth0"), "{shown}");
+    assert!(shown.contains("nameserver 10.216.1.53"), "{shown}");
+
+    // The container reaches a server on the host side.
+    let listener = std::net::TcpListener::bind(format!("{}:7001", ns.host_ip())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&mut s).read_line(&mut line).unwrap();
+        line
+    });
+    let out = exec("out", "echo from the container | nc -w 10 10.216.1.1 7001");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(server.join().unwrap(), "from the container\n");
+
+    // Stopping the sandbox removes the tap and the redirects.
+    let _ = c.ctr(&["task", "kill", "-s", "KILL", "web"]);
+    wait_status(&c, "web", "STOPPED");
+    let out = c.ctr(&["task", "delete", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "web"]);
+    c.assert_clean();
+    ns.assert_clean();
+
+    // The shim killed under a networked sandbox: `shim delete` removes the redirects.
+    let out = c.run(&["-d", "--with-ns", &with_ns], "victim", &["sleep", "600"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_status(&c, "victim", "RUNNING");
+    assert!(ns.show("tc qdisc show dev eth0").contains("ingress"));
+    for pid in shim_pids() {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    }
+    wait_task_gone_or_stopped(&c, "victim");
+    let _ = c.ctr(&["task", "delete", "victim"]);
+    let _ = c.ctr(&["container", "delete", "victim"]);
+    c.assert_clean();
+    ns.assert_clean();
+}
+
+#[test]
+fn ctr_network_bad_input_gets_clear_errors() {
+    let Some(env) = env() else { return };
+    let c = Containerd::start(&env, "netbad", "");
+    // Host networking: not something a VM can share.
+    let out = c.run(&["--rm", "--net-host"], "hostnet", &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("host networking is not supported"),
+        "{}",
+        text(&out)
+    );
+    let _ = c.ctr(&["container", "delete", "hostnet"]);
+    // A namespace that is gone.
+    let out = c.run(
+        &["--rm", "--with-ns", "network:/var/run/netns/shoal-vanished"],
+        "gone",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("shoal-vanished"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "gone"]);
+    // An interface that cannot be carried (a layer-3 tun has no MAC).
+    let ns = PodNetns::new("l3", 2);
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "tuntap", "add", "l3tun", "mode", "tun"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = c.run(
+        &["--rm", "--with-ns", &format!("network:{}", ns.path())],
+        "l3",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("l3tun"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "l3"]);
+    c.assert_clean();
+    ns.assert_clean();
 }
