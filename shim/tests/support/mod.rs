@@ -1,2 +1,3 @@
 //! Helpers shared by the shim's integration tests.
 pub mod containerd;
+pub mod netns;
