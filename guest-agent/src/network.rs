@@ -32,7 +32,9 @@ fn parse_cidr(what: &str, s: &str) -> Result<(IpAddr, u8)> {
     let (ip, len) = s
         .split_once('/')
         .ok_or_else(|| invalid(format!("{what}: {s:?} is not ADDRESS/PREFIX")))?;
-    let ip = parse_ip(what, ip)?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| invalid(format!("{what}: {s:?} is not ADDRESS/PREFIX")))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = len
         .parse::<u8>()
