@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
@@ -128,13 +128,36 @@ impl Netlink {
     }
 
     /// Sends `msg` and collects what comes back until the acknowledgement or the end of the
-    /// dump.
+    /// dump. A dump the kernel marks inconsistent (the table changed while it was read) is
+    /// read again, up to three times.
     fn request(
         &mut self,
         what: &dyn Fn() -> String,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
+        let mut tries = 0;
+        loop {
+            match self.request_once(what, msg.clone(), flags)? {
+                (out, false) => return Ok(out),
+                (_, true) if tries < 3 => tries += 1,
+                (_, true) => {
+                    return Err(NetlinkError::Request {
+                        what: what(),
+                        source: std::io::Error::other("the dump kept changing while it was read"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// One request; also says whether a dump came back marked inconsistent.
+    fn request_once(
+        &mut self,
+        what: &dyn Fn() -> String,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<(Vec<RouteNetlinkMessage>, bool)> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -150,6 +173,7 @@ impl Netlink {
         self.socket.send(&buf, 0).map_err(fail)?;
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut out = Vec::new();
+        let mut interrupted = false;
         loop {
             let (data, _) = self.socket.recv_from_full().map_err(fail)?;
             let mut offset = 0;
@@ -167,10 +191,14 @@ impl Netlink {
                 if msg.header.sequence_number != self.seq {
                     continue;
                 }
+                interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Done(d) if d.code < 0 => {
+                        return Err(fail(std::io::Error::from_raw_os_error(-d.code)))
+                    }
+                    NetlinkPayload::Done(_) => return Ok((out, interrupted)),
                     NetlinkPayload::Error(e) => match e.code {
-                        None if !dump => return Ok(out),
+                        None if !dump => return Ok((out, false)),
                         None => {}
                         Some(_) => return Err(fail(e.to_io())),
                     },

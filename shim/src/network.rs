@@ -93,7 +93,24 @@ impl PodNetwork {
                 );
                 continue;
             }
-            let Some(mac) = link.mac else {
+            // What the pod uses: interfaces that are up and have an address or a route.
+            // Others (the fallback tunnels the kernel adds to every namespace when the ipip
+            // or gre modules are loaded, interfaces left down) are not the pod's network.
+            let used = addresses
+                .iter()
+                .any(|a| a.index == link.index && !a.link_scope)
+                || routes
+                    .iter()
+                    .any(|r| !r.kernel && r.oif == Some(link.index));
+            if !link.up || !used {
+                tracing::debug!(
+                    "{}: {} is down or unused; not carried",
+                    netns.display(),
+                    link.name
+                );
+                continue;
+            }
+            let Some(mac) = link.mac.filter(|m| m != &[0; 6] && m[0] & 1 == 0) else {
                 return Err(NetworkError::Unsupported {
                     netns: netns.into(),
                     name: link.name.clone(),
@@ -275,18 +292,45 @@ impl Drop for Connected {
     }
 }
 
-/// After a shim died: removes ingress qdiscs in `netns` whose redirects all point at
-/// interfaces that no longer exist (the taps of a VM that is gone). Returns how many.
-pub fn cleanup(netns: &Path) -> Result<usize, NetworkError> {
-    with_netlink(netns, |nl| {
+/// Where a sandbox records what `connect` added, for `shim delete` after a killed shim.
+pub const RECORD_FILE: &str = "network";
+
+impl Connected {
+    /// The record `cleanup` reads: the namespace path, then one interface index per line.
+    pub fn record(&self) -> String {
+        let mut text = format!("{}\n", self.netns.display());
+        for index in &self.links {
+            text.push_str(&format!("{index}\n"));
+        }
+        text
+    }
+}
+
+/// After a shim died: for the interfaces its record names, removes ingress qdiscs whose
+/// redirects all point at interfaces that no longer exist (the taps of its VM, gone with
+/// it). Qdiscs that still redirect somewhere, and every other interface, are left alone.
+/// Returns how many were removed.
+pub fn cleanup(record: &str) -> Result<usize, NetworkError> {
+    let mut lines = record.lines();
+    let Some(netns) = lines.next().map(PathBuf::from) else {
+        return Ok(0);
+    };
+    let recorded: Vec<u32> = lines.filter_map(|l| l.trim().parse().ok()).collect();
+    if recorded.is_empty() || !netns.exists() {
+        return Ok(0);
+    }
+    with_netlink(&netns, |nl| {
         let links = nl.links()?;
         let mut removed = 0;
-        for link in &links {
-            let targets = nl.ingress_redirects(link.index)?;
+        for index in recorded {
+            if !links.iter().any(|l| l.index == index) {
+                continue;
+            }
+            let targets = nl.ingress_redirects(index)?;
             let dangling =
                 !targets.is_empty() && targets.iter().all(|t| !links.iter().any(|l| l.index == *t));
             if dangling {
-                nl.del_ingress_qdisc(link.index)?;
+                nl.del_ingress_qdisc(index)?;
                 removed += 1;
             }
         }
@@ -391,8 +435,21 @@ mod tests {
     #[test]
     fn a_cni_style_namespace_is_read_connected_and_cleaned() {
         let Some(ns) = Netns::new("ok") else { return };
+        // Left down and without addresses, like the fallback tunnels the kernel adds to
+        // every namespace: not the pod's network, not carried.
+        ip(&format!(
+            "-n {} link add idle0 type veth peer name idle1",
+            ns.0
+        ));
         let net = PodNetwork::inspect(&ns.path()).unwrap();
-        // Both veth ends live in this namespace here; a CNI plugin moves one out.
+        // Both veth ends live in this namespace here (a CNI plugin moves one out); the peer
+        // is up but has no address or route, so only eth0 is carried.
+        let names: Vec<_> = net
+            .interfaces
+            .iter()
+            .map(|c| c.link.name.as_str())
+            .collect();
+        assert_eq!(names, ["eth0"]);
         let eth0 = net
             .interfaces
             .iter()
@@ -440,11 +497,15 @@ mod tests {
 
         // A shim killed while connected: its VM's taps are gone, `shim delete` cleans up.
         let connected = net.connect().unwrap();
+        let record = connected.record();
         std::mem::forget(connected);
+        // While the VM (its taps) lives, nothing is removed.
+        assert_eq!(cleanup(&record).unwrap(), 0);
         drop(taps);
-        assert_eq!(cleanup(&ns.path()).unwrap(), net.interfaces.len());
+        assert_eq!(cleanup(&record).unwrap(), net.interfaces.len());
         assert!(tc_show(&ns.0, "eth0").is_empty());
-        assert_eq!(cleanup(&ns.path()).unwrap(), 0);
+        assert_eq!(cleanup(&record).unwrap(), 0);
+        assert_eq!(cleanup("").unwrap(), 0);
     }
 
     #[test]
@@ -452,6 +513,8 @@ mod tests {
         let Some(ns) = Netns::new("l3") else { return };
         // A layer-3 tun device has no MAC: nothing to bridge a virtio-net card to.
         ip(&format!("-n {} tuntap add l3tun mode tun", ns.0));
+        ip(&format!("-n {} addr add 10.215.9.1/24 dev l3tun", ns.0));
+        ip(&format!("-n {} link set l3tun up", ns.0));
         let e = PodNetwork::inspect(&ns.path()).unwrap_err().to_string();
         assert!(e.contains("l3tun") && e.contains(&ns.0), "{e}");
         let e = PodNetwork::inspect(Path::new("/var/run/netns/shoal-no-such-ns"))
@@ -464,10 +527,14 @@ mod tests {
     fn too_many_interfaces_are_refused() {
         let Some(ns) = Netns::new("many") else { return };
         for i in 0..MAX_INTERFACES / 2 {
-            ip(&format!(
-                "-n {} link add a{i} type veth peer name b{i}",
-                ns.0
-            ));
+            let n = &ns.0;
+            ip(&format!("-n {n} link add a{i} type veth peer name b{i}"));
+            for (end, host) in [("a", 1), ("b", 2)] {
+                ip(&format!(
+                    "-n {n} addr add 10.216.{i}.{host}/24 dev {end}{i}"
+                ));
+                ip(&format!("-n {n} link set {end}{i} up"));
+            }
         }
         let e = PodNetwork::inspect(&ns.path()).unwrap_err();
         assert!(matches!(e, NetworkError::TooMany { .. }), "{e}");

@@ -258,7 +258,11 @@ impl Sandbox {
                 .await
                 .expect("network connect task");
             match connected {
-                Ok(c) => sandbox.network = Some(c),
+                Ok(c) => {
+                    // For `shim delete`, should this shim be killed.
+                    let _ = std::fs::write(dir.join(crate::network::RECORD_FILE), c.record());
+                    sandbox.network = Some(c);
+                }
                 Err(e) => {
                     sandbox.stop();
                     return Err(e.into());

@@ -466,25 +466,21 @@ impl Shim for Service {
                 .map(|s| sandbox_id(&s, &cid))
                 .unwrap_or_else(|_| cid.clone());
             if let Some(dir) = crate::sandbox::existing_dir(&config.state_dir, &sid) {
+                // Redirects to the taps of the dead VM (recorded by the sandbox's own shim).
+                let record = std::fs::read_to_string(dir.join(crate::network::RECORD_FILE));
+                if let (true, Ok(record)) = (sid == cid, record) {
+                    match crate::network::cleanup(&record) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!("removed {n} redirects of the dead sandbox"),
+                        Err(e) => tracing::warn!("cannot clean the pod network: {e}"),
+                    }
+                }
                 let _ = mounts::remove_tree(&dir.join("shared").join(&cid));
                 let others = std::fs::read_dir(dir.join("shared"))
                     .map(|d| d.count())
                     .unwrap_or(0);
                 if others == 0 || sid == cid {
                     let _ = mounts::remove_tree(&dir);
-                }
-            }
-            // Redirects to the taps of the dead VM.
-            let netns = load_spec(&bundle)
-                .ok()
-                .and_then(|s| crate::network::spec_netns(&s).ok().flatten());
-            if let Some(netns) = netns.filter(|p| p.exists()) {
-                match crate::network::cleanup(&netns) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!("removed {n} dangling redirects in {}", netns.display())
-                    }
-                    Err(e) => tracing::warn!("cannot clean the pod network: {e}"),
                 }
             }
             // Opening the pool returns cgroups whose shim is gone, this one's included.

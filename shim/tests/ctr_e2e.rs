@@ -514,11 +514,18 @@ fn ctr_network_bad_input_gets_clear_errors() {
     let _ = c.ctr(&["container", "delete", "gone"]);
     // An interface that cannot be carried (a layer-3 tun has no MAC).
     let ns = PodNetns::new("l3", 2);
-    let out = Command::new("ip")
-        .args(["-n", &ns.name, "tuntap", "add", "l3tun", "mode", "tun"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    for cmd in [
+        "tuntap add l3tun mode tun",
+        "addr add 10.216.99.1/24 dev l3tun",
+        "link set l3tun up",
+    ] {
+        let out = Command::new("ip")
+            .args(["-n", &ns.name])
+            .args(cmd.split(' '))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {cmd}: {}", text(&out));
+    }
     let out = c.run(
         &["--rm", "--with-ns", &format!("network:{}", ns.path())],
         "l3",
@@ -529,4 +536,36 @@ fn ctr_network_bad_input_gets_clear_errors() {
     let _ = c.ctr(&["container", "delete", "l3"]);
     c.assert_clean();
     ns.assert_clean();
+    // A tap that cannot be created: its name is taken by an interface that is not a tap.
+    let ns = PodNetns::new("tapbusy", 3);
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &ns.name,
+            "link",
+            "add",
+            "shoal-tap0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "p0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = c.run(
+        &["--rm", "--with-ns", &format!("network:{}", ns.path())],
+        "tapbusy",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("shoal-tap0"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "tapbusy"]);
+    c.assert_clean();
+    let qdiscs = ns.show("tc qdisc show");
+    assert!(
+        !qdiscs.contains("ingress"),
+        "redirect left behind: {qdiscs}"
+    );
 }

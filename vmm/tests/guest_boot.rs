@@ -33,7 +33,73 @@ fn artifacts() -> Option<(PathBuf, PathBuf)> {
 }
 
 fn scratch(name: &str) -> Scratch {
-    Scratch::new("guest", name)
+    let dir = Scratch::new("guest", name);
+    watch_for_hang(dir.0.clone());
+    dir
+}
+
+/// A test still running two minutes past its deadline is stuck in a call without a timeout:
+/// print the guest console and what each thread of this process and its VMM children is
+/// doing, then end the test process, so that CI reports a failure rather than waiting for
+/// ever. (The test's scratch directory goes when it ends, pass or fail; that disarms this.)
+fn watch_for_hang(dir: PathBuf) {
+    std::thread::spawn(move || {
+        let limit = DEADLINE + Duration::from_secs(120);
+        std::thread::sleep(limit);
+        if !dir.exists() {
+            return;
+        }
+        eprintln!("HANG: {} still running after {limit:?}", dir.display());
+        let console = std::fs::read_to_string(dir.join("console")).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        eprintln!("guest console (last lines):");
+        for line in tail.iter().rev() {
+            eprintln!("  {line}");
+        }
+        let me = std::process::id();
+        let mut pids = vec![me];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1));
+            if ppid == Some(me.to_string().as_str()) {
+                pids.extend(
+                    entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+        for pid in pids {
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let t = task.path();
+                let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+                let state = read("stat")
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_string();
+                eprintln!(
+                    "pid {pid} task {} {} state {state} wchan {}",
+                    t.display(),
+                    read("comm").trim(),
+                    read("wchan")
+                );
+                for frame in read("stack").lines().take(8) {
+                    eprintln!("    {frame}");
+                }
+            }
+        }
+        std::process::exit(1);
+    });
 }
 
 /// Connects to guest port `port` through the hybrid-vsock socket, retrying while the guest
@@ -63,7 +129,7 @@ fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> (UnixStream, BufRe
 }
 
 /// Accepts the guest's connection, failing the test (instead of hanging) at `deadline`.
-fn accept_until(listener: &UnixListener, deadline: Instant) -> UnixStream {
+fn accept_until(listener: &UnixListener, deadline: Instant, console: &Path) -> UnixStream {
     listener.set_nonblocking(true).unwrap();
     loop {
         match listener.accept() {
@@ -74,7 +140,8 @@ fn accept_until(listener: &UnixListener, deadline: Instant) -> UnixStream {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 assert!(
                     Instant::now() < deadline,
-                    "the guest never connected to the host"
+                    "the guest never connected to the host; guest console:\n{}",
+                    std::fs::read_to_string(console).unwrap_or_default()
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -110,9 +177,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
         shares: Vec::new(),
         nets: Vec::new(),
         free_page_reporting: false,
-        // Copied, not shared: this test hung twice in the lab after kernel pages became
-        // shared (undiagnosed); kept on the old path while that is looked into.
-        share_kernel_pages: false,
+        share_kernel_pages: true,
         console: Console::File(dir.path("console")),
     };
     let started = Instant::now();
@@ -125,7 +190,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
     });
 
     // Guest → host: the guest connects to host port 1234 and sends one line.
-    let conn = accept_until(&host_listener, deadline);
+    let conn = accept_until(&host_listener, deadline, &dir.path("console"));
     let mut line = String::new();
     BufReader::new(conn).read_line(&mut line).unwrap();
     assert_eq!(line, "hello from the guest over vsock\n");
@@ -382,7 +447,7 @@ fn with_vm<T>(
         stopper.stop();
     });
     let deadline = Instant::now() + DEADLINE;
-    let _ = accept_until(&hello, deadline);
+    let _ = accept_until(&hello, deadline, &dir.path("console"));
     let result = body(&uds, deadline);
     let (mut s, _) = connect_guest(&uds, GUEST_PORT, deadline);
     s.write_all(b"reboot\n").unwrap();

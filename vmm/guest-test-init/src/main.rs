@@ -81,8 +81,21 @@ fn main() {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
 }
 
+/// Connects to the host's port and says hello; retried, since a busy host (the lab runs
+/// under emulation) can take longer than the guest's connect timeout to answer.
 fn send_hello() -> Result<(), Box<dyn std::error::Error>> {
-    let mut stream = VsockStream::connect(&VsockAddr::new(HOST_CID, HOST_PORT))?;
+    let mut tries = 0;
+    let mut stream = loop {
+        match VsockStream::connect(&VsockAddr::new(HOST_CID, HOST_PORT)) {
+            Ok(s) => break s,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     stream.write_all(b"hello from the guest over vsock\n")?;
     Ok(())
 }

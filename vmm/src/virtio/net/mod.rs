@@ -151,6 +151,8 @@ pub struct NetStats {
     pub tx_bytes: AtomicU64,
     /// Frames the guest sent that the tap refused (or that were malformed).
     pub tx_dropped: AtomicU64,
+    /// Frames from the tap that did not fit the guest's buffers or could not be read.
+    pub rx_dropped: AtomicU64,
 }
 
 /// A receive buffer chain taken from the guest and not yet used.
@@ -242,11 +244,14 @@ impl Net {
     /// no room left.
     fn process_rx(&mut self) {
         let mergeable = self.driver_features & F_MRG_RXBUF != 0;
+        let guest_csum = self.driver_features & F_GUEST_CSUM != 0;
         let max_frame = self.max_frame();
         let Some(a) = self.active.as_mut() else {
             return;
         };
+        let ring = usize::from(a.rx.size());
         let mut used_any = false;
+        let drop_frame = |stats: &NetStats| stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
         loop {
             // Without mergeable buffers one chain takes a whole frame (the driver sizes them
             // for it); with them, enough chains to hold the largest frame must be at hand.
@@ -256,28 +261,44 @@ impl Net {
                     break;
                 };
                 let head = chain.head_index();
-                let bufs: Vec<_> = chain
-                    .filter(|d| d.is_write_only())
-                    .map(|d| (d.addr(), d.len()))
-                    .collect();
-                let len = bufs.iter().map(|b| b.1 as usize).sum();
+                let mut bufs = Vec::new();
+                let mut valid = true;
+                for d in chain {
+                    if !d.is_write_only() || host_iovec(&a.mem, d.addr(), d.len()).is_none() {
+                        valid = false;
+                        break;
+                    }
+                    bufs.push((d.addr(), d.len()));
+                }
+                let len: usize = bufs.iter().map(|b| b.1 as usize).sum();
+                if !valid || len < VNET_HDR_LEN {
+                    // Not a usable receive buffer: handed back empty at once.
+                    tracing::debug!("virtio-net: unusable receive buffer returned");
+                    if let Err(e) = a.rx.add_used(&a.mem, head, 0) {
+                        tracing::warn!("virtio-net: cannot return a receive buffer: {e:?}");
+                    }
+                    used_any = true;
+                    continue;
+                }
                 a.pending_len += len;
                 a.pending.push_back(RxChain { head, bufs, len });
             }
-            if a.pending.is_empty() || a.pending_len < want {
+            // A driver whose whole ring holds less than the largest frame gets frames as
+            // they come (one that does not fit is dropped) rather than none at all.
+            let starved = a.pending.len() >= ring;
+            if a.pending.is_empty() || (a.pending_len < want && !starved) {
                 // Resumed by the guest's next receive-queue notification.
                 break;
             }
             let chains = if mergeable { a.pending.len() } else { 1 };
-            let mut iovs = Vec::new();
-            for chain in a.pending.iter().take(chains) {
-                for &(addr, len) in &chain.bufs {
-                    match host_iovec(&a.mem, addr, len) {
-                        Some(iov) => iovs.push(iov),
-                        None => break,
-                    }
-                }
-            }
+            let capacity: usize = a.pending.iter().take(chains).map(|c| c.len).sum();
+            let iovs: Vec<libc::iovec> = a
+                .pending
+                .iter()
+                .take(chains)
+                .flat_map(|c| c.bufs.iter())
+                .filter_map(|&(addr, len)| host_iovec(&a.mem, addr, len))
+                .collect();
             // SAFETY: every iovec comes from `host_iovec`, which checked that the whole range
             // lies inside guest memory; the mapping outlives the call (held by `a.mem`), and
             // these buffers were handed to the device by the driver for writing.
@@ -285,10 +306,26 @@ impl Net {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::warn!(tap = self.tap.name(), "virtio-net: tap read failed: {e}");
-                    break;
+                    // The frame is gone. Hand the first buffer back empty, so that a buffer
+                    // the tap cannot use does not stall receiving for good.
+                    tracing::debug!(tap = self.tap.name(), "virtio-net: tap read failed: {e}");
+                    drop_frame(&self.stats);
+                    if let Some(chain) = a.pending.pop_front() {
+                        a.pending_len -= chain.len;
+                        let _ = a.rx.add_used(&a.mem, chain.head, 0);
+                        used_any = true;
+                    }
+                    continue;
                 }
             };
+            // The tap cuts a frame to the buffers and reports what it copied, so a read that
+            // fills buffers smaller than the largest frame may have lost the rest.
+            let truncated = n > capacity || (n == capacity && capacity < max_frame);
+            if truncated || n < VNET_HDR_LEN {
+                // Dropped; the buffers serve the next frame.
+                drop_frame(&self.stats);
+                continue;
+            }
             // Hand back as many chains as the frame filled.
             let mut left = n;
             let mut used = Vec::new();
@@ -309,6 +346,11 @@ impl Net {
                     NUM_BUFFERS_OFFSET,
                     &count.to_le_bytes(),
                 );
+                if !guest_csum {
+                    // The tap marks checksummed frames DATA_VALID; a driver that did not
+                    // accept checksum offload must see no flags.
+                    write_at(&a.mem, &first.bufs, 0, &[0]);
+                }
             }
             for (chain, len) in used {
                 if let Err(e) = a.rx.add_used(&a.mem, chain.head, len as u32) {
@@ -319,7 +361,7 @@ impl Net {
             self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .rx_bytes
-                .fetch_add(n.saturating_sub(VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
         }
         if used_any {
             a.interrupt.signal_used();

@@ -313,3 +313,69 @@ fn net_arguments_and_bad_taps() {
         .to_string();
     assert!(e.contains("/nonexistent/netns") && e.contains("t0"), "{e}");
 }
+
+#[test]
+fn unusable_receive_buffers_are_returned_empty() {
+    in_netns(|tap, sock| {
+        let mut net = Net::with_tap(tap, GUEST_MAC, 1500);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        rx.add_desc_chains(
+            &[
+                // Read-only (not a receive buffer), shorter than the header, outside memory.
+                desc(0x20_0000, 512, 0, 0),
+                desc(0x20_1000, 8, VRING_DESC_F_WRITE, 0),
+                desc(0x7fff_0000, 2048, VRING_DESC_F_WRITE, 0),
+                desc(0x20_2000, 2048, VRING_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let _irq = activate(&mut net, &mem, &rx, &tx, F_GUEST_CSUM);
+        assert_eq!(used_idx(&mem, &rx), 3);
+        assert!((0..3).all(|i| used_len(&mem, &rx, i) == 0));
+        sock.send_to(b"still works", "10.213.0.2:6000").unwrap();
+        wait_rx(&mut net, &mem, &rx, 4);
+        let len = used_len(&mem, &rx, 3) as usize;
+        let mut got = vec![0u8; len];
+        mem.read_slice(&mut got, GuestAddress(0x20_2000)).unwrap();
+        assert!(got.ends_with(b"still works"), "{got:?}");
+    });
+}
+
+#[test]
+fn a_ring_smaller_than_the_largest_frame_still_receives() {
+    in_netns(|tap, sock| {
+        let mut net = Net::with_tap(tap, GUEST_MAC, 1500);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        // Two 512-byte buffers are all the guest can post: far less than a 64 KiB TSO frame.
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 2);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 2);
+        rx.add_desc_chains(
+            &[
+                desc(0x20_0000, 512, VRING_DESC_F_WRITE, 0),
+                desc(0x20_1000, 512, VRING_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let features = F_GUEST_CSUM | F_GUEST_TSO4 | F_MRG_RXBUF;
+        let _irq = activate(&mut net, &mem, &rx, &tx, features);
+        // A frame that does not fit is dropped; the next one, small, is delivered.
+        sock.send_to(&[7u8; 1400], "10.213.0.2:6000").unwrap();
+        sock.send_to(b"small", "10.213.0.2:6000").unwrap();
+        wait_rx(&mut net, &mem, &rx, 1);
+        assert_eq!(
+            net.stats.rx_dropped.load(Ordering::Relaxed),
+            1,
+            "frames {} used len {}",
+            net.stats.rx_frames.load(Ordering::Relaxed),
+            used_len(&mem, &rx, 0)
+        );
+        let len = used_len(&mem, &rx, 0) as usize;
+        let mut got = vec![0u8; len];
+        mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
+        assert!(got.ends_with(b"small"), "{got:?}");
+    });
+}
