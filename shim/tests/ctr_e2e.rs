@@ -463,7 +463,7 @@ fn ctr_pod_network_namespace_is_carried_into_the_vm() {
         line
     });
     let out = exec("out", "echo from the container | nc -w 10 10.216.1.1 7001");
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     assert_eq!(server.join().unwrap(), "from the container\n");
 
     // Stopping the sandbox removes the tap and the redirects.
