@@ -25,7 +25,8 @@ fn phases(log: &str, since: f64) -> Vec<(String, f64)> {
     log.lines()
         .filter_map(|l| {
             let rest = l.split("shoal-phase ").nth(1)?;
-            let (name, value) = rest.split_once(" boottime_ms=")?;
+            let name = rest.split_whitespace().next()?;
+            let value = rest.split(" boottime_ms=").nth(1)?;
             let v: f64 = value
                 .split_whitespace()
                 .next()?

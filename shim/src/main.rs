@@ -58,10 +58,7 @@ fn log_process_start() {
         .flatten()
         .unwrap_or(100) as f64;
     if let Some(ticks) = ticks {
-        tracing::info!(
-            "shoal-phase shim_started boottime_ms={:.1}",
-            ticks * 1e3 / hz
-        );
+        containerd_shim_shoal_v2::sandbox::mark_at("shim_started", ticks * 1e3 / hz);
     }
 }
 
@@ -80,6 +77,14 @@ fn main() {
     runtime.block_on(async {
         init_logging();
         if !std::env::args().any(|a| a == "start" || a == "delete") {
+            let args: Vec<String> = std::env::args().collect();
+            if let Some(id) = args
+                .windows(2)
+                .find(|w| w[0] == "-id")
+                .map(|w| w[1].clone())
+            {
+                let _ = containerd_shim_shoal_v2::sandbox::SHIM_ID.set(id);
+            }
             log_process_start();
         }
         containerd_shim::asynchronous::run::<Service>("io.containerd.shoal.v2", None).await;

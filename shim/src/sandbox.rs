@@ -143,9 +143,20 @@ pub fn boottime_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Logs one start-up phase mark (`benches/ctr_run.rs` reads them from containerd's log).
+/// The id this shim serves (containerd's `-id`), set once at start-up; phase marks carry it
+/// so that marks of concurrent sandboxes can be told apart.
+pub static SHIM_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Logs one start-up phase mark (`benches/ctr_run.rs` and `benches/storm.rs` read them from
+/// containerd's log): `shoal-phase NAME sandbox=ID boottime_ms=T`.
 pub fn mark(phase: &str) {
-    tracing::info!("shoal-phase {phase} boottime_ms={:.1}", boottime_ms());
+    mark_at(phase, boottime_ms());
+}
+
+/// A phase mark at `ms` (CLOCK_BOOTTIME milliseconds).
+pub fn mark_at(phase: &str, ms: f64) {
+    let id = SHIM_ID.get().map(String::as_str).unwrap_or("-");
+    tracing::info!("shoal-phase {phase} sandbox={id} boottime_ms={ms:.1}");
 }
 
 /// A ttrpc context with a deadline (0: none).

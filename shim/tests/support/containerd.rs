@@ -181,22 +181,43 @@ impl Containerd {
     pub fn assert_clean(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let shims = shim_pids();
-            let leftovers: Vec<_> = std::fs::read_dir(self.shoal_state())
-                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-                .unwrap_or_default();
-            let mounts = containerd_shim_shoal_v2::mounts::mounts_under(&self.shoal_state()).len();
-            let claims = self.cgroup_claims();
-            if shims.is_empty() && leftovers.is_empty() && mounts == 0 && claims.is_empty() {
+            let left = self.leftovers();
+            if left.is_empty() {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "left behind: shims {shims:?}, sandbox dirs {leftovers:?}, {mounts} mounts, cgroup claims {claims:?}\n{}",
+                "left behind: {}\n{}",
+                left.join(", "),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// What of shoal's is still there: shims, sandbox directories, mounts under them, host
+    /// cgroup claims (empty when all is clean).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let shims = shim_pids();
+        if !shims.is_empty() {
+            left.push(format!("shims {shims:?}"));
+        }
+        let dirs: Vec<_> = std::fs::read_dir(self.shoal_state())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if !dirs.is_empty() {
+            left.push(format!("sandbox dirs {dirs:?}"));
+        }
+        let mounts = containerd_shim_shoal_v2::mounts::mounts_under(&self.shoal_state()).len();
+        if mounts > 0 {
+            left.push(format!("{mounts} mounts"));
+        }
+        let claims = self.cgroup_claims();
+        if !claims.is_empty() {
+            left.push(format!("cgroup claims {claims:?}"));
+        }
+        left
     }
 }
 

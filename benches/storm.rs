@@ -1,0 +1,234 @@
+//! A start storm through a real containerd (`scripts/storm N C`): N busybox sandboxes
+//! (`ctr run -d … sleep`), C in flight at a time, each timed until its container runs; then
+//! all are stopped and deleted, C at a time, and whatever is left behind is listed (it must
+//! be nothing). The same with runc in the same run. Prints throughput, per-start latency
+//! (p50, p90, p99, max), for shoal the split of each start by phase from the shim's marks
+//! (shim spawn, cgroup claim, VM creation, guest boot to agent ready, container start), and
+//! the starts that failed with their errors (a storm beyond what the host holds must fail
+//! cleanly, not hang).
+//!
+//! Needs what `shim/tests/ctr_e2e.rs` needs (root, containerd, SHOAL_GUEST_KERNEL,
+//! SHOAL_AGENT_IMAGE, SHOAL_BUSYBOX_IMAGE; the lab where the host cannot boot guests: then the
+//! latencies are EMULATED). SHOAL_STORM_N and SHOAL_STORM_C (defaults 20 and 4);
+//! SHOAL_STORM_POOL sizes shoal's cgroup pool (default N: a smaller pool shows back-pressure);
+//! SHOAL_STORM_RUNC=0 skips runc.
+#[path = "../shim/tests/support/containerd.rs"]
+mod containerd;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use containerd::{env, text, Containerd, IMAGE, RUNTIME};
+use containerd_shim_shoal_v2::sandbox::boottime_ms;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// One start: when it began (boottime ms), how long `ctr run -d` took, and its error if any.
+struct Start {
+    id: String,
+    began: f64,
+    ms: f64,
+    error: Option<String>,
+}
+
+/// Runs `job(i)` for i in 0..n with `c` threads.
+fn in_flight<T: Send>(n: usize, c: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..c.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let r = job(i);
+                out.lock().unwrap().push((i, r));
+            });
+        }
+    });
+    let mut v = out.into_inner().unwrap();
+    v.sort_by_key(|(i, _)| *i);
+    v.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The shim's phase marks for sandbox `id`: (phase, boottime ms).
+fn marks(log: &str, id: &str) -> Vec<(String, f64)> {
+    let tag = format!(" sandbox={id} ");
+    log.lines()
+        .filter(|l| l.contains(&tag))
+        .filter_map(|l| {
+            let rest = l.split("shoal-phase ").nth(1)?;
+            let name = rest.split_whitespace().next()?;
+            let value = rest.split("boottime_ms=").nth(1)?;
+            let v: f64 = value
+                .split_whitespace()
+                .next()?
+                .trim_end_matches('"')
+                .parse()
+                .ok()?;
+            Some((name.to_string(), v))
+        })
+        .collect()
+}
+
+fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
+    let wall = Instant::now();
+    let starts = in_flight(n, conc, |i| {
+        let id = format!("storm-{name}-{i}");
+        let began = boottime_ms();
+        let t = Instant::now();
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            IMAGE,
+            &id,
+            "sleep",
+            "3600",
+        ]);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let error = (!out.status.success()).then(|| text(&out).trim().to_string());
+        Start {
+            id,
+            began,
+            ms,
+            error,
+        }
+    });
+    let start_wall = wall.elapsed().as_secs_f64();
+    let ok: Vec<&Start> = starts.iter().filter(|s| s.error.is_none()).collect();
+    let mut lat: Vec<f64> = ok.iter().map(|s| s.ms).collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "{name:<6} {:>4}/{n:<4} {:>8.2} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+        ok.len(),
+        ok.len() as f64 / start_wall,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+    );
+    let failed: Vec<&Start> = starts.iter().filter(|s| s.error.is_some()).collect();
+    if !failed.is_empty() {
+        println!("  {} starts failed; first errors:", failed.len());
+        let mut seen = Vec::new();
+        for s in &failed {
+            let e = s.error.as_deref().unwrap_or_default();
+            let short: String = e.lines().last().unwrap_or(e).chars().take(200).collect();
+            if !seen.contains(&short) {
+                println!("    {}: {short}", s.id);
+                seen.push(short);
+            }
+        }
+    }
+    if runtime == RUNTIME {
+        let log = c.log();
+        let phases = [
+            ("shim spawn", "", "shim_started"),
+            (
+                "cgroup claim (with shim set-up)",
+                "shim_started",
+                "cgroup_claimed",
+            ),
+            ("VM creation", "cgroup_claimed", "vm_created"),
+            ("guest boot to agent ready", "vm_created", "agent_ready"),
+            ("container start", "agent_ready", "container_started"),
+        ];
+        let mut split = vec![Vec::new(); phases.len()];
+        for s in &ok {
+            let m = marks(&log, &s.id);
+            let at = |p: &str| match p {
+                "" => Some(s.began),
+                p => m.iter().find(|(n, _)| n == p).map(|(_, v)| *v),
+            };
+            for (k, (_, from, to)) in phases.iter().enumerate() {
+                if let (Some(a), Some(b)) = (at(from), at(to)) {
+                    split[k].push(b - a);
+                }
+            }
+        }
+        println!(
+            "  phase (median / p99 ms, {} starts with marks)",
+            split[0].len()
+        );
+        for ((label, _, _), mut v) in phases.iter().zip(split) {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "    {label:<32} {:>8.0} {:>8.0}",
+                percentile(&v, 0.5),
+                percentile(&v, 0.99)
+            );
+        }
+    }
+    // Teardown, C at a time.
+    let t = Instant::now();
+    in_flight(n, conc, |i| {
+        let id = format!("storm-{name}-{i}");
+        let _ = c.ctr(&["task", "kill", "-s", "KILL", &id]);
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while c.ctr(&["task", "ls"]).status.success()
+            && String::from_utf8_lossy(&c.ctr(&["task", "ls", "-q"]).stdout)
+                .lines()
+                .any(|l| l == id)
+            && !c.ctr(&["task", "delete", &id]).status.success()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = c.ctr(&["container", "delete", &id]);
+    });
+    println!(
+        "  teardown of {n}: {:.1} s; left behind: {}",
+        t.elapsed().as_secs_f64(),
+        match c.leftovers() {
+            l if l.is_empty() => "nothing".to_string(),
+            l => l.join(", "),
+        }
+    );
+}
+
+fn main() {
+    let Some(env) = env() else {
+        std::process::exit(2);
+    };
+    let var = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let n = var("SHOAL_STORM_N", 20);
+    let conc = var("SHOAL_STORM_C", 4);
+    let pool = var("SHOAL_STORM_POOL", n);
+    let emulated = std::env::var_os("SHOAL_IN_LAB").is_some();
+    let c = Containerd::start(
+        &env,
+        "storm",
+        &format!("log_level = \"info\"\n[cgroups]\npool_size = {pool}\n"),
+    );
+    println!(
+        "== start storm: {n} busybox sandboxes, {conc} in flight, cgroup pool {pool}{}",
+        if emulated {
+            " (EMULATED latency: nested lab under TCG)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<6} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "", "started", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    storm(&c, RUNTIME, "shoal", n, conc);
+    if var("SHOAL_STORM_RUNC", 1) != 0 {
+        storm(&c, "io.containerd.runc.v2", "runc", n, conc);
+    }
+}
