@@ -10,7 +10,7 @@
 //! Works on cgroup v2 and on v1 (one directory per controller hierarchy), with cgroupfs or
 //! systemd naming. Written against the cgroup files directly: the few files the pool touches
 //! did not justify cgroups-rs and its systemd/D-Bus dependencies.
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -210,11 +210,15 @@ impl Pool {
         };
         for slot in 0..pool.cfg.size {
             for dir in pool.slot_dirs(slot) {
-                if !dir.exists() {
-                    std::fs::create_dir(&dir).map_err(|source| PoolError::Parent {
-                        path: dir.clone(),
-                        source,
-                    })?;
+                // Shims starting side by side may create the same slot: that is fine.
+                match std::fs::create_dir(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                        return Err(PoolError::Parent {
+                            path: dir.clone(),
+                            source: e,
+                        });
+                    }
+                    _ => {}
                 }
             }
         }
@@ -244,8 +248,27 @@ impl Pool {
             .join(format!("{}.claim", self.slot_name(slot)))
     }
 
+    /// Serializes taking slots between shims: claiming and recovering hold it (briefly), so
+    /// a recovery cannot reset a slot another shim has just claimed.
+    fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
+        let path = self.cfg.state_dir.join(".lock");
+        let err = |source| PoolError::State {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| err(e.into()))
+    }
+
     /// Releases claims whose owning process has exited (a crashed shim).
     fn recover(&self) -> Result<()> {
+        let _lock = self.lock()?;
         for slot in 0..self.cfg.size {
             let file = self.claim_file(slot);
             let Ok(text) = std::fs::read_to_string(&file) else {
@@ -295,12 +318,14 @@ impl Pool {
         // claim does not walk past every taken slot.
         let size = self.cfg.size;
         let start = self.next.load(Ordering::Relaxed);
+        let lock = self.lock()?;
         for slot in (0..size).map(|i| (start + i) % size.max(1)) {
             let file = self.claim_file(slot);
             let created = OpenOptions::new().write(true).create_new(true).open(&file);
             let Ok(mut f) = created else { continue };
             self.next.store(slot + 1, Ordering::Relaxed);
             let _ = writeln!(f, "{} {sandbox_id}", std::process::id());
+            drop(lock);
             let claim = Claim {
                 slot,
                 sandbox_id: sandbox_id.into(),

@@ -209,3 +209,39 @@ fn bad_input_is_refused_without_claiming() {
     let e = Pool::open(cfg).err().unwrap();
     assert!(e.to_string().contains("/nonexistent/cgroup"), "{e}");
 }
+
+#[test]
+fn pools_opened_and_claimed_side_by_side() {
+    if !can_run() {
+        return;
+    }
+    // A start storm: shims open a pool that does not exist yet and claim from it at once.
+    let cfg = config("storm", 8, Driver::Cgroupfs);
+    let limits = Limits {
+        memory_max: Some(64 << 20),
+        ..Default::default()
+    };
+    let claims: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (cfg, limits) = (cfg.clone(), limits.clone());
+                s.spawn(move || {
+                    let pool = Pool::open(cfg).expect("open side by side");
+                    pool.claim(&format!("sb-{i}"), &limits).expect("claim")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut slots: Vec<_> = claims.iter().map(|c| c.slot).collect();
+    slots.sort();
+    slots.dedup();
+    assert_eq!(slots.len(), 8, "two sandboxes got the same slot");
+    let pool = Pool::open(cfg).unwrap();
+    assert_eq!(pool.free_count(), 0);
+    for c in &claims {
+        pool.release(c).unwrap();
+    }
+    assert_eq!(pool.free_count(), 8);
+    pool.destroy().unwrap();
+}
