@@ -11,6 +11,7 @@
 //! agent_timeout_secs = 60                      # boot to agent answering
 //! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet noreplace-smp"
 //! free_page_reporting = true                   # guests give freed pages back to the host
+//! host_reserve_mib = 256                       # no new sandbox while the host has less free
 //!
 //! [cgroups]                                    # host cgroups for sandboxes, from a pool
 //! enabled = true
@@ -77,6 +78,9 @@ pub struct Config {
     pub kernel_cmdline: String,
     /// Give the host back the pages each guest frees (virtio-balloon free page reporting).
     pub free_page_reporting: bool,
+    /// Host memory kept free: a sandbox start is refused (with an error saying so) while
+    /// the host's available memory is below this plus what a sandbox needs to start.
+    pub host_reserve_mib: u64,
     /// Host cgroups for sandboxes.
     pub cgroups: CgroupsConfig,
 }
@@ -147,6 +151,7 @@ impl Default for Config {
             agent_timeout_secs: 60,
             kernel_cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
             free_page_reporting: true,
+            host_reserve_mib: 256,
             cgroups: CgroupsConfig::default(),
         }
     }

@@ -51,6 +51,20 @@ pub enum SandboxError {
     Cgroup(#[from] PoolError),
     #[error("cannot carry the pod's network into the VM: {0}")]
     Network(#[from] NetworkError),
+    #[error("host memory is low: {available} MiB available, and a sandbox needs {STARTUP_MIB} MiB to start above the {reserve} MiB kept free (host_reserve_mib in the shoal config)")]
+    HostMemory { available: u64, reserve: u64 },
+}
+
+/// Host memory an idle sandbox takes once started (shim, VMM, the guest's touched RAM; about
+/// 31 MiB measured by `benches/density.rs`), rounded up: what admission asks to be free.
+pub const STARTUP_MIB: u64 = 64;
+
+/// `MemAvailable` from /proc/meminfo, in MiB.
+pub fn host_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
 }
 
 /// A sandbox's host cgroup, claimed from the pool with the shim (and so the VM's threads and
@@ -183,6 +197,15 @@ impl Sandbox {
                     what,
                     key,
                     path: path.clone(),
+                });
+            }
+        }
+        // Admission: a storm beyond what the host holds gets errors, not an OOM killer.
+        if let Some(available) = host_available_mib() {
+            if available < config.host_reserve_mib + STARTUP_MIB {
+                return Err(SandboxError::HostMemory {
+                    available,
+                    reserve: config.host_reserve_mib,
                 });
             }
         }

@@ -569,3 +569,45 @@ fn ctr_network_bad_input_gets_clear_errors() {
         "redirect left behind: {qdiscs}"
     );
 }
+
+#[test]
+fn ctr_storm_beyond_what_fits_fails_cleanly() {
+    let Some(env) = env() else { return };
+    // Five starts at once against a pool of three: three run, two fail saying why.
+    let c = Containerd::start(&env, "overflow", "[cgroups]\npool_size = 3\n");
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5)
+            .map(|i| {
+                let c = &c;
+                s.spawn(move || c.run(&["-d"], &format!("o{i}"), &["sleep", "600"]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 3, "{:?}", outs.iter().map(text).collect::<Vec<_>>());
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        assert!(
+            text(o).contains("all 3 pooled cgroups are claimed"),
+            "{}",
+            text(o)
+        );
+    }
+    for i in 0..5 {
+        let id = format!("o{i}");
+        let _ = c.ctr(&["task", "kill", "-s", "KILL", &id]);
+        wait_task_gone_or_stopped(&c, &id);
+        let _ = c.ctr(&["task", "delete", &id]);
+        let _ = c.ctr(&["container", "delete", &id]);
+    }
+    c.assert_clean();
+    drop(c);
+
+    // A host short of memory (a reserve larger than any host) refuses the start, cleanly.
+    let c = Containerd::start(&env, "lowmem", "host_reserve_mib = 100000000\n");
+    let out = c.run(&["--rm"], "lowmem", &["true"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("host memory is low"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "lowmem"]);
+    c.assert_clean();
+}
