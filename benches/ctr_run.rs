@@ -12,29 +12,15 @@ mod containerd;
 
 use std::time::Instant;
 
-use containerd::{env, text, Containerd, IMAGE, RUNTIME};
+use containerd::{env, percentile, phase_marks, text, Containerd, IMAGE, RUNTIME};
 use containerd_shim_shoal_v2::sandbox::boottime_ms;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 /// The shim's phase marks logged after `since` (boottime ms), by phase name.
 fn phases(log: &str, since: f64) -> Vec<(String, f64)> {
-    log.lines()
-        .filter_map(|l| {
-            let rest = l.split("shoal-phase ").nth(1)?;
-            let name = rest.split_whitespace().next()?;
-            let value = rest.split(" boottime_ms=").nth(1)?;
-            let v: f64 = value
-                .split_whitespace()
-                .next()?
-                .trim_end_matches('"')
-                .parse()
-                .ok()?;
-            (v >= since).then(|| (name.to_string(), v))
-        })
+    phase_marks(log)
+        .into_iter()
+        .filter(|(_, _, v)| *v >= since)
+        .map(|(name, _, v)| (name, v))
         .collect()
 }
 

@@ -17,13 +17,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use containerd::{env, text, Containerd, IMAGE, RUNTIME};
+use containerd::{env, env_usize, percentile, text, Containerd, IMAGE, RUNTIME};
 use netns::PodNetns;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn connect(addr: &str) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -112,14 +107,8 @@ fn main() {
     let Some(env) = env() else {
         std::process::exit(2);
     };
-    let var = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let round_trips = var("SHOAL_BENCH_RR", 2000);
-    let mb = var("SHOAL_BENCH_MB", 256);
+    let round_trips = env_usize("SHOAL_BENCH_RR", 2000);
+    let mb = env_usize("SHOAL_BENCH_MB", 256);
     let emulated = std::env::var_os("SHOAL_IN_LAB").is_some();
     let c = Containerd::start(&env, "netbench", "");
     // Port 7000 echoes, 7001 swallows, 7002 sends `mb` MiB of zeros.

@@ -19,16 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use containerd::{env, text, Containerd, IMAGE, RUNTIME};
+use containerd::{env, env_usize, percentile, phase_marks, text, Containerd, IMAGE, RUNTIME};
 use containerd_shim_shoal_v2::sandbox::boottime_ms;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 /// One start: when it began (boottime ms), how long `ctr run -d` took, and its error if any.
 struct Start {
@@ -57,26 +49,6 @@ fn in_flight<T: Send>(n: usize, c: usize, job: impl Fn(usize) -> T + Sync) -> Ve
     let mut v = out.into_inner().unwrap();
     v.sort_by_key(|(i, _)| *i);
     v.into_iter().map(|(_, r)| r).collect()
-}
-
-/// The shim's phase marks for sandbox `id`: (phase, boottime ms).
-fn marks(log: &str, id: &str) -> Vec<(String, f64)> {
-    let tag = format!(" sandbox={id} ");
-    log.lines()
-        .filter(|l| l.contains(&tag))
-        .filter_map(|l| {
-            let rest = l.split("shoal-phase ").nth(1)?;
-            let name = rest.split_whitespace().next()?;
-            let value = rest.split("boottime_ms=").nth(1)?;
-            let v: f64 = value
-                .split_whitespace()
-                .next()?
-                .trim_end_matches('"')
-                .parse()
-                .ok()?;
-            Some((name.to_string(), v))
-        })
-        .collect()
 }
 
 fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
@@ -131,7 +103,7 @@ fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
         }
     }
     if runtime == RUNTIME {
-        let log = c.log();
+        let marks = phase_marks(&c.log());
         let phases = [
             ("shim spawn", "", "shim_started"),
             (
@@ -145,10 +117,12 @@ fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
         ];
         let mut split = vec![Vec::new(); phases.len()];
         for s in &ok {
-            let m = marks(&log, &s.id);
             let at = |p: &str| match p {
                 "" => Some(s.began),
-                p => m.iter().find(|(n, _)| n == p).map(|(_, v)| *v),
+                p => marks
+                    .iter()
+                    .find(|(n, id, _)| n == p && *id == s.id)
+                    .map(|(_, _, v)| *v),
             };
             for (k, (_, from, to)) in phases.iter().enumerate() {
                 if let (Some(a), Some(b)) = (at(from), at(to)) {
@@ -200,15 +174,9 @@ fn main() {
     let Some(env) = env() else {
         std::process::exit(2);
     };
-    let var = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let n = var("SHOAL_STORM_N", 20);
-    let conc = var("SHOAL_STORM_C", 4);
-    let pool = var("SHOAL_STORM_POOL", n);
+    let n = env_usize("SHOAL_STORM_N", 20);
+    let conc = env_usize("SHOAL_STORM_C", 4);
+    let pool = env_usize("SHOAL_STORM_POOL", n);
     let emulated = std::env::var_os("SHOAL_IN_LAB").is_some();
     let c = Containerd::start(
         &env,
@@ -228,7 +196,7 @@ fn main() {
         "", "started", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
     storm(&c, RUNTIME, "shoal", n, conc);
-    if var("SHOAL_STORM_RUNC", 1) != 0 {
+    if env_usize("SHOAL_STORM_RUNC", 1) != 0 {
         storm(&c, "io.containerd.runc.v2", "runc", n, conc);
     }
 }

@@ -514,18 +514,9 @@ fn ctr_network_bad_input_gets_clear_errors() {
     let _ = c.ctr(&["container", "delete", "gone"]);
     // An interface that cannot be carried (a layer-3 tun has no MAC).
     let ns = PodNetns::new("l3", 2);
-    for cmd in [
-        "tuntap add l3tun mode tun",
-        "addr add 10.216.99.1/24 dev l3tun",
-        "link set l3tun up",
-    ] {
-        let out = Command::new("ip")
-            .args(["-n", &ns.name])
-            .args(cmd.split(' '))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {cmd}: {}", text(&out));
-    }
+    ns.ip("tuntap add l3tun mode tun");
+    ns.ip("addr add 10.216.99.1/24 dev l3tun");
+    ns.ip("link set l3tun up");
     let out = c.run(
         &["--rm", "--with-ns", &format!("network:{}", ns.path())],
         "l3",
@@ -538,22 +529,7 @@ fn ctr_network_bad_input_gets_clear_errors() {
     ns.assert_clean();
     // A tap that cannot be created: its name is taken by an interface that is not a tap.
     let ns = PodNetns::new("tapbusy", 3);
-    let out = Command::new("ip")
-        .args([
-            "-n",
-            &ns.name,
-            "link",
-            "add",
-            "shoal-tap0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "p0",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    ns.ip("link add shoal-tap0 type veth peer name p0");
     let out = c.run(
         &["--rm", "--with-ns", &format!("network:{}", ns.path())],
         "tapbusy",

@@ -276,3 +276,39 @@ pub fn text(out: &Output) -> String {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The value at fraction `p` of sorted figures (NaN when there are none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A numeric setting from the environment, or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The shims' phase marks in containerd's log: (phase, sandbox id, CLOCK_BOOTTIME ms), from
+/// lines `shoal-phase NAME sandbox=ID boottime_ms=T`.
+pub fn phase_marks(log: &str) -> Vec<(String, String, f64)> {
+    log.lines()
+        .filter_map(|l| {
+            let mut words = l.split("shoal-phase ").nth(1)?.split_whitespace();
+            let name = words.next()?.to_string();
+            let sandbox = words.next()?.strip_prefix("sandbox=")?.to_string();
+            let ms = words
+                .next()?
+                .strip_prefix("boottime_ms=")?
+                .trim_end_matches('"')
+                .parse()
+                .ok()?;
+            Some((name, sandbox, ms))
+        })
+        .collect()
+}

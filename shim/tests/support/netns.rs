@@ -56,6 +56,16 @@ impl PodNetns {
         format!("10.216.{}.1", self.subnet)
     }
 
+    /// Runs `ip -n NAME ARGS`, failing the caller if it fails.
+    pub fn ip(&self, args: &str) {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args.split(' '))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args}: {}", text(&out));
+    }
+
     /// `ip`/`tc` output inside the namespace.
     pub fn show(&self, cmd: &str) -> String {
         let out = Command::new("ip")
