@@ -123,6 +123,21 @@ pub fn configure(interfaces: &[Interface], routes: &[RouteSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Brings loopback up in the network namespace of process `pid` (a container given a
+/// namespace of its own: loopback only, and up, as runc leaves it).
+pub fn loopback_up_in(pid: i32) -> Result<()> {
+    let path = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+    shoal_netlink::in_netns(&path, || {
+        let mut nl = Netlink::open()?;
+        let links = nl.links()?;
+        match links.iter().find(|l| l.is_loopback()) {
+            Some(lo) => nl.set_link(lo.index, None, None, Some(true)),
+            None => Ok(()),
+        }
+    })??;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -250,6 +250,16 @@ impl Sandbox {
         let console_path = console.as_ref().map(|c| c.path().to_path_buf());
         let (mut io, child, outputs) =
             ProcessIo::prepare(&self.streams, tokens(&stdio), console).map_err(cleanup_bundle)?;
+        // A network namespace of its own (no path to join): created with the container.
+        let own_netns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|nss| {
+                nss.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+                })
+            });
         let container = {
             let _fork = self.reaper.fork_lock();
             self.builder(id, child)
@@ -269,7 +279,11 @@ impl Sandbox {
         let mut container = container;
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
         let exit = self.reaper.watch(pid);
-        if let Err(e) = io.start(outputs) {
+        let lo = match own_netns {
+            true => crate::network::loopback_up_in(pid),
+            false => Ok(()),
+        };
+        if let Err(e) = lo.and_then(|()| io.start(outputs)) {
             // Without its stdio the container is of no use: take it down again.
             let _ = container.delete(true);
             return Err(cleanup_bundle(e));

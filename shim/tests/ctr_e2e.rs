@@ -494,6 +494,22 @@ fn ctr_pod_network_namespace_is_carried_into_the_vm() {
 fn ctr_network_bad_input_gets_clear_errors() {
     let Some(env) = env() else { return };
     let c = Containerd::start(&env, "netbad", "");
+    // No namespace path (plain `ctr run`): loopback only, and up, as with runc.
+    let out = c.run(
+        &["--rm"],
+        "plain",
+        &[
+            "sh",
+            "-c",
+            "ip -o link; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo lo-ok",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = stdout(&out);
+    let links: Vec<_> = shown.lines().filter(|l| l.contains(": <")).collect();
+    assert_eq!(links.len(), 1, "{shown}");
+    assert!(links[0].contains("lo: <LOOPBACK,UP"), "{shown}");
+    assert!(shown.contains("lo-ok"), "{shown}");
     // Host networking: not something a VM can share.
     let out = c.run(&["--rm", "--net-host"], "hostnet", &["true"]);
     assert!(!out.status.success());
