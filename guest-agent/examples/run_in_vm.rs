@@ -42,7 +42,6 @@ async fn main() -> anyhow::Result<()> {
         shares: Vec::new(),
         nets: Vec::new(),
         free_page_reporting: true,
-        share_kernel_pages: true,
         console: Console::File(dir.join("console")),
     })?;
     let vm_thread = std::thread::spawn(move || vm.wait());

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use shoal_agent_api::agent::{Interface, Route as RouteSpec};
-use shoal_netlink::{Netlink, Route};
+use shoal_netlink::{Link, Netlink, NetlinkError, Route};
 
 use crate::error::{AgentError, Result};
 
@@ -16,15 +16,6 @@ fn invalid(msg: String) -> AgentError {
 fn parse_ip(what: &str, s: &str) -> Result<IpAddr> {
     s.parse()
         .map_err(|_| invalid(format!("{what}: {s:?} is not an IP address")))
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| invalid(format!("invalid MAC address {s:?}")))?;
-    <[u8; 6]>::try_from(bytes).map_err(|_| invalid(format!("invalid MAC address {s:?}")))
 }
 
 /// Parses `ADDR/LEN`, checking the length against the family.
@@ -48,13 +39,11 @@ fn parse_cidr(what: &str, s: &str) -> Result<(IpAddr, u8)> {
 pub fn configure(interfaces: &[Interface], routes: &[RouteSpec]) -> Result<()> {
     let mut nl = Netlink::open()?;
     let links = nl.links()?;
-    if let Some(lo) = links.iter().find(|l| l.is_loopback()) {
-        nl.set_link(lo.index, None, None, Some(true))?;
-    }
+    loopback_up(&mut nl, &links)?;
     // Which card is which: by MAC.
     let mut plan = Vec::new();
     for iface in interfaces {
-        let mac = parse_mac(&iface.mac)?;
+        let mac = shoal_netlink::parse_mac(&iface.mac).map_err(invalid)?;
         let link = links.iter().find(|l| l.mac == Some(mac)).ok_or_else(|| {
             invalid(format!(
                 "interface {}: the guest has no network card with MAC {}",
@@ -130,12 +119,16 @@ pub fn loopback_up_in(pid: i32) -> Result<()> {
     shoal_netlink::in_netns(&path, || {
         let mut nl = Netlink::open()?;
         let links = nl.links()?;
-        match links.iter().find(|l| l.is_loopback()) {
-            Some(lo) => nl.set_link(lo.index, None, None, Some(true)),
-            None => Ok(()),
-        }
+        loopback_up(&mut nl, &links)
     })??;
     Ok(())
+}
+
+fn loopback_up(nl: &mut Netlink, links: &[Link]) -> std::result::Result<(), NetlinkError> {
+    match links.iter().find(|l| l.is_loopback()) {
+        Some(lo) => nl.set_link(lo.index, None, None, Some(true)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -154,9 +147,9 @@ mod tests {
             assert!(e.contains(bad), "{e}");
         }
         assert_eq!(
-            parse_mac("02:00:0a:0b:0c:0d").unwrap(),
+            shoal_netlink::parse_mac("02:00:0a:0b:0c:0d").unwrap(),
             [2, 0, 10, 11, 12, 13]
         );
-        assert!(parse_mac("02:00:0a").is_err());
+        assert!(shoal_netlink::parse_mac("02:00:0a").is_err());
     }
 }

@@ -66,7 +66,6 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         shares: Vec::new(),
         nets: Vec::new(),
         free_page_reporting: true,
-        share_kernel_pages: true,
         console: Console::File(dir.join("console")),
     };
     let vm = Vm::boot(&config).expect("boot");

@@ -476,35 +476,35 @@ impl Netlink {
             RouteNetlinkMessage::GetTrafficFilter(msg),
             NLM_F_DUMP,
         )?;
-        let mut out = Vec::new();
-        for m in answers {
-            let RouteNetlinkMessage::NewTrafficFilter(f) = m else {
-                continue;
-            };
-            for a in &f.attributes {
-                let TcAttribute::Options(opts) = a else {
-                    continue;
-                };
-                for o in opts {
-                    let TcOption::U32(TcFilterU32Option::Action(actions)) = o else {
-                        continue;
-                    };
-                    for act in actions {
-                        for aa in &act.attributes {
-                            let TcActionAttribute::Options(aopts) = aa else {
-                                continue;
-                            };
-                            for ao in aopts {
-                                if let TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) = ao {
-                                    out.push(p.ifindex);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Ok(out)
+        // filter → options → u32 actions → action options → mirred parameters.
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewTrafficFilter(f) => Some(f.attributes),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|a| match a {
+                TcAttribute::Options(opts) => Some(opts),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|o| match o {
+                TcOption::U32(TcFilterU32Option::Action(actions)) => Some(actions),
+                _ => None,
+            })
+            .flatten()
+            .flat_map(|act| act.attributes)
+            .filter_map(|a| match a {
+                TcActionAttribute::Options(opts) => Some(opts),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|o| match o {
+                TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) => Some(p.ifindex),
+                _ => None,
+            })
+            .collect())
     }
 }
 
@@ -560,6 +560,24 @@ fn link_from(l: LinkMessage) -> Link {
         link.mac = None;
     }
     link
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> std::result::Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("invalid MAC address {s:?}"))?;
+    <[u8; 6]>::try_from(bytes).map_err(|_| format!("invalid MAC address {s:?}: six bytes expected"))
+}
+
+/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Runs `f` on a thread inside network namespace `path` (a bind mount such as

@@ -172,46 +172,31 @@ impl PodNetwork {
             links: Vec::new(),
             taps: Vec::new(),
         };
-        let pairs: Vec<(u32, String, u32)> = self
-            .interfaces
-            .iter()
-            .map(|c| (c.link.index, c.tap.clone(), c.link.mtu))
-            .collect();
-        // On error, `connected` removes whatever was added so far.
-        let done = with_netlink(&self.netns, |nl| {
+        let added = &mut connected;
+        // On error, `connected` is dropped and removes whatever was added so far.
+        with_netlink(&self.netns, |nl| {
             let links = nl.links()?;
-            let (mut added, mut taps) = (Vec::new(), Vec::new());
-            let result = (|| {
-                for (index, tap, mtu) in &pairs {
-                    let tap_index = links
-                        .iter()
-                        .find(|l| &l.name == tap)
-                        .map(|l| l.index)
-                        .ok_or_else(|| NetlinkError::Request {
-                            what: format!("find tap {tap}"),
-                            source: std::io::ErrorKind::NotFound.into(),
-                        })?;
-                    nl.set_link(tap_index, None, Some(*mtu), Some(true))?;
-                    nl.add_ingress_qdisc(*index)?;
-                    added.push(*index);
-                    nl.redirect_ingress(*index, tap_index)?;
-                    nl.add_ingress_qdisc(tap_index)?;
-                    taps.push(tap_index);
-                    nl.redirect_ingress(tap_index, *index)?;
-                }
-                Ok(())
-            })();
-            Ok((added, taps, result))
-        });
-        match done {
-            Ok((added, taps, result)) => {
-                connected.links = added;
-                connected.taps = taps;
-                result.map_err(netlink_err(&self.netns))?;
-                Ok(connected)
+            for c in &self.interfaces {
+                let (index, tap) = (c.link.index, &c.tap);
+                let tap_index = links
+                    .iter()
+                    .find(|l| &l.name == tap)
+                    .map(|l| l.index)
+                    .ok_or_else(|| NetlinkError::Request {
+                        what: format!("find tap {tap}"),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    })?;
+                nl.set_link(tap_index, None, Some(c.link.mtu), Some(true))?;
+                nl.add_ingress_qdisc(index)?;
+                added.links.push(index);
+                nl.redirect_ingress(index, tap_index)?;
+                nl.add_ingress_qdisc(tap_index)?;
+                added.taps.push(tap_index);
+                nl.redirect_ingress(tap_index, index)?;
             }
-            Err(e) => Err(e),
-        }
+            Ok(())
+        })?;
+        Ok(connected)
     }
 
     /// The interfaces and routes as the agent takes them.
@@ -228,7 +213,7 @@ impl PodNetwork {
             .iter()
             .map(|c| Interface {
                 name: c.link.name.clone(),
-                mac: shoal_vmm::virtio::net::format_mac(&c.mac),
+                mac: shoal_netlink::format_mac(&c.mac),
                 mtu: c.link.mtu,
                 addresses: c
                     .addresses
@@ -459,7 +444,7 @@ mod tests {
         assert_eq!(eth0.link.mtu, 1400);
         let (ifaces, routes) = net.agent_config();
         let i = ifaces.iter().find(|i| i.name == "eth0").unwrap();
-        assert_eq!(i.mac, shoal_vmm::virtio::net::format_mac(&eth0.mac));
+        assert_eq!(i.mac, shoal_netlink::format_mac(&eth0.mac));
         assert_eq!((i.mtu, i.addresses[0].ip.as_str()), (1400, "10.215.0.2"));
         let mut got: Vec<_> = routes
             .iter()

@@ -144,8 +144,6 @@ pub struct Sandbox {
     vm_thread: Mutex<Option<JoinHandle<()>>>,
     cgroup: Mutex<Option<HostCgroup>>,
     network: Mutex<Option<Connected>>,
-    /// The VM carries the pod's network namespace (its containers use the guest's network).
-    pub carries_network: bool,
     pub exited: VmExit,
 }
 
@@ -252,7 +250,6 @@ impl Sandbox {
                 .map(PodNetwork::vm_nets)
                 .unwrap_or_default(),
             free_page_reporting: config.free_page_reporting,
-            share_kernel_pages: true,
             console: Console::File(console.clone()),
         };
         let booted = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))
@@ -344,9 +341,17 @@ impl Sandbox {
             vm_thread: Mutex::new(vm_thread),
             cgroup: Mutex::new(cgroup),
             network: Mutex::new(connected),
-            carries_network: network.is_some(),
             exited,
         })
+    }
+
+    /// Whether the VM carries the pod's network namespace (its containers use the guest's
+    /// network).
+    pub fn carries_network(&self) -> bool {
+        self.network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Host directory and guest path of container `cid`'s files.

@@ -467,13 +467,15 @@ impl Shim for Service {
                 .unwrap_or_else(|_| cid.clone());
             if let Some(dir) = crate::sandbox::existing_dir(&config.state_dir, &sid) {
                 // Redirects to the taps of the dead VM (recorded by the sandbox's own shim).
-                let record = std::fs::read_to_string(dir.join(crate::network::RECORD_FILE));
-                if let (true, Ok(record)) = (sid == cid, record) {
-                    match crate::network::cleanup(&record) {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!("removed {n} redirects of the dead sandbox"),
-                        Err(e) => tracing::warn!("cannot clean the pod network: {e}"),
+                let record = (sid == cid)
+                    .then(|| std::fs::read_to_string(dir.join(crate::network::RECORD_FILE)).ok())
+                    .flatten();
+                match record.map(|r| crate::network::cleanup(&r)) {
+                    Some(Ok(n)) if n > 0 => {
+                        tracing::info!("removed {n} redirects of the dead sandbox")
                     }
+                    Some(Err(e)) => tracing::warn!("cannot clean the pod network: {e}"),
+                    _ => {}
                 }
                 let _ = mounts::remove_tree(&dir.join("shared").join(&cid));
                 let others = std::fs::read_dir(dir.join("shared"))
@@ -535,7 +537,7 @@ impl Task for Service {
         let sb = self
             .ensure_sandbox(&mut inner, &spec, &cid, req.options.as_ref())
             .await?;
-        if first && sb.carries_network {
+        if first && sb.carries_network() {
             crate::network::use_vm_network(&mut spec);
         }
         let fifos = Fifos {

@@ -77,20 +77,12 @@ pub struct LoadedInitrd {
 /// `vmlinux` shares the host page cache's copy of the kernel until the guest writes a page.
 /// The file must therefore be replaced by renaming a new one over it, never rewritten in
 /// place (`scripts/install` does so).
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    share: bool,
-) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let file = File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.into(),
         source,
     })?;
-    let mut file = SharedPages {
-        file,
-        shared: 0,
-        share,
-    };
+    let mut file = SharedPages { file, shared: 0 };
     let result =
         Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
             BootError::LoadKernel {
@@ -122,8 +114,6 @@ struct SharedPages {
     file: File,
     /// Bytes mapped rather than copied.
     shared: u64,
-    /// Off: copy everything.
-    share: bool,
 }
 
 impl SharedPages {
@@ -177,8 +167,7 @@ impl vm_memory::ReadVolatile for SharedPages {
         let host = buf.ptr_guard_mut().as_ptr();
         let whole = buf.len() / PAGE_SIZE * PAGE_SIZE;
         let mut done = 0;
-        if self.share
-            && whole > 0
+        if whole > 0
             && offset.is_multiple_of(PAGE_SIZE as u64)
             && (host as usize).is_multiple_of(PAGE_SIZE)
         {
@@ -425,7 +414,6 @@ mod tests {
         let mut r = SharedPages {
             file: File::open(&path).unwrap(),
             shared: 0,
-            share: true,
         };
         m.read_exact_volatile_from(GuestAddress(0x1_0000), &mut r, data.len())
             .unwrap();
@@ -460,7 +448,6 @@ mod tests {
         let mut r = SharedPages {
             file: File::open(&path).unwrap(),
             shared: 0,
-            share: true,
         };
         m.read_exact_volatile_from(GuestAddress(0x1_0010), &mut r, data.len())
             .unwrap();
@@ -550,18 +537,18 @@ mod tests {
     #[test]
     fn missing_and_bad_kernels_are_named() {
         let m = mem(16);
-        let err = load_kernel(&m, Path::new("/nonexistent/vmlinux"), true).unwrap_err();
+        let err = load_kernel(&m, Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
         let dir = std::env::temp_dir().join(format!("shoal-boot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let not_elf = dir.join("not-elf");
         std::fs::write(&not_elf, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
-        let err = load_kernel(&m, &not_elf, true).unwrap_err();
+        let err = load_kernel(&m, &not_elf).unwrap_err();
         assert!(matches!(err, BootError::LoadKernel { .. }), "{err}");
         let empty = dir.join("empty");
         std::fs::write(&empty, b"").unwrap();
         assert!(matches!(
-            load_kernel(&m, &empty, true),
+            load_kernel(&m, &empty),
             Err(BootError::LoadKernel { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -38,19 +38,15 @@ fn token(device: usize, slot: u64) -> u64 {
 impl EventLoop {
     pub fn new(devices: Vec<LoopDevice>, stop: EventFd) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
-        let add = |fd: RawFd, data: u64| {
+        let add = |fd: RawFd, data: u64, events: EventSet| {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, data),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, data))
                 .map_err(EventLoopError::Epoll)
         };
-        add(stop.as_raw_fd(), STOP_TOKEN)?;
+        add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
         for (i, dev) in devices.iter().enumerate() {
             for (q, evt) in dev.queue_evts.iter().enumerate() {
-                add(evt.as_raw_fd(), token(i, q as u64))?;
+                add(evt.as_raw_fd(), token(i, q as u64), EventSet::IN)?;
             }
             let (backend, edge) = {
                 let transport = dev.transport.lock().unwrap_or_else(|e| e.into_inner());
@@ -62,13 +58,7 @@ impl EventLoop {
                     true => EventSet::IN | EventSet::EDGE_TRIGGERED,
                     false => EventSet::IN,
                 };
-                epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(events, token(i, BACKEND)),
-                    )
-                    .map_err(EventLoopError::Epoll)?;
+                add(fd, token(i, BACKEND), events)?;
             }
         }
         Ok(EventLoop {

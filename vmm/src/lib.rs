@@ -63,9 +63,6 @@ pub struct VmConfig {
     /// A virtio-balloon through which the guest reports its free pages, which the VMM then
     /// gives back to the host.
     pub free_page_reporting: bool,
-    /// Map the kernel's pages copy-on-write from its file (shared between VMs) instead of
-    /// copying them (`boot::load_kernel`).
-    pub share_kernel_pages: bool,
     /// Where the serial console goes.
     pub console: Console,
 }
@@ -121,7 +118,6 @@ impl VmConfig {
             shares: Vec::new(),
             nets: Vec::new(),
             free_page_reporting: false,
-            share_kernel_pages: true,
             console: Console::Sink,
         }
     }
@@ -390,7 +386,7 @@ fn load_images(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
 ) -> Result<(boot::LoadedKernel, Option<boot::LoadedInitrd>)> {
-    let kernel = boot::load_kernel(mem, &config.kernel, config.share_kernel_pages)?;
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
     let initrd = config
         .initrd
         .as_deref()

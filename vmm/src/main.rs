@@ -84,7 +84,6 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
         shares: args.shares,
         nets: args.nets,
         free_page_reporting: args.free_page_reporting,
-        share_kernel_pages: true,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
     };
     let mut signals = signal_hook::iterator::Signals::new([

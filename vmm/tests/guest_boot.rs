@@ -177,7 +177,6 @@ fn boot_guest_linux_and_vsock_both_ways() {
         shares: Vec::new(),
         nets: Vec::new(),
         free_page_reporting: false,
-        share_kernel_pages: true,
         console: Console::File(dir.path("console")),
     };
     let started = Instant::now();
@@ -435,7 +434,6 @@ fn with_vm<T>(
         shares,
         nets: Vec::new(),
         free_page_reporting: false,
-        share_kernel_pages: true,
         console: Console::File(dir.path("console")),
     };
     // The guest's first connection goes to host port 1234; answer it so it moves on.

@@ -88,9 +88,8 @@ fn send_hello() -> Result<(), Box<dyn std::error::Error>> {
     let mut stream = loop {
         match VsockStream::connect(&VsockAddr::new(HOST_CID, HOST_PORT)) {
             Ok(s) => break s,
-            Err(e) if tries < 50 => {
+            Err(_) if tries < 50 => {
                 tries += 1;
-                let _ = e;
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
             Err(e) => return Err(e.into()),

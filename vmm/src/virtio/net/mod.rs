@@ -22,6 +22,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError};
+pub use shoal_netlink::{format_mac, parse_mac};
 pub use tap::{Tap, TapError};
 use tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 
@@ -104,24 +105,6 @@ impl std::str::FromStr for NetConfig {
         }
         Ok(config)
     }
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("invalid MAC address {s:?}"))?;
-    <[u8; 6]>::try_from(bytes).map_err(|_| format!("invalid MAC address {s:?}: six bytes expected"))
-}
-
-/// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A random unicast, locally administered MAC address.

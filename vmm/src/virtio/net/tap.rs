@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -48,11 +48,10 @@ pub enum TapError {
         name: String,
         source: std::io::Error,
     },
-    #[error("cannot enter network namespace {path} to open tap {name}: {source}")]
+    #[error("cannot open tap {name}: {source}")]
     Netns {
-        path: PathBuf,
         name: String,
-        source: std::io::Error,
+        source: shoal_netlink::NetlinkError,
     },
     #[error("cannot {what} on tap {name}: {source}")]
     Ioctl {
@@ -95,22 +94,12 @@ impl Tap {
         };
         // The tap is created in the namespace of the thread that opens it; a short-lived
         // thread enters the namespace so that no other thread of the VMM changes namespace.
-        let netns_err = |source| TapError::Netns {
-            path: path.into(),
-            name: name.into(),
-            source,
-        };
-        let ns = File::open(path).map_err(netns_err)?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| netns_err(e.into()))?;
-                    Self::open_here(name)
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        shoal_netlink::in_netns(path, || Self::open_here(name)).map_err(|source| {
+            TapError::Netns {
+                name: name.into(),
+                source,
+            }
+        })?
     }
 
     fn open_here(name: &str) -> Result<Tap, TapError> {
