@@ -18,23 +18,12 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use containerd::{env, env_usize, percentile, text, Containerd, IMAGE, RUNTIME};
-use netns::PodNetns;
+use netns::{connect_retrying, PodNetns};
 
 fn connect(addr: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)) {
-            Ok(s) => {
-                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                return s;
-            }
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("cannot reach {addr}: {e}"),
-        }
-    }
+    let s = connect_retrying(addr, Duration::from_secs(120));
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s
 }
 
 struct Figures {
@@ -158,12 +147,7 @@ fn main() {
             "{name:<8} {:>14.0} {:>12.0} {:>18.1} {:>18.1}",
             f.rr_median_us, f.rr_p99_us, f.to_container_mbs, f.from_container_mbs
         );
-        let _ = c.ctr(&["task", "kill", "-s", "KILL", &id]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !c.ctr(&["task", "delete", &id]).status.success() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = c.ctr(&["container", "delete", &id]);
+        c.remove(&id);
     }
     c.assert_clean();
 }

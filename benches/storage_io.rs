@@ -178,7 +178,6 @@ fn main() {
         }],
         nets: Vec::new(),
         free_page_reporting: false,
-        share_kernel_pages: true,
         console: Console::File(dir.join("console")),
     };
     let hello = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();

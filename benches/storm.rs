@@ -15,11 +15,11 @@
 #[path = "../shim/tests/support/containerd.rs"]
 mod containerd;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
-use containerd::{env, env_usize, percentile, phase_marks, text, Containerd, IMAGE, RUNTIME};
+use containerd::{
+    env, env_usize, in_flight, percentile, phase_marks, text, Containerd, IMAGE, RUNTIME,
+};
 use containerd_shim_shoal_v2::sandbox::boottime_ms;
 
 /// One start: when it began (boottime ms), how long `ctr run -d` took, and its error if any.
@@ -28,27 +28,6 @@ struct Start {
     began: f64,
     ms: f64,
     error: Option<String>,
-}
-
-/// Runs `job(i)` for i in 0..n with `c` threads.
-fn in_flight<T: Send>(n: usize, c: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let next = AtomicUsize::new(0);
-    let out = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..c.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                let r = job(i);
-                out.lock().unwrap().push((i, r));
-            });
-        }
-    });
-    let mut v = out.into_inner().unwrap();
-    v.sort_by_key(|(i, _)| *i);
-    v.into_iter().map(|(_, r)| r).collect()
 }
 
 fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
@@ -145,21 +124,7 @@ fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
     }
     // Teardown, C at a time.
     let t = Instant::now();
-    in_flight(n, conc, |i| {
-        let id = format!("storm-{name}-{i}");
-        let _ = c.ctr(&["task", "kill", "-s", "KILL", &id]);
-        let deadline = Instant::now() + std::time::Duration::from_secs(60);
-        while c.ctr(&["task", "ls"]).status.success()
-            && String::from_utf8_lossy(&c.ctr(&["task", "ls", "-q"]).stdout)
-                .lines()
-                .any(|l| l == id)
-            && !c.ctr(&["task", "delete", &id]).status.success()
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        let _ = c.ctr(&["container", "delete", &id]);
-    });
+    in_flight(n, conc, |i| c.remove(&format!("storm-{name}-{i}")));
     println!(
         "  teardown of {n}: {:.1} s; left behind: {}",
         t.elapsed().as_secs_f64(),

@@ -10,17 +10,14 @@
 //! Needs root, /dev/kvm and SHOAL_GUEST_KERNEL + SHOAL_AGENT_IMAGE (`scripts/bench` sets
 //! them). SHOAL_STORM_HOST_N sets N (default 64).
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/containerd.rs"]
+mod containerd;
+
+use containerd::{env_usize, in_flight, percentile};
 use containerd_shim_shoal_v2::host_cgroups::{Driver, Limits, Pool, PoolConfig};
 use shoal_vmm::{CacheMode, Console, FsConfig, Vm, VmConfig, VsockConfig};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 /// One host-side start: claim, boot to first KVM_RUN, stop, release. Returns milliseconds.
 fn one_start(pool: &Pool, kernel: &Path, image: &Path, dir: &Path, i: usize) -> f64 {
@@ -52,7 +49,6 @@ fn one_start(pool: &Pool, kernel: &Path, image: &Path, dir: &Path, i: usize) -> 
         }],
         nets: Vec::new(),
         free_page_reporting: true,
-        share_kernel_pages: true,
         console: Console::Sink,
     };
     let vm = Vm::boot(&config).expect("boot");
@@ -79,10 +75,7 @@ fn main() {
         eprintln!("storm_host: needs root and /dev/kvm");
         std::process::exit(2);
     }
-    let n: usize = std::env::var("SHOAL_STORM_HOST_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+    let n = env_usize("SHOAL_STORM_HOST_N", 64);
     let pid = std::process::id();
     let pool = Pool::open(PoolConfig {
         parent: format!("shoal-storm-bench-{pid}"),
@@ -104,23 +97,9 @@ fn main() {
     let mut base = 0.0;
     let mut last = 0.0;
     for c in [1usize, 2, 4, 8, 16] {
-        let next = AtomicUsize::new(0);
-        let times = Mutex::new(Vec::new());
         let wall = Instant::now();
-        std::thread::scope(|s| {
-            for _ in 0..c {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return;
-                    }
-                    let ms = one_start(&pool, &kernel, &image, &dir, i);
-                    times.lock().unwrap().push(ms);
-                });
-            }
-        });
+        let mut t = in_flight(n, c, |i| one_start(&pool, &kernel, &image, &dir, i));
         let rate = n as f64 / wall.elapsed().as_secs_f64();
-        let mut t = times.into_inner().unwrap();
         t.sort_by(|a, b| a.partial_cmp(b).unwrap());
         println!(
             "{c:>3} {rate:>10.1} {:>10.1} {:>10.1} {:>10.1}",

@@ -10,8 +10,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::containerd::{env, shim_pids, stdout, text, Containerd, IMAGE, RUNTIME};
-use support::netns::PodNetns;
+use support::containerd::{env, in_flight, shim_pids, stdout, text, Containerd, IMAGE, RUNTIME};
+use support::netns::{connect_retrying, PodNetns};
 
 /// Waits until `ctr task ls` shows `id` in `status`.
 fn wait_status(c: &Containerd, id: &str, status: &str) {
@@ -391,20 +391,6 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     let _ = std::fs::remove_file(&empty);
 }
 
-/// Connects to `addr` until it answers (the container's server may still be starting).
-fn connect_retrying(addr: &str) -> std::net::TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)) {
-            Ok(s) => return s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot reach {addr}: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
 #[test]
 fn ctr_pod_network_namespace_is_carried_into_the_vm() {
     use std::io::Read;
@@ -432,7 +418,7 @@ fn ctr_pod_network_namespace_is_carried_into_the_vm() {
         .output()
         .unwrap();
     assert!(ping.status.success(), "ping: {}", text(&ping));
-    let mut stream = connect_retrying(&format!("{}:7000", ns.guest_ip()));
+    let mut stream = connect_retrying(&format!("{}:7000", ns.guest_ip()), Duration::from_secs(60));
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -514,50 +500,39 @@ fn ctr_network_bad_input_gets_clear_errors() {
     assert_eq!(up.len(), 1, "{shown}");
     assert!(up[0].contains("lo: <LOOPBACK,UP"), "{shown}");
     assert!(shown.contains("lo-ok"), "{shown}");
+    // Each refused start says why, and leaves no container behind.
+    let refused = |flags: &[&str], id: &str, why: &str| {
+        let out = c.run(&[&["--rm"], flags].concat(), id, &["true"]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(why), "{}", text(&out));
+        let _ = c.ctr(&["container", "delete", id]);
+    };
     // Host networking: not something a VM can share.
-    let out = c.run(&["--rm", "--net-host"], "hostnet", &["true"]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out).contains("host networking is not supported"),
-        "{}",
-        text(&out)
+    refused(
+        &["--net-host"],
+        "hostnet",
+        "host networking is not supported",
     );
-    let _ = c.ctr(&["container", "delete", "hostnet"]);
     // A namespace that is gone.
-    let out = c.run(
-        &["--rm", "--with-ns", "network:/var/run/netns/shoal-vanished"],
-        "gone",
-        &["true"],
-    );
-    assert!(!out.status.success());
-    assert!(text(&out).contains("shoal-vanished"), "{}", text(&out));
-    let _ = c.ctr(&["container", "delete", "gone"]);
+    let gone = "network:/var/run/netns/shoal-vanished";
+    refused(&["--with-ns", gone], "gone", "shoal-vanished");
     // An interface that cannot be carried (a layer-3 tun has no MAC).
     let ns = PodNetns::new("l3", 2);
     ns.ip("tuntap add l3tun mode tun");
     ns.ip("addr add 10.216.99.1/24 dev l3tun");
     ns.ip("link set l3tun up");
-    let out = c.run(
-        &["--rm", "--with-ns", &format!("network:{}", ns.path())],
+    refused(
+        &["--with-ns", &format!("network:{}", ns.path())],
         "l3",
-        &["true"],
+        "l3tun",
     );
-    assert!(!out.status.success());
-    assert!(text(&out).contains("l3tun"), "{}", text(&out));
-    let _ = c.ctr(&["container", "delete", "l3"]);
     c.assert_clean();
     ns.assert_clean();
     // A tap that cannot be created: its name is taken by an interface that is not a tap.
     let ns = PodNetns::new("tapbusy", 3);
     ns.ip("link add shoal-tap0 type veth peer name p0");
-    let out = c.run(
-        &["--rm", "--with-ns", &format!("network:{}", ns.path())],
-        "tapbusy",
-        &["true"],
-    );
-    assert!(!out.status.success());
-    assert!(text(&out).contains("shoal-tap0"), "{}", text(&out));
-    let _ = c.ctr(&["container", "delete", "tapbusy"]);
+    let with_ns = format!("network:{}", ns.path());
+    refused(&["--with-ns", &with_ns], "tapbusy", "shoal-tap0");
     c.assert_clean();
     let qdiscs = ns.show("tc qdisc show");
     assert!(
@@ -571,14 +546,8 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
     let Some(env) = env() else { return };
     // Five starts at once against a pool of three: three run, two fail saying why.
     let c = Containerd::start(&env, "overflow", "[cgroups]\npool_size = 3\n");
-    let outs: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..5)
-            .map(|i| {
-                let c = &c;
-                s.spawn(move || c.run(&["-d"], &format!("o{i}"), &["sleep", "600"]))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let outs = in_flight(5, 5, |i| {
+        c.run(&["-d"], &format!("o{i}"), &["sleep", "600"])
     });
     let ok = outs.iter().filter(|o| o.status.success()).count();
     assert_eq!(ok, 3, "{:?}", outs.iter().map(text).collect::<Vec<_>>());
@@ -590,11 +559,7 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
         );
     }
     for i in 0..5 {
-        let id = format!("o{i}");
-        let _ = c.ctr(&["task", "kill", "-s", "KILL", &id]);
-        wait_task_gone_or_stopped(&c, &id);
-        let _ = c.ctr(&["task", "delete", &id]);
-        let _ = c.ctr(&["container", "delete", &id]);
+        c.remove(&format!("o{i}"));
     }
     c.assert_clean();
     drop(c);

@@ -195,6 +195,26 @@ impl Containerd {
         }
     }
 
+    /// Kills task `id` if it has one, deletes the task once it has stopped (waiting up to a
+    /// minute), then the container.
+    pub fn remove(&self, id: &str) {
+        let _ = self.ctr(&["task", "kill", "-s", "KILL", id]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let listed = String::from_utf8_lossy(&self.ctr(&["task", "ls", "-q"]).stdout)
+                .lines()
+                .any(|l| l == id);
+            if !listed
+                || self.ctr(&["task", "delete", id]).status.success()
+                || Instant::now() >= deadline
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.ctr(&["container", "delete", id]);
+    }
+
     /// What of shoal's is still there: shims, sandbox directories, mounts under them, host
     /// cgroup claims (empty when all is clean).
     pub fn leftovers(&self) -> Vec<String> {
@@ -311,4 +331,26 @@ pub fn phase_marks(log: &str) -> Vec<(String, String, f64)> {
             Some((name, sandbox, ms))
         })
         .collect()
+}
+
+/// Runs `job(i)` for i in 0..n on `c` threads (each takes the next i when done); results in
+/// order of i.
+pub fn in_flight<T: Send>(n: usize, c: usize, job: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..c.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let r = job(i);
+                out.lock().unwrap().push((i, r));
+            });
+        }
+    });
+    let mut v = out.into_inner().unwrap();
+    v.sort_by_key(|(i, _)| *i);
+    v.into_iter().map(|(_, r)| r).collect()
 }

@@ -96,3 +96,22 @@ impl Drop for PodNetns {
             .status();
     }
 }
+
+/// Connects to `addr` until it answers or `patience` runs out (the container's server may
+/// still be starting).
+pub fn connect_retrying(addr: &str, patience: std::time::Duration) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let timeout = std::time::Duration::from_secs(5);
+        match std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), timeout) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cannot reach {addr}: {e}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
+}
