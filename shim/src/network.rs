@@ -93,16 +93,18 @@ impl PodNetwork {
                 );
                 continue;
             }
+            let addrs: Vec<(IpAddr, u8)> = addresses
+                .iter()
+                .filter(|a| a.index == link.index && !a.link_scope)
+                .map(|a| (a.ip, a.prefix_len))
+                .collect();
             // What the pod uses: interfaces that are up and have an address or a route.
             // Others (the fallback tunnels the kernel adds to every namespace when the ipip
             // or gre modules are loaded, interfaces left down) are not the pod's network.
-            let used = addresses
+            let routed = routes
                 .iter()
-                .any(|a| a.index == link.index && !a.link_scope)
-                || routes
-                    .iter()
-                    .any(|r| !r.kernel && r.oif == Some(link.index));
-            if !link.up || !used {
+                .any(|r| !r.kernel && r.oif == Some(link.index));
+            if !link.up || (addrs.is_empty() && !routed) {
                 tracing::debug!(
                     "{}: {} is down or unused; not carried",
                     netns.display(),
@@ -120,11 +122,6 @@ impl PodNetwork {
                         .unwrap_or_else(|| format!("link type {}", link.link_type)),
                 });
             };
-            let addrs = addresses
-                .iter()
-                .filter(|a| a.index == link.index && !a.link_scope)
-                .map(|a| (a.ip, a.prefix_len))
-                .collect();
             let tap = format!("{TAP_PREFIX}{}", interfaces.len());
             interfaces.push(Carried {
                 link,
