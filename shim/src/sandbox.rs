@@ -37,14 +37,16 @@ pub enum SandboxError {
     },
     #[error("the sandbox VM failed to start: {0}")]
     Boot(#[from] shoal_vmm::Error),
-    #[error(
-        "the guest agent did not answer within {secs} s (guest console: {console}): {message}"
-    )]
+    /// `console` holds the guest console's last lines: the sandbox directory, and the log
+    /// with it, is gone by the time the error is reported.
+    #[error("the guest agent did not answer within {secs} s: {message}; the guest console's last lines:\n{console}")]
     AgentTimeout {
         secs: u64,
-        console: PathBuf,
         message: String,
+        console: String,
     },
+    #[error("the sandbox VM ended ({reason}) before its guest agent answered; the guest console's last lines:\n{console}")]
+    VmEnded { reason: String, console: String },
     #[error("the guest agent refused to set up the sandbox: {0}")]
     Agent(ttrpc::Error),
     #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
@@ -58,6 +60,28 @@ pub enum SandboxError {
 /// Host memory an idle sandbox takes once started (shim, VMM, the guest's touched RAM; about
 /// 31 MiB measured by `benches/density.rs`), rounded up: what admission asks to be free.
 pub const STARTUP_MIB: u64 = 64;
+
+/// How much of the guest console an agent timeout reports.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// The last `lines` lines of the console log at `path`, indented, or why there are none.
+fn console_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => {
+            "  (the guest printed nothing)".into()
+        }
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            tail.iter()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Err(e) => format!("  (cannot read {}: {e})", path.display()),
+    }
+}
 
 /// `MemAvailable` from /proc/meminfo, in MiB.
 pub fn host_available_mib() -> Option<u64> {
@@ -302,14 +326,30 @@ impl Sandbox {
             mark("network_connected");
         }
         let timeout = Duration::from_secs(config.agent_timeout_secs);
-        let agent = match connect_agent(&uds, AGENT_PORT, timeout).await {
+        // A guest that dies while booting (kernel panic, no init) ends the wait at once.
+        let mut vm_ended = exited.clone();
+        let connected = tokio::select! {
+            r = connect_agent(&uds, AGENT_PORT, timeout) => r.map_err(|e| e.to_string()),
+            _ = vm_ended.wait_for(Option::is_some) => Err(String::new()),
+        };
+        let agent = match connected {
             Ok(agent) => agent,
-            Err(e) => {
+            Err(message) => {
+                // Read before stop() removes the directory the log is in.
+                let console = console_tail(&console, CONSOLE_TAIL_LINES);
+                let ended = exited.borrow().clone();
                 sandbox.stop();
-                return Err(SandboxError::AgentTimeout {
-                    secs: config.agent_timeout_secs,
-                    console,
-                    message: e.to_string(),
+                tracing::error!("guest agent never answered; guest console:\n{console}");
+                return Err(match ended {
+                    Some(reason) => SandboxError::VmEnded {
+                        reason: reason.to_string(),
+                        console,
+                    },
+                    None => SandboxError::AgentTimeout {
+                        secs: config.agent_timeout_secs,
+                        message,
+                        console,
+                    },
                 });
             }
         };
@@ -455,4 +495,36 @@ impl Drop for SandboxParts {
 pub fn existing_dir(state_dir: &Path, id: &str) -> Option<PathBuf> {
     let d = state_dir.join(id);
     d.is_dir().then_some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_tail_keeps_the_last_lines_and_says_when_there_are_none() {
+        let dir = std::env::temp_dir().join(format!("shoal-console-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let tail = console_tail(&log, 20);
+        assert_eq!(tail.lines().count(), 20);
+        assert!(tail.starts_with("  line 11\n"), "{tail}");
+        assert!(tail.ends_with("  line 30"), "{tail}");
+
+        std::fs::write(&log, b"\n \n").unwrap();
+        assert_eq!(console_tail(&log, 20), "  (the guest printed nothing)");
+
+        // Bytes that are not UTF-8 (a guest writing garbage) are shown, not refused.
+        std::fs::write(&log, b"ok\n\xff\xfe tail\n").unwrap();
+        assert!(console_tail(&log, 20).ends_with("\u{fffd}\u{fffd} tail"));
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let missing = console_tail(&log, 20);
+        assert!(
+            missing.contains("cannot read") && missing.contains("console.log"),
+            "{missing}"
+        );
+    }
 }

@@ -374,21 +374,85 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     c.assert_clean();
     drop(c);
 
-    // A guest that never brings up the agent (its image has no /init): the agent timeout
-    // is reported with the console to look at.
-    let empty = std::env::temp_dir().join(format!("shoal-e2e-empty-{}.img", std::process::id()));
+    // A guest that dies while booting (its image has no /init, so the kernel panics): the
+    // start fails as soon as the VM ends, not after the agent timeout, and the error carries
+    // the guest console's last lines (the sandbox directory with the log is gone by then).
+    let tmp = std::env::temp_dir().join(format!("shoal-e2e-initrds-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let empty = tmp.join("empty.img");
     std::fs::write(&empty, b"").unwrap();
     let c = Containerd::start(
         &env,
+        "noinit",
+        &format!(
+            "initrd = \"{}\"\nagent_timeout_secs = 120\n",
+            empty.display()
+        ),
+    );
+    let started = Instant::now();
+    let out = c.run(&["--rm"], "noinit", &["true"]);
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(err.contains("the sandbox VM ended"), "{err}");
+    assert!(
+        err.contains("Kernel panic"),
+        "the console's panic is in the error: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(100), "{err}");
+    let _ = c.ctr(&["container", "delete", "noinit"]);
+    c.assert_clean();
+    drop(c);
+
+    // A guest that boots but never brings up the agent (its /init only sleeps): the agent
+    // timeout names the time waited and shows what the guest printed.
+    let idle = idle_initrd(&tmp);
+    let c = Containerd::start(
+        &env,
         "noagent",
-        &format!("initrd = \"{}\"\nagent_timeout_secs = 5\n", empty.display()),
+        &format!("initrd = \"{}\"\nagent_timeout_secs = 5\n", idle.display()),
     );
     let out = c.run(&["--rm"], "noagent", &["true"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("did not answer"), "{}", text(&out));
+    let err = text(&out);
+    assert!(err.contains("did not answer within 5 s"), "{err}");
+    assert!(
+        err.contains("idle init: up"),
+        "the console is in the error: {err}"
+    );
     let _ = c.ctr(&["container", "delete", "noagent"]);
     c.assert_clean();
-    let _ = std::fs::remove_file(&empty);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// An initramfs in `dir` whose /init (busybox, from the host's busybox-static) prints
+/// `idle init: up` on the console and sleeps: a guest that boots but runs no agent.
+fn idle_initrd(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = dir.join("idle-root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::fs::write(
+        root.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\necho 'idle init: up' > /dev/console\nexec /bin/busybox sleep 100000\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("init"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let img = dir.join("idle.img");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio -o -H newc --quiet -R 0:0 > {}",
+            root.display(),
+            img.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the idle initramfs with cpio");
+    img
 }
 
 #[test]

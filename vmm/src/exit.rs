@@ -16,6 +16,19 @@ pub enum ExitReason {
     Error(String),
 }
 
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Reboot => {
+                f.write_str("the guest reset itself, as it does after a kernel panic")
+            }
+            ExitReason::PowerOff => f.write_str("the guest powered off"),
+            ExitReason::Stopped => f.write_str("stopped by the host"),
+            ExitReason::Error(e) => write!(f, "VMM error: {e}"),
+        }
+    }
+}
+
 /// A one-shot, thread-safe "the VM is over" signal with its reason.
 pub struct ExitSignal {
     reason: Mutex<Option<ExitReason>>,
