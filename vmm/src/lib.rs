@@ -12,6 +12,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod snapshot;
 #[cfg(test)]
 mod test_support;
 pub mod vcpu;
@@ -31,6 +32,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use devices::Console;
 pub use exit::ExitReason;
+pub use snapshot::{SnapshotError, SnapshotFiles};
 pub use virtio::fs::{CacheMode, FsConfig};
 pub use virtio::net::NetConfig;
 
@@ -154,6 +156,8 @@ pub enum Error {
     Block(#[from] virtio::block::BlockError),
     #[error(transparent)]
     Net(#[from] virtio::net::TapError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     #[error("{0} virtio devices requested; at most {max} fit", max = layout::VIRTIO_MMIO_MAX_DEVICES)]
     TooManyDevices(usize),
     #[error("vCPU count must be between 1 and {max}, got {got}")]
@@ -193,10 +197,40 @@ pub struct Vm {
     device_thread: Option<JoinHandle<()>>,
     first_run: Arc<OnceLock<Instant>>,
     balloon: Option<Arc<virtio::balloon::BalloonStats>>,
+    pause: Arc<vcpu::Pause>,
+    /// The parked vCPUs' states while the VM is paused.
+    paused: Mutex<Option<Vec<vcpu::VcpuState>>>,
+    memory_mib: u64,
     // Dropped last, after every thread using them has been joined.
-    _bus: Arc<Bus>,
-    _kvm_vm: vm::KvmVm,
-    _mem: GuestMemoryMmap,
+    bus: Arc<Bus>,
+    kvm_vm: vm::KvmVm,
+    mem: GuestMemoryMmap,
+}
+
+/// How long [`Vm::pause`] waits for the vCPUs to park.
+const PAUSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// What [`Vm::start`] starts.
+struct Parts {
+    kvm_vm: vm::KvmVm,
+    mem: GuestMemoryMmap,
+    memory_mib: u64,
+    exit: Arc<exit::ExitSignal>,
+    bus: Bus,
+    loop_devices: Vec<LoopDevice>,
+    balloon: Option<Arc<virtio::balloon::BalloonStats>>,
+    vcpus: Vec<vcpu::Vcpu>,
+}
+
+/// How to restore a VM from a snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    pub files: SnapshotFiles,
+    /// Where the restored guest's serial console goes.
+    pub console: Console,
+    /// The VM size asked for; a snapshot of another size is refused. None: any.
+    pub memory_mib: Option<u64>,
+    pub vcpus: Option<u8>,
 }
 
 fn vcpu_kick_signal() -> i32 {
@@ -249,7 +283,7 @@ impl Vm {
             what: "create the exit eventfd",
             source,
         })?);
-        let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone())?;
+        let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone(), None)?;
         let (mmio_slots, loop_devices, cmdline_devices, balloon) =
             virtio_devices(&kvm_vm, &mem, config)?;
 
@@ -272,7 +306,30 @@ impl Vm {
             vcpus.push(vcpu);
         }
         step("vCPUs");
+        Vm::start(Parts {
+            kvm_vm,
+            mem,
+            memory_mib: config.memory_mib,
+            exit,
+            bus: Bus::new(legacy, mmio_slots),
+            loop_devices,
+            balloon,
+            vcpus,
+        })
+    }
 
+    /// Starts the device thread and one thread per vCPU on a VM whose state is all set.
+    fn start(parts: Parts) -> Result<Vm> {
+        let Parts {
+            kvm_vm,
+            mem,
+            memory_mib,
+            exit,
+            bus,
+            loop_devices,
+            balloon,
+            vcpus,
+        } = parts;
         let stop_devices = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
             what: "create the stop eventfd",
             source,
@@ -290,6 +347,7 @@ impl Vm {
                 source: e.into(),
             }
         })?;
+        let msrs: Arc<[u32]> = vcpu::msrs_to_save(&kvm_vm.kvm)?.into();
 
         let mut vm = Vm {
             exit,
@@ -299,19 +357,159 @@ impl Vm {
             device_thread: None,
             first_run: Arc::new(OnceLock::new()),
             balloon,
-            _bus: Arc::new(Bus::new(legacy, mmio_slots)),
-            _kvm_vm: kvm_vm,
-            _mem: mem,
+            pause: Arc::new(vcpu::Pause::default()),
+            paused: Mutex::new(None),
+            memory_mib,
+            bus: Arc::new(bus),
+            kvm_vm,
+            mem,
         };
         vm.device_thread = Some(spawn("shoal-devices", move || event_loop.run())?);
         for vcpu in vcpus {
-            let (bus, exit, stop) = (vm._bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
+            let (bus, exit, stop) = (vm.bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
+            let (pause, msrs) = (vm.pause.clone(), msrs.clone());
             let first_run = (vcpu.index == 0).then(|| vm.first_run.clone());
             let name = format!("shoal-vcpu{}", vcpu.index);
-            vm.vcpu_threads
-                .push(spawn(&name, move || vcpu.run(bus, exit, stop, first_run))?);
+            vm.vcpu_threads.push(spawn(&name, move || {
+                vcpu.run(bus, exit, stop, pause, msrs, first_run)
+            })?);
         }
         Ok(vm)
+    }
+
+    /// Restores a VM from a snapshot: RAM mapped `MAP_PRIVATE` from the memory file (shared
+    /// with every other VM restored from it until written), VM-wide and vCPU state loaded,
+    /// COM1 resumed onto `config.console`. Checks the files (format, version, checksum, that
+    /// they belong together) and, where given, the size asked for, before creating anything.
+    pub fn restore(config: &RestoreConfig) -> Result<Vm> {
+        let snap = snapshot::read_state(&config.files.state)?;
+        let found_vcpus = snap.vcpus.len() as u8;
+        if config.memory_mib.is_some_and(|m| m != snap.memory_mib)
+            || config.vcpus.is_some_and(|v| v != found_vcpus)
+        {
+            let wanted = format!(
+                "{} MiB and {} vCPUs",
+                config.memory_mib.unwrap_or(snap.memory_mib),
+                config.vcpus.unwrap_or(found_vcpus)
+            );
+            return Err(snapshot::SnapshotError::SizeMismatch {
+                found: format!("{} MiB and {found_vcpus} vCPUs", snap.memory_mib),
+                wanted,
+            }
+            .into());
+        }
+        let mem = snapshot::map_memory(&config.files.memory, &snap)?;
+        let kvm_vm = vm::KvmVm::create(&mem, found_vcpus)?;
+        kvm_vm.restore_state(&snap.vm)?;
+        let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup {
+            what: "create the exit eventfd",
+            source,
+        })?);
+        let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone(), Some(&snap.serial))?;
+        let xsave_size = kvm_vm.xsave_size();
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for (index, state) in snap.vcpus.iter().enumerate() {
+            let vcpu = vcpu::Vcpu::new(&kvm_vm.fd, index as u8)?;
+            vcpu.restore_state(state, xsave_size)?;
+            vcpus.push(vcpu);
+        }
+        Vm::start(Parts {
+            kvm_vm,
+            mem,
+            memory_mib: snap.memory_mib,
+            exit,
+            bus: Bus::new(legacy, Vec::new()),
+            loop_devices: Vec::new(),
+            balloon: None,
+            vcpus,
+        })
+    }
+
+    /// Parks every vCPU (each saves its state as it parks); the VM stays paused until
+    /// [`Vm::resume`]. Pausing a paused VM does nothing.
+    pub fn pause(&self) -> std::result::Result<(), snapshot::SnapshotError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_some() {
+            return Ok(());
+        }
+        let n = self.vcpu_threads.len();
+        self.pause.request(n);
+        let deadline = Instant::now() + PAUSE_LIMIT;
+        // A vCPU inside KVM_RUN leaves it when a signal arrives; kick until all have parked.
+        while !self.pause.wait_parked(n, Duration::from_millis(1)) {
+            if Instant::now() > deadline || self.exit.is_signalled() {
+                self.pause.resume();
+                return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_LIMIT));
+            }
+            for handle in &self.vcpu_threads {
+                let _ = handle.kill(vcpu_kick_signal());
+            }
+        }
+        let mut states = Vec::with_capacity(n);
+        for state in self.pause.take_states() {
+            match state {
+                Some(Ok(state)) => states.push(state),
+                Some(Err(e)) => {
+                    self.pause.resume();
+                    return Err(snapshot::SnapshotError::Vcpu(e));
+                }
+                None => {
+                    self.pause.resume();
+                    return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_LIMIT));
+                }
+            }
+        }
+        *paused = Some(states);
+        Ok(())
+    }
+
+    /// Lets a paused VM run again.
+    pub fn resume(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.take().is_some() {
+            self.pause.resume();
+        }
+    }
+
+    /// Saves a paused VM to `files`: state file and memory file, each written under a
+    /// temporary name and renamed into place. The VM stays paused.
+    pub fn snapshot(
+        &self,
+        files: &SnapshotFiles,
+    ) -> std::result::Result<(), snapshot::SnapshotError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_none() {
+            return Err(snapshot::SnapshotError::NotPaused);
+        }
+        if self.bus.has_virtio() {
+            return Err(snapshot::SnapshotError::Unsupported(
+                "it has virtio devices, whose state snapshots do not hold yet",
+            ));
+        }
+        let xsave_size = self.kvm_vm.xsave_size();
+        if xsave_size > vcpu::XSAVE_SIZE {
+            return Err(snapshot::SnapshotError::Unsupported(
+                "this host's xsave area (AMX) is larger than KVM_GET_XSAVE returns",
+            ));
+        }
+        let id = snapshot::new_id().map_err(|source| snapshot::SnapshotError::Io {
+            what: "read",
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+        // Memory first: a state file only ever names memory that is complete.
+        snapshot::write_memory(&files.memory, &self.mem, &id)?;
+        let vm = self.kvm_vm.save_state()?;
+        let snap = snapshot::Snapshot {
+            memory_mib: self.memory_mib,
+            id,
+            vm,
+            serial: self.bus.serial_state(),
+            vcpus: paused.take().expect("checked above"),
+        };
+        let written = snapshot::write_state(&files.state, &snap);
+        *paused = Some(snap.vcpus);
+        written
     }
 
     /// A handle that stops this VM from another thread.
@@ -410,6 +608,7 @@ fn legacy_devices(
     kvm_vm: &vm::KvmVm,
     console: &Console,
     exit: Arc<exit::ExitSignal>,
+    serial_state: Option<&vm_superio::serial::SerialState>,
 ) -> Result<Legacy> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
         what: "create the serial irqfd",
@@ -422,7 +621,7 @@ fn legacy_devices(
             what: "the serial interrupt",
             source,
         })?;
-    Ok(Legacy::new(console, serial_irq, exit)?)
+    Ok(Legacy::new(console, serial_irq, exit, serial_state)?)
 }
 
 type VirtioSetup = (

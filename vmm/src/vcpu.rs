@@ -1,9 +1,13 @@
-//! A vCPU: its registers at boot and its run loop, which hands every exit to the device bus.
+//! A vCPU: its registers at boot, its run loop, which hands every exit to the device bus,
+//! and its complete state for snapshots (saved while the vCPU is parked, see [`Pause`]).
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -29,6 +33,102 @@ pub enum VcpuError {
     },
     #[error("KVM accepted {set} of {total} MSRs for vCPU {index}")]
     Msrs { index: u8, set: usize, total: usize },
+    #[error("cannot read {what} of vCPU {index}: {source}")]
+    Get {
+        what: &'static str,
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error(
+        "KVM refused MSR {msr:#x} of vCPU {index} (a snapshot from a different kind of host?)"
+    )]
+    MsrRefused { index: u8, msr: u32 },
+}
+
+/// Everything KVM holds about one vCPU, as a snapshot saves it.
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub msrs: Vec<kvm_msr_entry>,
+}
+
+/// Parks running vCPUs between two KVM_RUN calls, where their state is complete, and lets
+/// them go again. Each vCPU saves its own state as it parks.
+#[derive(Default)]
+pub struct Pause {
+    requested: AtomicBool,
+    parked: Mutex<Parked>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Parked {
+    count: usize,
+    /// Indexed by vCPU; filled as each parks, cleared on resume.
+    states: Vec<Option<Result<VcpuState, VcpuError>>>,
+}
+
+impl Pause {
+    /// Asks every vCPU to park; the caller then kicks them out of KVM_RUN.
+    pub fn request(&self, vcpus: usize) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.states = (0..vcpus).map(|_| None).collect();
+        self.requested.store(true, Ordering::Release);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `limit` for `vcpus` vCPUs to have parked; true when they all have.
+    pub fn wait_parked(&self, vcpus: usize, limit: Duration) -> bool {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let (parked, _) = self
+            .changed
+            .wait_timeout_while(parked, limit, |p| p.count < vcpus)
+            .unwrap_or_else(|e| e.into_inner());
+        parked.count >= vcpus
+    }
+
+    /// Takes the states the parked vCPUs saved, in vCPU order.
+    pub fn take_states(&self) -> Vec<Option<Result<VcpuState, VcpuError>>> {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut parked.states)
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.requested.store(false, Ordering::Release);
+        parked.states.clear();
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread: records `state`, then sleeps until resumed or stopped.
+    fn park(&self, index: u8, state: Result<VcpuState, VcpuError>, stop: &AtomicBool) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = parked.states.get_mut(usize::from(index)) {
+            *slot = Some(state);
+        }
+        parked.count += 1;
+        self.changed.notify_all();
+        while self.is_requested() && !stop.load(Ordering::Acquire) {
+            // Stopping a VM does not take this lock, so look at the stop flag now and then.
+            parked = self
+                .changed
+                .wait_timeout(parked, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        parked.count -= 1;
+    }
 }
 
 const X86_CR0_PE: u64 = 0x1;
@@ -46,6 +146,21 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 pub struct Vcpu {
     pub index: u8,
     fd: VcpuFd,
+}
+
+/// Largest xsave area KVM_GET/SET_XSAVE move; hosts needing more (AMX) report a larger
+/// KVM_CAP_XSAVE2 and are refused snapshots.
+pub const XSAVE_SIZE: usize = std::mem::size_of::<kvm_xsave>();
+
+/// The MSRs a snapshot saves: every MSR KVM lists for save/restore.
+pub fn msrs_to_save(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuError> {
+    kvm.get_msr_index_list()
+        .map(|list| list.as_slice().to_vec())
+        .map_err(|source| VcpuError::Get {
+            what: "the MSR list (KVM_GET_MSR_INDEX_LIST)",
+            index: 0,
+            source,
+        })
 }
 
 /// Reads KVM's supported CPUID once for all vCPUs.
@@ -173,19 +288,150 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Reads this vCPU's complete state. Only meaningful while it is out of KVM_RUN with
+    /// any I/O exit completed (see [`Vcpu::run`]'s parking).
+    pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let get = |what| {
+            move |source| VcpuError::Get {
+                what,
+                index,
+                source,
+            }
+        };
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(get("CPUID"))?
+            .as_slice()
+            .to_vec();
+        // KVM reads MSRs in order and stops at the first it cannot: leave that one out and
+        // go on from the next.
+        let mut saved = Vec::with_capacity(msrs.len());
+        let mut rest = msrs;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut buf = Msrs::from_entries(&entries).expect("at most KVM_MAX_MSR_ENTRIES");
+            let read = self.fd.get_msrs(&mut buf).map_err(get("MSRs"))?;
+            saved.extend_from_slice(&buf.as_slice()[..read]);
+            rest = &rest[(read + 1).min(rest.len())..];
+            if read < chunk.len() {
+                tracing::debug!(
+                    vcpu = index,
+                    msr = chunk[read],
+                    "MSR not readable; not saved"
+                );
+            }
+        }
+        Ok(VcpuState {
+            cpuid,
+            regs: self.fd.get_regs().map_err(get("registers"))?,
+            sregs: self.fd.get_sregs().map_err(get("special registers"))?,
+            xsave: self.fd.get_xsave().map_err(get("xsave area"))?,
+            xcrs: self.fd.get_xcrs().map_err(get("XCRs"))?,
+            debugregs: self.fd.get_debug_regs().map_err(get("debug registers"))?,
+            lapic: self.fd.get_lapic().map_err(get("LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(get("MP state"))?,
+            events: self.fd.get_vcpu_events().map_err(get("pending events"))?,
+            msrs: saved,
+        })
+    }
+
+    /// Loads a saved state into this (new) vCPU. CPUID first, since it decides which MSRs
+    /// and xsave features exist; pending events last, over the registers they refer to.
+    /// `xsave_size` is this host's KVM_CAP_XSAVE2 size (0 when KVM lacks the capability).
+    pub fn restore_state(&self, state: &VcpuState, xsave_size: usize) -> Result<(), VcpuError> {
+        let index = self.index;
+        let set = |what| {
+            move |source| VcpuError::Set {
+                what,
+                index,
+                source,
+            }
+        };
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Set {
+            what: "CPUID (too many entries)",
+            index,
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(set("MP state"))?;
+        self.fd.set_regs(&state.regs).map_err(set("registers"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(set("special registers"))?;
+        if xsave_size > XSAVE_SIZE {
+            return Err(VcpuError::Set {
+                what: "xsave area (this host's is larger than KVM_SET_XSAVE moves)",
+                index,
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            });
+        }
+        // SAFETY: KVM_SET_XSAVE reads the xsave area this host's KVM uses, which is at most
+        // `xsave_size` bytes (checked just above to fit in the `kvm_xsave` we pass); the
+        // struct is fully initialised (read back from a file of exactly its size).
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(set("xsave area"))?;
+        self.fd.set_xcrs(&state.xcrs).map_err(set("XCRs"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(set("debug registers"))?;
+        self.fd.set_lapic(&state.lapic).map_err(set("LAPIC"))?;
+        for chunk in state.msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+            let msrs = Msrs::from_entries(chunk).expect("at most KVM_MAX_MSR_ENTRIES");
+            let written = self.fd.set_msrs(&msrs).map_err(set("MSRs"))?;
+            if written < chunk.len() {
+                return Err(VcpuError::MsrRefused {
+                    index,
+                    msr: chunk[written].index,
+                });
+            }
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(set("pending events"))?;
+        Ok(())
+    }
+
+    /// Parks this vCPU for a pause: first completes an I/O exit KVM is still finishing (it
+    /// does so on the next KVM_RUN; with immediate_exit set that call returns at once), so
+    /// the saved registers hold its result.
+    fn park(&mut self, pause: &Pause, msrs: &[u32], stop: &AtomicBool) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let state = self.save_state(msrs);
+        pause.park(self.index, state, stop);
+    }
+
     /// Runs the vCPU until the guest resets or powers off, the host asks it to stop, or KVM
-    /// fails. Whatever ends the loop is reported once through `exit`.
+    /// fails. Whatever ends the loop is reported once through `exit`. While `pause` is
+    /// requested the vCPU saves its state and waits.
     pub fn run(
         mut self,
         bus: Arc<Bus>,
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
+        pause: Arc<Pause>,
+        msrs: Arc<[u32]>,
         first_run: Option<Arc<std::sync::OnceLock<std::time::Instant>>>,
     ) {
         if let Some(first_run) = first_run {
             let _ = first_run.set(std::time::Instant::now());
         }
         while !stop.load(Ordering::Acquire) && !exit.is_signalled() {
+            if pause.is_requested() {
+                self.park(&pause, &msrs, &stop);
+                continue;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),

@@ -1,5 +1,9 @@
-//! The KVM VM object: created with an in-kernel irqchip and PIT, guest RAM registered.
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+//! The KVM VM object: created with an in-kernel irqchip and PIT, guest RAM registered; its
+//! interrupt controllers, PIT and clock saved and restored for snapshots.
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -21,7 +25,27 @@ pub enum VmError {
     },
     #[error("{requested} vCPUs requested; KVM allows at most {max}")]
     TooManyVcpus { requested: u8, max: usize },
+    #[error("cannot read the VM's {what}: {source}")]
+    Get {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
 }
+
+/// The VM-wide state KVM holds: the two PICs, the IOAPIC, the PIT and the KVM clock.
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+const IRQCHIPS: [(&str, u32); 3] = [
+    ("master PIC", KVM_IRQCHIP_PIC_MASTER),
+    ("slave PIC", KVM_IRQCHIP_PIC_SLAVE),
+    ("IOAPIC", KVM_IRQCHIP_IOAPIC),
+];
 
 /// A KVM VM with its memory registered.
 pub struct KvmVm {
@@ -70,5 +94,52 @@ impl KvmVm {
             unsafe { fd.set_user_memory_region(kvm_region) }.map_err(setup("guest memory"))?;
         }
         Ok(KvmVm { kvm, fd })
+    }
+
+    /// Bytes of the xsave area this host's KVM uses (KVM_CAP_XSAVE2), or 0 without the
+    /// capability (then KVM_GET/SET_XSAVE's 4 KiB are all there is).
+    pub fn xsave_size(&self) -> usize {
+        usize::try_from(self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0)
+    }
+
+    /// Reads the VM-wide state; the vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let get = |what| move |source| VmError::Get { what, source };
+        let chip = |(what, chip_id): (&'static str, u32)| -> Result<kvm_irqchip, VmError> {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut chip).map_err(get(what))?;
+            Ok(chip)
+        };
+        let [master, slave, ioapic] = IRQCHIPS;
+        Ok(VmState {
+            pic_master: chip(master)?,
+            pic_slave: chip(slave)?,
+            ioapic: chip(ioapic)?,
+            pit: self.fd.get_pit2().map_err(get("PIT"))?,
+            clock: self.fd.get_clock().map_err(get("KVM clock"))?,
+        })
+    }
+
+    /// Loads saved VM-wide state into this (new) VM, before its vCPUs are restored.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let set = |what| move |source| VmError::Setup { what, source };
+        self.fd.set_pit2(&state.pit).map_err(set("PIT"))?;
+        // Only the clock's value: the flags say which fields were valid when it was read,
+        // and KVM_SET_CLOCK refuses most of them.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(set("KVM clock"))?;
+        for (chip, (what, _)) in [&state.pic_master, &state.pic_slave, &state.ioapic]
+            .into_iter()
+            .zip(IRQCHIPS)
+        {
+            self.fd.set_irqchip(chip).map_err(set(what))?;
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,11 @@ mod support;
 use std::time::Duration;
 use support::Scratch;
 
-use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
+use std::os::unix::fs::MetadataExt;
+
+use shoal_vmm::snapshot::peek_memory;
+use shoal_vmm::{Console, ExitReason, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig};
+use vm_memory::GuestAddress;
 
 /// Tests count the process's fds, mappings and threads, so they run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -367,4 +371,297 @@ fn a_vcpu_failure_ends_the_vm_with_an_error() {
         "threads left: {:?}",
         thread_names()
     );
+}
+
+/// Guest address of the counter the snapshot payload keeps in RAM.
+const COUNTER: u64 = 0x20_0000;
+
+/// Code that counts up from 1 in RAM at [`COUNTER`] and prints each value's low byte on
+/// COM1, with a delay between: the console holds byte `i + 1` at offset `i`, so anyone can
+/// check that a guest went on exactly where it was.
+fn counter() -> Vec<u8> {
+    let addr = COUNTER.to_le_bytes();
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend_from_slice(&[0x48, 0xa1]); // loop: mov rax, [COUNTER]
+    c.extend_from_slice(&addr);
+    c.extend_from_slice(&[0x48, 0xff, 0xc0]); // inc rax
+    c.extend_from_slice(&[0x48, 0xa3]); // mov [COUNTER], rax
+    c.extend_from_slice(&addr);
+    c.push(0xee); // out dx, al
+    c.extend_from_slice(&[0xb9, 0x00, 0x01, 0x00, 0x00]); // mov ecx, 0x100
+    c.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // delay: dec ecx; jnz delay
+    c.extend_from_slice(&[0xeb, 0xdd]); // jmp loop
+    c
+}
+
+/// Waits until the file at `path` holds at least `len` bytes, then returns them.
+fn wait_for_console(path: &std::path::Path, len: usize) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        if bytes.len() >= len {
+            return bytes;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} holds {} bytes after 30 s, {len} expected",
+            path.display(),
+            bytes.len()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asserts the console shows the counter going on without a gap from value `first`.
+fn assert_counts_from(console: &[u8], first: u64, what: &str) {
+    for (i, b) in console.iter().enumerate() {
+        assert_eq!(
+            *b,
+            (first + i as u64) as u8,
+            "{what}: byte {i} breaks the count that starts at {first}"
+        );
+    }
+}
+
+fn counter_value(memory_file: &std::path::Path) -> u64 {
+    let bytes = peek_memory(memory_file, GuestAddress(COUNTER), 8).unwrap();
+    u64::from_le_bytes(bytes.try_into().unwrap())
+}
+
+#[test]
+fn snapshot_restores_twice_and_each_copy_goes_on_alone() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("snapshot");
+    let mut cfg = config(&dir, &counter());
+    cfg.vcpus = 2;
+    cfg.memory_mib = 40; // a size nothing else in this process maps
+    let threads_before = thread_names();
+    let fds = fd_count();
+
+    let vm = Vm::boot(&cfg).expect("boot");
+    wait_for_console(&dir.path("console"), 200);
+    vm.pause().expect("pause");
+    let before = std::fs::read(dir.path("console")).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        std::fs::read(dir.path("console")).unwrap(),
+        before,
+        "a paused guest prints nothing"
+    );
+    assert_counts_from(&before, 1, "before the snapshot");
+    let files = SnapshotFiles {
+        state: dir.path("vm.state"),
+        memory: dir.path("vm.mem"),
+    };
+    vm.snapshot(&files).expect("snapshot");
+    // Paused between storing the counter and printing it, or after printing it.
+    let saved = counter_value(&files.memory);
+    let printed = before.len() as u64;
+    assert!(
+        saved == printed || saved == printed + 1,
+        "counter {saved} in the memory file, {printed} printed"
+    );
+    // Zero pages are holes: the file takes far less disk than the guest's 40 MiB.
+    let on_disk = std::fs::metadata(&files.memory).unwrap().blocks() * 512;
+    assert!(
+        on_disk < 4 << 20,
+        "{on_disk} bytes on disk for a memory file"
+    );
+
+    // The original goes on where it paused.
+    vm.resume();
+    let after = wait_for_console(&dir.path("console"), before.len() + 100);
+    assert_counts_from(&after, 1, "the original after resume");
+
+    // Two VMs restored at once, each with its own console, both go on from the snapshot
+    // while the original keeps running.
+    let restored: Vec<Vm> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["r1", "r2"]
+            .iter()
+            .map(|name| {
+                let config = RestoreConfig {
+                    files: files.clone(),
+                    console: Console::File(dir.path(name)),
+                    memory_mib: Some(40),
+                    vcpus: Some(2),
+                };
+                s.spawn(move || Vm::restore(&config).expect("restore"))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for name in ["r1", "r2"] {
+        let console = wait_for_console(&dir.path(name), 300);
+        assert_counts_from(&console, printed + 1, name);
+    }
+    // MAP_PRIVATE: what the restored guests wrote did not reach the file.
+    assert_eq!(counter_value(&files.memory), saved);
+    assert!(
+        thread_names()
+            .iter()
+            .filter(|n| *n == "shoal-vcpu1")
+            .count()
+            == 3,
+        "three VMs with two vCPUs each: {:?}",
+        thread_names()
+    );
+
+    // A restored VM pauses, snapshots and resumes like a booted one.
+    let again = SnapshotFiles {
+        state: dir.path("again.state"),
+        memory: dir.path("again.mem"),
+    };
+    restored[0].pause().unwrap();
+    restored[0].snapshot(&again).unwrap();
+    restored[0].resume();
+    assert!(counter_value(&again.memory) > saved);
+
+    for vm in restored.into_iter().chain([vm]) {
+        vm.stopper().stop();
+        assert_eq!(vm.wait(), ExitReason::Stopped);
+    }
+    assert_eq!(thread_names(), threads_before, "VMM threads left");
+    assert_eq!(fd_count(), fds, "file descriptors leaked");
+    assert_eq!(mappings_of_size(40 << 20), 0, "guest RAM mapping leaked");
+}
+
+#[test]
+fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("snapshot-bad");
+    let mut cfg = config(&dir, &counter());
+    cfg.memory_mib = 24;
+    let files = SnapshotFiles {
+        state: dir.path("vm.state"),
+        memory: dir.path("vm.mem"),
+    };
+    let vm = Vm::boot(&cfg).expect("boot");
+    let e = vm.snapshot(&files).unwrap_err().to_string();
+    assert!(e.contains("must be paused"), "{e}");
+    vm.pause().unwrap();
+    vm.snapshot(&files).unwrap();
+    let other = SnapshotFiles {
+        state: dir.path("other.state"),
+        memory: dir.path("other.mem"),
+    };
+    vm.snapshot(&other).unwrap();
+    drop(vm);
+
+    // A VM with a virtio device: refused, and nothing written.
+    let mut with_vsock = cfg.clone();
+    with_vsock.vsock = Some(VsockConfig {
+        uds_path: dir.path("v.sock"),
+        cid: 3,
+    });
+    let vm = Vm::boot(&with_vsock).expect("boot");
+    vm.pause().unwrap();
+    let partial = SnapshotFiles {
+        state: dir.path("vsock.state"),
+        memory: dir.path("vsock.mem"),
+    };
+    let e = vm.snapshot(&partial).unwrap_err().to_string();
+    assert!(e.contains("virtio devices"), "{e}");
+    drop(vm);
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("vsock") || n.ends_with(".partial"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "files left by a refused snapshot: {left:?}"
+    );
+
+    let threads = thread_names();
+    let fds = fd_count();
+
+    let restore = |state: &std::path::Path, memory: &std::path::Path, mib: Option<u64>| {
+        Vm::restore(&RestoreConfig {
+            files: SnapshotFiles {
+                state: state.into(),
+                memory: memory.into(),
+            },
+            console: Console::File(dir.path("restored")),
+            memory_mib: mib,
+            vcpus: None,
+        })
+        .err()
+        .expect("restore must fail")
+        .to_string()
+    };
+    let state = std::fs::read(&files.state).unwrap();
+    let bad = dir.path("bad.state");
+
+    let e = restore(&dir.path("missing.state"), &files.memory, None);
+    assert!(e.contains("missing.state"), "{e}");
+
+    std::fs::write(&bad, &state[..state.len() - 100]).unwrap();
+    let e = restore(&bad, &files.memory, None);
+    assert!(e.contains("bad.state is truncated"), "{e}");
+
+    let mut flipped = state.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x40;
+    std::fs::write(&bad, &flipped).unwrap();
+    let e = restore(&bad, &files.memory, None);
+    assert!(e.contains("corrupted") && e.contains("checksum"), "{e}");
+
+    let mut newer = state.clone();
+    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&bad, &newer).unwrap();
+    let e = restore(&bad, &files.memory, None);
+    assert!(e.contains("format version 99"), "{e}");
+
+    std::fs::write(&bad, b"#!/bin/sh\necho not a snapshot\n").unwrap();
+    let e = restore(&bad, &files.memory, None);
+    assert!(e.contains("not a shoal snapshot state file"), "{e}");
+
+    let e = restore(&files.state, &files.state, None);
+    assert!(e.contains("not a shoal snapshot memory file"), "{e}");
+
+    let e = restore(&files.state, &other.memory, None);
+    assert!(e.contains("does not belong"), "{e}");
+
+    let short = dir.path("short.mem");
+    std::fs::copy(&files.memory, &short).unwrap();
+    let len = std::fs::metadata(&short).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap()
+        .set_len(len - 4096)
+        .unwrap();
+    let e = restore(&files.state, &short, None);
+    assert!(e.contains("short.mem is truncated"), "{e}");
+
+    let e = restore(&files.state, &files.memory, Some(64));
+    assert!(
+        e.contains("24 MiB and 1 vCPUs") && e.contains("64 MiB and 1 vCPUs was asked for"),
+        "{e}"
+    );
+
+    assert_eq!(thread_names(), threads, "a failed restore left threads");
+    assert_eq!(fd_count(), fds, "a failed restore leaked file descriptors");
+    assert_eq!(
+        mappings_of_size(24 << 20),
+        0,
+        "a failed restore left guest RAM mapped"
+    );
+
+    // The good pair still restores.
+    let vm = Vm::restore(&RestoreConfig {
+        files: files.clone(),
+        console: Console::File(dir.path("restored")),
+        memory_mib: Some(24),
+        vcpus: Some(1),
+    })
+    .expect("restore");
+    wait_for_console(&dir.path("restored"), 20);
+    drop(vm);
 }

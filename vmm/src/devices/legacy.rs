@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,6 +30,8 @@ pub enum LegacyError {
     ConsoleFile { path: PathBuf, source: io::Error },
     #[error("cannot create the serial interrupt eventfd: {0}")]
     EventFd(io::Error),
+    #[error("the snapshot's serial port state is unusable: {0}")]
+    SerialState(String),
 }
 
 /// Raises the serial IRQ by writing to an eventfd registered as a KVM irqfd.
@@ -56,7 +59,7 @@ type ConsoleOut = Box<dyn Write + Send>;
 
 /// The port-I/O devices.
 pub struct Legacy {
-    serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOut>,
+    serial: Serial<IrqTrigger, NoEvents, ConsoleOut>,
     i8042: I8042Device<ResetTrigger>,
 }
 
@@ -80,16 +83,29 @@ fn open_append(path: &Path) -> Result<File, LegacyError> {
 }
 
 impl Legacy {
-    /// Creates COM1 writing to `console`, raising `serial_irq`, and the i8042 reporting resets to `exit`.
+    /// Creates COM1 writing to `console`, raising `serial_irq`, and the i8042 reporting
+    /// resets to `exit`. With `serial_state`, COM1 resumes from it (a restored snapshot).
     pub fn new(
         console: &Console,
         serial_irq: EventFd,
         exit: Arc<ExitSignal>,
+        serial_state: Option<&SerialState>,
     ) -> Result<Self, LegacyError> {
+        let (trigger, out) = (IrqTrigger(serial_irq), open_console(console)?);
+        let serial = match serial_state {
+            None => Serial::new(trigger, out),
+            Some(state) => Serial::from_state(state, trigger, NoEvents, out)
+                .map_err(|e| LegacyError::SerialState(format!("{e:?}")))?,
+        };
         Ok(Legacy {
-            serial: Serial::new(IrqTrigger(serial_irq), open_console(console)?),
+            serial,
             i8042: I8042Device::new(ResetTrigger(exit)),
         })
+    }
+
+    /// COM1's registers and pending input, for a snapshot.
+    pub fn serial_state(&self) -> SerialState {
+        self.serial.state()
     }
 
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
@@ -144,6 +160,7 @@ mod tests {
             &Console::File(path.clone()),
             EventFd::new(EFD_NONBLOCK).unwrap(),
             exit.clone(),
+            None,
         )
         .unwrap();
         for b in b"hi\n" {
@@ -166,6 +183,7 @@ mod tests {
             &Console::File("/nonexistent-dir/console".into()),
             EventFd::new(0).unwrap(),
             Arc::new(ExitSignal::new().unwrap()),
+            None,
         );
         let msg = err.err().unwrap().to_string();
         assert!(msg.contains("/nonexistent-dir/console"), "{msg}");

@@ -32,6 +32,19 @@ impl Bus {
         }
     }
 
+    /// COM1's state, for a snapshot.
+    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .serial_state()
+    }
+
+    /// Whether any virtio device is on the bus.
+    pub fn has_virtio(&self) -> bool {
+        !self.mmio.is_empty()
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         self.legacy
             .lock()
