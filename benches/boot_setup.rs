@@ -7,8 +7,14 @@
 //! * `boot`: time from process start to the guest's init printing its marker, and the RSS
 //!   split after boot. Through the nested lab this is emulated time: label it so.
 //!
+//! * `restore`: in this process, `Vm::boot` to vCPU 0's first KVM_RUN for the same guest,
+//!   side by side with `Vm::restore` to first KVM_RUN from a snapshot of that guest taken at
+//!   its first KVM_RUN (kernel and initramfs in its RAM): the host-side part of starting from
+//!   a template instead of booting. Also the memory file's size on disk. Native on any
+//!   /dev/kvm.
+//!
 //! Environment: SHOAL_GUEST_KERNEL, SHOAL_TEST_INITRD (required), SHOAL_BENCH_MODE
-//! (`setup`, default, or `boot`), SHOAL_BENCH_RUNS (default 20).
+//! (`setup`, default, `boot` or `restore`), SHOAL_BENCH_RUNS (default 20).
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -218,6 +224,63 @@ fn bench_boot(kernel: &Path, initrd: &Path, runs: usize) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Waits for vCPU 0's first KVM_RUN; the time from `t0`.
+fn until_first_run(vm: &shoal_vmm::Vm, t0: Instant) -> f64 {
+    loop {
+        if let Some(at) = vm.first_run_at() {
+            return (at - t0).as_secs_f64() * 1e3;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
+    use shoal_vmm::{Console, RestoreConfig, SnapshotFiles, Vm, VmConfig};
+    let dir = scratch();
+    let mut config = VmConfig::new(kernel.to_path_buf());
+    config.initrd = Some(initrd.into());
+    config.memory_mib = MEMORY_MIB;
+    config.console = Console::Sink;
+    let mut boot_ms = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let vm = Vm::boot(&config).expect("boot");
+        boot_ms.push(until_first_run(&vm, t0));
+    }
+    let files = SnapshotFiles {
+        state: dir.join("bench.state"),
+        memory: dir.join("bench.mem"),
+    };
+    {
+        let vm = Vm::boot(&config).expect("boot");
+        until_first_run(&vm, Instant::now());
+        vm.pause().expect("pause");
+        vm.snapshot(&files).expect("snapshot");
+    }
+    let restore = RestoreConfig {
+        files: files.clone(),
+        console: Console::Sink,
+        memory_mib: Some(MEMORY_MIB),
+        vcpus: Some(1),
+    };
+    let mut restore_ms = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let vm = Vm::restore(&restore).expect("restore");
+        restore_ms.push(until_first_run(&vm, t0));
+    }
+    report("Vm::boot to first KVM_RUN", "ms", boot_ms);
+    report("Vm::restore to first KVM_RUN", "ms", restore_ms);
+    let on_disk =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&files.memory).unwrap()) * 512;
+    println!(
+        "memory file: {} MiB of RAM, {:.1} MiB on disk (zero pages are holes)",
+        MEMORY_MIB,
+        on_disk as f64 / (1 << 20) as f64
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     let (Some(kernel), Some(initrd)) = (
         std::env::var_os("SHOAL_GUEST_KERNEL"),
@@ -236,6 +299,7 @@ fn main() {
     {
         "setup" => bench_setup(Path::new(&kernel), Path::new(&initrd), runs),
         "boot" => bench_boot(Path::new(&kernel), Path::new(&initrd), runs),
+        "restore" => bench_restore(Path::new(&kernel), Path::new(&initrd), runs),
         other => {
             eprintln!("boot_setup: unknown SHOAL_BENCH_MODE {other}");
             std::process::exit(2);

@@ -76,6 +76,12 @@ fn main() {
         .expect("building the shim's async runtime");
     runtime.block_on(async {
         init_logging();
+        // A panic ends up in containerd's log with the rest, not only on a stderr nobody reads.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            tracing::error!("shim panic: {info}");
+            default_hook(info);
+        }));
         if !std::env::args().any(|a| a == "start" || a == "delete") {
             let args: Vec<String> = std::env::args().collect();
             if let Some(id) = args

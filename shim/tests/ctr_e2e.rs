@@ -83,7 +83,7 @@ fn ctr_run_prints_output_exit_codes_and_stdin() {
         .write_all(b"piped through\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     assert_eq!(stdout(&out), "PIPED THROUGH\n");
 
     // Runtime options name another config file (CRI's ConfigPath): a 2-vCPU VM.
@@ -103,7 +103,7 @@ fn ctr_run_prints_output_exit_codes_and_stdin() {
         "twocpu",
         &["nproc"],
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     assert_eq!(stdout(&out), "2\n");
     c.assert_clean();
 }
@@ -158,7 +158,7 @@ fn ctr_detached_task_lifecycle_and_events() {
     assert_eq!(stdout(&out), "from-exec\n");
 
     let out = c.ctr(&["task", "ps", "d1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     let pids = stdout(&out).lines().skip(1).count();
     assert!(pids >= 1, "task ps: {}", text(&out));
 
@@ -168,7 +168,7 @@ fn ctr_detached_task_lifecycle_and_events() {
     wait_status(&c, "d1", "RUNNING");
 
     let out = c.ctr(&["task", "metrics", "d1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     let metrics = stdout(&out);
     assert!(
         metrics.contains("pids.current") || metrics.contains("memory"),
@@ -181,7 +181,7 @@ fn ctr_detached_task_lifecycle_and_events() {
         .success());
     wait_status(&c, "d1", "STOPPED");
     let out = c.ctr(&["task", "delete", "d1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     assert!(c.ctr(&["container", "delete", "d1"]).status.success());
     c.assert_clean();
 
@@ -297,7 +297,7 @@ fn ctr_run_with_a_terminal() {
         .output()
         .unwrap();
     let text_out = stdout(&out);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     assert!(text_out.contains("/dev/pts/"), "{text_out}");
     assert!(text_out.contains("tty-ok"), "{text_out}");
     c.assert_clean();
@@ -350,7 +350,7 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     // The shim is killed under a running container: containerd sees the task stop, and
     // deleting it leaves nothing behind.
     let out = c.run(&["-d"], "victim", &["sleep", "600"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     wait_status(&c, "victim", "RUNNING");
     for pid in shim_pids() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
@@ -498,7 +498,7 @@ fn ctr_pod_network_namespace_is_carried_into_the_vm() {
     };
     let out = exec("addr", "ip addr show eth0; ip route; cat /etc/resolv.conf");
     let shown = stdout(&out);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     assert!(shown.contains("mtu 1400"), "{shown}");
     assert!(shown.contains("inet 10.216.1.2/24"), "{shown}");
     assert!(shown.contains("default via 10.216.1.1 dev eth0"), "{shown}");
@@ -520,14 +520,14 @@ fn ctr_pod_network_namespace_is_carried_into_the_vm() {
     let _ = c.ctr(&["task", "kill", "-s", "KILL", "web"]);
     wait_status(&c, "web", "STOPPED");
     let out = c.ctr(&["task", "delete", "web"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     let _ = c.ctr(&["container", "delete", "web"]);
     c.assert_clean();
     ns.assert_clean();
 
     // The shim killed under a networked sandbox: `shim delete` removes the redirects.
     let out = c.run(&["-d", "--with-ns", &with_ns], "victim", &["sleep", "600"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     wait_status(&c, "victim", "RUNNING");
     assert!(ns.show("tc qdisc show dev eth0").contains("ingress"));
     for pid in shim_pids() {
@@ -554,7 +554,7 @@ fn ctr_network_bad_input_gets_clear_errors() {
             "ip -o link; ping -c 1 -W 5 127.0.0.1 >/dev/null && echo lo-ok",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     let shown = stdout(&out);
     // Up: loopback alone (the guest kernel's IPv6 adds a `sit0` to every namespace, down).
     let up: Vec<_> = shown

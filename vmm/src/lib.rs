@@ -382,7 +382,15 @@ impl Vm {
     /// COM1 resumed onto `config.console`. Checks the files (format, version, checksum, that
     /// they belong together) and, where given, the size asked for, before creating anything.
     pub fn restore(config: &RestoreConfig) -> Result<Vm> {
+        let t0 = Instant::now();
+        let step = |name: &str| {
+            tracing::debug!(
+                elapsed_us = t0.elapsed().as_micros() as u64,
+                "restore: {name} done"
+            )
+        };
         let snap = snapshot::read_state(&config.files.state)?;
+        step("state file");
         let found_vcpus = snap.vcpus.len() as u8;
         if config.memory_mib.is_some_and(|m| m != snap.memory_mib)
             || config.vcpus.is_some_and(|v| v != found_vcpus)
@@ -399,8 +407,11 @@ impl Vm {
             .into());
         }
         let mem = snapshot::map_memory(&config.files.memory, &snap)?;
+        step("memory");
         let kvm_vm = vm::KvmVm::create(&mem, found_vcpus)?;
+        step("KVM VM");
         kvm_vm.restore_state(&snap.vm)?;
+        step("VM state");
         let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup {
             what: "create the exit eventfd",
             source,
@@ -413,6 +424,7 @@ impl Vm {
             vcpu.restore_state(state, xsave_size)?;
             vcpus.push(vcpu);
         }
+        step("vCPUs");
         Vm::start(Parts {
             kvm_vm,
             mem,
@@ -432,12 +444,19 @@ impl Vm {
         if paused.is_some() {
             return Ok(());
         }
+        if self.exit.is_signalled() {
+            return Err(snapshot::SnapshotError::Ended);
+        }
         let n = self.vcpu_threads.len();
         self.pause.request(n);
         let deadline = Instant::now() + PAUSE_LIMIT;
         // A vCPU inside KVM_RUN leaves it when a signal arrives; kick until all have parked.
         while !self.pause.wait_parked(n, Duration::from_millis(1)) {
-            if Instant::now() > deadline || self.exit.is_signalled() {
+            if self.exit.is_signalled() {
+                self.pause.resume();
+                return Err(snapshot::SnapshotError::Ended);
+            }
+            if Instant::now() > deadline {
                 self.pause.resume();
                 return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_LIMIT));
             }

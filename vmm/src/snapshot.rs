@@ -83,6 +83,8 @@ pub enum SnapshotError {
     NotPaused,
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(std::time::Duration),
+    #[error("the VM has ended; there is nothing to pause")]
+    Ended,
     #[error(transparent)]
     Vcpu(#[from] crate::vcpu::VcpuError),
     #[error(transparent)]
@@ -473,8 +475,8 @@ pub struct SnapshotFiles {
     pub memory: PathBuf,
 }
 
-/// Reads the guest RAM byte at `addr` of a memory file (for tests and tools that look into
-/// a template without restoring it).
+/// Reads `len` bytes of guest RAM at `addr` (below the MMIO gap) from a memory file, for
+/// tests and tools that look into a snapshot without restoring it.
 pub fn peek_memory(path: &Path, addr: GuestAddress, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     File::open(path)?.read_exact_at(&mut buf, MEMORY_HEADER + addr.0)?;

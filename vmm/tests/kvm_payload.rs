@@ -553,6 +553,25 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
     vm.snapshot(&other).unwrap();
     drop(vm);
 
+    // A guest that has reset itself cannot be paused.
+    let vm = Vm::boot(&config(&dir, &reset())).expect("boot");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match vm.pause() {
+            Err(e) => {
+                assert!(e.to_string().contains("has ended"), "{e}");
+                break;
+            }
+            Ok(()) => vm.resume(),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never reset"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(vm);
+
     // A VM with a virtio device: refused, and nothing written.
     let mut with_vsock = cfg.clone();
     with_vsock.vsock = Some(VsockConfig {
