@@ -13,8 +13,15 @@
 //!   a template instead of booting. Also the memory file's size on disk. Native on any
 //!   /dev/kvm.
 //!
+//! * `template`: N guests (the test init counting on its console, `shoal.test=count`) booted
+//!   in this process, then N restored from a snapshot of one such guest: time from
+//!   `Vm::boot` to the first count vs from `Vm::restore` to the next count, and host memory
+//!   per guest (the process's PSS growth over N): restored guests share the snapshot's
+//!   pages. Needs a guest that boots, so the lab here (latency EMULATED there; memory valid).
+//!
 //! Environment: SHOAL_GUEST_KERNEL, SHOAL_TEST_INITRD (required), SHOAL_BENCH_MODE
-//! (`setup`, default, `boot` or `restore`), SHOAL_BENCH_RUNS (default 20).
+//! (`setup`, default, `boot`, `restore` or `template`), SHOAL_BENCH_RUNS (default 20; the
+//! number of guests N for `template`, default 10 there).
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -281,6 +288,113 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// This process's proportional set size in KiB (/proc/self/smaps_rollup).
+fn pss_kib() -> f64 {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").expect("smaps_rollup");
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("a Pss line")
+}
+
+/// The highest `count N` a counting guest has printed on `console`.
+fn last_count(console: &Path) -> Option<u64> {
+    let text = std::fs::read(console).ok()?;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| l.strip_prefix("SHOAL-TEST-INIT: count "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+}
+
+/// Waits until `console` shows a count above `above`; the time from `t0` in ms.
+fn until_count(console: &Path, above: u64, t0: Instant) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while last_count(console).is_none_or(|n| n <= above) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never counted past {above}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+fn bench_template(kernel: &Path, initrd: &Path) {
+    use shoal_vmm::{Console, RestoreConfig, SnapshotFiles, Vm, VmConfig};
+    let n: usize = std::env::var("SHOAL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = scratch();
+    let config = |console: PathBuf| {
+        let mut c = VmConfig::new(kernel.to_path_buf());
+        c.initrd = Some(initrd.into());
+        c.cmdline = format!("{} shoal.test=count", shoal_vmm::DEFAULT_CMDLINE);
+        c.memory_mib = MEMORY_MIB;
+        c.console = Console::File(console);
+        c
+    };
+    let base = pss_kib();
+    let mut boot_ms = Vec::new();
+    let mut booted = Vec::new();
+    for i in 0..n {
+        let console = dir.join(format!("boot{i}"));
+        let t0 = Instant::now();
+        booted.push(Vm::boot(&config(console.clone())).expect("boot"));
+        boot_ms.push(until_count(&console, 0, t0));
+    }
+    let boot_pss = (pss_kib() - base) / n as f64;
+    drop(booted);
+
+    let files = SnapshotFiles {
+        state: dir.join("template.state"),
+        memory: dir.join("template.mem"),
+    };
+    {
+        let console = dir.join("template");
+        let vm = Vm::boot(&config(console.clone())).expect("boot");
+        until_count(&console, 2, Instant::now());
+        vm.pause().expect("pause");
+        vm.snapshot(&files).expect("snapshot");
+    }
+    let at_snapshot = last_count(&dir.join("template")).unwrap_or(0);
+    let base = pss_kib();
+    let mut restore_ms = Vec::new();
+    let mut restored = Vec::new();
+    for i in 0..n {
+        let console = dir.join(format!("restored{i}"));
+        let t0 = Instant::now();
+        restored.push(
+            Vm::restore(&RestoreConfig {
+                files: files.clone(),
+                console: Console::File(console.clone()),
+                memory_mib: Some(MEMORY_MIB),
+                vcpus: Some(1),
+            })
+            .expect("restore"),
+        );
+        restore_ms.push(until_count(&console, at_snapshot, t0));
+    }
+    let restore_pss = (pss_kib() - base) / n as f64;
+    drop(restored);
+    report("boot → first count (EMULATED in the lab)", "ms", boot_ms);
+    report(
+        "restore → first new count (EMULATED in the lab)",
+        "ms",
+        restore_ms,
+    );
+    println!(
+        "host memory per guest, {n} guests of {MEMORY_MIB} MiB (PSS growth / N): booted {:.1} MiB, restored from one snapshot {:.1} MiB ({:.0}% less)",
+        boot_pss / 1024.0,
+        restore_pss / 1024.0,
+        100.0 * (1.0 - restore_pss / boot_pss)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     let (Some(kernel), Some(initrd)) = (
         std::env::var_os("SHOAL_GUEST_KERNEL"),
@@ -300,6 +414,7 @@ fn main() {
         "setup" => bench_setup(Path::new(&kernel), Path::new(&initrd), runs),
         "boot" => bench_boot(Path::new(&kernel), Path::new(&initrd), runs),
         "restore" => bench_restore(Path::new(&kernel), Path::new(&initrd), runs),
+        "template" => bench_template(Path::new(&kernel), Path::new(&initrd)),
         other => {
             eprintln!("boot_setup: unknown SHOAL_BENCH_MODE {other}");
             std::process::exit(2);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use support::Scratch;
 
-use shoal_vmm::{Console, ExitReason, Vm, VmConfig, VsockConfig};
+use shoal_vmm::{Console, ExitReason, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig};
 
 const GUEST_PORT: u32 = 1024;
 const HOST_PORT: u32 = 1234;
@@ -651,4 +651,108 @@ fn boot_guest_virtio_fs_share_overlay_and_no_escape() {
         std::fs::read_to_string(dir.path("secret")).unwrap(),
         "host secret"
     );
+}
+
+/// The `count N uptime_ms=T` lines of a counting guest's console (see guest-test-init), in
+/// order; a line cut by a pause or a restore is left out.
+fn counts(console: &Path) -> Vec<(u64, u64)> {
+    let text = String::from_utf8_lossy(&std::fs::read(console).unwrap_or_default()).into_owned();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("SHOAL-TEST-INIT: count ")?;
+            let (n, t) = rest.split_once(" uptime_ms=")?;
+            Some((n.parse().ok()?, t.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits until the counting guest's console shows count `n` or more; returns its counts.
+fn wait_for_count(console: &Path, n: u64, deadline: Instant) -> Vec<(u64, u64)> {
+    loop {
+        let seen = counts(console);
+        if seen.last().is_some_and(|(k, _)| *k >= n) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no count {n} on {}; console:\n{}",
+            console.display(),
+            std::fs::read_to_string(console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Counts go up by one, and the guest's clock never goes back.
+fn assert_counting_on(seen: &[(u64, u64)], what: &str) {
+    for pair in seen.windows(2) {
+        let ((n0, t0), (n1, t1)) = (pair[0], pair[1]);
+        assert_eq!(n1, n0 + 1, "{what}: count {n0} is followed by {n1}");
+        assert!(
+            t1 >= t0,
+            "{what}: the guest clock went back from {t0} to {t1} ms"
+        );
+    }
+}
+
+#[test]
+fn boot_guest_snapshot_restores_twice_and_each_copy_goes_on_alone() {
+    let Some((kernel, initrd)) = artifacts() else {
+        return;
+    };
+    let dir = scratch("snapshot");
+    let deadline = Instant::now() + DEADLINE;
+    let mut config = VmConfig::new(kernel);
+    config.initrd = Some(initrd);
+    config.cmdline = format!("{} shoal.test=count", shoal_vmm::DEFAULT_CMDLINE);
+    config.memory_mib = 96;
+    config.vcpus = 2;
+    config.console = Console::File(dir.path("console"));
+    let vm = Vm::boot(&config).expect("boot");
+    wait_for_count(&dir.path("console"), 5, deadline);
+
+    vm.pause().expect("pause");
+    let at_pause = counts(&dir.path("console"));
+    let (last, last_uptime) = *at_pause.last().unwrap();
+    let files = SnapshotFiles {
+        state: dir.path("vm.state"),
+        memory: dir.path("vm.mem"),
+    };
+    vm.snapshot(&files).expect("snapshot");
+    vm.resume();
+    let original = wait_for_count(&dir.path("console"), last + 5, deadline);
+    assert_counting_on(&original, "the original");
+
+    // Two restores at once; each goes on from the snapshot's count with its own timers and
+    // clock, the original still running beside them.
+    let restored: Vec<Vm> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["r1", "r2"]
+            .iter()
+            .map(|name| {
+                let config = RestoreConfig {
+                    files: files.clone(),
+                    console: Console::File(dir.path(name)),
+                    memory_mib: Some(96),
+                    vcpus: Some(2),
+                };
+                s.spawn(move || Vm::restore(&config).expect("restore"))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for name in ["r1", "r2"] {
+        let seen = wait_for_count(&dir.path(name), last + 10, deadline);
+        // The first whole line is the next count, or the one after if the pause cut a line.
+        let (first, first_uptime) = seen[0];
+        assert!(
+            first == last + 1 || first == last + 2,
+            "{name} starts at count {first}; the snapshot was taken after {last}"
+        );
+        assert!(first_uptime >= last_uptime, "{name}: the clock went back");
+        assert_counting_on(&seen, name);
+    }
+    for vm in restored.into_iter().chain([vm]) {
+        vm.stopper().stop();
+        assert_eq!(vm.wait(), ExitReason::Stopped);
+    }
 }

@@ -11,6 +11,11 @@
 //!    (disk benchmark, O_DIRECT in the guest; DEV may also be a file); `sh LINE` → the output
 //!    of `/bin/sh -c LINE` (busybox) and `exit=N`; `reboot` → step 4.
 //! 4. Prints `SHOAL-TEST-INIT: rebooting`, syncs and reboots (the VMM then exits cleanly).
+//!
+//! With `shoal.test=count` on the kernel command line it does neither 2 nor 3: it prints
+//! `SHOAL-TEST-INIT: count N uptime_ms=T` every 100 ms for ever (N from 1; T from
+//! CLOCK_BOOTTIME), so snapshot tests can see a guest go on counting, with timers and its
+//! clock, after a restore.
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -66,6 +71,10 @@ fn main() {
         })
         .unwrap_or_default();
     let _ = writeln!(out, "SHOAL-TEST-INIT: up cpus={cpus} mem_kib={mem_kib}");
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == "shoal.test=count") {
+        count(&mut out);
+    }
 
     match send_hello() {
         Ok(()) => {}
@@ -79,6 +88,18 @@ fn main() {
     let _ = writeln!(out, "SHOAL-TEST-INIT: rebooting");
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+}
+
+/// Counts on the console every 100 ms, for ever.
+fn count(out: &mut File) -> ! {
+    for n in 1u64.. {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+            .unwrap_or(0);
+        let _ = writeln!(out, "SHOAL-TEST-INIT: count {n} uptime_ms={now}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    unreachable!("the count ends only with the VM")
 }
 
 /// Connects to the host's port and says hello; retried, since a busy host (the lab runs
