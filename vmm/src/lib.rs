@@ -198,8 +198,8 @@ pub struct Vm {
     first_run: Arc<OnceLock<Instant>>,
     balloon: Option<Arc<virtio::balloon::BalloonStats>>,
     pause: Arc<vcpu::Pause>,
-    /// The parked vCPUs' states while the VM is paused.
-    paused: Mutex<Option<Vec<vcpu::VcpuState>>>,
+    /// Whether the vCPUs are parked (between `pause` and `resume`).
+    paused: Mutex<bool>,
     memory_mib: u64,
     // Dropped last, after every thread using them has been joined.
     bus: Arc<Bus>,
@@ -347,7 +347,6 @@ impl Vm {
                 source: e.into(),
             }
         })?;
-        let msrs: Arc<[u32]> = vcpu::msrs_to_save(&kvm_vm.kvm)?.into();
 
         let mut vm = Vm {
             exit,
@@ -358,7 +357,7 @@ impl Vm {
             first_run: Arc::new(OnceLock::new()),
             balloon,
             pause: Arc::new(vcpu::Pause::default()),
-            paused: Mutex::new(None),
+            paused: Mutex::new(false),
             memory_mib,
             bus: Arc::new(bus),
             kvm_vm,
@@ -367,11 +366,11 @@ impl Vm {
         vm.device_thread = Some(spawn("shoal-devices", move || event_loop.run())?);
         for vcpu in vcpus {
             let (bus, exit, stop) = (vm.bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
-            let (pause, msrs) = (vm.pause.clone(), msrs.clone());
+            let pause = vm.pause.clone();
             let first_run = (vcpu.index == 0).then(|| vm.first_run.clone());
             let name = format!("shoal-vcpu{}", vcpu.index);
             vm.vcpu_threads.push(spawn(&name, move || {
-                vcpu.run(bus, exit, stop, pause, msrs, first_run)
+                vcpu.run(bus, exit, stop, pause, first_run)
             })?);
         }
         Ok(vm)
@@ -390,6 +389,7 @@ impl Vm {
             )
         };
         let snap = snapshot::read_state(&config.files.state)?;
+        memory::validate_size(snap.memory_mib)?;
         step("state file");
         let found_vcpus = snap.vcpus.len() as u8;
         if config.memory_mib.is_some_and(|m| m != snap.memory_mib)
@@ -437,18 +437,19 @@ impl Vm {
         })
     }
 
-    /// Parks every vCPU (each saves its state as it parks); the VM stays paused until
+    /// Parks every vCPU between two KVM_RUN calls; the VM stays paused until
     /// [`Vm::resume`]. Pausing a paused VM does nothing.
     pub fn pause(&self) -> std::result::Result<(), snapshot::SnapshotError> {
         let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if paused.is_some() {
+        if *paused {
             return Ok(());
         }
         if self.exit.is_signalled() {
             return Err(snapshot::SnapshotError::Ended);
         }
+        let msrs = vcpu::msrs_to_save(&self.kvm_vm.kvm)?;
         let n = self.vcpu_threads.len();
-        self.pause.request(n);
+        self.pause.request(msrs.into());
         let deadline = Instant::now() + PAUSE_LIMIT;
         // A vCPU inside KVM_RUN leaves it when a signal arrives; kick until all have parked.
         while !self.pause.wait_parked(n, Duration::from_millis(1)) {
@@ -464,28 +465,14 @@ impl Vm {
                 let _ = handle.kill(vcpu_kick_signal());
             }
         }
-        let mut states = Vec::with_capacity(n);
-        for state in self.pause.take_states() {
-            match state {
-                Some(Ok(state)) => states.push(state),
-                Some(Err(e)) => {
-                    self.pause.resume();
-                    return Err(snapshot::SnapshotError::Vcpu(e));
-                }
-                None => {
-                    self.pause.resume();
-                    return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_LIMIT));
-                }
-            }
-        }
-        *paused = Some(states);
+        *paused = true;
         Ok(())
     }
 
     /// Lets a paused VM run again.
     pub fn resume(&self) {
         let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if paused.take().is_some() {
+        if std::mem::take(&mut *paused) {
             self.pause.resume();
         }
     }
@@ -496,8 +483,8 @@ impl Vm {
         &self,
         files: &SnapshotFiles,
     ) -> std::result::Result<(), snapshot::SnapshotError> {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if paused.is_none() {
+        let paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if !*paused {
             return Err(snapshot::SnapshotError::NotPaused);
         }
         if self.bus.has_virtio() {
@@ -516,19 +503,25 @@ impl Vm {
             path: "/dev/urandom".into(),
             source,
         })?;
-        // Memory first: a state file only ever names memory that is complete.
-        snapshot::write_memory(&files.memory, &self.mem, &id)?;
+        // Every vCPU reads its state now, all of them parked, then the VM-wide state.
+        let mut vcpus = Vec::new();
+        for state in self.pause.save(self.vcpu_threads.len(), PAUSE_LIMIT) {
+            match state {
+                Some(state) => vcpus.push(state?),
+                None => return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_LIMIT)),
+            }
+        }
         let vm = self.kvm_vm.save_state()?;
         let snap = snapshot::Snapshot {
             memory_mib: self.memory_mib,
             id,
             vm,
             serial: self.bus.serial_state(),
-            vcpus: paused.take().expect("checked above"),
+            vcpus,
         };
-        let written = snapshot::write_state(&files.state, &snap);
-        *paused = Some(snap.vcpus);
-        written
+        // Memory first: a state file only ever names memory that is complete.
+        snapshot::write_memory(&files.memory, &self.mem, &id)?;
+        snapshot::write_state(&files.state, &snap)
     }
 
     /// A handle that stops this VM from another thread.

@@ -220,6 +220,7 @@ fn encode(s: &Snapshot) -> Vec<u8> {
         w.pod(&v.mp_state);
         w.pod(&v.events);
         w.pods(&v.msrs);
+        w.u64(u64::from(v.tsc_khz));
     }
     w.0
 }
@@ -254,6 +255,9 @@ fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
         scratch: regs[8],
         in_buffer: r.record("the serial input")?.to_vec(),
     };
+    if !(crate::memory::MIN_MEMORY_MIB..=1 << 30).contains(&memory_mib) {
+        return Err(r.malformed(format!("a VM of {memory_mib} MiB")));
+    }
     let count = r.u64("the vCPU count")?;
     if count == 0 || count > u64::from(crate::mptable::MAX_VCPUS) {
         return Err(r.malformed(format!("{count} vCPUs")));
@@ -274,6 +278,8 @@ fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
             mp_state: r.pod::<kvm_mp_state>("the MP state")?,
             events: r.pod::<kvm_vcpu_events>("the pending events")?,
             msrs: r.pods::<kvm_msr_entry>("MSRs", 4096)?,
+            tsc_khz: u32::try_from(r.u64("the TSC frequency")?)
+                .map_err(|_| r.malformed("the TSC frequency is out of range"))?,
         });
     }
     if !r.buf.is_empty() {
@@ -303,13 +309,21 @@ pub fn new_id() -> std::io::Result<[u8; 16]> {
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
 /// half-written file under the final name.
 fn write_atomically(path: &Path, fill: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
-    let tmp = path.with_extension("partial");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let result = File::create(&tmp)
         .and_then(|f| {
             fill(&f)?;
             f.sync_all()
         })
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|_| std::fs::rename(&tmp, path))
+        // The rename itself lasts only once the directory is on disk too.
+        .and_then(|_| File::open(dir)?.sync_all());
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -332,9 +346,18 @@ pub fn write_state(path: &Path, snapshot: &Snapshot) -> Result<()> {
     })
 }
 
+/// Largest payload a state file may declare (a few KiB per vCPU in practice).
+const MAX_PAYLOAD: u64 = 64 << 20;
+
 /// Reads and checks a state file: magic, version, length and checksum, then every record.
+/// The header is read first, so a wrong file (a memory file, say) is not read whole.
 pub fn read_state(path: &Path) -> Result<Snapshot> {
-    let bytes = std::fs::read(path).map_err(io("read the snapshot state file", path))?;
+    let mut file = File::open(path).map_err(io("read the snapshot state file", path))?;
+    let mut bytes = Vec::with_capacity(STATE_HEADER);
+    (&mut file)
+        .take(STATE_HEADER as u64)
+        .read_to_end(&mut bytes)
+        .map_err(io("read the snapshot state file", path))?;
     if bytes.len() < 12 || &bytes[..8] != STATE_MAGIC {
         return Err(SnapshotError::NotASnapshot {
             path: path.into(),
@@ -357,7 +380,17 @@ pub fn read_state(path: &Path) -> Result<Snapshot> {
     }
     let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let crc = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
+    if len > MAX_PAYLOAD {
+        return Err(SnapshotError::Malformed {
+            path: path.into(),
+            what: format!("its header declares {len} bytes of state, more than {MAX_PAYLOAD}"),
+        });
+    }
     let expected = STATE_HEADER as u64 + len;
+    (&mut file)
+        .take(len + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("read the snapshot state file", path))?;
     if bytes.len() as u64 != expected {
         return Err(SnapshotError::Truncated {
             path: path.into(),
@@ -511,6 +544,7 @@ mod tests {
                 data: 99,
                 ..Default::default()
             }],
+            tsc_khz: 2_600_000,
         };
         Snapshot {
             memory_mib: 64,
@@ -547,13 +581,14 @@ mod tests {
         assert_eq!((v.regs.rip, v.regs.rax), (0x10_0000, 42));
         assert_eq!((v.cpuid[0].function, v.cpuid[0].eax), (7, 0x1234));
         assert_eq!((v.msrs[0].index, v.msrs[0].data), (0x10, 99));
+        assert_eq!(v.tsc_khz, 2_600_000);
 
         let e = decode(&payload[..payload.len() - 3], path)
             .err()
             .unwrap()
             .to_string();
         assert!(
-            e.contains("/x.state is malformed") && e.contains("ends inside MSRs"),
+            e.contains("/x.state is malformed") && e.contains("ends inside the TSC frequency"),
             "{e}"
         );
 
@@ -580,7 +615,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.state");
         write_state(&path, &sample()).unwrap();
-        assert!(!dir.join("vm.partial").exists());
+        assert!(!dir.join("vm.state.partial").exists());
         assert_eq!(read_state(&path).unwrap().memory_mib, 64);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..20]).unwrap();

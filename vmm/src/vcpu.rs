@@ -7,7 +7,7 @@ use std::time::Duration;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -57,10 +57,14 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     pub events: kvm_vcpu_events,
     pub msrs: Vec<kvm_msr_entry>,
+    /// The guest's TSC frequency (0: unknown); a restore on a host of another frequency
+    /// scales the guest's TSC to it.
+    pub tsc_khz: u32,
 }
 
 /// Parks running vCPUs between two KVM_RUN calls, where their state is complete, and lets
-/// them go again. Each vCPU saves its own state as it parks.
+/// them go again. State is read in a second step, once every vCPU has parked, so no vCPU
+/// can change another's (an IPI into a LAPIC already saved) between two saves.
 #[derive(Default)]
 pub struct Pause {
     requested: AtomicBool,
@@ -70,17 +74,33 @@ pub struct Pause {
 
 #[derive(Default)]
 struct Parked {
+    /// Bumped by every request: a vCPU still parked from an earlier pause leaves and parks
+    /// again, so it is counted (and saves) for the current one.
+    generation: u64,
+    /// vCPUs parked in the current generation.
     count: usize,
-    /// Indexed by vCPU; filled as each parks, cleared on resume.
+    /// Bumped by every save request; each parked vCPU saves once per bump.
+    saves: u64,
+    /// MSRs to save (KVM_GET_MSR_INDEX_LIST), given by the requester.
+    msrs: Arc<[u32]>,
+    /// Indexed by vCPU; filled by a save request.
     states: Vec<Option<Result<VcpuState, VcpuError>>>,
 }
 
 impl Pause {
-    /// Asks every vCPU to park; the caller then kicks them out of KVM_RUN.
-    pub fn request(&self, vcpus: usize) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        parked.states = (0..vcpus).map(|_| None).collect();
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to park; the caller then kicks them out of KVM_RUN. `msrs` are the
+    /// MSRs a later [`Pause::save`] reads.
+    pub fn request(&self, msrs: Arc<[u32]>) {
+        let mut parked = self.lock();
+        parked.generation += 1;
+        parked.count = 0;
+        parked.msrs = msrs;
         self.requested.store(true, Ordering::Release);
+        self.changed.notify_all();
     }
 
     pub fn is_requested(&self) -> bool {
@@ -89,37 +109,66 @@ impl Pause {
 
     /// Waits up to `limit` for `vcpus` vCPUs to have parked; true when they all have.
     pub fn wait_parked(&self, vcpus: usize, limit: Duration) -> bool {
-        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let (parked, _) = self
             .changed
-            .wait_timeout_while(parked, limit, |p| p.count < vcpus)
+            .wait_timeout_while(self.lock(), limit, |p| p.count < vcpus)
             .unwrap_or_else(|e| e.into_inner());
         parked.count >= vcpus
     }
 
-    /// Takes the states the parked vCPUs saved, in vCPU order.
-    pub fn take_states(&self) -> Vec<Option<Result<VcpuState, VcpuError>>> {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+    /// Has every parked vCPU read its state now; the states in vCPU order (None for a vCPU
+    /// that did not answer within `limit`).
+    pub fn save(&self, vcpus: usize, limit: Duration) -> Vec<Option<Result<VcpuState, VcpuError>>> {
+        let mut parked = self.lock();
+        parked.states = (0..vcpus).map(|_| None).collect();
+        parked.saves += 1;
+        self.changed.notify_all();
+        let (mut parked, _) = self
+            .changed
+            .wait_timeout_while(parked, limit, |p| p.states.iter().any(Option::is_none))
+            .unwrap_or_else(|e| e.into_inner());
         std::mem::take(&mut parked.states)
     }
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _parked = self.lock();
         self.requested.store(false, Ordering::Release);
-        parked.states.clear();
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread: records `state`, then sleeps until resumed or stopped.
-    fn park(&self, index: u8, state: Result<VcpuState, VcpuError>, stop: &AtomicBool) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = parked.states.get_mut(usize::from(index)) {
-            *slot = Some(state);
-        }
+    /// Called by a vCPU thread: sleeps until resumed or stopped, saving its state (with
+    /// `save`) whenever asked.
+    fn park(
+        &self,
+        index: u8,
+        stop: &AtomicBool,
+        mut save: impl FnMut(&[u32]) -> Result<VcpuState, VcpuError>,
+    ) {
+        let mut parked = self.lock();
+        let generation = parked.generation;
+        let mut saved = parked.saves;
         parked.count += 1;
         self.changed.notify_all();
-        while self.is_requested() && !stop.load(Ordering::Acquire) {
+        loop {
+            if parked.generation != generation
+                || !self.is_requested()
+                || stop.load(Ordering::Acquire)
+            {
+                break;
+            }
+            if parked.saves != saved {
+                saved = parked.saves;
+                let msrs = parked.msrs.clone();
+                drop(parked);
+                let state = save(&msrs);
+                parked = self.lock();
+                if let Some(slot) = parked.states.get_mut(usize::from(index)) {
+                    *slot = Some(state);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             // Stopping a VM does not take this lock, so look at the stop flag now and then.
             parked = self
                 .changed
@@ -127,7 +176,9 @@ impl Pause {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        parked.count -= 1;
+        if parked.generation == generation {
+            parked.count -= 1;
+        }
     }
 }
 
@@ -321,13 +372,15 @@ impl Vcpu {
             let mut buf = Msrs::from_entries(&entries).expect("at most KVM_MAX_MSR_ENTRIES");
             let read = self.fd.get_msrs(&mut buf).map_err(get("MSRs"))?;
             saved.extend_from_slice(&buf.as_slice()[..read]);
-            rest = &rest[(read + 1).min(rest.len())..];
             if read < chunk.len() {
                 tracing::debug!(
                     vcpu = index,
                     msr = chunk[read],
                     "MSR not readable; not saved"
                 );
+                rest = &rest[read + 1..];
+            } else {
+                rest = &rest[read..];
             }
         }
         Ok(VcpuState {
@@ -341,6 +394,7 @@ impl Vcpu {
             mp_state: self.fd.get_mp_state().map_err(get("MP state"))?,
             events: self.fd.get_vcpu_events().map_err(get("pending events"))?,
             msrs: saved,
+            tsc_khz: self.fd.get_tsc_khz().unwrap_or(0),
         })
     }
 
@@ -362,6 +416,16 @@ impl Vcpu {
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
+        if state.tsc_khz != 0
+            && self
+                .fd
+                .get_tsc_khz()
+                .is_ok_and(|here| here != state.tsc_khz)
+        {
+            self.fd.set_tsc_khz(state.tsc_khz).map_err(set(
+                "TSC frequency (this host's differs from the snapshot's)",
+            ))?;
+        }
         self.fd
             .set_mp_state(state.mp_state)
             .map_err(set("MP state"))?;
@@ -395,33 +459,40 @@ impl Vcpu {
                 });
             }
         }
+        // KVM_GET_VCPU_EVENTS does not mark these as valid; without the flags KVM_SET drops
+        // a pending NMI and an AP's SIPI vector.
+        let mut events = state.events;
+        events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
         self.fd
-            .set_vcpu_events(&state.events)
+            .set_vcpu_events(&events)
             .map_err(set("pending events"))?;
         Ok(())
     }
 
-    /// Parks this vCPU for a pause: first completes an I/O exit KVM is still finishing (it
-    /// does so on the next KVM_RUN; with immediate_exit set that call returns at once), so
-    /// the saved registers hold its result.
-    fn park(&mut self, pause: &Pause, msrs: &[u32], stop: &AtomicBool) {
+    /// Parks this vCPU for a pause. First it finishes an I/O exit KVM is still completing:
+    /// KVM completes it on the next KVM_RUN, which with immediate_exit set then returns
+    /// EINTR at once; an exit that needs another trip here (string I/O, split MMIO) is
+    /// served and the call repeated, so the saved registers never sit inside an instruction.
+    fn park(&mut self, pause: &Pause, bus: &Bus, exit: &ExitSignal, stop: &AtomicBool) {
         self.fd.set_kvm_immediate_exit(1);
-        let _ = self.fd.run();
+        while !self.run_once(bus, exit) && !exit.is_signalled() {}
         self.fd.set_kvm_immediate_exit(0);
-        let state = self.save_state(msrs);
-        pause.park(self.index, state, stop);
+        if exit.is_signalled() {
+            return;
+        }
+        let index = self.index;
+        pause.park(index, stop, |msrs| self.save_state(msrs));
     }
 
     /// Runs the vCPU until the guest resets or powers off, the host asks it to stop, or KVM
     /// fails. Whatever ends the loop is reported once through `exit`. While `pause` is
-    /// requested the vCPU saves its state and waits.
+    /// requested the vCPU parks (see [`Pause`]).
     pub fn run(
         mut self,
         bus: Arc<Bus>,
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
         pause: Arc<Pause>,
-        msrs: Arc<[u32]>,
         first_run: Option<Arc<std::sync::OnceLock<std::time::Instant>>>,
     ) {
         if let Some(first_run) = first_run {
@@ -429,36 +500,55 @@ impl Vcpu {
         }
         while !stop.load(Ordering::Acquire) && !exit.is_signalled() {
             if pause.is_requested() {
-                self.park(&pause, &msrs, &stop);
+                self.park(&pause, &bus, &exit, &stop);
                 continue;
             }
-            match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
-                Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-                Ok(VcpuExit::Shutdown) => exit.signal(ExitReason::Reboot),
-                Ok(VcpuExit::Hlt) => exit.signal(ExitReason::PowerOff),
-                Ok(VcpuExit::SystemEvent(kind, _)) => exit.signal(match kind {
-                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
-                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
-                    KVM_SYSTEM_EVENT_CRASH => ExitReason::Error(format!("vCPU {} reported a guest crash", self.index)),
-                    other => ExitReason::Error(format!("vCPU {}: unknown system event {other}", self.index)),
-                }),
-                Ok(VcpuExit::FailEntry(reason, cpu)) => exit.signal(ExitReason::Error(format!(
-                    "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
-                    self.index
-                ))),
-                Ok(VcpuExit::InternalError) => {
-                    exit.signal(ExitReason::Error(format!("vCPU {}: KVM internal error", self.index)))
-                }
-                Ok(other) => exit.signal(ExitReason::Error(format!("vCPU {}: unexpected exit {other:?}", self.index))),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
-                }
-                Err(e) => exit.signal(ExitReason::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
-            }
+            self.run_once(&bus, &exit);
         }
+    }
+
+    /// One KVM_RUN and the exit it ends with, served on `bus` or reported through `exit`.
+    /// True when the call was interrupted (a kick, or immediate_exit).
+    fn run_once(&mut self, bus: &Bus, exit: &ExitSignal) -> bool {
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+            Ok(VcpuExit::Shutdown) => exit.signal(ExitReason::Reboot),
+            Ok(VcpuExit::Hlt) => exit.signal(ExitReason::PowerOff),
+            Ok(VcpuExit::SystemEvent(kind, _)) => exit.signal(match kind {
+                KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                KVM_SYSTEM_EVENT_CRASH => {
+                    ExitReason::Error(format!("vCPU {} reported a guest crash", self.index))
+                }
+                other => {
+                    ExitReason::Error(format!("vCPU {}: unknown system event {other}", self.index))
+                }
+            }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => exit.signal(ExitReason::Error(format!(
+                "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})",
+                self.index
+            ))),
+            Ok(VcpuExit::InternalError) => exit.signal(ExitReason::Error(format!(
+                "vCPU {}: KVM internal error",
+                self.index
+            ))),
+            Ok(other) => exit.signal(ExitReason::Error(format!(
+                "vCPU {}: unexpected exit {other:?}",
+                self.index
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return true;
+            }
+            Err(e) => exit.signal(ExitReason::Error(format!(
+                "vCPU {}: KVM_RUN failed: {e}",
+                self.index
+            ))),
+        }
+        false
     }
 }
 

@@ -96,10 +96,12 @@ impl KvmVm {
         Ok(KvmVm { kvm, fd })
     }
 
-    /// Bytes of the xsave area this host's KVM uses (KVM_CAP_XSAVE2), or 0 without the
-    /// capability (then KVM_GET/SET_XSAVE's 4 KiB are all there is).
+    /// Bytes of the xsave area this host's KVM uses (KVM_CAP_XSAVE2), 0 without the
+    /// capability (then KVM_GET/SET_XSAVE's 4 KiB are all there is), `usize::MAX` when the
+    /// query fails.
     pub fn xsave_size(&self) -> usize {
-        usize::try_from(self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0)
+        // A failed query (negative) counts as too large, so snapshots are refused.
+        usize::try_from(self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(usize::MAX)
     }
 
     /// Reads the VM-wide state; the vCPUs must be paused.

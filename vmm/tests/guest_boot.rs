@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use support::Scratch;
 
-use shoal_vmm::{Console, ExitReason, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig};
+use shoal_vmm::{Console, ExitReason, SnapshotFiles, Vm, VmConfig, VsockConfig};
 
 const GUEST_PORT: u32 = 1024;
 const HOST_PORT: u32 = 1234;
@@ -725,21 +725,7 @@ fn boot_guest_snapshot_restores_twice_and_each_copy_goes_on_alone() {
 
     // Two restores at once; each goes on from the snapshot's count with its own timers and
     // clock, the original still running beside them.
-    let restored: Vec<Vm> = std::thread::scope(|s| {
-        let handles: Vec<_> = ["r1", "r2"]
-            .iter()
-            .map(|name| {
-                let config = RestoreConfig {
-                    files: files.clone(),
-                    console: Console::File(dir.path(name)),
-                    memory_mib: Some(96),
-                    vcpus: Some(2),
-                };
-                s.spawn(move || Vm::restore(&config).expect("restore"))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let restored = support::restore_side_by_side(&files, &dir, &["r1", "r2"], 96, 2);
     for name in ["r1", "r2"] {
         let seen = wait_for_count(&dir.path(name), last + 10, deadline);
         // The first whole line is the next count, or the one after if the pause cut a line.

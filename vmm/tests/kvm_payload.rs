@@ -478,21 +478,7 @@ fn snapshot_restores_twice_and_each_copy_goes_on_alone() {
 
     // Two VMs restored at once, each with its own console, both go on from the snapshot
     // while the original keeps running.
-    let restored: Vec<Vm> = std::thread::scope(|s| {
-        let handles: Vec<_> = ["r1", "r2"]
-            .iter()
-            .map(|name| {
-                let config = RestoreConfig {
-                    files: files.clone(),
-                    console: Console::File(dir.path(name)),
-                    memory_mib: Some(40),
-                    vcpus: Some(2),
-                };
-                s.spawn(move || Vm::restore(&config).expect("restore"))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let restored = support::restore_side_by_side(&files, &dir, &["r1", "r2"], 40, 2);
     for name in ["r1", "r2"] {
         let console = wait_for_console(&dir.path(name), 300);
         assert_counts_from(&console, printed + 1, name);
@@ -518,6 +504,15 @@ fn snapshot_restores_twice_and_each_copy_goes_on_alone() {
     restored[0].snapshot(&again).unwrap();
     restored[0].resume();
     assert!(counter_value(&again.memory) > saved);
+
+    // Pauses right after resumes (vCPUs still leaving the last pause) park every vCPU anew.
+    for _ in 0..20 {
+        vm.pause().expect("pause right after a resume");
+        vm.resume();
+    }
+    let seen = std::fs::read(dir.path("console")).unwrap().len();
+    let after = wait_for_console(&dir.path("console"), seen + 50);
+    assert_counts_from(&after, 1, "the original after pause/resume cycles");
 
     for vm in restored.into_iter().chain([vm]) {
         vm.stopper().stop();
@@ -553,8 +548,10 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
     vm.snapshot(&other).unwrap();
     drop(vm);
 
-    // A guest that has reset itself cannot be paused.
-    let vm = Vm::boot(&config(&dir, &reset())).expect("boot");
+    // A guest that has reset itself cannot be paused. (Its own directory: `config` writes
+    // the payload to a fixed name, which the counting guests below boot from.)
+    let reset_dir = scratch("snapshot-reset");
+    let vm = Vm::boot(&config(&reset_dir, &reset())).expect("boot");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         match vm.pause() {
