@@ -46,6 +46,8 @@ pub enum AgentError {
     StdioTimeout(String),
     #[error("{0} is not supported")]
     Unsupported(&'static str),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     #[error("container {id}: {action} failed: {source}")]
     Runtime {
         id: String,
@@ -119,6 +121,7 @@ impl AgentError {
             | AgentError::InvalidSpec(_)
             | AgentError::InvalidProcess(_)
             | AgentError::InvalidResources(_)
+            | AgentError::InvalidRequest(_)
             | AgentError::MissingRootfs { .. }
             | AgentError::Network(_) => Code::INVALID_ARGUMENT,
             AgentError::WrongState { .. } | AgentError::ProcessExited { .. } => {

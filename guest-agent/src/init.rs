@@ -89,6 +89,52 @@ pub fn prepare_cgroups() -> Result<()> {
 }
 
 /// Sets the guest's hostname (the guest is the pod's own machine).
+/// Most host entropy one request may carry.
+pub const MAX_ENTROPY: usize = 4096;
+
+/// Refuses more host entropy than [`MAX_ENTROPY`].
+pub fn check_entropy(entropy: &[u8]) -> Result<()> {
+    if entropy.len() > MAX_ENTROPY {
+        return Err(AgentError::InvalidRequest(format!(
+            "{} bytes of entropy, at most {MAX_ENTROPY}",
+            entropy.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Sets the guest's clock to the host's (`host_time_unix_ns`, 0: leave it) when the two
+/// differ by more than a second, and mixes the host's random bytes into the guest's pool
+/// (a write to /dev/urandom mixes them in without crediting entropy). A VM restored from a
+/// snapshot needs both: it wakes with the snapshot's time and random state.
+pub fn take_host_time_and_entropy(host_time_unix_ns: u64, entropy: &[u8]) -> Result<()> {
+    use nix::time::{clock_gettime, clock_settime, ClockId};
+    const NS: i128 = 1_000_000_000;
+    if host_time_unix_ns != 0 {
+        let now = clock_gettime(ClockId::CLOCK_REALTIME)
+            .map_err(|e| AgentError::sys("reading the guest clock", e))?;
+        let guest = i128::from(now.tv_sec()) * NS + i128::from(now.tv_nsec());
+        let host = i128::from(host_time_unix_ns);
+        if (guest - host).abs() > NS {
+            let to = nix::sys::time::TimeSpec::new((host / NS) as i64, (host % NS) as i64);
+            clock_settime(ClockId::CLOCK_REALTIME, to)
+                .map_err(|e| AgentError::sys("setting the guest clock to the host's", e))?;
+            tracing::info!(
+                off_by_ms = ((guest - host) / 1_000_000) as i64,
+                "guest clock set to the host's"
+            );
+        }
+    }
+    if !entropy.is_empty() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .and_then(|mut f| std::io::Write::write_all(&mut f, entropy))
+            .map_err(|e| AgentError::io("mixing the host's entropy into /dev/urandom", e))?;
+    }
+    Ok(())
+}
+
 pub fn set_hostname(hostname: &str) -> Result<()> {
     if hostname.len() > 64
         || !hostname

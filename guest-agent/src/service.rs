@@ -61,6 +61,10 @@ impl Agent for AgentService {
         // leaves them alone.
         let in_vm = std::process::id() == 1;
         blocking(move || {
+            crate::init::check_entropy(&req.entropy)?;
+            if in_vm {
+                crate::init::take_host_time_and_entropy(req.host_time_unix_ns, &req.entropy)?;
+            }
             if !req.shared_fs_tag.is_empty() {
                 crate::init::mount_share(&req.shared_fs_tag, shoal_agent_api::GUEST_SHARED_DIR)?;
             }

@@ -81,11 +81,30 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         });
     let info = agent.check(ctx(), &CheckRequest::new()).await.unwrap();
     assert_eq!(info.pid, 1, "the agent is PID 1 of the guest");
+    let too_much = agent
+        .create_sandbox(
+            ctx(),
+            &CreateSandboxRequest {
+                hostname: "shoal-pod".into(),
+                entropy: vec![7; 5000],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("5000 bytes of entropy are refused")
+        .to_string();
+    assert!(
+        too_much.contains("5000 bytes of entropy, at most 4096"),
+        "{too_much}"
+    );
+    // The host's clock (here 2030-01-01, far from the guest's) and entropy are taken in.
     agent
         .create_sandbox(
             ctx(),
             &CreateSandboxRequest {
                 hostname: "shoal-pod".into(),
+                host_time_unix_ns: 1_893_456_000 * 1_000_000_000,
+                entropy: vec![0x5a; 64],
                 ..Default::default()
             },
         )
@@ -96,7 +115,11 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
     let out = stream(&uds, "c1-out");
     let req = CreateContainerRequest {
         container_id: "c1".into(),
-        spec_json: spec(&["sh", "-c", "echo hello from $(hostname); exit 7"]),
+        spec_json: spec(&[
+            "sh",
+            "-c",
+            "echo hello from $(hostname) in $(date -u +%Y); exit 7",
+        ]),
         rootfs: "/rootfs/busybox".into(),
         stdio: Some(Stdio {
             stdout: "c1-out".into(),
@@ -138,7 +161,9 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
     assert_eq!(wait.exit_status, 7);
     let text = reader.join().unwrap();
     // The spec's UTS namespace gets the spec's hostname (none): the container sees its own.
+    // The guest clock is the host's as CreateSandbox gave it.
     assert!(text.starts_with("hello from "), "{text:?}");
+    assert!(text.trim_end().ends_with(" in 2030"), "{text:?}");
     agent
         .remove_container(
             ctx(),

@@ -61,6 +61,21 @@ pub enum SandboxError {
 /// 31 MiB measured by `benches/density.rs`), rounded up: what admission asks to be free.
 pub const STARTUP_MIB: u64 = 64;
 
+/// 64 random bytes from the host for the guest's random pool (none if /dev/urandom cannot
+/// be read; the guest then relies on its own).
+fn host_entropy() -> Vec<u8> {
+    let mut bytes = vec![0u8; 64];
+    match std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+    {
+        Ok(()) => bytes,
+        Err(e) => {
+            tracing::warn!("no host entropy for the guest: {e}");
+            Vec::new()
+        }
+    }
+}
+
 /// How much of the guest console an agent timeout reports.
 const CONSOLE_TAIL_LINES: usize = 20;
 
@@ -361,6 +376,11 @@ impl Sandbox {
                 shared_fs_tag: SHARE_TAG.into(),
                 interfaces,
                 routes,
+                host_time_unix_ns: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0),
+                entropy: host_entropy(),
                 ..Default::default()
             };
             agent.create_sandbox(ctx(timeout), &req).await
