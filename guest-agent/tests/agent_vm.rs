@@ -220,8 +220,13 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         .unwrap();
     assert_eq!(wait.exit_status, 0);
 
-    // Shutdown stops what is left and powers the VM off cleanly.
-    agent.shutdown(ctx(), &Empty::new()).await.unwrap();
+    // Shutdown stops what is left and powers the VM off cleanly. The answer may be lost
+    // with the guest going down (the shim allows for that too): the clean exit below is
+    // what counts.
+    match agent.shutdown(ctx(), &Empty::new()).await {
+        Ok(_) | Err(ttrpc::Error::Socket(_)) => {}
+        Err(e) => panic!("shutdown: {e:?}"),
+    }
     let reason = vm_thread.join().unwrap();
     assert_eq!(reason, ExitReason::Reboot, "console:\n{}", console());
     assert!(!uds.exists());
