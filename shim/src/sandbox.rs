@@ -47,6 +47,8 @@ pub enum SandboxError {
     },
     #[error("the sandbox VM ended ({reason}) before its guest agent answered; the guest console's last lines:\n{console}")]
     VmEnded { reason: String, console: String },
+    #[error("{0}")]
+    AgentLost(String),
     #[error("the guest agent refused to set up the sandbox: {0}")]
     Agent(ttrpc::Error),
     #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
@@ -74,6 +76,19 @@ fn host_entropy() -> Vec<u8> {
             Vec::new()
         }
     }
+}
+
+/// Says that the connection to the guest agent broke (`e`), whether the VM has ended, and
+/// the console's last lines.
+fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> String {
+    let vm = match ended {
+        Some(reason) => format!("the sandbox VM has ended ({reason})"),
+        None => "the sandbox VM is still running".into(),
+    };
+    format!(
+        "the connection to the guest agent broke ({e}); {vm}; the guest console's last lines:\n{}",
+        console_tail(console, CONSOLE_TAIL_LINES)
+    )
 }
 
 /// How much of the guest console an agent timeout reports.
@@ -386,8 +401,13 @@ impl Sandbox {
             agent.create_sandbox(ctx(timeout), &req).await
         };
         if let Err(e) = setup.await {
+            let lost = matches!(e, ttrpc::Error::Socket(_))
+                .then(|| lost_agent(&e, exited.borrow().as_ref(), &console));
             sandbox.stop();
-            return Err(SandboxError::Agent(e));
+            return Err(match lost {
+                Some(message) => SandboxError::AgentLost(message),
+                None => SandboxError::Agent(e),
+            });
         }
         mark("agent_ready");
         let (stopper, vm_thread, cgroup, connected) = sandbox.disarm();
@@ -420,6 +440,22 @@ impl Sandbox {
             self.shared.join(cid),
             format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR),
         )
+    }
+
+    /// For an agent call that failed: a broken connection (the guest agent died, or the VM
+    /// with it) becomes an error that says whether the VM still runs and what its console
+    /// last showed; any other error is returned as it is.
+    pub fn explain_agent_error(&self, e: ttrpc::Error) -> ttrpc::Error {
+        if !matches!(e, ttrpc::Error::Socket(_)) {
+            return e;
+        }
+        let message = lost_agent(
+            &e,
+            self.exited.borrow().as_ref(),
+            &self.dir.join("console.log"),
+        );
+        tracing::error!("{message}");
+        ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, message))
     }
 
     /// Asks the guest to power off, stops the VM if it does not, and removes the state dir.
@@ -539,6 +575,19 @@ mod tests {
         // Bytes that are not UTF-8 (a guest writing garbage) are shown, not refused.
         std::fs::write(&log, b"ok\n\xff\xfe tail\n").unwrap();
         assert!(console_tail(&log, 20).ends_with("\u{fffd}\u{fffd} tail"));
+
+        std::fs::write(&log, "booting\nKernel panic - not syncing: test\n").unwrap();
+        let e = ttrpc::Error::Socket("early eof".into());
+        let msg = lost_agent(&e, Some(&ExitReason::Reboot), &log);
+        assert!(
+            msg.contains("broke (")
+                && msg.contains("early eof")
+                && msg.contains("has ended (the guest reset itself"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("  Kernel panic - not syncing: test"), "{msg}");
+        let msg = lost_agent(&e, None, &log);
+        assert!(msg.contains("the sandbox VM is still running"), "{msg}");
 
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = console_tail(&log, 20);

@@ -585,7 +585,7 @@ impl Task for Service {
                 }
                 Err(e) => {
                     init.stop_io();
-                    Err(e)
+                    Err(sb.explain_agent_error(e))
                 }
             }
         }
