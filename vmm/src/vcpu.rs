@@ -45,6 +45,26 @@ pub enum VcpuError {
     MsrRefused { index: u8, msr: u32 },
 }
 
+impl VcpuError {
+    /// For `map_err`: KVM refused to set `what` on vCPU `index`.
+    fn set(what: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| VcpuError::Set {
+            what,
+            index,
+            source,
+        }
+    }
+
+    /// For `map_err`: KVM could not read `what` of vCPU `index`.
+    fn get(what: &'static str, index: u8) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| VcpuError::Get {
+            what,
+            index,
+            source,
+        }
+    }
+}
+
 /// Everything KVM holds about one vCPU, as a snapshot saves it.
 pub struct VcpuState {
     pub cpuid: Vec<kvm_cpuid_entry2>,
@@ -261,13 +281,7 @@ impl Vcpu {
     /// Puts the vCPU in 64-bit mode at `entry`, with `rsi` pointing at `boot_params`.
     pub fn configure(&self, cpuid: &CpuId, count: u8, entry: u64) -> Result<(), VcpuError> {
         let index = self.index;
-        let set = |what| {
-            move |source| VcpuError::Set {
-                what,
-                index,
-                source,
-            }
-        };
+        let set = |what| VcpuError::set(what, index);
 
         let mut cpuid = cpuid.clone();
         crate::cpuid::filter(&mut cpuid, index, count);
@@ -343,13 +357,7 @@ impl Vcpu {
     /// any I/O exit completed (see [`Vcpu::run`]'s parking).
     pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, VcpuError> {
         let index = self.index;
-        let get = |what| {
-            move |source| VcpuError::Get {
-                what,
-                index,
-                source,
-            }
-        };
+        let get = |what| VcpuError::get(what, index);
         let cpuid = self
             .fd
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
@@ -403,13 +411,7 @@ impl Vcpu {
     /// `xsave_size` is this host's KVM_CAP_XSAVE2 size (0 when KVM lacks the capability).
     pub fn restore_state(&self, state: &VcpuState, xsave_size: usize) -> Result<(), VcpuError> {
         let index = self.index;
-        let set = |what| {
-            move |source| VcpuError::Set {
-                what,
-                index,
-                source,
-            }
-        };
+        let set = |what| VcpuError::set(what, index);
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Set {
             what: "CPUID (too many entries)",
             index,
