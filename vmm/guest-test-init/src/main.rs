@@ -86,6 +86,9 @@ fn main() {
         let _ = writeln!(out, "SHOAL-TEST-INIT: vsock server failed: {e}");
     }
     let _ = writeln!(out, "SHOAL-TEST-INIT: rebooting");
+    // Let the line leave the serial port before the kernel prints its own reboot message,
+    // which would otherwise land in the middle of it.
+    let _ = nix::sys::termios::tcdrain(&out);
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
 }
