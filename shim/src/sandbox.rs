@@ -78,17 +78,21 @@ fn host_entropy() -> Vec<u8> {
     }
 }
 
-/// Says that the connection to the guest agent broke (`e`), whether the VM has ended, and
-/// the console's last lines.
-fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> String {
+/// For an agent call that failed with `e`: when the connection broke (the agent died, or
+/// the VM with it), a message saying so, whether the VM has ended, and the console's last
+/// lines; None for any other error.
+fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> Option<String> {
+    if !matches!(e, ttrpc::Error::Socket(_)) {
+        return None;
+    }
     let vm = match ended {
         Some(reason) => format!("the sandbox VM has ended ({reason})"),
         None => "the sandbox VM is still running".into(),
     };
-    format!(
+    Some(format!(
         "the connection to the guest agent broke ({e}); {vm}; the guest console's last lines:\n{}",
         console_tail(console, CONSOLE_TAIL_LINES)
-    )
+    ))
 }
 
 /// How much of the guest console an agent timeout reports.
@@ -401,8 +405,7 @@ impl Sandbox {
             agent.create_sandbox(ctx(timeout), &req).await
         };
         if let Err(e) = setup.await {
-            let lost = matches!(e, ttrpc::Error::Socket(_))
-                .then(|| lost_agent(&e, exited.borrow().as_ref(), &console));
+            let lost = lost_agent(&e, exited.borrow().as_ref(), &console);
             sandbox.stop();
             return Err(match lost {
                 Some(message) => SandboxError::AgentLost(message),
@@ -446,14 +449,13 @@ impl Sandbox {
     /// with it) becomes an error that says whether the VM still runs and what its console
     /// last showed; any other error is returned as it is.
     pub fn explain_agent_error(&self, e: ttrpc::Error) -> ttrpc::Error {
-        if !matches!(e, ttrpc::Error::Socket(_)) {
-            return e;
-        }
-        let message = lost_agent(
+        let Some(message) = lost_agent(
             &e,
             self.exited.borrow().as_ref(),
             &self.dir.join("console.log"),
-        );
+        ) else {
+            return e;
+        };
         tracing::error!("{message}");
         ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, message))
     }
@@ -578,7 +580,7 @@ mod tests {
 
         std::fs::write(&log, "booting\nKernel panic - not syncing: test\n").unwrap();
         let e = ttrpc::Error::Socket("early eof".into());
-        let msg = lost_agent(&e, Some(&ExitReason::Reboot), &log);
+        let msg = lost_agent(&e, Some(&ExitReason::Reboot), &log).unwrap();
         assert!(
             msg.contains("broke (")
                 && msg.contains("early eof")
@@ -586,7 +588,7 @@ mod tests {
             "{msg}"
         );
         assert!(msg.ends_with("  Kernel panic - not syncing: test"), "{msg}");
-        let msg = lost_agent(&e, None, &log);
+        let msg = lost_agent(&e, None, &log).unwrap();
         assert!(msg.contains("the sandbox VM is still running"), "{msg}");
 
         std::fs::remove_dir_all(&dir).unwrap();
