@@ -358,19 +358,7 @@ pub fn read_state(path: &Path) -> Result<Snapshot> {
         .take(STATE_HEADER as u64)
         .read_to_end(&mut bytes)
         .map_err(io("read the snapshot state file", path))?;
-    if bytes.len() < 12 || &bytes[..8] != STATE_MAGIC {
-        return Err(SnapshotError::NotASnapshot {
-            path: path.into(),
-            kind: "state",
-        });
-    }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(SnapshotError::Version {
-            path: path.into(),
-            found: version,
-        });
-    }
+    check_magic_and_version(&bytes, STATE_MAGIC, "state", path)?;
     if bytes.len() < STATE_HEADER {
         return Err(SnapshotError::Truncated {
             path: path.into(),
@@ -403,6 +391,30 @@ pub fn read_state(path: &Path) -> Result<Snapshot> {
         return Err(SnapshotError::Checksum { path: path.into() });
     }
     decode(payload, path)
+}
+
+/// Both files start with their magic and the format version: a file of another kind is
+/// "not a snapshot", one of another version says which.
+fn check_magic_and_version(
+    head: &[u8],
+    magic: &[u8; 8],
+    kind: &'static str,
+    path: &Path,
+) -> Result<()> {
+    if head.len() < 12 || &head[..8] != magic {
+        return Err(SnapshotError::NotASnapshot {
+            path: path.into(),
+            kind,
+        });
+    }
+    let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path: path.into(),
+            found: version,
+        });
+    }
+    Ok(())
 }
 
 fn memory_header(id: &[u8; 16], ram_bytes: u64) -> [u8; 40] {
@@ -456,19 +468,7 @@ pub fn map_memory(path: &Path, snapshot: &Snapshot) -> Result<GuestMemoryMmap> {
     }
     file.read_exact_at(&mut header, 0)
         .map_err(io("read the snapshot memory file", path))?;
-    if &header[..8] != MEMORY_MAGIC {
-        return Err(SnapshotError::NotASnapshot {
-            path: path.into(),
-            kind: "memory",
-        });
-    }
-    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(SnapshotError::Version {
-            path: path.into(),
-            found: version,
-        });
-    }
+    check_magic_and_version(&header, MEMORY_MAGIC, "memory", path)?;
     if header != memory_header(&snapshot.id, ram_bytes) {
         return Err(SnapshotError::ForeignMemory { path: path.into() });
     }
