@@ -200,7 +200,6 @@ pub struct Vm {
     pause: Arc<vcpu::Pause>,
     /// Whether the vCPUs are parked (between `pause` and `resume`).
     paused: Mutex<bool>,
-    memory_mib: u64,
     // Dropped last, after every thread using them has been joined.
     bus: Arc<Bus>,
     kvm_vm: vm::KvmVm,
@@ -214,7 +213,6 @@ const PAUSE_LIMIT: Duration = Duration::from_secs(5);
 struct Parts {
     kvm_vm: vm::KvmVm,
     mem: GuestMemoryMmap,
-    memory_mib: u64,
     exit: Arc<exit::ExitSignal>,
     bus: Bus,
     loop_devices: Vec<LoopDevice>,
@@ -309,7 +307,6 @@ impl Vm {
         Vm::start(Parts {
             kvm_vm,
             mem,
-            memory_mib: config.memory_mib,
             exit,
             bus: Bus::new(legacy, mmio_slots),
             loop_devices,
@@ -323,7 +320,6 @@ impl Vm {
         let Parts {
             kvm_vm,
             mem,
-            memory_mib,
             exit,
             bus,
             loop_devices,
@@ -358,7 +354,6 @@ impl Vm {
             balloon,
             pause: Arc::new(vcpu::Pause::default()),
             paused: Mutex::new(false),
-            memory_mib,
             bus: Arc::new(bus),
             kvm_vm,
             mem,
@@ -428,7 +423,6 @@ impl Vm {
         Vm::start(Parts {
             kvm_vm,
             mem,
-            memory_mib: snap.memory_mib,
             exit,
             bus: Bus::new(legacy, Vec::new()),
             loop_devices: Vec::new(),
@@ -513,7 +507,7 @@ impl Vm {
         }
         let vm = self.kvm_vm.save_state()?;
         let snap = snapshot::Snapshot {
-            memory_mib: self.memory_mib,
+            memory_mib: snapshot::ram_bytes(&self.mem) >> 20,
             id,
             vm,
             serial: self.bus.serial_state(),

@@ -426,9 +426,14 @@ fn memory_header(id: &[u8; 16], ram_bytes: u64) -> [u8; 40] {
     h
 }
 
+/// Bytes of guest RAM in `mem`, all regions together.
+pub fn ram_bytes(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
 /// Writes guest RAM to the memory file, leaving all-zero pages as holes.
 pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, id: &[u8; 16]) -> Result<()> {
-    let ram_bytes: u64 = mem.iter().map(|r| r.len()).sum();
+    let ram_bytes = ram_bytes(mem);
     write_atomically(path, |f| {
         f.write_all_at(&memory_header(id, ram_bytes), 0)?;
         let mut offset = MEMORY_HEADER;
