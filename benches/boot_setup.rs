@@ -269,6 +269,9 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
         console: Console::Sink,
         memory_mib: Some(MEMORY_MIB),
         vcpus: Some(1),
+        vsock: None,
+        shares: Vec::new(),
+        free_page_reporting: false,
     };
     let mut restore_ms = Vec::new();
     for _ in 0..runs {
@@ -373,6 +376,9 @@ fn bench_template(kernel: &Path, initrd: &Path) {
                 console: Console::File(console.clone()),
                 memory_mib: Some(MEMORY_MIB),
                 vcpus: Some(1),
+                vsock: None,
+                shares: Vec::new(),
+                free_page_reporting: false,
             })
             .expect("restore"),
         );

@@ -1,6 +1,7 @@
-//! `ctr run --rm` of busybox `true` through a real containerd: shoal vs runc, same image, same
-//! run (run by `scripts/bench`; prints figures, asserts nothing). Prints median and p99 per
-//! runtime and, for shoal, the split of a run: ctr launched → shim serving → VM created →
+//! `ctr run --rm` of busybox `true` through a real containerd: shoal booting its guest, shoal
+//! restoring a VM template, and runc, same image, same run (run by `scripts/bench`; prints
+//! figures, asserts nothing). Prints median and p99 per runtime and, for shoal, the split of
+//! a run: ctr launched → shim serving → VM created →
 //! agent ready → container started → exit seen → sandbox stopped (from the shim's phase marks
 //! in containerd's log).
 //!
@@ -33,18 +34,30 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let c = Containerd::start(&env, "bench", "log_level = \"info\"\n");
+    let template = c.template_config();
+    let template = template.to_str().unwrap();
     let mut results = Vec::new();
-    let mut split = vec![Vec::new(); 6];
-    for runtime in [RUNTIME, "io.containerd.runc.v2"] {
+    let mut splits = Vec::new();
+    let variants: [(&str, &str, &[&str]); 3] = [
+        ("shoal", RUNTIME, &[]),
+        (
+            "shoal (template)",
+            RUNTIME,
+            &["--runtime-config-path", template],
+        ),
+        ("runc", "io.containerd.runc.v2", &[]),
+    ];
+    for (variant, runtime, flags) in variants {
         let mut times = Vec::new();
+        let mut split = vec![Vec::new(); 6];
         for i in 0..runs {
-            let id = format!(
-                "bench-{}-{i}",
-                if runtime == RUNTIME { "shoal" } else { "runc" }
-            );
+            let id = format!("bench-{}-{i}", variant.replace([' ', '(', ')'], ""));
             let t0 = boottime_ms();
             let started = Instant::now();
-            let out = c.ctr(&["run", "--rm", "--runtime", runtime, IMAGE, &id, "true"]);
+            let mut args = vec!["run", "--rm", "--runtime", runtime];
+            args.extend_from_slice(flags);
+            args.extend_from_slice(&[IMAGE, &id, "true"]);
+            let out = c.ctr(&args);
             let ms = started.elapsed().as_secs_f64() * 1e3;
             assert!(
                 out.status.success(),
@@ -75,7 +88,10 @@ fn main() {
             }
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        results.push((runtime, times));
+        results.push((variant, times));
+        if runtime == RUNTIME {
+            splits.push((variant, split));
+        }
     }
     c.assert_clean();
     let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
@@ -102,14 +118,28 @@ fn main() {
         "exit seen -> sandbox stopped (delete)",
     ];
     println!(
-        "shoal split of one run (median ms over {} runs):",
-        split[0].len()
+        "split of one run (median ms over the runs that logged every mark; with a template, \"VM created\" is the restore):"
     );
-    for (name, mut v) in names.iter().zip(split) {
-        if v.is_empty() {
-            continue;
-        }
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!("  {:<34} {:>8.0}", name, percentile(&v, 0.5));
+    println!(
+        "  {:<38} {}",
+        "",
+        splits
+            .iter()
+            .map(|(v, _)| format!("{v:>18}"))
+            .collect::<String>()
+    );
+    for (i, name) in names.iter().enumerate() {
+        let cells: String = splits
+            .iter()
+            .map(|(_, split)| {
+                let mut v = split[i].clone();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                match v.is_empty() {
+                    true => format!("{:>18}", "-"),
+                    false => format!("{:>18.0}", percentile(&v, 0.5)),
+                }
+            })
+            .collect();
+        println!("  {name:<38} {cells}");
     }
 }

@@ -1,8 +1,8 @@
 //! Density: N idle busybox sandboxes started through containerd (`ctr run -d … sleep`), then
 //! host memory per sandbox — PSS summed over each sandbox's processes (smaps_rollup), plus the
 //! host memory no process accounts for (kernel: page tables, KVM, slab) — and how long the N
-//! starts took; then everything is deleted and checked gone. Side by side with runc in the
-//! same run. Prints figures, asserts only that nothing is left behind.
+//! starts took; then everything is deleted and checked gone. Three ways in one run: shoal
+//! booting each guest, shoal restoring each from one VM template, and runc. Prints figures, asserts only that nothing is left behind.
 //!
 //! `scripts/density N` runs it (in the lab where guests cannot boot natively: memory figures
 //! hold there, times are EMULATED). Needs what `shim/tests/ctr_e2e.rs` needs.
@@ -112,6 +112,9 @@ fn pss_split_kib(pid: i32, kernel: &str) -> [u64; 4] {
             let path = words.next().unwrap_or("");
             kind = if path == kernel {
                 1
+            } else if path.ends_with("/vm.mem") {
+                // A restored VM's RAM, mapped from its template's memory file.
+                0
             } else if inode != "0" && path.starts_with('/') {
                 3
             } else if len >= GUEST_RAM_MIN {
@@ -130,32 +133,19 @@ fn pss_split_kib(pid: i32, kernel: &str) -> [u64; 4] {
 /// (None for runc), to tell the VM's memory apart in the shim's mappings.
 fn measure(
     c: &Containerd,
-    runtime: &str,
+    (name, runtime, flags): (&str, &str, &[&str]),
     shim_comm: &str,
     n: usize,
     kernel: Option<&str>,
 ) -> Figures {
     let before = meminfo_kib("MemAvailable:");
     let started = Instant::now();
-    let ids: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "density-{}-{i}",
-                if runtime == RUNC { "runc" } else { "shoal" }
-            )
-        })
-        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("density-{name}-{i}")).collect();
     for id in &ids {
-        let out = c.ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            IMAGE,
-            id,
-            "sleep",
-            "1000000",
-        ]);
+        let mut args = vec!["run", "-d", "--runtime", runtime];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[IMAGE, id, "sleep", "1000000"]);
+        let out = c.ctr(&args);
         assert!(
             out.status.success(),
             "{runtime} {id}: {}\n{}",
@@ -247,9 +237,26 @@ fn main() {
         &format!("log_level = \"warn\"\n{extra}\n{pool}"),
     );
     let kernel = env.kernel.to_string_lossy().into_owned();
-    let shoal = measure(&c, RUNTIME, "containerd-shim", n, Some(&kernel));
+    let shoal = measure(
+        &c,
+        ("shoal", RUNTIME, &[]),
+        "containerd-shim",
+        n,
+        Some(&kernel),
+    );
     c.assert_clean();
-    let runc = measure(&c, RUNC, "containerd-shim", n, None);
+    // The same sandboxes restored from one VM template (its memory file shared by all).
+    let template = c.template_config();
+    let flags = ["--runtime-config-path", template.to_str().unwrap()];
+    let restored = measure(
+        &c,
+        ("template", RUNTIME, &flags),
+        "containerd-shim",
+        n,
+        Some(&kernel),
+    );
+    c.assert_clean();
+    let runc = measure(&c, ("runc", RUNC, &[]), "containerd-shim", n, None);
     let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
         "nested lab: memory figures hold, times EMULATED"
     } else {
@@ -257,31 +264,36 @@ fn main() {
     };
     let config = shoal_vmm_size(&c);
     println!("density: {n} idle busybox sandboxes ({label}; shoal VM {config}):");
-    println!("{:<44} {:>12} {:>12}", "", "shoal", "runc");
+    let all = [&shoal, &restored, &runc];
+    let row = |name: &str, unit: &str, value: &dyn Fn(&Figures) -> f64| {
+        let cells: String = all
+            .iter()
+            .map(|f| format!(" {:>12}", format!("{:.1} {unit}", value(f))))
+            .collect();
+        println!("{name:<44}{cells}");
+    };
     println!(
-        "{:<44} {:>9.1} MiB {:>9.1} MiB",
-        "PSS per sandbox (shim + VM / shim + container)", shoal.pss_mib, runc.pss_mib
+        "{:<44} {:>12} {:>12} {:>12}",
+        "", "shoal boot", "shoal tmpl", "runc"
     );
-    println!(
-        "{:<44} {:>9.1} MiB {:>9.1} MiB",
-        "host memory not in any process, per sandbox",
-        shoal.unattributed_mib,
-        runc.unattributed_mib
+    row(
+        "PSS per sandbox (shim + VM / shim + container)",
+        "MiB",
+        &|f| f.pss_mib,
     );
-    println!(
-        "{:<44} {:>9.1} MiB {:>9.1} MiB",
-        "total per sandbox",
-        shoal.pss_mib + shoal.unattributed_mib,
-        runc.pss_mib + runc.unattributed_mib
-    );
-    println!(
-        "{:<44} {:>10.1} s {:>10.1} s",
-        format!("time to start all {n} (sequential)"),
-        shoal.start_s,
-        runc.start_s
-    );
-    if let Some([guest, kernel, anon, file]) = shoal.split {
-        println!("shoal PSS per sandbox by kind: guest RAM {guest:.1} MiB, guest kernel mapped from its file {kernel:.1} MiB, other anonymous (heap, stacks) {anon:.1} MiB, other files (binary, libraries) {file:.1} MiB");
+    row("host memory not in any process, per sandbox", "MiB", &|f| {
+        f.unattributed_mib
+    });
+    row("total per sandbox", "MiB", &|f| {
+        f.pss_mib + f.unattributed_mib
+    });
+    row(&format!("time to start all {n} (sequential)"), "s", &|f| {
+        f.start_s
+    });
+    for (what, f) in [("booted", &shoal), ("restored from a template", &restored)] {
+        if let Some([guest, kernel, anon, file]) = f.split {
+            println!("shoal ({what}) PSS per sandbox by kind: guest RAM {guest:.1} MiB, guest kernel mapped from its file {kernel:.1} MiB, other anonymous (heap, stacks) {anon:.1} MiB, other files (binary, libraries) {file:.1} MiB");
+        }
     }
     if let Some(meminfo) = &shoal.guest_meminfo {
         let pick: Vec<String> = meminfo

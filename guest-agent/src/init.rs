@@ -126,13 +126,39 @@ pub fn take_host_time_and_entropy(host_time_unix_ns: u64, entropy: &[u8]) -> Res
         }
     }
     if !entropy.is_empty() {
-        std::fs::OpenOptions::new()
+        let mut urandom = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/urandom")
-            .and_then(|mut f| std::io::Write::write_all(&mut f, entropy))
+            .map_err(|e| AgentError::io("opening /dev/urandom", e))?;
+        std::io::Write::write_all(&mut urandom, entropy)
             .map_err(|e| AgentError::io("mixing the host's entropy into /dev/urandom", e))?;
+        // Mixing alone changes nothing the guest draws until the kernel next reseeds its
+        // generator (up to a minute): VMs restored from one template would hand out the
+        // same random numbers until then. Reseed now. ENODATA: the generator is not seeded
+        // yet, and its first seed will include these bytes.
+        match reseed_crng(&urandom) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => tracing::warn!("cannot reseed the kernel's random generator: {e}"),
+        }
     }
     Ok(())
+}
+
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`): the kernel's random generator takes a new key from
+/// its input pool at once.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+fn reseed_crng(urandom: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no memory of this process; the
+    // descriptor is a live /dev/urandom that `urandom` owns for the call.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 pub fn set_hostname(hostname: &str) -> Result<()> {

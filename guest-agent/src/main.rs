@@ -99,6 +99,7 @@ fn run(args: Args, pid1: bool) -> anyhow::Result<()> {
     let service = AgentService {
         sandbox: sandbox.clone(),
         shutdown: shutdown.clone(),
+        sandbox_id: Default::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

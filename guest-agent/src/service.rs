@@ -17,6 +17,8 @@ pub struct AgentService {
     pub sandbox: Arc<Sandbox>,
     /// Notified when Shutdown is requested.
     pub shutdown: Arc<Notify>,
+    /// The sandbox id CreateSandbox gave, reported by Check.
+    pub sandbox_id: std::sync::Mutex<String>,
 }
 
 /// Runs blocking sandbox work off the async runtime.
@@ -47,6 +49,14 @@ impl Agent for AgentService {
         Ok(CheckResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sandbox_id: self
+                .sandbox_id
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             ..Default::default()
         })
     }
@@ -60,6 +70,7 @@ impl Agent for AgentService {
         // Only PID 1 of a VM owns its machine's hostname and network; an agent on a host
         // leaves them alone.
         let in_vm = std::process::id() == 1;
+        let sandbox_id = req.sandbox_id.clone();
         blocking(move || {
             crate::init::check_entropy(&req.entropy)?;
             if in_vm {
@@ -76,6 +87,7 @@ impl Agent for AgentService {
             sb.configure(&req.hostname, &req.dns_servers, &req.dns_search, in_vm)
         })
         .await?;
+        *self.sandbox_id.lock().unwrap_or_else(|e| e.into_inner()) = sandbox_id;
         Ok(Empty::new())
     }
 

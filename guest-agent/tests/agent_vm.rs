@@ -232,3 +232,203 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
     assert!(!uds.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs container `id` (busybox root) with `spec_json` and returns its exit status and
+/// output.
+async fn run_container(
+    agent: &shoal_agent_api::agent_ttrpc::AgentClient,
+    uds: &Path,
+    id: &str,
+    spec_json: Vec<u8>,
+) -> (i32, String) {
+    let token = format!("{id}-out");
+    let out = stream(uds, &token);
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec_json,
+        rootfs: "/rootfs/busybox".into(),
+        stdio: Some(Stdio {
+            stdout: token,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    agent.create_container(ctx(), &req).await.unwrap();
+    let process = ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    agent.start_container(ctx(), &process).await.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut out = out;
+        out.read_to_string(&mut text).unwrap();
+        text
+    });
+    let wait = agent
+        .wait_process(
+            ctx(),
+            &ProcessRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    (wait.exit_status as i32, reader.join().unwrap())
+}
+
+/// The template round trip at the agent's level: an agent VM (vsock, a virtio-fs share the
+/// guest has not mounted yet, the balloon) is saved once its agent answered, then restored
+/// twice at once with new sockets, CIDs and shares. Each copy's agent answers on its own
+/// socket, takes its own hostname, sandbox id and entropy, mounts its own share, and draws
+/// random numbers the other does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
+    let Some((kernel, image)) = artifacts() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("shoal-agent-tpl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let share = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        shoal_vmm::FsConfig {
+            tag: "shoal".into(),
+            dir: d,
+            cache: shoal_vmm::CacheMode::Auto,
+        }
+    };
+    let uds = dir.join("template.sock");
+    let config = VmConfig {
+        kernel,
+        initrd: Some(image),
+        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
+        memory_mib: 256,
+        vcpus: 2,
+        vsock: Some(VsockConfig {
+            uds_path: uds.clone(),
+            cid: 3,
+        }),
+        disks: Vec::new(),
+        shares: vec![share("template-share")],
+        nets: Vec::new(),
+        free_page_reporting: true,
+        console: Console::File(dir.join("template-console")),
+    };
+    let vm = Vm::boot(&config).expect("boot");
+    let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nconsole:\n{}",
+                std::fs::read_to_string(dir.join("template-console")).unwrap_or_default()
+            )
+        });
+    let first = agent.check(ctx(), &CheckRequest::new()).await.unwrap();
+    assert_eq!(first.sandbox_id, "", "no CreateSandbox yet");
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let files = shoal_vmm::SnapshotFiles {
+        state: dir.join("vm.state"),
+        memory: dir.join("vm.mem"),
+    };
+    vm.pause().unwrap();
+    vm.snapshot(&files).unwrap();
+    drop(vm);
+
+    let restores: Vec<_> = (0..2)
+        .map(|i| {
+            let restore = shoal_vmm::RestoreConfig {
+                files: files.clone(),
+                console: Console::File(dir.join(format!("console-{i}"))),
+                memory_mib: Some(256),
+                vcpus: Some(2),
+                vsock: Some(VsockConfig {
+                    uds_path: dir.join(format!("copy-{i}.sock")),
+                    cid: 100 + i,
+                }),
+                shares: vec![share(&format!("share-{i}"))],
+                free_page_reporting: true,
+            };
+            std::thread::spawn(move || Vm::restore(&restore).expect("restore"))
+        })
+        .collect();
+    let vms: Vec<Vm> = restores.into_iter().map(|t| t.join().unwrap()).collect();
+
+    let mut uuids = Vec::new();
+    for i in 0..2 {
+        let uds = dir.join(format!("copy-{i}.sock"));
+        let console = || std::fs::read_to_string(dir.join(format!("console-{i}"))).unwrap();
+        let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("copy {i}: {e}\nconsole:\n{}", console()));
+        let entropy: Vec<u8> = (0..64).map(|b| (b * 7 + i * 131) as u8).collect();
+        agent
+            .create_sandbox(
+                ctx(),
+                &CreateSandboxRequest {
+                    hostname: format!("copy-{i}"),
+                    sandbox_id: format!("sandbox-{i}"),
+                    shared_fs_tag: "shoal".into(),
+                    host_time_unix_ns: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_nanos() as u64,
+                    entropy,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("copy {i}: {e:?}\nconsole:\n{}", console()));
+        let who = agent.check(ctx(), &CheckRequest::new()).await.unwrap();
+        assert_eq!(
+            (who.hostname.as_str(), who.sandbox_id.as_str(), who.pid),
+            (
+                format!("copy-{i}").as_str(),
+                format!("sandbox-{i}").as_str(),
+                1
+            )
+        );
+        // The share each copy mounted is its own host directory.
+        std::fs::write(dir.join(format!("share-{i}/mark")), format!("share {i}")).unwrap();
+        let mut with_share = serde_json::to_value(support::spec(&[
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/random/uuid; cat /mnt/share/mark",
+        ]))
+        .unwrap();
+        with_share["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "destination": "/mnt/share",
+                "type": "bind",
+                "source": shoal_agent_api::GUEST_SHARED_DIR,
+                "options": ["rbind", "ro"],
+            }));
+        let spec_json = serde_json::to_vec(&with_share).unwrap();
+        let (status, text) = run_container(&agent, &uds, "c", spec_json).await;
+        assert_eq!(status, 0, "{text}\nconsole:\n{}", console());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.get(1).copied(),
+            Some(format!("share {i}").as_str()),
+            "{text}"
+        );
+        uuids.push(lines[0].to_string());
+        match agent.shutdown(ctx(), &Empty::new()).await {
+            Ok(_) | Err(ttrpc::Error::Socket(_)) => {}
+            Err(e) => panic!("shutdown: {e:?}"),
+        }
+    }
+    assert_ne!(
+        uuids[0], uuids[1],
+        "the two copies drew the same random numbers"
+    );
+    for vm in vms {
+        assert_eq!(vm.wait(), ExitReason::Reboot);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -12,6 +12,8 @@
 //! kernel_cmdline = "console=ttyS0 reboot=k panic=1 quiet noreplace-smp"
 //! free_page_reporting = true                   # guests give freed pages back to the host
 //! host_reserve_mib = 256                       # no new sandbox while the host has less free
+//! template = false                             # restore VM templates instead of booting
+//! template_dir = "/var/lib/shoal/templates"    # made by scripts/template, one per VM size
 //!
 //! [cgroups]                                    # host cgroups for sandboxes, from a pool
 //! enabled = true
@@ -81,6 +83,11 @@ pub struct Config {
     /// Host memory kept free: a sandbox start is refused (with an error saying so) while
     /// the host's available memory is below this plus what a sandbox needs to start.
     pub host_reserve_mib: u64,
+    /// Start sandboxes by restoring the VM template made for their size (`scripts/template`)
+    /// instead of booting the guest.
+    pub template: bool,
+    /// Where templates live, one directory per VM size (`256m-1c`).
+    pub template_dir: PathBuf,
     /// Host cgroups for sandboxes.
     pub cgroups: CgroupsConfig,
 }
@@ -152,6 +159,8 @@ impl Default for Config {
             kernel_cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
             free_page_reporting: true,
             host_reserve_mib: 256,
+            template: false,
+            template_dir: "/var/lib/shoal/templates".into(),
             cgroups: CgroupsConfig::default(),
         }
     }

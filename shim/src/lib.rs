@@ -7,7 +7,8 @@
 //! - [`io`]: containerd's stdio fifos to and from the agent's streams;
 //! - [`config`]: `/etc/shoal/config.toml` and sizing annotations;
 //! - [`host_cgroups`]: a pool of pre-created sandbox cgroups;
-//! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects).
+//! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects);
+//! - [`template`]: VM templates, restored instead of booted when configured.
 pub mod config;
 pub mod host_cgroups;
 pub mod io;
@@ -15,3 +16,4 @@ pub mod mounts;
 pub mod network;
 pub mod sandbox;
 pub mod service;
+pub mod template;

@@ -10,13 +10,16 @@ use shoal_agent_api::agent::{CheckRequest, CreateSandboxRequest, Empty};
 use shoal_agent_api::agent_ttrpc::AgentClient;
 use shoal_agent_api::client::connect_agent;
 use shoal_agent_api::AGENT_PORT;
-use shoal_vmm::{CacheMode, Console, ExitReason, FsConfig, Stopper, Vm, VmConfig, VsockConfig};
+use shoal_vmm::{
+    CacheMode, Console, ExitReason, FsConfig, NetConfig, Stopper, Vm, VmConfig, VsockConfig,
+};
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::host_cgroups::{Claim, Limits, Pool, PoolError};
 use crate::mounts;
 use crate::network::{Connected, NetworkError, PodNetwork};
+use crate::template::{self, Template, TemplateError};
 
 /// virtio-fs tag of every sandbox's shared tree.
 pub const SHARE_TAG: &str = "shoal";
@@ -55,6 +58,8 @@ pub enum SandboxError {
     Cgroup(#[from] PoolError),
     #[error("cannot carry the pod's network into the VM: {0}")]
     Network(#[from] NetworkError),
+    #[error("cannot start the sandbox from its VM template: {0}")]
+    Template(#[from] TemplateError),
     #[error("host memory is low: {available} MiB available, and a sandbox needs {STARTUP_MIB} MiB to start above the {reserve} MiB kept free (host_reserve_mib in the shoal config)")]
     HostMemory { available: u64, reserve: u64 },
 }
@@ -96,10 +101,10 @@ fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> O
 }
 
 /// How much of the guest console an agent timeout reports.
-const CONSOLE_TAIL_LINES: usize = 20;
+pub const CONSOLE_TAIL_LINES: usize = 20;
 
 /// The last `lines` lines of the console log at `path`, indented, or why there are none.
-fn console_tail(path: &Path, lines: usize) -> String {
+pub fn console_tail(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
         Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => {
             "  (the guest printed nothing)".into()
@@ -114,6 +119,40 @@ fn console_tail(path: &Path, lines: usize) -> String {
                 .join("\n")
         }
         Err(e) => format!("  (cannot read {}: {e})", path.display()),
+    }
+}
+
+/// A sandbox's VM: the configured kernel, image, size and command line; vsock on `uds` with
+/// guest CID `cid`; the shared tree at `shared` (virtio-fs tag [`SHARE_TAG`]); the pod's
+/// network cards; the balloon if configured; the console to a file. Templates are made
+/// with the same, so that a restored sandbox has what a booted one has.
+pub fn vm_config(
+    config: &Config,
+    uds: &Path,
+    cid: u64,
+    shared: &Path,
+    console: &Path,
+    nets: Vec<NetConfig>,
+) -> VmConfig {
+    VmConfig {
+        kernel: config.kernel.clone(),
+        initrd: Some(config.initrd.clone()),
+        cmdline: config.kernel_cmdline.clone(),
+        memory_mib: config.memory_mib,
+        vcpus: config.vcpus,
+        vsock: Some(VsockConfig {
+            uds_path: uds.into(),
+            cid,
+        }),
+        disks: Vec::new(),
+        shares: vec![FsConfig {
+            tag: SHARE_TAG.into(),
+            dir: shared.into(),
+            cache: CacheMode::Auto,
+        }],
+        nets,
+        free_page_reporting: config.free_page_reporting,
+        console: Console::File(console.into()),
     }
 }
 
@@ -287,33 +326,42 @@ impl Sandbox {
             false => None,
         };
         mark("cgroup_claimed");
-        let vm_config = VmConfig {
-            kernel: config.kernel.clone(),
-            initrd: Some(config.initrd.clone()),
-            cmdline: config.kernel_cmdline.clone(),
-            memory_mib: config.memory_mib,
-            vcpus: config.vcpus,
-            vsock: Some(VsockConfig {
-                uds_path: uds.clone(),
-                cid: 3,
-            }),
-            disks: Vec::new(),
-            shares: vec![FsConfig {
-                tag: SHARE_TAG.into(),
-                dir: shared.clone(),
-                cache: CacheMode::Auto,
-            }],
-            nets: network
-                .as_ref()
-                .map(PodNetwork::vm_nets)
-                .unwrap_or_default(),
-            free_page_reporting: config.free_page_reporting,
-            console: Console::File(console.clone()),
+        let cid = template::sandbox_cid(id);
+        let nets = network
+            .as_ref()
+            .map(PodNetwork::vm_nets)
+            .unwrap_or_default();
+        // A template VM has no network cards, and virtio-mmio cannot add any later: a
+        // sandbox with the pod's network boots.
+        let template = match (config.template, nets.is_empty()) {
+            (true, true) => match Template::find(config) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let _ = mounts::remove_tree(&dir);
+                    return Err(e.into());
+                }
+            },
+            (true, false) => {
+                tracing::info!("sandbox {id}: booting, not restoring the template: the pod has network interfaces, which templates do not carry");
+                None
+            }
+            (false, _) => None,
         };
-        let booted = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))
-            .await
-            .expect("VM boot task");
-        let vm = match booted {
+        let started = match template {
+            Some(t) => {
+                tracing::info!(
+                    "sandbox {id}: restoring the VM template {}",
+                    t.dir.display()
+                );
+                let restore = t.restore_config(config, &uds, cid, &shared, &console);
+                tokio::task::spawn_blocking(move || Vm::restore(&restore)).await
+            }
+            None => {
+                let vm_config = vm_config(config, &uds, cid, &shared, &console, nets);
+                tokio::task::spawn_blocking(move || Vm::boot(&vm_config)).await
+            }
+        };
+        let vm = match started.expect("VM start task") {
             Ok(vm) => vm,
             Err(e) => {
                 let _ = mounts::remove_tree(&dir);

@@ -636,3 +636,114 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
     let _ = c.ctr(&["container", "delete", "lowmem"]);
     c.assert_clean();
 }
+
+/// VM templates (`template = true`), as an operator uses them: a start without a template
+/// fails saying how to make one; `shoal-template` makes it from the same config; sandboxes
+/// then start by restoring it, two at once, each with its own boot id, random numbers and
+/// the host's clock (hostnames: `agent_vm`, since `ctr run` sets none); a config the template no longer fits is refused by name.
+#[test]
+fn ctr_templates_restore_sandboxes_that_are_each_unique() {
+    let Some(env) = env() else { return };
+    let templates = std::path::PathBuf::from(format!(
+        "/var/tmp/shoal-e2e-templates-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&templates);
+    let c = Containerd::start(
+        &env,
+        "template",
+        &format!(
+            "template = true\ntemplate_dir = \"{}\"\n",
+            templates.display()
+        ),
+    );
+    let out = c.run(&["--rm"], "notemplate", &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no VM template for 256 MiB and 1 vCPUs")
+            && text(&out).contains("scripts/template"),
+        "{}",
+        text(&out)
+    );
+    let _ = c.ctr(&["container", "delete", "notemplate"]);
+    c.assert_clean();
+
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-template"))
+        .arg("--config")
+        .arg(c.root.join("shoal.toml"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "shoal-template: {}", text(&made));
+    let dir = templates.join("256m-1c");
+    assert_eq!(stdout(&made).trim(), dir.to_str().unwrap());
+    for f in ["vm.state", "vm.mem", "template.json", "console.log"] {
+        assert!(dir.join(f).is_file(), "{f} missing from the template");
+    }
+
+    // The container's root file system is on the sandbox's virtio-fs share, which the
+    // restored guest mounts from its new host directory.
+    let script = "cat /proc/sys/kernel/random/boot_id /proc/sys/kernel/random/uuid; date +%s";
+    let outs = in_flight(2, 2, |i| {
+        let name = format!("tpl{i}");
+        c.run(&["--rm"], &name, &["sh", "-c", script])
+    });
+    let mut seen = Vec::new();
+    for out in &outs {
+        assert!(out.status.success(), "{}\n{}", text(out), c.log());
+        let lines: Vec<String> = stdout(out).lines().map(String::from).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let guest_now: i64 = lines[2].parse().unwrap();
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (host_now - guest_now).abs() < 120,
+            "guest clock {guest_now}, host {host_now}"
+        );
+        seen.push(lines);
+    }
+    assert_ne!(
+        seen[0][0], seen[1][0],
+        "both restored guests have the same boot id"
+    );
+    assert_ne!(
+        seen[0][1], seen[1][1],
+        "both restored guests drew the same random uuid"
+    );
+    let restored = c.log().matches("restoring the VM template").count();
+    assert_eq!(restored, 2, "{}", c.log());
+    c.assert_clean();
+
+    // A config the template no longer fits: another size, another command line.
+    for (extra, wanted) in [
+        ("memory_mib = 320\n", "no VM template for 320 MiB"),
+        (
+            "kernel_cmdline = \"console=ttyS0 reboot=k panic=1\"\n",
+            "does not fit this config: it was booted with the command line",
+        ),
+    ] {
+        let other = c.root.join("other.toml");
+        std::fs::write(
+            &other,
+            format!(
+                "kernel = \"{}\"\ninitrd = \"{}\"\nstate_dir = \"{}\"\ntemplate = true\ntemplate_dir = \"{}\"\n{extra}[cgroups]\nenabled = false\n",
+                env.kernel.display(),
+                env.agent.display(),
+                c.shoal_state().display(),
+                templates.display()
+            ),
+        )
+        .unwrap();
+        let out = c.run(
+            &["--rm", "--runtime-config-path", other.to_str().unwrap()],
+            "misfit",
+            &["true"],
+        );
+        assert!(!out.status.success());
+        assert!(text(&out).contains(wanted), "{}", text(&out));
+        let _ = c.ctr(&["container", "delete", "misfit"]);
+        c.assert_clean();
+    }
+    std::fs::remove_dir_all(&templates).unwrap();
+}

@@ -229,6 +229,32 @@ pub struct RestoreConfig {
     /// The VM size asked for; a snapshot of another size is refused. None: any.
     pub memory_mib: Option<u64>,
     pub vcpus: Option<u8>,
+    /// The restored VM's devices: the same kinds, in the same order, as the snapshot's VM
+    /// had, each with its new host side (vsock socket and CID, shared directory).
+    pub vsock: Option<VsockConfig>,
+    pub shares: Vec<FsConfig>,
+    pub free_page_reporting: bool,
+}
+
+/// The virtio devices of a VM, in the order the guest finds them.
+struct DeviceSet<'a> {
+    vsock: Option<&'a VsockConfig>,
+    disks: &'a [DiskConfig],
+    shares: &'a [FsConfig],
+    nets: &'a [NetConfig],
+    free_page_reporting: bool,
+}
+
+impl<'a> DeviceSet<'a> {
+    fn of(config: &'a VmConfig) -> Self {
+        DeviceSet {
+            vsock: config.vsock.as_ref(),
+            disks: &config.disks,
+            shares: &config.shares,
+            nets: &config.nets,
+            free_page_reporting: config.free_page_reporting,
+        }
+    }
 }
 
 fn vcpu_kick_signal() -> i32 {
@@ -282,8 +308,9 @@ impl Vm {
             source,
         })?);
         let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone(), None)?;
-        let (mmio_slots, loop_devices, cmdline_devices, balloon) =
-            virtio_devices(&kvm_vm, &mem, config)?;
+        let (devices, balloon) = create_devices(&DeviceSet::of(config))?;
+        let (mmio_slots, loop_devices, cmdline_devices) =
+            attach_devices(&kvm_vm, &mem, devices, None)?;
 
         let cmdline = boot::build_cmdline(&config.cmdline, &cmdline_devices)?;
         let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
@@ -401,6 +428,29 @@ impl Vm {
             }
             .into());
         }
+        let (devices, balloon) = create_devices(&DeviceSet {
+            vsock: config.vsock.as_ref(),
+            disks: &[],
+            shares: &config.shares,
+            nets: &[],
+            free_page_reporting: config.free_page_reporting,
+        })?;
+        let found: Vec<String> = snap
+            .devices
+            .iter()
+            .map(|d| virtio::device_type_name(d.device_type))
+            .collect();
+        let wanted: Vec<String> = devices
+            .iter()
+            .map(|d| virtio::device_type_name(d.device_type()))
+            .collect();
+        if found != wanted {
+            return Err(snapshot::SnapshotError::DeviceMismatch {
+                found: found.join(", "),
+                wanted: wanted.join(", "),
+            }
+            .into());
+        }
         let mem = snapshot::map_memory(&config.files.memory, &snap)?;
         step("memory");
         let kvm_vm = vm::KvmVm::create(&mem, found_vcpus)?;
@@ -420,13 +470,16 @@ impl Vm {
             vcpus.push(vcpu);
         }
         step("vCPUs");
+        let (mmio_slots, loop_devices, _) =
+            attach_devices(&kvm_vm, &mem, devices, Some(&snap.devices))?;
+        step("devices");
         Vm::start(Parts {
             kvm_vm,
             mem,
             exit,
-            bus: Bus::new(legacy, Vec::new()),
-            loop_devices: Vec::new(),
-            balloon: None,
+            bus: Bus::new(legacy, mmio_slots),
+            loop_devices,
+            balloon,
             vcpus,
         })
     }
@@ -481,11 +534,6 @@ impl Vm {
         if !*paused {
             return Err(snapshot::SnapshotError::NotPaused);
         }
-        if self.bus.has_virtio() {
-            return Err(snapshot::SnapshotError::Unsupported(
-                "it has virtio devices, whose state snapshots do not hold yet",
-            ));
-        }
         let xsave_size = self.kvm_vm.xsave_size();
         if xsave_size > vcpu::XSAVE_SIZE {
             return Err(snapshot::SnapshotError::Unsupported(
@@ -497,6 +545,14 @@ impl Vm {
             path: "/dev/urandom".into(),
             source,
         })?;
+        // The devices stay locked until the memory is written: the device thread must not
+        // move a queue (a vsock packet arriving from the host) after its position is saved.
+        let transports = self.bus.lock_transports();
+        let devices = transports
+            .iter()
+            .map(|t| t.save_state())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(snapshot::SnapshotError::Device)?;
         // Every vCPU reads its state now, all of them parked, then the VM-wide state.
         let mut vcpus = Vec::new();
         for state in self.pause.save(self.vcpu_threads.len(), PAUSE_LIMIT) {
@@ -512,9 +568,16 @@ impl Vm {
             vm,
             serial: self.bus.serial_state(),
             vcpus,
+            devices,
         };
         // Memory first: a state file only ever names memory that is complete.
         snapshot::write_memory(&files.memory, &self.mem, &id)?;
+        if transports.iter().any(|t| t.device().changed_since_save()) {
+            let _ = std::fs::remove_file(&files.memory);
+            return Err(snapshot::SnapshotError::Unsupported(
+                "a device served a request while the snapshot was taken (a virtio-fs share the guest has started to use)",
+            ));
+        }
         snapshot::write_state(&files.state, &snap)
     }
 
@@ -630,22 +693,15 @@ fn legacy_devices(
     Ok(Legacy::new(console, serial_irq, exit, serial_state)?)
 }
 
-type VirtioSetup = (
-    Vec<MmioSlot>,
-    Vec<LoopDevice>,
-    Vec<String>,
+type Devices = (
+    Vec<Box<dyn VirtioDevice>>,
     Option<Arc<virtio::balloon::BalloonStats>>,
 );
 
-/// Creates the configured virtio devices, each with its MMIO window, irqfd and one ioeventfd
-/// per queue, and the `virtio_mmio.device=` entries that announce them to the guest.
-fn virtio_devices(
-    kvm_vm: &vm::KvmVm,
-    mem: &GuestMemoryMmap,
-    config: &VmConfig,
-) -> Result<VirtioSetup> {
+/// Creates the virtio devices of `set`, in bus order.
+fn create_devices(set: &DeviceSet) -> Result<Devices> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    if let Some(vsock) = &config.vsock {
+    if let Some(vsock) = set.vsock {
         if vsock.cid < 3 {
             return Err(Error::VsockCid(vsock.cid));
         }
@@ -654,20 +710,20 @@ fn virtio_devices(
             &vsock.uds_path,
         )?));
     }
-    for disk in &config.disks {
+    for disk in set.disks {
         devices.push(Box::new(virtio::block::Block::open(
             &disk.path,
             disk.read_only,
         )?));
     }
-    for share in &config.shares {
+    for share in set.shares {
         devices.push(Box::new(virtio::fs::Fs::new(share)?));
     }
-    for net in &config.nets {
+    for net in set.nets {
         devices.push(Box::new(virtio::net::Net::new(net)?));
     }
     let mut balloon = None;
-    if config.free_page_reporting {
+    if set.free_page_reporting {
         let device = virtio::balloon::Balloon::new();
         balloon = Some(device.stats());
         devices.push(Box::new(device));
@@ -675,6 +731,20 @@ fn virtio_devices(
     if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
         return Err(Error::TooManyDevices(devices.len()));
     }
+    Ok((devices, balloon))
+}
+
+type Attached = (Vec<MmioSlot>, Vec<LoopDevice>, Vec<String>);
+
+/// Puts each device behind its MMIO window with its irqfd and one ioeventfd per queue, in a
+/// fresh transport or, from a snapshot, in the transport state `saved` holds for it. Also
+/// returns the `virtio_mmio.device=` entries that announce the devices to a booting guest.
+fn attach_devices(
+    kvm_vm: &vm::KvmVm,
+    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    saved: Option<&[virtio::mmio::TransportState]>,
+) -> Result<Attached> {
     let (mut slots, mut loop_devices, mut cmdline) = (Vec::new(), Vec::new(), Vec::new());
     for (index, device) in devices.into_iter().enumerate() {
         let (base, size) = layout::virtio_mmio_window(index as u32);
@@ -709,11 +779,20 @@ fn virtio_devices(
                 })?;
             queue_evts.push(evt);
         }
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            mem.clone(),
-            Interrupt::new(irqfd),
-        )));
+        let interrupt = Interrupt::new(irqfd);
+        let transport = match saved.and_then(|s| s.get(index)) {
+            Some(state) => {
+                let name = device.name();
+                MmioTransport::restore(device, mem.clone(), interrupt, state).map_err(|source| {
+                    snapshot::SnapshotError::DeviceRestore {
+                        device: name,
+                        source,
+                    }
+                })?
+            }
+            None => MmioTransport::new(device, mem.clone(), interrupt),
+        };
+        let transport = Arc::new(Mutex::new(transport));
         slots.push(MmioSlot {
             base,
             size,
@@ -725,7 +804,7 @@ fn virtio_devices(
         });
         cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
-    Ok((slots, loop_devices, cmdline, balloon))
+    Ok((slots, loop_devices, cmdline))
 }
 
 #[cfg(test)]

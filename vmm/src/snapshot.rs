@@ -12,8 +12,10 @@
 //! shares with its state file, RAM size), then guest RAM, region after region. Pages that
 //! are all zero are left as holes, so a mostly idle guest's file is small on disk.
 //!
-//! Only VMs without virtio devices can be saved so far; their device state (queues, vsock
-//! connections, the virtio-fs session) is not part of the format yet.
+//! virtio devices are saved as their transport registers and queue positions. vsock host
+//! connections are not carried over: a restored guest is told its vsock transport was reset.
+//! A virtio-fs share can be saved only before the guest has used it (its FUSE session lives
+//! in the VMM); disks and network cards cannot be saved yet.
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -31,12 +33,15 @@ use vm_memory::{
 use vm_superio::serial::SerialState;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use virtio_queue::QueueState;
+
 use crate::memory::ram_ranges;
 use crate::vcpu::VcpuState;
+use crate::virtio::mmio::TransportState;
 use crate::vm::VmState;
 
 /// Version of both file formats; a file of any other version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const STATE_MAGIC: &[u8; 8] = b"SHOALSNP";
 const MEMORY_MAGIC: &[u8; 8] = b"SHOALMEM";
 const STATE_HEADER: usize = 32;
@@ -79,6 +84,15 @@ pub enum SnapshotError {
     SizeMismatch { found: String, wanted: String },
     #[error("cannot snapshot this VM: {0}")]
     Unsupported(&'static str),
+    #[error("cannot snapshot this VM: {0}")]
+    Device(crate::virtio::VirtioError),
+    #[error("the snapshot's VM has the devices [{found}]; this VM asks for [{wanted}] (make the template with the same devices)")]
+    DeviceMismatch { found: String, wanted: String },
+    #[error("cannot restore the snapshot's {device} device: {source}")]
+    DeviceRestore {
+        device: &'static str,
+        source: crate::virtio::VirtioError,
+    },
     #[error("the VM must be paused to be snapshotted")]
     NotPaused,
     #[error("the vCPUs did not pause within {0:?}")]
@@ -101,6 +115,8 @@ pub struct Snapshot {
     pub vm: VmState,
     pub serial: SerialState,
     pub vcpus: Vec<VcpuState>,
+    /// The virtio transports, in bus order.
+    pub devices: Vec<TransportState>,
 }
 
 /// Appends records to a payload.
@@ -222,7 +238,81 @@ fn encode(s: &Snapshot) -> Vec<u8> {
         w.pods(&v.msrs);
         w.u64(u64::from(v.tsc_khz));
     }
+    w.u64(s.devices.len() as u64);
+    for d in &s.devices {
+        for v in [
+            u64::from(d.device_type),
+            u64::from(d.status),
+            d.driver_features,
+            u64::from(d.queue_select),
+            u64::from(d.device_features_select),
+            u64::from(d.driver_features_select),
+            u64::from(d.config_generation),
+            u64::from(d.interrupt_status),
+            u64::from(d.active),
+        ] {
+            w.u64(v);
+        }
+        w.u64(d.queues.len() as u64);
+        for q in &d.queues {
+            for v in [
+                u64::from(q.max_size),
+                u64::from(q.next_avail),
+                u64::from(q.next_used),
+                u64::from(q.event_idx_enabled),
+                u64::from(q.size),
+                u64::from(q.ready),
+                q.desc_table,
+                q.avail_ring,
+                q.used_ring,
+            ] {
+                w.u64(v);
+            }
+        }
+    }
     w.0
+}
+
+/// Largest number of queues one device's record may hold.
+const MAX_QUEUES: u64 = 64;
+
+fn decode_device(r: &mut Reader) -> Result<TransportState> {
+    let mut next = |what: &str, max: u64| -> Result<u64> {
+        let v = r.u64(what)?;
+        if v > max {
+            return Err(r.malformed(format!("{what} is {v}, more than {max}")));
+        }
+        Ok(v)
+    };
+    let u32_max = u64::from(u32::MAX);
+    let mut d = TransportState {
+        device_type: next("a device type", u32_max)? as u32,
+        status: next("a device status", u32_max)? as u32,
+        driver_features: next("a device's features", u64::MAX)?,
+        queue_select: next("a device's queue selector", u32_max)? as u32,
+        device_features_select: next("a device's feature selector", u32_max)? as u32,
+        driver_features_select: next("a device's feature selector", u32_max)? as u32,
+        config_generation: next("a device's config generation", u32_max)? as u32,
+        interrupt_status: next("a device's interrupt status", u32_max)? as u32,
+        active: next("a device's activation", 1)? == 1,
+        queues: Vec::new(),
+    };
+    let count = next("a device's queue count", MAX_QUEUES)?;
+    let u16_max = u64::from(u16::MAX);
+    for _ in 0..count {
+        d.queues.push(QueueState {
+            max_size: next("a queue's maximum size", u16_max)? as u16,
+            next_avail: next("a queue's next available", u16_max)? as u16,
+            next_used: next("a queue's next used", u16_max)? as u16,
+            event_idx_enabled: next("a queue's event index flag", 1)? == 1,
+            size: next("a queue's size", u16_max)? as u16,
+            ready: next("a queue's ready flag", 1)? == 1,
+            desc_table: next("a queue's descriptor table", u64::MAX)?,
+            avail_ring: next("a queue's available ring", u64::MAX)?,
+            used_ring: next("a queue's used ring", u64::MAX)?,
+        });
+    }
+    Ok(d)
 }
 
 fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
@@ -282,8 +372,15 @@ fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
                 .map_err(|_| r.malformed("the TSC frequency is out of range"))?,
         });
     }
+    let count = r.u64("the device count")?;
+    if count > u64::from(crate::layout::VIRTIO_MMIO_MAX_DEVICES) {
+        return Err(r.malformed(format!("{count} devices")));
+    }
+    let devices = (0..count)
+        .map(|_| decode_device(&mut r))
+        .collect::<Result<Vec<_>>>()?;
     if !r.buf.is_empty() {
-        return Err(r.malformed(format!("{} bytes follow the last vCPU", r.buf.len())));
+        return Err(r.malformed(format!("{} bytes follow the last device", r.buf.len())));
     }
     Ok(Snapshot {
         memory_mib,
@@ -291,6 +388,7 @@ fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
         vm,
         serial,
         vcpus,
+        devices,
     })
 }
 
@@ -570,6 +668,28 @@ mod tests {
                 ..Default::default()
             },
             vcpus: vec![vcpu],
+            devices: vec![TransportState {
+                device_type: 19,
+                status: 15,
+                driver_features: 1 << 32,
+                queue_select: 2,
+                device_features_select: 1,
+                driver_features_select: 1,
+                config_generation: 0,
+                interrupt_status: 1,
+                active: true,
+                queues: vec![QueueState {
+                    max_size: 256,
+                    next_avail: 65535,
+                    next_used: 3,
+                    event_idx_enabled: true,
+                    size: 128,
+                    ready: true,
+                    desc_table: 0x1000,
+                    avail_ring: 0x2000,
+                    used_ring: 0x3000,
+                }],
+            }],
         }
     }
 
@@ -587,20 +707,28 @@ mod tests {
         assert_eq!((v.cpuid[0].function, v.cpuid[0].eax), (7, 0x1234));
         assert_eq!((v.msrs[0].index, v.msrs[0].data), (0x10, 99));
         assert_eq!(v.tsc_khz, 2_600_000);
+        assert_eq!(back.devices, sample().devices);
 
         let e = decode(&payload[..payload.len() - 3], path)
             .err()
             .unwrap()
             .to_string();
         assert!(
-            e.contains("/x.state is malformed") && e.contains("ends inside the TSC frequency"),
+            e.contains("/x.state is malformed") && e.contains("ends inside a queue's used ring"),
             "{e}"
         );
 
         let mut extra = payload.clone();
         extra.push(0);
         let e = decode(&extra, path).err().unwrap().to_string();
-        assert!(e.contains("1 bytes follow the last vCPU"), "{e}");
+        assert!(e.contains("1 bytes follow the last device"), "{e}");
+
+        // A queue whose ready flag is neither 0 nor 1.
+        let mut bad = payload.clone();
+        let at = payload.len() - 4 * 8;
+        bad[at..at + 8].copy_from_slice(&7u64.to_le_bytes());
+        let e = decode(&bad, path).err().unwrap().to_string();
+        assert!(e.contains("a queue's ready flag is 7, more than 1"), "{e}");
 
         // The master PIC's record claims one byte less than a kvm_irqchip.
         let mut short = payload.clone();

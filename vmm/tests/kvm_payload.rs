@@ -569,30 +569,47 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
     }
     drop(vm);
 
-    // A VM with a virtio device: refused, and nothing written.
-    let mut with_vsock = cfg.clone();
-    with_vsock.vsock = Some(VsockConfig {
-        uds_path: dir.path("v.sock"),
-        cid: 3,
-    });
-    let vm = Vm::boot(&with_vsock).expect("boot");
+    // A VM with a disk, whose state snapshots do not hold: refused, and nothing written.
+    let mut with_disk = cfg.clone();
+    std::fs::write(dir.path("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    with_disk.disks = vec![shoal_vmm::DiskConfig {
+        path: dir.path("disk.img"),
+        read_only: true,
+    }];
+    let vm = Vm::boot(&with_disk).expect("boot");
     vm.pause().unwrap();
     let partial = SnapshotFiles {
-        state: dir.path("vsock.state"),
-        memory: dir.path("vsock.mem"),
+        state: dir.path("disk.state"),
+        memory: dir.path("disk.mem"),
     };
     let e = vm.snapshot(&partial).unwrap_err().to_string();
-    assert!(e.contains("virtio devices"), "{e}");
+    assert!(e.contains("block") && e.contains("cannot be saved"), "{e}");
     drop(vm);
     let left: Vec<_> = std::fs::read_dir(&dir.0)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("vsock") || n.ends_with(".partial"))
+        .filter(|n| n.starts_with("disk.") && n != "disk.img" || n.ends_with(".partial"))
         .collect();
     assert!(
         left.is_empty(),
         "files left by a refused snapshot: {left:?}"
     );
+
+    // A VM with a vsock device the guest never set up: saved, and restored with a new
+    // socket and CID (below).
+    let mut with_vsock = cfg.clone();
+    with_vsock.vsock = Some(VsockConfig {
+        uds_path: dir.path("v.sock"),
+        cid: 3,
+    });
+    let vsock_files = SnapshotFiles {
+        state: dir.path("vsock.state"),
+        memory: dir.path("vsock.mem"),
+    };
+    let vm = Vm::boot(&with_vsock).expect("boot");
+    vm.pause().unwrap();
+    vm.snapshot(&vsock_files).unwrap();
+    drop(vm);
 
     let threads = thread_names();
     let fds = fd_count();
@@ -606,6 +623,9 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
             console: Console::File(dir.path("restored")),
             memory_mib: mib,
             vcpus: None,
+            vsock: None,
+            shares: Vec::new(),
+            free_page_reporting: false,
         })
         .err()
         .expect("restore must fail")
@@ -662,6 +682,13 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
         "{e}"
     );
 
+    // A snapshot of a VM with a vsock device restores only with one.
+    let e = restore(&vsock_files.state, &vsock_files.memory, None);
+    assert!(
+        e.contains("has the devices [vsock]") && e.contains("asks for []"),
+        "{e}"
+    );
+
     assert_eq!(thread_names(), threads, "a failed restore left threads");
     assert_eq!(fd_count(), fds, "a failed restore leaked file descriptors");
     assert_eq!(
@@ -676,8 +703,30 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
         console: Console::File(dir.path("restored")),
         memory_mib: Some(24),
         vcpus: Some(1),
+        vsock: None,
+        shares: Vec::new(),
+        free_page_reporting: false,
     })
     .expect("restore");
     wait_for_console(&dir.path("restored"), 20);
+    drop(vm);
+    let vm = Vm::restore(&RestoreConfig {
+        files: vsock_files,
+        console: Console::File(dir.path("restored-vsock")),
+        memory_mib: Some(24),
+        vcpus: Some(1),
+        vsock: Some(VsockConfig {
+            uds_path: dir.path("new.sock"),
+            cid: 77,
+        }),
+        shares: Vec::new(),
+        free_page_reporting: false,
+    })
+    .expect("restore with a vsock device");
+    assert!(
+        dir.path("new.sock").exists(),
+        "the new vsock socket listens"
+    );
+    wait_for_console(&dir.path("restored-vsock"), 20);
     drop(vm);
 }

@@ -129,6 +129,29 @@ impl Containerd {
         c
     }
 
+    /// Makes a VM template from this fixture's shoal config (`shoal-template`) and returns a
+    /// config file that starts sandboxes by restoring it (for `--runtime-config-path`).
+    pub fn template_config(&self) -> PathBuf {
+        let base = std::fs::read_to_string(self.root.join("shoal.toml")).unwrap();
+        let path = self.root.join("shoal-template.toml");
+        // Before the rest: the base ends inside its [cgroups] table.
+        std::fs::write(
+            &path,
+            format!(
+                "template = true\ntemplate_dir = \"{}\"\n{base}",
+                self.root.join("templates").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal-template"))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "shoal-template: {}", text(&out));
+        path
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.join("containerd.log")).unwrap_or_default()
     }

@@ -40,9 +40,12 @@ impl Bus {
             .serial_state()
     }
 
-    /// Whether any virtio device is on the bus.
-    pub fn has_virtio(&self) -> bool {
-        !self.mmio.is_empty()
+    /// Every virtio transport, locked, in bus order.
+    pub fn lock_transports(&self) -> Vec<std::sync::MutexGuard<'_, MmioTransport>> {
+        self.mmio
+            .iter()
+            .map(|s| s.transport.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {

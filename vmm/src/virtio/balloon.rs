@@ -1,8 +1,9 @@
 //! virtio-balloon, used for free page reporting: the guest tells the VMM which of its pages
-//! are free, and the VMM drops them from the host (`MADV_DONTNEED` on the private anonymous
-//! guest mapping), so memory a guest touched once — the initramfs it unpacked, buffers freed
+//! are free, and the VMM drops them from the host (`MADV_DONTNEED` on the private guest
+//! mapping), so memory a guest touched once — the initramfs it unpacked, buffers freed
 //! after boot — stops costing the host. A page the guest uses again faults back in as a zero
-//! page; the guest expects nothing else of a reported page.
+//! page (or, in a VM restored from a snapshot, as the snapshot's page); the guest expects
+//! nothing of a reported page's contents.
 //!
 //! Queues: inflate and deflate (required by the device type; the target size stays 0, so a
 //! driver only inflates if it chooses to, and inflated pages are dropped the same way), and
@@ -166,10 +167,11 @@ fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> bool {
     let host = slice.ptr_guard_mut().as_ptr();
     // SAFETY: `host..host+len` lies inside one region of the guest memory mapping, which
     // `mem` keeps mapped (get_slice checked the bounds), and is page-aligned because guest
-    // regions are page-aligned in both address spaces. The mapping is private and anonymous:
-    // MADV_DONTNEED only makes the next access see zero-filled pages, which is what a reported
-    // or inflated page may contain. No host object lives in guest memory, so nothing on the
-    // host side is invalidated.
+    // regions are page-aligned in both address spaces. The mapping is private: anonymous
+    // after a boot, where MADV_DONTNEED makes the next access see a zero page, or of a
+    // snapshot's memory file after a restore, where it sees the file's page again. A reported
+    // or inflated page may hold anything. No host object lives in guest memory, so nothing
+    // on the host side is invalidated.
     let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
     if rc != 0 {
         tracing::warn!(
@@ -248,6 +250,14 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.active = None;
         self.config[4..].fill(0);
+    }
+
+    fn save_queues(&self) -> Result<Vec<virtio_queue::QueueState>, VirtioError> {
+        Ok(self
+            .active
+            .as_ref()
+            .map(|a| a.queues.iter().map(Queue::state).collect())
+            .unwrap_or_default())
     }
 
     fn queue_notify(&mut self, index: usize) {

@@ -1,10 +1,10 @@
 //! The virtio-mmio transport (virtio 1.x, "version 2" register layout).
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Interrupt, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -41,6 +41,21 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
+
+/// A transport as a snapshot holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub active: bool,
+    pub queues: Vec<QueueState>,
+}
 
 /// A virtio device behind its MMIO register window.
 pub struct MmioTransport {
@@ -287,6 +302,82 @@ impl MmioTransport {
     fn fail(&mut self) {
         self.status |= STATUS_NEEDS_RESET;
         self.interrupt.signal_config();
+    }
+
+    /// The transport's registers and every queue's position, for a snapshot. The queues of
+    /// an active device are the device's own; a device that cannot be saved says why.
+    pub fn save_state(&self) -> Result<TransportState, VirtioError> {
+        // Asked even when not active: a device that cannot be saved says so either way.
+        let device_queues = self.device.save_queues()?;
+        let queues = match self.active {
+            true => device_queues,
+            false => self.queues.iter().map(Queue::state).collect(),
+        };
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            active: self.active,
+            queues,
+        })
+    }
+
+    /// A transport for `device` as a snapshot left it: registers set, and an active device
+    /// given its queues back at the positions saved, then told it was restored.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        state: &TransportState,
+    ) -> Result<Self, VirtioError> {
+        let name = device.name();
+        let invalid = |index| VirtioError::InvalidQueue {
+            device: name,
+            index,
+        };
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, q) in state.queues.iter().enumerate() {
+            if index >= device.queue_max_sizes().len()
+                || q.max_size != device.queue_max_sizes()[index]
+            {
+                return Err(invalid(index));
+            }
+            queues.push(Queue::try_from(*q).map_err(|_| invalid(index))?);
+        }
+        interrupt.restore_status(state.interrupt_status);
+        let mut transport = MmioTransport::new(device, mem, interrupt);
+        transport.status = state.status;
+        transport.driver_features = state.driver_features;
+        transport.queue_select = state.queue_select;
+        transport.device_features_select = state.device_features_select;
+        transport.driver_features_select = state.driver_features_select;
+        transport.config_generation = state.config_generation;
+        // The registers the driver reads back (size, ready) keep their values either way.
+        for (kept, q) in transport.queues.iter_mut().zip(&queues) {
+            kept.set_size(q.size());
+            kept.set_ready(q.ready());
+        }
+        if !state.active {
+            for (kept, q) in transport.queues.iter_mut().zip(queues) {
+                *kept = q;
+            }
+            return Ok(transport);
+        }
+        if let Some(index) = queues.iter().position(|q| !q.is_valid(&transport.mem)) {
+            return Err(invalid(index));
+        }
+        transport.device.set_driver_features(state.driver_features);
+        transport
+            .device
+            .activate(transport.mem.clone(), queues, transport.interrupt.clone())?;
+        transport.active = true;
+        transport.device.restored();
+        Ok(transport)
     }
 
     fn reset(&mut self) {

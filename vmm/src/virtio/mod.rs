@@ -10,7 +10,7 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -72,6 +72,12 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// Sets the status a snapshot saved, without raising the line (the interrupt
+    /// controller's saved state already holds whatever the guest had not yet taken).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
@@ -130,6 +136,35 @@ pub trait VirtioDevice: Send {
     }
     /// The backend fd is ready.
     fn backend_event(&mut self) {}
+    /// The positions of the queues the device serves (none while it is not active), for a
+    /// snapshot; called with every vCPU parked and the transport locked. A device whose
+    /// state a snapshot cannot hold says why.
+    fn save_queues(&self) -> Result<Vec<QueueState>, VirtioError> {
+        Err(VirtioError::Backend {
+            device: self.name(),
+            what: "this device's state cannot be saved in a snapshot yet".into(),
+        })
+    }
+    /// Whether the device moved its queues after `save_queues` without the transport's
+    /// lock (a worker thread of its own), which makes the snapshot wrong.
+    fn changed_since_save(&self) -> bool {
+        false
+    }
+    /// The device was activated from a snapshot's queues (in a new VM): tell the driver
+    /// whatever it must know about the new host side, and serve what the queues hold.
+    fn restored(&mut self) {}
+}
+
+/// A device type's name, for messages about snapshots.
+pub fn device_type_name(device_type: u32) -> String {
+    match device_type {
+        net::VIRTIO_ID_NET => "net".into(),
+        block::VIRTIO_ID_BLOCK => "block".into(),
+        balloon::VIRTIO_ID_BALLOON => "balloon".into(),
+        vsock::VIRTIO_ID_VSOCK => "vsock".into(),
+        fs::VIRTIO_ID_FS => "fs".into(),
+        other => format!("type {other}"),
+    }
 }
 
 /// Checks that the driver activated `device` with the `expected` number of queues.

@@ -43,6 +43,9 @@ pub fn restore_side_by_side(
                     console: shoal_vmm::Console::File(dir.path(name)),
                     memory_mib: Some(memory_mib),
                     vcpus: Some(vcpus),
+                    vsock: None,
+                    shares: Vec::new(),
+                    free_page_reporting: false,
                 };
                 s.spawn(move || shoal_vmm::Vm::restore(&config).expect("restore"))
             })

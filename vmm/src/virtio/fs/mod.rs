@@ -26,7 +26,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use fuse_virtio_queue::QueueT as _;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -87,6 +87,11 @@ pub struct Fs {
     config: Vec<u8>,
     server: Arc<FuseServer>,
     worker: Option<Worker>,
+    /// The queues as the driver handed them over, and whether any request has been served
+    /// since: a device that has served none still stands where it started, which is all a
+    /// snapshot can hold (a FUSE session, once the guest mounts, lives in the server).
+    activated: Vec<QueueState>,
+    served: Arc<AtomicBool>,
 }
 
 impl Fs {
@@ -137,6 +142,8 @@ impl Fs {
             config: blob,
             server: Arc::new(Server::new(Arc::new(tuned::ContainerFs(fs)))),
             worker: None,
+            activated: Vec::new(),
+            served: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -278,6 +285,8 @@ impl VirtioDevice for Fs {
         })?);
         let stop = Arc::new(AtomicBool::new(false));
         let server = self.server.clone();
+        self.activated = queues.iter().map(Queue::state).collect();
+        let served = self.served.clone();
         let (worker_kick, worker_stop) = (kick.clone(), stop.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("shoal-fs-{}", self.tag))
@@ -302,6 +311,7 @@ impl VirtioDevice for Fs {
                         any |= serve_queue(&server, &view, queue);
                     }
                     if any {
+                        served.store(true, Ordering::Release);
                         interrupt.signal_used();
                     }
                 }
@@ -318,6 +328,24 @@ impl VirtioDevice for Fs {
         if let Some(worker) = self.worker.take() {
             worker.shut_down();
         }
+        self.activated.clear();
+    }
+
+    fn save_queues(&self) -> Result<Vec<QueueState>, VirtioError> {
+        if self.served.load(Ordering::Acquire) {
+            return Err(VirtioError::Backend {
+                device: "fs",
+                what: format!(
+                    "the guest has used the share {:?}; its FUSE session cannot be saved (snapshot before mounting it)",
+                    self.tag
+                ),
+            });
+        }
+        Ok(self.activated.clone())
+    }
+
+    fn changed_since_save(&self) -> bool {
+        self.served.load(Ordering::Acquire)
     }
 
     fn queue_notify(&mut self, _index: usize) {

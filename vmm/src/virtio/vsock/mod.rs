@@ -9,7 +9,8 @@ use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::Bytes;
 use vm_memory::GuestMemoryMmap;
 
 use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError};
@@ -21,6 +22,8 @@ const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
+/// `virtio_vsock_event.id` of a transport reset.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 struct Active {
     mem: GuestMemoryMmap,
@@ -81,6 +84,40 @@ impl Vsock {
         if used_any {
             active.interrupt.signal_used();
         }
+    }
+
+    /// Puts a TRANSPORT_RESET event in the first buffer of the event queue.
+    fn send_transport_reset(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(mut chain) = active.queues[EVQ].pop_descriptor_chain(&active.mem) else {
+            tracing::warn!(
+                "vsock: no event buffer for the transport reset; the guest keeps its old CID"
+            );
+            return;
+        };
+        let head = chain.head_index();
+        let written = match chain.find(|d| d.is_write_only() && d.len() >= 4) {
+            Some(d) => match active
+                .mem
+                .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+            {
+                Ok(()) => 4,
+                Err(e) => {
+                    tracing::warn!("vsock: cannot write the transport reset event: {e}");
+                    0
+                }
+            },
+            None => {
+                tracing::warn!("vsock: event buffer too small for the transport reset");
+                0
+            }
+        };
+        if let Err(e) = active.queues[EVQ].add_used(&active.mem, head, written) {
+            tracing::warn!("vsock: cannot return the event buffer: {e:?}");
+        }
+        active.interrupt.signal_used();
     }
 
     /// Takes every packet the driver queued on TX and hands it to the muxer.
@@ -162,6 +199,25 @@ impl VirtioDevice for Vsock {
 
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.muxer.epoll_fd())
+    }
+
+    /// Host connections are not saved: a restored guest is told its transport was reset
+    /// (see `restored`), which closes every connection it had.
+    fn save_queues(&self) -> Result<Vec<QueueState>, VirtioError> {
+        Ok(self
+            .active
+            .as_ref()
+            .map(|a| a.queues.iter().map(Queue::state).collect())
+            .unwrap_or_default())
+    }
+
+    /// A VM restored from a snapshot has a new host side (socket, CID) and none of the
+    /// old connections: a TRANSPORT_RESET event makes the guest reset every connected
+    /// socket and read its CID again. Listening sockets stay.
+    fn restored(&mut self) {
+        self.send_transport_reset();
+        self.drain_tx();
+        self.fill_rx();
     }
 
     fn backend_event(&mut self) {
@@ -282,6 +338,120 @@ mod tests {
         let mut got = [0u8; 5];
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Save a device that has served a connection, restore it behind a new transport with a
+    /// new CID and socket: the queues go on where they stood, the guest gets a transport
+    /// reset event, and the config space shows the new CID.
+    #[test]
+    fn restored_device_keeps_queue_positions_and_tells_the_guest_of_the_reset() {
+        use crate::virtio::mmio::{MmioTransport, TransportState, REG_CONFIG, REG_STATUS};
+        let dir = std::env::temp_dir().join(format!("shoal-vsock-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        // A packet to a port nobody listens on: the device answers with a reset.
+        let req = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 40_000,
+            dst_port: 5999,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 65536,
+            ..Default::default()
+        };
+        mem.write_slice(&header_bytes(&req, 0), GuestAddress(0x20_0000))
+            .unwrap();
+        txq.add_desc_chains(&[desc(0x20_0000, PKT_HEADER_SIZE as u32, 0, 0)], 0)
+            .unwrap();
+        evq.add_desc_chains(&[desc(0x30_0000, 8, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut old = Vsock::new(3, &dir.join("old.sock")).unwrap();
+        let queues = [&rxq, &txq, &evq]
+            .iter()
+            .map(|q| q.create_queue::<Queue>().unwrap())
+            .collect();
+        old.activate(
+            mem.clone(),
+            queues,
+            Interrupt::new(irq.try_clone().unwrap()),
+        )
+        .unwrap();
+        old.queue_notify(TXQ);
+        let mut saved = old.save_queues().unwrap();
+        // The mock rings are 16 long; a transport's queues offer the device's maximum.
+        for (q, max) in saved.iter_mut().zip(QUEUE_SIZES) {
+            assert_eq!(q.max_size, 16);
+            q.max_size = max;
+        }
+        assert_eq!((saved[TXQ].next_avail, saved[TXQ].next_used), (1, 1));
+        assert_eq!(
+            saved[EVQ].next_avail, 0,
+            "no event sent before the snapshot"
+        );
+        drop(old);
+
+        let state = TransportState {
+            device_type: VIRTIO_ID_VSOCK,
+            status: 15,
+            driver_features: crate::virtio::VIRTIO_F_VERSION_1,
+            queue_select: 2,
+            device_features_select: 0,
+            driver_features_select: 1,
+            config_generation: 0,
+            interrupt_status: 0,
+            active: true,
+            queues: saved.clone(),
+        };
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x30_0000))
+            .unwrap();
+        let new = Vsock::new(9, &dir.join("new.sock")).unwrap();
+        let mut transport = MmioTransport::restore(
+            Box::new(new),
+            mem.clone(),
+            Interrupt::new(irq.try_clone().unwrap()),
+            &state,
+        )
+        .unwrap();
+        assert!(transport.is_active());
+        let mut word = [0u8; 4];
+        transport.read(REG_STATUS, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 15);
+        let mut cid = [0u8; 8];
+        transport.read(REG_CONFIG, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 9, "the guest reads its new CID");
+        // One event, TRANSPORT_RESET (id 0), 4 bytes long.
+        let ev_used: u16 = mem.read_obj(evq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(ev_used, 1);
+        let ev_len: u32 = mem.read_obj(evq.used_addr().unchecked_add(8)).unwrap();
+        assert_eq!(ev_len, 4);
+        let event: u32 = mem.read_obj(GuestAddress(0x30_0000)).unwrap();
+        assert_eq!(event, EVENT_TRANSPORT_RESET);
+        let again = transport.save_state().unwrap();
+        assert_eq!(again.queues[TXQ], saved[TXQ], "TX goes on where it stood");
+        assert_eq!(again.queues[EVQ].next_used, 1);
+
+        // A saved queue that does not fit the device is refused, naming the queue.
+        let mut wrong = state.clone();
+        wrong.queues[1].max_size = 1024;
+        let err = MmioTransport::restore(
+            Box::new(Vsock::new(10, &dir.join("bad.sock")).unwrap()),
+            mem,
+            Interrupt::new(irq),
+            &wrong,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, VirtioError::InvalidQueue { index: 1, .. }),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
