@@ -7,10 +7,11 @@
 //! * `boot`: time from process start to the guest's init printing its marker, and the RSS
 //!   split after boot. Through the nested lab this is emulated time: label it so.
 //!
-//! * `restore`: in this process, `Vm::boot` to vCPU 0's first KVM_RUN for the same guest,
-//!   side by side with `Vm::restore` to first KVM_RUN from a snapshot of that guest taken at
-//!   its first KVM_RUN (kernel and initramfs in its RAM): the host-side part of starting from
-//!   a template instead of booting. Also the memory file's size on disk. Native on any
+//! * `restore`: in this process, `Vm::boot` to vCPU 0's first KVM_RUN for the same guest
+//!   with a sandbox's devices (vsock, virtio-fs share, balloon), side by side with
+//!   `Vm::restore` to first KVM_RUN from a snapshot of that guest taken at its first KVM_RUN
+//!   (kernel and initramfs in its RAM), each restore with its own vsock socket and CID: the
+//!   host-side part of starting from a template instead of booting. Also the memory file's size on disk. Native on any
 //!   /dev/kvm.
 //!
 //! * `template`: N guests (the test init counting on its console, `shoal.test=count`) booted
@@ -242,12 +243,27 @@ fn until_first_run(vm: &shoal_vmm::Vm, t0: Instant) -> f64 {
 }
 
 fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
-    use shoal_vmm::{Console, RestoreConfig, SnapshotFiles, Vm, VmConfig};
+    use shoal_vmm::{
+        CacheMode, Console, FsConfig, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig,
+    };
     let dir = scratch();
+    // A sandbox's devices: vsock, the virtio-fs share, the balloon.
+    let share = FsConfig {
+        tag: "shoal".into(),
+        dir: dir.join("share"),
+        cache: CacheMode::Auto,
+    };
+    std::fs::create_dir_all(&share.dir).unwrap();
     let mut config = VmConfig::new(kernel.to_path_buf());
     config.initrd = Some(initrd.into());
     config.memory_mib = MEMORY_MIB;
     config.console = Console::Sink;
+    config.vsock = Some(VsockConfig {
+        uds_path: dir.join("boot.sock"),
+        cid: 3,
+    });
+    config.shares = vec![share.clone()];
+    config.free_page_reporting = true;
     let mut boot_ms = Vec::new();
     for _ in 0..runs {
         let t0 = Instant::now();
@@ -269,9 +285,12 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
         console: Console::Sink,
         memory_mib: Some(MEMORY_MIB),
         vcpus: Some(1),
-        vsock: None,
-        shares: Vec::new(),
-        free_page_reporting: false,
+        vsock: Some(VsockConfig {
+            uds_path: dir.join("restored.sock"),
+            cid: 4,
+        }),
+        shares: vec![share],
+        free_page_reporting: true,
     };
     let mut restore_ms = Vec::new();
     for _ in 0..runs {

@@ -640,7 +640,8 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
 /// VM templates (`template = true`), as an operator uses them: a start without a template
 /// fails saying how to make one; `shoal-template` makes it from the same config; sandboxes
 /// then start by restoring it, two at once, each with its own boot id, random numbers and
-/// the host's clock (hostnames: `agent_vm`, since `ctr run` sets none); a config the template no longer fits is refused by name.
+/// the host's clock (hostnames: `agent_vm`, since `ctr run` sets none); a config the
+/// template no longer fits, or a damaged snapshot, is refused by name and leaves nothing.
 #[test]
 fn ctr_templates_restore_sandboxes_that_are_each_unique() {
     let Some(env) = env() else { return };
@@ -745,5 +746,21 @@ fn ctr_templates_restore_sandboxes_that_are_each_unique() {
         let _ = c.ctr(&["container", "delete", "misfit"]);
         c.assert_clean();
     }
+
+    // A damaged snapshot: the start fails naming the file, and leaves nothing.
+    let state = dir.join("vm.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&state, bytes).unwrap();
+    let out = c.run(&["--rm"], "damaged", &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("vm.state is corrupted"),
+        "{}",
+        text(&out)
+    );
+    let _ = c.ctr(&["container", "delete", "damaged"]);
+    c.assert_clean();
     std::fs::remove_dir_all(&templates).unwrap();
 }

@@ -36,6 +36,10 @@ pub struct Vsock {
     cid: u64,
     muxer: Muxer,
     active: Option<Active>,
+    /// After a restore: the guest has been sent a transport reset and has not shown yet
+    /// that it took the new CID. Packets for it wait: answered before the reset, a host
+    /// connection would be answered from the old CID, which the muxer drops.
+    awaiting_reset: bool,
 }
 
 impl Vsock {
@@ -45,11 +49,15 @@ impl Vsock {
             cid,
             muxer: Muxer::new(uds_path, cid)?,
             active: None,
+            awaiting_reset: false,
         })
     }
 
     /// Moves guest-bound packets into RX buffers the driver provided.
     fn fill_rx(&mut self) {
+        if self.awaiting_reset {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -118,6 +126,7 @@ impl Vsock {
             tracing::warn!("vsock: cannot return the event buffer: {e:?}");
         }
         active.interrupt.signal_used();
+        self.awaiting_reset = written != 0;
     }
 
     /// Takes every packet the driver queued on TX and hands it to the muxer.
@@ -129,7 +138,13 @@ impl Vsock {
         while let Some(mut chain) = active.queues[TXQ].pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
             match packet::read_tx(&active.mem, &mut chain) {
-                Ok(pkt) => self.muxer.from_guest(pkt),
+                Ok(pkt) => {
+                    // A packet from the new CID: the guest has taken the reset.
+                    if pkt.hdr.src_cid == self.cid {
+                        self.awaiting_reset = false;
+                    }
+                    self.muxer.from_guest(pkt)
+                }
                 Err(e) => tracing::warn!("vsock: dropping malformed TX packet: {e}"),
             }
             if let Err(e) = active.queues[TXQ].add_used(&active.mem, head, 0) {
@@ -183,6 +198,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.awaiting_reset = false;
     }
 
     fn queue_notify(&mut self, index: usize) {
@@ -192,7 +208,12 @@ impl VirtioDevice for Vsock {
                 self.fill_rx();
             }
             RXQ => self.fill_rx(),
-            EVQ => {}
+            // The guest handed back an event buffer: it has handled the transport reset
+            // (Linux refills the event queue after handling its events).
+            EVQ => {
+                self.awaiting_reset = false;
+                self.fill_rx();
+            }
             _ => tracing::debug!(index, "vsock: notify for unknown queue"),
         }
     }
@@ -231,7 +252,7 @@ mod tests {
     use super::packet::{header_bytes, Header, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM};
     use super::*;
     use crate::test_support::desc;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::mock::MockSplitQueue;
@@ -436,6 +457,35 @@ mod tests {
         let again = transport.save_state().unwrap();
         assert_eq!(again.queues[TXQ], saved[TXQ], "TX goes on where it stood");
         assert_eq!(again.queues[EVQ].next_used, 1);
+
+        // A host connection waits until the guest shows it took the reset (it hands an
+        // event buffer back): answered earlier, the guest would answer from its old CID.
+        let mut host = std::os::unix::net::UnixStream::connect(dir.join("new.sock")).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        rxq.add_desc_chains(
+            &[
+                desc(
+                    0x10_0000,
+                    PKT_HEADER_SIZE as u32,
+                    VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                    1,
+                ),
+                desc(0x10_1000, 4096, VRING_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let rx_used = || -> u16 { mem.read_obj(rxq.used_addr().unchecked_add(2)).unwrap() };
+        for _ in 0..20 {
+            transport.device_mut().backend_event();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(rx_used(), 0, "the connection request was not held back");
+        transport.device_mut().queue_notify(EVQ);
+        assert_eq!(rx_used(), 1, "the connection request was not delivered");
+        let op: u16 = mem.read_obj(GuestAddress(0x10_0000 + 30)).unwrap();
+        let dst_cid: u64 = mem.read_obj(GuestAddress(0x10_0000 + 8)).unwrap();
+        assert_eq!((op, dst_cid), (OP_REQUEST, 9));
 
         // A saved queue that does not fit the device is refused, naming the queue.
         let mut wrong = state.clone();
