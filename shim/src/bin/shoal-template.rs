@@ -2,11 +2,14 @@
 //! booting (`template = true` in the shoal config). `scripts/template` runs it.
 //!
 //! ```text
-//! shoal-template [--config FILE] [--memory-mib N] [--vcpus N] [--dir DIR]
+//! shoal-template [--config FILE] [--memory-mib N] [--vcpus N] [--kernel FILE]
+//!                [--image FILE] [--dir DIR]
 //! ```
 //! The kernel, image, command line and devices come from the shoal config (`--config`, else
-//! `$SHOAL_CONFIG`, else /etc/shoal/config.toml, else the defaults); the size from the
-//! config unless given. Prints the template's directory.
+//! `$SHOAL_CONFIG`, else /etc/shoal/config.toml, else the defaults); the size, kernel, image
+//! and template directory from it unless given (a template made from another kernel or
+//! image than the shim's config names is refused by the shim). Prints the template's
+//! directory.
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -23,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let mut args = std::env::args().skip(1);
     let (mut config_path, mut memory_mib, mut vcpus, mut dir) = (None, None, None, None);
+    let (mut kernel, mut image) = (None, None);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -50,8 +54,10 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             "--dir" => dir = Some(PathBuf::from(value()?)),
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--image" => image = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
-                println!("usage: shoal-template [--config FILE] [--memory-mib N] [--vcpus N] [--dir DIR]");
+                println!("usage: shoal-template [--config FILE] [--memory-mib N] [--vcpus N] [--kernel FILE] [--image FILE] [--dir DIR]");
                 return Ok(());
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -63,8 +69,18 @@ fn main() -> anyhow::Result<()> {
     };
     config.memory_mib = memory_mib.unwrap_or(config.memory_mib);
     config.vcpus = vcpus.unwrap_or(config.vcpus);
+    config.kernel = kernel.unwrap_or(config.kernel);
+    config.initrd = image.unwrap_or(config.initrd);
     if let Some(dir) = dir {
         config.template_dir = dir;
+    }
+    for (what, path) in [("kernel", &config.kernel), ("image", &config.initrd)] {
+        if !path.is_file() {
+            bail!(
+                "guest {what} {} not found (set it in the shoal config, pass --{what}, or run scripts/install)",
+                path.display()
+            );
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
