@@ -237,13 +237,17 @@ fn main() {
         &format!("log_level = \"warn\"\n{extra}\n{pool}"),
     );
     let kernel = env.kernel.to_string_lossy().into_owned();
-    let shoal = measure(
-        &c,
-        ("shoal", RUNTIME, &[]),
-        "containerd-shim",
-        n,
-        Some(&kernel),
-    );
+    // SHOAL_DENSITY_BOOT=0: only templates and runc (the lab holds fewer booted guests).
+    let shoal = match std::env::var("SHOAL_DENSITY_BOOT").as_deref() {
+        Ok("0") => None,
+        _ => Some(measure(
+            &c,
+            ("shoal", RUNTIME, &[]),
+            "containerd-shim",
+            n,
+            Some(&kernel),
+        )),
+    };
     c.assert_clean();
     // The same sandboxes restored from one VM template (its memory file shared by all).
     let template = c.template_config();
@@ -264,11 +268,14 @@ fn main() {
     };
     let config = shoal_vmm_size(&c);
     println!("density: {n} idle busybox sandboxes ({label}; shoal VM {config}):");
-    let all = [&shoal, &restored, &runc];
+    let all = [shoal.as_ref(), Some(&restored), Some(&runc)];
     let row = |name: &str, unit: &str, value: &dyn Fn(&Figures) -> f64| {
         let cells: String = all
             .iter()
-            .map(|f| format!(" {:>12}", format!("{:.1} {unit}", value(f))))
+            .map(|f| match f {
+                Some(f) => format!(" {:>12}", format!("{:.1} {unit}", value(f))),
+                None => format!(" {:>12}", "(skipped)"),
+            })
             .collect();
         println!("{name:<44}{cells}");
     };
@@ -290,12 +297,15 @@ fn main() {
     row(&format!("time to start all {n} (sequential)"), "s", &|f| {
         f.start_s
     });
-    for (what, f) in [("booted", &shoal), ("restored from a template", &restored)] {
-        if let Some([guest, kernel, anon, file]) = f.split {
+    for (what, f) in [
+        ("booted", shoal.as_ref()),
+        ("restored from a template", Some(&restored)),
+    ] {
+        if let Some([guest, kernel, anon, file]) = f.and_then(|f| f.split) {
             println!("shoal ({what}) PSS per sandbox by kind: guest RAM {guest:.1} MiB, guest kernel mapped from its file {kernel:.1} MiB, other anonymous (heap, stacks) {anon:.1} MiB, other files (binary, libraries) {file:.1} MiB");
         }
     }
-    if let Some(meminfo) = &shoal.guest_meminfo {
+    if let Some(meminfo) = shoal.as_ref().unwrap_or(&restored).guest_meminfo.as_ref() {
         let pick: Vec<String> = meminfo
             .lines()
             .filter(|l| {

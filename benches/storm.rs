@@ -11,7 +11,8 @@
 //! SHOAL_AGENT_IMAGE, SHOAL_BUSYBOX_IMAGE; the lab where the host cannot boot guests: then the
 //! latencies are EMULATED). SHOAL_STORM_N and SHOAL_STORM_C (defaults 20 and 4);
 //! SHOAL_STORM_POOL sizes shoal's cgroup pool (default N: a smaller pool shows back-pressure);
-//! SHOAL_STORM_RUNC=0 skips runc.
+//! SHOAL_STORM_RUNC=0 skips runc. Unless SHOAL_STORM_TEMPLATE=0, the shoal storm runs twice:
+//! booting each guest, then restoring each from one VM template (`tmpl`).
 #[path = "../shim/tests/support/containerd.rs"]
 mod containerd;
 
@@ -30,22 +31,16 @@ struct Start {
     error: Option<String>,
 }
 
-fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
+fn storm(c: &Containerd, (name, runtime, flags): (&str, &str, &[&str]), n: usize, conc: usize) {
     let wall = Instant::now();
     let starts = in_flight(n, conc, |i| {
         let id = format!("storm-{name}-{i}");
         let began = boottime_ms();
         let t = Instant::now();
-        let out = c.ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            IMAGE,
-            &id,
-            "sleep",
-            "3600",
-        ]);
+        let mut args = vec!["run", "-d", "--runtime", runtime];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[IMAGE, &id, "sleep", "3600"]);
+        let out = c.ctr(&args);
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let error = (!out.status.success()).then(|| text(&out).trim().to_string());
         Start {
@@ -90,8 +85,12 @@ fn storm(c: &Containerd, runtime: &str, name: &str, n: usize, conc: usize) {
                 "shim_started",
                 "cgroup_claimed",
             ),
-            ("VM creation", "cgroup_claimed", "vm_created"),
-            ("guest boot to agent ready", "vm_created", "agent_ready"),
+            ("VM creation (or restore)", "cgroup_claimed", "vm_created"),
+            (
+                "guest boot (or resume) to agent",
+                "vm_created",
+                "agent_ready",
+            ),
             ("container start", "agent_ready", "container_started"),
         ];
         let mut split = vec![Vec::new(); phases.len()];
@@ -160,8 +159,14 @@ fn main() {
         "{:<6} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "", "started", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
-    storm(&c, RUNTIME, "shoal", n, conc);
+    storm(&c, ("shoal", RUNTIME, &[]), n, conc);
+    if env_usize("SHOAL_STORM_TEMPLATE", 1) != 0 {
+        // The same sandboxes restored from a VM template instead of booted.
+        let template = c.template_config();
+        let flags = ["--runtime-config-path", template.to_str().unwrap()];
+        storm(&c, ("tmpl", RUNTIME, &flags), n, conc);
+    }
     if env_usize("SHOAL_STORM_RUNC", 1) != 0 {
-        storm(&c, "io.containerd.runc.v2", "runc", n, conc);
+        storm(&c, ("runc", "io.containerd.runc.v2", &[]), n, conc);
     }
 }
