@@ -28,6 +28,32 @@ fn artifacts() -> Option<(PathBuf, PathBuf)> {
     Some((kernel.into(), image.into()))
 }
 
+/// The agent's VM in these tests: 256 MiB, 2 vCPUs, vsock at `uds` (CID 3), the balloon.
+fn vm_config(
+    kernel: PathBuf,
+    image: PathBuf,
+    uds: &Path,
+    console: &Path,
+    shares: Vec<shoal_vmm::FsConfig>,
+) -> VmConfig {
+    VmConfig {
+        kernel,
+        initrd: Some(image),
+        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
+        memory_mib: 256,
+        vcpus: 2,
+        vsock: Some(VsockConfig {
+            uds_path: uds.into(),
+            cid: 3,
+        }),
+        disks: Vec::new(),
+        shares,
+        nets: Vec::new(),
+        free_page_reporting: true,
+        console: Console::File(console.into()),
+    }
+}
+
 fn ctx() -> context::Context {
     context::with_timeout(60_000_000_000)
 }
@@ -52,22 +78,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let uds = dir.join("vm.sock");
-    let config = VmConfig {
-        kernel,
-        initrd: Some(image),
-        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
-        memory_mib: 256,
-        vcpus: 2,
-        vsock: Some(VsockConfig {
-            uds_path: uds.clone(),
-            cid: 3,
-        }),
-        disks: Vec::new(),
-        shares: Vec::new(),
-        nets: Vec::new(),
-        free_page_reporting: true,
-        console: Console::File(dir.join("console")),
-    };
+    let config = vm_config(kernel, image, &uds, &dir.join("console"), Vec::new());
     let vm = Vm::boot(&config).expect("boot");
     let stopper = vm.stopper();
     let vm_thread = std::thread::spawn(move || vm.wait());
@@ -112,54 +123,18 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         .unwrap();
 
     // A container's output and exit code travel back over vsock.
-    let out = stream(&uds, "c1-out");
-    let req = CreateContainerRequest {
-        container_id: "c1".into(),
-        spec_json: spec(&[
+    let (status, text) = run_container(
+        &agent,
+        &uds,
+        "c1",
+        spec(&[
             "sh",
             "-c",
             "echo hello from $(hostname) in $(date -u +%Y); exit 7",
         ]),
-        rootfs: "/rootfs/busybox".into(),
-        stdio: Some(Stdio {
-            stdout: "c1-out".into(),
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
-    agent
-        .create_container(ctx(), &req)
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\nconsole:\n{}", console()));
-    agent
-        .start_container(
-            ctx(),
-            &ContainerRequest {
-                container_id: "c1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let mut out = out;
-        out.read_to_string(&mut text).unwrap();
-        text
-    });
-    let wait = agent
-        .wait_process(
-            ctx(),
-            &ProcessRequest {
-                container_id: "c1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(wait.exit_status, 7);
-    let text = reader.join().unwrap();
+    )
+    .await;
+    assert_eq!(status, 7, "console:\n{}", console());
     // The spec's UTS namespace gets the spec's hostname (none): the container sees its own.
     // The guest clock is the host's as CreateSandbox gave it.
     assert!(text.starts_with("hello from "), "{text:?}");
@@ -301,22 +276,13 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
         }
     };
     let uds = dir.join("template.sock");
-    let config = VmConfig {
+    let config = vm_config(
         kernel,
-        initrd: Some(image),
-        cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
-        memory_mib: 256,
-        vcpus: 2,
-        vsock: Some(VsockConfig {
-            uds_path: uds.clone(),
-            cid: 3,
-        }),
-        disks: Vec::new(),
-        shares: vec![share("template-share")],
-        nets: Vec::new(),
-        free_page_reporting: true,
-        console: Console::File(dir.join("template-console")),
-    };
+        image,
+        &uds,
+        &dir.join("template-console"),
+        vec![share("template-share")],
+    );
     let vm = Vm::boot(&config).expect("boot");
     let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(120))
         .await

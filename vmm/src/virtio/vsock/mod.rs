@@ -260,6 +260,20 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+    /// An RX buffer for descriptor table slots `slot` and `slot + 1`: a header at `addr`
+    /// chained to 4 KiB of payload at `addr + 0x1000`.
+    fn rx_buffer(addr: u64, slot: u16) -> [virtio_queue::desc::RawDescriptor; 2] {
+        [
+            desc(
+                addr,
+                PKT_HEADER_SIZE as u32,
+                VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                slot + 1,
+            ),
+            desc(addr + 0x1000, 4096, VRING_DESC_F_WRITE, 0),
+        ]
+    }
+
     /// Drives the device through its queues in real guest memory: a guest connection request
     /// on TX reaches a host socket, the response lands in an RX buffer, data follows.
     #[test]
@@ -275,26 +289,9 @@ mod tests {
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
         let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
         // Two RX buffers: header + 4 KiB payload each.
-        rxq.add_desc_chains(
-            &[
-                desc(
-                    0x10_0000,
-                    PKT_HEADER_SIZE as u32,
-                    VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
-                    1,
-                ),
-                desc(0x10_1000, 4096, VRING_DESC_F_WRITE, 0),
-                desc(
-                    0x11_0000,
-                    PKT_HEADER_SIZE as u32,
-                    VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
-                    3,
-                ),
-                desc(0x11_1000, 4096, VRING_DESC_F_WRITE, 0),
-            ],
-            0,
-        )
-        .unwrap();
+        let [a, b] = rx_buffer(0x10_0000, 0);
+        let [c, d] = rx_buffer(0x11_0000, 2);
+        rxq.add_desc_chains(&[a, b, c, d], 0).unwrap();
         // TX: a REQUEST to host port 5000, then 5 bytes of data.
         let req = Header {
             src_cid: 3,
@@ -462,19 +459,7 @@ mod tests {
         // event buffer back): answered earlier, the guest would answer from its old CID.
         let mut host = std::os::unix::net::UnixStream::connect(dir.join("new.sock")).unwrap();
         host.write_all(b"CONNECT 1024\n").unwrap();
-        rxq.add_desc_chains(
-            &[
-                desc(
-                    0x10_0000,
-                    PKT_HEADER_SIZE as u32,
-                    VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
-                    1,
-                ),
-                desc(0x10_1000, 4096, VRING_DESC_F_WRITE, 0),
-            ],
-            0,
-        )
-        .unwrap();
+        rxq.add_desc_chains(&rx_buffer(0x10_0000, 0), 0).unwrap();
         let rx_used = || -> u16 { mem.read_obj(rxq.used_addr().unchecked_add(2)).unwrap() };
         for _ in 0..20 {
             transport.device_mut().backend_event();
