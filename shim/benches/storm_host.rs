@@ -4,7 +4,8 @@
 //! share, balloon, vCPU) until its first KVM_RUN, then stops it and returns the cgroup. N
 //! starts at C = 1, 2, 4, 8, 16 in flight; prints throughput and latency per C and the
 //! ratio the issue sets (throughput at C = 16 over host cores × throughput at C = 1, target
-//! ≥ 0.7). The guest's own boot is not in it (on nested PVM it cannot run natively; the
+//! ≥ 0.7). Then the same with each VM restored from a snapshot of that VM (what a start
+//! from a VM template does on the host). The guest's own boot is not in it (on nested PVM it cannot run natively; the
 //! whole path is `scripts/storm`).
 //!
 //! Needs root, /dev/kvm and SHOAL_GUEST_KERNEL + SHOAL_AGENT_IMAGE (`scripts/bench` sets
@@ -17,10 +18,19 @@ mod containerd;
 
 use containerd::{env_usize, in_flight, percentile};
 use containerd_shim_shoal_v2::host_cgroups::{Driver, Limits, Pool, PoolConfig};
-use shoal_vmm::{CacheMode, Console, FsConfig, Vm, VmConfig, VsockConfig};
+use shoal_vmm::{
+    CacheMode, Console, FsConfig, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig,
+};
 
-/// One host-side start: claim, boot to first KVM_RUN, stop, release. Returns milliseconds.
-fn one_start(pool: &Pool, kernel: &Path, image: &Path, dir: &Path, i: usize) -> f64 {
+/// One host-side start: claim, boot (or, given a snapshot, restore) to first KVM_RUN, stop,
+/// release. Returns milliseconds.
+fn one_start(
+    pool: &Pool,
+    (kernel, image): (&Path, &Path),
+    template: Option<&SnapshotFiles>,
+    dir: &Path,
+    i: usize,
+) -> f64 {
     let t = Instant::now();
     let limits = Limits {
         memory_max: Some(320 << 20),
@@ -31,7 +41,44 @@ fn one_start(pool: &Pool, kernel: &Path, image: &Path, dir: &Path, i: usize) -> 
     let claim = pool.claim(&format!("storm-{i}"), &limits).expect("claim");
     let sdir = dir.join(format!("s{i}"));
     std::fs::create_dir_all(sdir.join("shared")).unwrap();
-    let config = VmConfig {
+    let vm = match template {
+        Some(files) => Vm::restore(&RestoreConfig {
+            files: files.clone(),
+            console: Console::Sink,
+            memory_mib: Some(256),
+            vcpus: Some(1),
+            vsock: Some(VsockConfig {
+                uds_path: sdir.join("vsock.sock"),
+                cid: 4 + i as u64,
+            }),
+            shares: vec![share(&sdir)],
+            free_page_reporting: true,
+        })
+        .expect("restore"),
+        None => Vm::boot(&sandbox_config(kernel, image, &sdir)).expect("boot"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.first_run_at().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(vm);
+    pool.release(&claim).expect("release");
+    let _ = std::fs::remove_dir_all(&sdir);
+    ms
+}
+
+fn share(sdir: &Path) -> FsConfig {
+    FsConfig {
+        tag: "shoal".into(),
+        dir: sdir.join("shared"),
+        cache: CacheMode::Auto,
+    }
+}
+
+/// The VM as the shim builds it, its files under `sdir`.
+fn sandbox_config(kernel: &Path, image: &Path, sdir: &Path) -> VmConfig {
+    VmConfig {
         kernel: kernel.into(),
         initrd: Some(image.into()),
         cmdline: shoal_vmm::DEFAULT_CMDLINE.into(),
@@ -42,25 +89,29 @@ fn one_start(pool: &Pool, kernel: &Path, image: &Path, dir: &Path, i: usize) -> 
             cid: 3,
         }),
         disks: Vec::new(),
-        shares: vec![FsConfig {
-            tag: "shoal".into(),
-            dir: sdir.join("shared"),
-            cache: CacheMode::Auto,
-        }],
+        shares: vec![share(sdir)],
         nets: Vec::new(),
         free_page_reporting: true,
         console: Console::Sink,
-    };
-    let vm = Vm::boot(&config).expect("boot");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.first_run_at().is_none() && Instant::now() < deadline {
+    }
+}
+
+/// A snapshot of the sandbox VM taken at its first KVM_RUN, standing in for a template
+/// (the agent guest cannot run on nested PVM; what a restore does on the host is the same).
+fn make_template(kernel: &Path, image: &Path, dir: &Path) -> SnapshotFiles {
+    let sdir = dir.join("template");
+    std::fs::create_dir_all(sdir.join("shared")).unwrap();
+    let vm = Vm::boot(&sandbox_config(kernel, image, &sdir)).expect("boot");
+    while vm.first_run_at().is_none() {
         std::thread::sleep(Duration::from_micros(200));
     }
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    drop(vm);
-    pool.release(&claim).expect("release");
-    let _ = std::fs::remove_dir_all(&sdir);
-    ms
+    vm.pause().expect("pause");
+    let files = SnapshotFiles {
+        state: sdir.join("vm.state"),
+        memory: sdir.join("vm.mem"),
+    };
+    vm.snapshot(&files).expect("snapshot");
+    files
 }
 
 fn main() {
@@ -87,35 +138,41 @@ fn main() {
     .expect("cgroup pool");
     let dir = std::env::temp_dir().join(format!("shoal-storm-host-{pid}"));
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    println!(
-        "== host-side start (cgroup claim + VM boot to first KVM_RUN + stop + release), {n} starts per row, {cores} host cores"
-    );
-    println!(
-        "{:>3} {:>10} {:>10} {:>10} {:>10}",
-        "C", "starts/s", "p50 ms", "p99 ms", "max ms"
-    );
-    let mut base = 0.0;
-    let mut last = 0.0;
-    for c in [1usize, 2, 4, 8, 16] {
-        let wall = Instant::now();
-        let mut t = in_flight(n, c, |i| one_start(&pool, &kernel, &image, &dir, i));
-        let rate = n as f64 / wall.elapsed().as_secs_f64();
-        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let template = make_template(&kernel, &image, &dir);
+    for (what, from) in [
+        ("VM boot", None),
+        ("restore from a template", Some(&template)),
+    ] {
         println!(
-            "{c:>3} {rate:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-            percentile(&t, 0.5),
-            percentile(&t, 0.99),
-            t[t.len() - 1]
+            "== host-side start (cgroup claim + {what} to first KVM_RUN + stop + release), {n} starts per row, {cores} host cores"
         );
-        if c == 1 {
-            base = rate;
+        println!(
+            "{:>3} {:>10} {:>10} {:>10} {:>10}",
+            "C", "starts/s", "p50 ms", "p99 ms", "max ms"
+        );
+        let mut base = 0.0;
+        let mut last = 0.0;
+        for c in [1usize, 2, 4, 8, 16] {
+            let wall = Instant::now();
+            let mut t = in_flight(n, c, |i| one_start(&pool, (&kernel, &image), from, &dir, i));
+            let rate = n as f64 / wall.elapsed().as_secs_f64();
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "{c:>3} {rate:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                percentile(&t, 0.5),
+                percentile(&t, 0.99),
+                t[t.len() - 1]
+            );
+            if c == 1 {
+                base = rate;
+            }
+            last = rate;
         }
-        last = rate;
+        println!(
+            "throughput at C=16 / ({cores} cores x C=1): {:.2} (target >= 0.7)",
+            last / (cores as f64 * base)
+        );
     }
-    println!(
-        "throughput at C=16 / ({cores} cores x C=1): {:.2} (target >= 0.7)",
-        last / (cores as f64 * base)
-    );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = pool.destroy();
 }

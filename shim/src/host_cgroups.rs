@@ -412,6 +412,11 @@ impl Pool {
         Ok(())
     }
 
+    /// Writes new limits to a claimed cgroup (the pod's containers changed).
+    pub fn set_limits(&self, claim: &Claim, limits: &Limits) -> Result<()> {
+        self.apply(claim, limits)
+    }
+
     /// Moves process `pid` (the sandbox's VMM) into the claimed cgroup.
     pub fn add_process(&self, claim: &Claim, pid: u32) -> Result<()> {
         for dir in &claim.dirs {

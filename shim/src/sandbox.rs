@@ -1,6 +1,7 @@
 //! A sandbox: one micro-VM booted in the shim's own process, its agent, and its state
 //! directory (`<state_dir>/<sandbox id>/`: the virtio-fs shared tree, the hybrid-vsock socket,
 //! the guest console log).
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -171,6 +172,7 @@ pub struct HostCgroup {
     pool: Pool,
     claim: Claim,
     previous: Vec<PathBuf>,
+    limits: Limits,
 }
 
 impl HostCgroup {
@@ -184,6 +186,7 @@ impl HostCgroup {
             pool,
             claim,
             previous,
+            limits: limits.clone(),
         };
         // On error the drop returns the claim.
         cgroup.pool.add_process(&cgroup.claim, pid)?;
@@ -198,6 +201,45 @@ impl HostCgroup {
     pub fn dirs(&self) -> &[PathBuf] {
         &self.claim.dirs
     }
+
+    /// Sets the cgroup's CPU quota (microseconds per 100 ms; None: unlimited).
+    fn set_cpu_quota(&mut self, quota_us: Option<u64>) -> Result<(), PoolError> {
+        if (self.limits.cpu_quota_us, self.limits.cpu_period_us) == (quota_us, Some(CPU_PERIOD_US))
+        {
+            return Ok(());
+        }
+        self.limits.cpu_quota_us = quota_us;
+        self.limits.cpu_period_us = Some(CPU_PERIOD_US);
+        self.pool.set_limits(&self.claim, &self.limits)
+    }
+}
+
+/// The period a pod's summed CPU quota is expressed in.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// A container's CPU quota per [`CPU_PERIOD_US`] (None: no quota).
+pub fn quota_per_period(quota_us: Option<u64>, period_us: Option<u64>) -> Option<u64> {
+    let quota = quota_us.filter(|q| *q > 0)?;
+    let period = period_us.filter(|p| *p > 0).unwrap_or(CPU_PERIOD_US);
+    Some((quota as u128 * CPU_PERIOD_US as u128 / period as u128).max(1) as u64)
+}
+
+/// The pod's CPU quota from its containers' (`first` is the container the sandbox started
+/// with): the sum of their quotas, or unlimited when a container has none. The first
+/// container without a quota is a pod's sandbox (pause) container once others exist, and
+/// then does not count, as in Kubernetes; alone, it is the workload and leaves the pod
+/// unlimited.
+pub fn pod_cpu_quota(first: &str, containers: &HashMap<String, Option<u64>>) -> Option<u64> {
+    let alone = containers.keys().all(|id| id == first);
+    let mut sum = 0u64;
+    for (id, quota) in containers {
+        match quota {
+            Some(q) => sum = sum.saturating_add(*q),
+            None if id == first && !alone => {}
+            None => return None,
+        }
+    }
+    (sum > 0).then_some(sum)
 }
 
 impl Drop for HostCgroup {
@@ -240,6 +282,8 @@ pub struct Sandbox {
     stopper: Stopper,
     vm_thread: Mutex<Option<JoinHandle<()>>>,
     cgroup: Mutex<Option<HostCgroup>>,
+    /// Each container's CPU quota per 100 ms, which size the host cgroup together.
+    cpu_quotas: Mutex<HashMap<String, Option<u64>>>,
     network: Mutex<Option<Connected>>,
     pub exited: VmExit,
 }
@@ -471,9 +515,37 @@ impl Sandbox {
             stopper,
             vm_thread: Mutex::new(vm_thread),
             cgroup: Mutex::new(cgroup),
+            cpu_quotas: Mutex::new(HashMap::from([(
+                id.to_string(),
+                quota_per_period(limits.cpu_quota_us, limits.cpu_period_us),
+            )])),
             network: Mutex::new(connected),
             exited,
         })
+    }
+
+    /// Records container `cid`'s CPU quota (None in `quota`: it has none; `gone`: it was
+    /// deleted) and sizes the host cgroup to the pod's (see [`pod_cpu_quota`]).
+    pub fn container_cpu(
+        &self,
+        cid: &str,
+        quota: Option<u64>,
+        gone: bool,
+    ) -> Result<(), PoolError> {
+        let pod = {
+            let mut quotas = self.cpu_quotas.lock().unwrap_or_else(|e| e.into_inner());
+            if gone {
+                quotas.remove(cid);
+            } else {
+                quotas.insert(cid.to_string(), quota);
+            }
+            pod_cpu_quota(&self.id, &quotas)
+        };
+        let mut cgroup = self.cgroup.lock().unwrap_or_else(|e| e.into_inner());
+        match cgroup.as_mut() {
+            Some(c) => c.set_cpu_quota(pod),
+            None => Ok(()),
+        }
     }
 
     /// Whether the VM carries the pod's network namespace (its containers use the guest's
@@ -606,6 +678,41 @@ pub fn existing_dir(state_dir: &Path, id: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_cpu_quota_is_its_containers_together() {
+        let pod = |entries: &[(&str, Option<u64>)]| {
+            let map = entries
+                .iter()
+                .map(|(id, q)| (id.to_string(), *q))
+                .collect::<HashMap<_, _>>();
+            pod_cpu_quota("pause", &map)
+        };
+        assert_eq!(
+            pod(&[("pause", None)]),
+            None,
+            "a lone workload without quota"
+        );
+        assert_eq!(pod(&[("pause", Some(50_000))]), Some(50_000));
+        // The pause container without a quota does not make a pod unlimited...
+        assert_eq!(
+            pod(&[("pause", None), ("a", Some(50_000)), ("b", Some(25_000))]),
+            Some(75_000)
+        );
+        // ...a workload container without one does.
+        assert_eq!(
+            pod(&[("pause", None), ("a", Some(50_000)), ("b", None)]),
+            None
+        );
+        assert_eq!(
+            pod(&[("pause", Some(10_000)), ("a", Some(20_000))]),
+            Some(30_000)
+        );
+        assert_eq!(quota_per_period(Some(25_000), Some(50_000)), Some(50_000));
+        assert_eq!(quota_per_period(Some(50_000), None), Some(50_000));
+        assert_eq!(quota_per_period(Some(0), Some(100_000)), None);
+        assert_eq!(quota_per_period(None, Some(100_000)), None);
+    }
 
     #[test]
     fn console_tail_keeps_the_last_lines_and_says_when_there_are_none() {

@@ -27,7 +27,7 @@ use tokio::sync::{watch, Mutex};
 use crate::config::Config;
 use crate::io::{Fifos, ProcessIo};
 use crate::mounts::{self, RootfsMount};
-use crate::sandbox::{ctx, Sandbox};
+use crate::sandbox::{ctx, quota_per_period, Sandbox};
 
 /// CRI's annotations that group a pod's containers into one sandbox.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -182,6 +182,19 @@ pub fn load_spec(bundle: &Path) -> Result<Spec, String> {
 }
 
 /// The sandbox a container belongs to: its CRI pod, or itself.
+/// A container's CPU quota and period from its resources (microseconds).
+fn cpu_quota_of(
+    resources: Option<&oci_spec::runtime::LinuxResources>,
+) -> (Option<u64>, Option<u64>) {
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    (
+        cpu.and_then(|c| c.quota())
+            .filter(|q| *q > 0)
+            .map(|q| q as u64),
+        cpu.and_then(|c| c.period()),
+    )
+}
+
 fn sandbox_id(spec: &Spec, container_id: &str) -> String {
     let annotations = spec.annotations().clone().unwrap_or_default();
     match annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) {
@@ -194,6 +207,17 @@ fn sandbox_id(spec: &Spec, container_id: &str) -> String {
 }
 
 impl Service {
+    /// Sizes the sandbox's host cgroup for container `cid`'s CPU quota (or its removal); a
+    /// failure is logged: the container runs either way, on the pod's former quota.
+    fn resize_host_cgroup(sb: &Sandbox, cid: &str, quota: Option<u64>, gone: bool) {
+        if let Err(e) = sb.container_cpu(cid, quota, gone) {
+            tracing::warn!(
+                "sandbox {}: cannot resize the host cgroup for {cid}: {e}",
+                sb.id
+            );
+        }
+    }
+
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         let Some(publisher) = self.state.publisher.get() else {
             return;
@@ -255,13 +279,7 @@ impl Service {
             );
             config.memory_mib = mib;
         }
-        let cpu = resources.as_ref().and_then(|r| r.cpu().clone());
-        let quota = cpu
-            .as_ref()
-            .and_then(|c| c.quota())
-            .filter(|q| *q > 0)
-            .map(|q| q as u64);
-        let period = cpu.as_ref().and_then(|c| c.period());
+        let (quota, period) = cpu_quota_of(resources.as_ref());
         let limits = crate::sandbox::host_limits(&config, quota, period);
         let id = sandbox_id(spec, cid);
         let hostname = spec.hostname().clone().unwrap_or_default();
@@ -598,6 +616,12 @@ impl Task for Service {
                 return Err(e);
             }
         };
+        if !first {
+            // A further container of the pod: the host cgroup grows by its CPU quota.
+            let (quota, period) =
+                cpu_quota_of(spec.linux().as_ref().and_then(|l| l.resources().as_ref()));
+            Self::resize_host_cgroup(&sb, &cid, quota_per_period(quota, period), false);
+        }
         inner.containers.insert(
             cid.clone(),
             Container {
@@ -792,6 +816,9 @@ impl Task for Service {
                 p.stop_io();
             }
             Self::clean_container_files(&sb, &req.id);
+            if req.id != sb.id {
+                Self::resize_host_cgroup(&sb, &req.id, None, true);
+            }
         }
         self.release_sandbox_if_empty(&mut inner).await;
         drop(inner);
@@ -989,16 +1016,23 @@ impl Task for Service {
             .as_ref()
             .map(|a| a.value.clone())
             .unwrap_or_default();
+        let cpu = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
+            .ok()
+            .map(|r| cpu_quota_of(Some(&r)));
         sb.agent
             .update_container(
                 ctx(RPC_TIMEOUT),
                 &ag::UpdateContainerRequest {
-                    container_id: req.id,
+                    container_id: req.id.clone(),
                     resources_json: resources,
                     ..Default::default()
                 },
             )
             .await?;
+        // The host cgroup follows the container's new CPU quota.
+        if let Some((quota, period)) = cpu {
+            Self::resize_host_cgroup(&sb, &req.id, quota_per_period(quota, period), false);
+        }
         Ok(api::Empty::new())
     }
 

@@ -764,3 +764,67 @@ fn ctr_templates_restore_sandboxes_that_are_each_unique() {
     c.assert_clean();
     std::fs::remove_dir_all(&templates).unwrap();
 }
+
+/// A pod of two containers (the second joins the first's sandbox through the CRI
+/// annotations, as containerd's CRI plugin sends them): the sandbox's host cgroup carries
+/// the sum of their CPU quotas, and gives the second's back when it is deleted.
+#[test]
+fn ctr_pod_host_cgroup_follows_its_containers_cpu_quotas() {
+    use containerd_shim_shoal_v2::host_cgroups::{Hierarchy, Pool};
+    let Some(env) = env() else { return };
+    let c = Containerd::start(&env, "podcpu", "");
+    let out = c.run(&["-d", "--cpus", "0.5"], "pod", &["sleep", "1000"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    wait_status(&c, "pod", "RUNNING");
+    let shims = shim_pids();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let pool = Pool::open(c.shoal_config().cgroups.pool_config()).unwrap();
+    let dirs = pool.cgroups_of(shims[0] as u32).unwrap();
+    let quota = || -> String {
+        match pool.hierarchy() {
+            Hierarchy::V2 => std::fs::read_to_string(dirs[0].join("cpu.max"))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+            Hierarchy::V1 { controllers } => {
+                let d = &dirs[controllers.iter().position(|c| *c == "cpu").unwrap()];
+                std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
+                    .unwrap()
+                    .trim()
+                    .to_string()
+            }
+        }
+    };
+    assert_eq!(quota(), "50000");
+    let out = c.run(
+        &[
+            "-d",
+            "--cpus",
+            "0.25",
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            "io.kubernetes.cri.sandbox-id=pod",
+        ],
+        "app",
+        &["sleep", "1000"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    wait_status(&c, "app", "RUNNING");
+    assert_eq!(
+        shim_pids().len(),
+        1,
+        "the second container has a shim of its own"
+    );
+    assert_eq!(
+        quota(),
+        "75000",
+        "the pod's quota is its containers' together"
+    );
+    c.remove("app");
+    assert_eq!(quota(), "50000", "the deleted container's quota went back");
+    c.remove("pod");
+    c.assert_clean();
+}
