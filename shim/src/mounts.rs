@@ -95,12 +95,9 @@ pub fn share_volumes(spec: &mut Spec, host_dir: &Path, guest_dir: &str) -> Resul
         return Ok(());
     };
     for (i, m) in mounts.iter_mut().enumerate() {
-        let Some(source) = m.source().clone() else {
+        let Some(source) = host_volume(m) else {
             continue;
         };
-        if !is_bind(m) || !source.is_absolute() {
-            continue;
-        }
         let fail = |message: String| MountError::Volume {
             source_path: source.clone(),
             destination: m.destination().clone(),
@@ -128,6 +125,28 @@ pub fn share_volumes(spec: &mut Spec, host_dir: &Path, guest_dir: &str) -> Resul
         m.set_source(Some(PathBuf::from(format!("{guest_dir}/volume-{i}"))));
     }
     spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+/// The host path of a volume: a bind mount with an absolute source.
+fn host_volume(m: &OciMount) -> Option<PathBuf> {
+    m.source()
+        .clone()
+        .filter(|source| is_bind(m) && source.is_absolute())
+}
+
+/// Checks that every volume's host path exists, so that a spec naming a missing one fails
+/// before a VM is started for it.
+pub fn check_volumes(spec: &Spec) -> Result<(), MountError> {
+    for m in spec.mounts().iter().flatten() {
+        if let Some(source) = host_volume(m) {
+            std::fs::metadata(&source).map_err(|e| MountError::Volume {
+                destination: m.destination().clone(),
+                message: e.to_string(),
+                source_path: source,
+            })?;
+        }
+    }
     Ok(())
 }
 

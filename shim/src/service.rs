@@ -551,6 +551,8 @@ impl Task for Service {
                 format!("container {cid} already exists"),
             ));
         }
+        mounts::check_volumes(&spec)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         let first = inner.sandbox.is_none();
         let sb = self
             .ensure_sandbox(&mut inner, &spec, &cid, req.options.as_ref())

@@ -517,7 +517,18 @@ impl Vcpu {
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-            Ok(VcpuExit::Shutdown) => exit.signal(ExitReason::Reboot),
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: shoal's guests reboot through the keyboard controller, so
+                // this is a guest that broke; say where, for whoever reads the log.
+                match (self.fd.get_regs(), self.fd.get_sregs()) {
+                    (Ok(r), Ok(s)) => tracing::warn!(
+                        "vCPU {}: guest triple fault at rip {:#x} (rsp {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x})",
+                        self.index, r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                    ),
+                    _ => tracing::warn!("vCPU {}: guest triple fault", self.index),
+                }
+                exit.signal(ExitReason::Reboot)
+            }
             Ok(VcpuExit::Hlt) => exit.signal(ExitReason::PowerOff),
             Ok(VcpuExit::SystemEvent(kind, _)) => exit.signal(match kind {
                 KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
