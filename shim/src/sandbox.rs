@@ -204,13 +204,16 @@ impl HostCgroup {
 
     /// Sets the cgroup's CPU quota (microseconds per 100 ms; None: unlimited).
     fn set_cpu_quota(&mut self, quota_us: Option<u64>) -> Result<(), PoolError> {
-        if (self.limits.cpu_quota_us, self.limits.cpu_period_us) == (quota_us, Some(CPU_PERIOD_US))
-        {
+        let mut limits = self.limits.clone();
+        limits.cpu_quota_us = quota_us;
+        limits.cpu_period_us = Some(CPU_PERIOD_US);
+        if limits == self.limits {
             return Ok(());
         }
-        self.limits.cpu_quota_us = quota_us;
-        self.limits.cpu_period_us = Some(CPU_PERIOD_US);
-        self.pool.set_limits(&self.claim, &self.limits)
+        // Kept only once written, so that a failed write is tried again next time.
+        self.pool.set_limits(&self.claim, &limits)?;
+        self.limits = limits;
+        Ok(())
     }
 }
 
@@ -221,7 +224,8 @@ const CPU_PERIOD_US: u64 = 100_000;
 pub fn quota_per_period(quota_us: Option<u64>, period_us: Option<u64>) -> Option<u64> {
     let quota = quota_us.filter(|q| *q > 0)?;
     let period = period_us.filter(|p| *p > 0).unwrap_or(CPU_PERIOD_US);
-    Some((quota as u128 * CPU_PERIOD_US as u128 / period as u128).max(1) as u64)
+    // The kernel refuses quotas under 1 ms.
+    Some((quota as u128 * CPU_PERIOD_US as u128 / period as u128).max(1000) as u64)
 }
 
 /// The pod's CPU quota from its containers' (`first` is the container the sandbox started
@@ -712,6 +716,7 @@ mod tests {
         assert_eq!(quota_per_period(Some(50_000), None), Some(50_000));
         assert_eq!(quota_per_period(Some(0), Some(100_000)), None);
         assert_eq!(quota_per_period(None, Some(100_000)), None);
+        assert_eq!(quota_per_period(Some(1), Some(1_000_000)), Some(1000));
     }
 
     #[test]

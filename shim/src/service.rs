@@ -1018,8 +1018,11 @@ impl Task for Service {
             .as_ref()
             .map(|a| a.value.clone())
             .unwrap_or_default();
+        // An update without a CPU quota leaves the quota as it was (OCI: absent means
+        // unchanged); -1 or 0 lifts it.
         let cpu = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
             .ok()
+            .filter(|r| r.cpu().as_ref().is_some_and(|c| c.quota().is_some()))
             .map(|r| cpu_quota_of(Some(&r)));
         sb.agent
             .update_container(

@@ -253,6 +253,7 @@ pub async fn create(config: &Config) -> Result<PathBuf> {
     let wanted = Manifest::of(config)?;
     let dest = dir_for(config);
     std::fs::create_dir_all(&config.template_dir).map_err(io("create", &config.template_dir))?;
+    remove_dead_partials(&config.template_dir);
     let name = dest
         .file_name()
         .expect("a size")
@@ -322,21 +323,42 @@ async fn boot_and_save(config: &Config, work: &Path, shared: &Path) -> Result<()
     Ok(())
 }
 
-/// Puts directory `from` at `to`, replacing what was there.
+/// Puts directory `from` at `to`. An older template there is swapped out in one step
+/// (`RENAME_EXCHANGE`), so a sandbox starting meanwhile finds one template or the other,
+/// never none; the old one, now at `from`, is then removed.
 fn replace_dir(from: &Path, to: &Path) -> Result<()> {
-    let mut old = to.as_os_str().to_owned();
-    old.push(format!(".old.{}", std::process::id()));
-    let old = PathBuf::from(old);
-    let had_old = match std::fs::rename(to, &old) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(io("move aside", to)(e)),
-    };
-    std::fs::rename(from, to).map_err(io("put the new template at", to))?;
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let swapped = renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_EXCHANGE);
+    match swapped {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(from);
+            Ok(())
+        }
+        Err(nix::errno::Errno::ENOENT) => {
+            std::fs::rename(from, to).map_err(io("put the new template at", to))
+        }
+        Err(e) => Err(io("put the new template at", to)(e.into())),
     }
-    Ok(())
+}
+
+/// Scratch directories of `shoal-template` runs that died (their pid is gone).
+fn remove_dead_partials(template_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(template_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".partial"))
+        else {
+            continue;
+        };
+        let pid = rest.rsplit('.').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A guest vsock CID of a sandbox's own (4 and up; 3 is the template's), from its id. CIDs
@@ -427,6 +449,34 @@ mod tests {
         std::fs::write(dir_for(&c).join(MANIFEST), b"{").unwrap();
         let e = Template::find(&c).unwrap_err().to_string();
         assert!(e.contains("template.json is not valid"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_template_replaces_the_old_and_dead_scratch_dirs_go() {
+        let dir = scratch("replace");
+        let (work, dest) = (dir.join(".256m-1c.1.partial"), dir.join("256m-1c"));
+        for generation in ["first", "second"] {
+            std::fs::create_dir_all(&work).unwrap();
+            std::fs::write(work.join("vm.state"), generation).unwrap();
+            replace_dir(&work, &dest).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(dest.join("vm.state")).unwrap(),
+                generation
+            );
+            assert!(
+                !work.exists(),
+                "the old template is left at {}",
+                work.display()
+            );
+        }
+        // A scratch directory of a run that died goes; one of a live run stays.
+        let dead = dir.join(".256m-1c.999999999.partial");
+        let live = dir.join(format!(".256m-1c.{}.partial", std::process::id()));
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::create_dir_all(&live).unwrap();
+        remove_dead_partials(&dir);
+        assert!(!dead.exists() && live.exists() && dest.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -260,6 +260,15 @@ impl VirtioDevice for Balloon {
             .unwrap_or_default())
     }
 
+    /// A notification the guest made just before the snapshot may not have been served
+    /// (its eventfd belonged to the old VM): look at every queue once.
+    fn restored(&mut self) {
+        let queues = self.active.as_ref().map_or(0, |a| a.queues.len());
+        for index in 0..queues {
+            self.process(index);
+        }
+    }
+
     fn queue_notify(&mut self, index: usize) {
         if matches!(index, INFLATE | DEFLATE | REPORTING) {
             self.process(index);

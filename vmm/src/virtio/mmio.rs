@@ -372,6 +372,7 @@ impl MmioTransport {
             return Err(invalid(index));
         }
         transport.device.set_driver_features(state.driver_features);
+        transport.device.prepare_restore();
         transport
             .device
             .activate(transport.mem.clone(), queues, transport.interrupt.clone())?;

@@ -150,6 +150,8 @@ pub trait VirtioDevice: Send {
     fn changed_since_save(&self) -> bool {
         false
     }
+    /// A restore is about to activate the device with a snapshot's queues.
+    fn prepare_restore(&mut self) {}
     /// The device was activated from a snapshot's queues (in a new VM): tell the driver
     /// whatever it must know about the new host side, and serve what the queues hold.
     fn restored(&mut self) {}

@@ -329,6 +329,8 @@ impl VirtioDevice for Fs {
             worker.shut_down();
         }
         self.activated.clear();
+        // A guest that reset the device starts a new FUSE session on a fresh device.
+        self.served.store(false, Ordering::Release);
     }
 
     fn save_queues(&self) -> Result<Vec<QueueState>, VirtioError> {
@@ -342,6 +344,12 @@ impl VirtioDevice for Fs {
             });
         }
         Ok(self.activated.clone())
+    }
+
+    /// A notification made just before the snapshot may not have been served: wake the
+    /// worker once to look at its queues.
+    fn restored(&mut self) {
+        self.queue_notify(0);
     }
 
     fn changed_since_save(&self) -> bool {
