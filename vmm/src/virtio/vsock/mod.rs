@@ -279,6 +279,20 @@ mod tests {
         ]
     }
 
+    /// A connection request from guest CID 3, port 40000, to host port `dst_port`.
+    fn guest_request(dst_port: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 40_000,
+            dst_port,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 65536,
+            ..Default::default()
+        }
+    }
+
     /// Drives the device through its queues in real guest memory: a guest connection request
     /// on TX reaches a host socket, the response lands in an RX buffer, data follows.
     #[test]
@@ -298,16 +312,7 @@ mod tests {
         let [c, d] = rx_buffer(0x11_0000, 2);
         rxq.add_desc_chains(&[a, b, c, d], 0).unwrap();
         // TX: a REQUEST to host port 5000, then 5 bytes of data.
-        let req = Header {
-            src_cid: 3,
-            dst_cid: 2,
-            src_port: 40_000,
-            dst_port: 5000,
-            type_: TYPE_STREAM,
-            op: OP_REQUEST,
-            buf_alloc: 65536,
-            ..Default::default()
-        };
+        let req = guest_request(5000);
         mem.write_slice(&header_bytes(&req, 0), GuestAddress(0x20_0000))
             .unwrap();
         let rw = Header { op: OP_RW, ..req };
@@ -378,16 +383,7 @@ mod tests {
         let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
         let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
         // A packet to a port nobody listens on: the device answers with a reset.
-        let req = Header {
-            src_cid: 3,
-            dst_cid: 2,
-            src_port: 40_000,
-            dst_port: 5999,
-            type_: TYPE_STREAM,
-            op: OP_REQUEST,
-            buf_alloc: 65536,
-            ..Default::default()
-        };
+        let req = guest_request(5999);
         mem.write_slice(&header_bytes(&req, 0), GuestAddress(0x20_0000))
             .unwrap();
         txq.add_desc_chains(&[desc(0x20_0000, PKT_HEADER_SIZE as u32, 0, 0)], 0)
