@@ -395,19 +395,17 @@ impl Sandbox {
             }
             (false, _) => None,
         };
+        let vm_config = vm_config(config, &uds, cid, &shared, &console, nets);
         let started = match template {
             Some(t) => {
                 tracing::info!(
                     "sandbox {id}: restoring the VM template {}",
                     t.dir.display()
                 );
-                let restore = t.restore_config(config, &uds, cid, &shared, &console);
+                let restore = t.restore_config(vm_config);
                 tokio::task::spawn_blocking(move || Vm::restore(&restore)).await
             }
-            None => {
-                let vm_config = vm_config(config, &uds, cid, &shared, &console, nets);
-                tokio::task::spawn_blocking(move || Vm::boot(&vm_config)).await
-            }
+            None => tokio::task::spawn_blocking(move || Vm::boot(&vm_config)).await,
         };
         let vm = match started.expect("VM start task") {
             Ok(vm) => vm,

@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 use shoal_agent_api::agent::CheckRequest;
 use shoal_agent_api::client::connect_agent;
 use shoal_agent_api::AGENT_PORT;
-use shoal_vmm::{Console, FsConfig, RestoreConfig, SnapshotFiles, Vm, VsockConfig};
+use shoal_vmm::{RestoreConfig, SnapshotFiles, Vm, VmConfig};
 
 use crate::config::Config;
-use crate::sandbox::{console_tail, ctx, vm_config, CONSOLE_TAIL_LINES, SHARE_TAG};
+use crate::sandbox::{console_tail, ctx, vm_config, CONSOLE_TAIL_LINES};
 
 /// What a template directory holds besides its snapshot.
 pub const MANIFEST: &str = "template.json";
@@ -216,31 +216,18 @@ impl Template {
         }
     }
 
-    /// How to restore this template as a sandbox with its own vsock socket and CID, shared
-    /// directory and console. The VMM checks the size and devices again.
-    pub fn restore_config(
-        &self,
-        config: &Config,
-        uds: &Path,
-        cid: u64,
-        shared: &Path,
-        console: &Path,
-    ) -> RestoreConfig {
+    /// How to restore this template as the sandbox VM `vm` (`sandbox::vm_config`, without
+    /// network cards): its size, console, and devices with their own host sides (vsock
+    /// socket and CID, shared directory). The VMM checks the size and devices again.
+    pub fn restore_config(&self, vm: VmConfig) -> RestoreConfig {
         RestoreConfig {
             files: self.files(),
-            console: Console::File(console.into()),
-            memory_mib: Some(config.memory_mib),
-            vcpus: Some(config.vcpus),
-            vsock: Some(VsockConfig {
-                uds_path: uds.into(),
-                cid,
-            }),
-            shares: vec![FsConfig {
-                tag: SHARE_TAG.into(),
-                dir: shared.into(),
-                cache: shoal_vmm::CacheMode::Auto,
-            }],
-            free_page_reporting: config.free_page_reporting,
+            console: vm.console,
+            memory_mib: Some(vm.memory_mib),
+            vcpus: Some(vm.vcpus),
+            vsock: vm.vsock,
+            shares: vm.shares,
+            free_page_reporting: vm.free_page_reporting,
         }
     }
 }

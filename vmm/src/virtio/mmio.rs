@@ -270,11 +270,7 @@ impl MmioTransport {
     fn activate(&mut self) {
         let mut queues =
             std::mem::replace(&mut self.queues, Self::fresh_queues(self.device.as_ref()));
-        // Keep the driver's view of queue registers (size, ready) readable after activation.
-        for (kept, q) in self.queues.iter_mut().zip(&queues) {
-            kept.set_size(q.size());
-            kept.set_ready(q.ready());
-        }
+        self.keep_queue_registers(&queues);
         // Queues a feature the driver did not take would add stay unused.
         queues.truncate(self.device.queues_in_use(self.driver_features));
         self.device.set_driver_features(self.driver_features);
@@ -357,11 +353,7 @@ impl MmioTransport {
         transport.device_features_select = state.device_features_select;
         transport.driver_features_select = state.driver_features_select;
         transport.config_generation = state.config_generation;
-        // The registers the driver reads back (size, ready) keep their values either way.
-        for (kept, q) in transport.queues.iter_mut().zip(&queues) {
-            kept.set_size(q.size());
-            kept.set_ready(q.ready());
-        }
+        transport.keep_queue_registers(&queues);
         if !state.active {
             for (kept, q) in transport.queues.iter_mut().zip(queues) {
                 *kept = q;
@@ -379,6 +371,15 @@ impl MmioTransport {
         transport.active = true;
         transport.device.restored();
         Ok(transport)
+    }
+
+    /// Keeps the driver's view of the queue registers it reads back (size, ready) once the
+    /// queues themselves are the device's.
+    fn keep_queue_registers(&mut self, queues: &[Queue]) {
+        for (kept, q) in self.queues.iter_mut().zip(queues) {
+            kept.set_size(q.size());
+            kept.set_ready(q.ready());
+        }
     }
 
     fn reset(&mut self) {

@@ -232,14 +232,14 @@ impl VirtioDevice for Vsock {
             .unwrap_or_default())
     }
 
-    /// A VM restored from a snapshot has a new host side (socket, CID) and none of the
-    /// old connections: a TRANSPORT_RESET event makes the guest reset every connected
-    /// socket and read its CID again. Listening sockets stay.
     /// Nothing reaches the guest between activation and the reset event.
     fn prepare_restore(&mut self) {
         self.awaiting_reset = true;
     }
 
+    /// A VM restored from a snapshot has a new host side (socket, CID) and none of the
+    /// old connections: a TRANSPORT_RESET event makes the guest reset every connected
+    /// socket and read its CID again. Listening sockets stay.
     fn restored(&mut self) {
         self.send_transport_reset();
         self.drain_tx();
