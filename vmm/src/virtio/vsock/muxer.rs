@@ -67,6 +67,9 @@ struct Conn {
     pending: VecDeque<u8>,
     /// The guest will send no more: shut our write side once `pending` drains.
     peer_done_sending: bool,
+    /// The guest shut both directions while `pending` still held data: the connection ends
+    /// (RST to the guest) once that data has reached the host socket.
+    peer_gone: bool,
     /// The host client closed its side: read no more.
     host_eof: bool,
     interest: EventSet,
@@ -86,6 +89,7 @@ impl Conn {
             fwd_cnt_sent: Wrapping(0),
             pending: VecDeque::new(),
             peer_done_sending: false,
+            peer_gone: false,
             host_eof: false,
             interest: EventSet::empty(),
         }
@@ -109,7 +113,7 @@ impl Conn {
             State::AwaitConnect(_) => ev |= EventSet::IN,
             State::Connecting => {}
             State::Established => {
-                if !self.host_eof && self.peer_credit() > 0 {
+                if !self.host_eof && !self.peer_gone && self.peer_credit() > 0 {
                     ev |= EventSet::IN;
                 }
                 if !self.pending.is_empty() {
@@ -276,6 +280,9 @@ impl Muxer {
                         tracing::debug!("vsock: host socket write failed: {e}");
                         return self.reset(fd);
                     }
+                    if conn.peer_gone && conn.pending.is_empty() {
+                        return self.finish(fd);
+                    }
                     self.maybe_credit_update(fd);
                 }
                 if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
@@ -420,6 +427,13 @@ impl Muxer {
         }
     }
 
+    /// Ends a connection both sides shut: the guest may free its socket.
+    fn finish(&mut self, fd: RawFd) {
+        let pkt = self.packet_for(fd, OP_RST);
+        self.to_guest.push_back(pkt);
+        self.close(fd);
+    }
+
     /// Drops a connection without telling the guest.
     fn close(&mut self, fd: RawFd) {
         if let Some(conn) = self.conns.remove(&fd) {
@@ -501,11 +515,12 @@ impl Muxer {
                     let _ = conn.flush();
                 }
                 if h.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
-                    // Both directions are done: finish, and tell the guest it may free the socket.
-                    let pkt = self.packet_for(fd, OP_RST);
-                    self.to_guest.push_back(pkt);
-                    self.close(fd);
-                    return;
+                    // Both directions are done: finish once what the guest sent has reached
+                    // the host socket (a slow reader may still hold some of it back).
+                    if conn.pending.is_empty() {
+                        return self.finish(fd);
+                    }
+                    conn.peer_gone = true;
                 }
             }
             (OP_RST, _) => return self.close(fd),
@@ -710,6 +725,43 @@ mod tests {
         let p = next_packet(&mut m);
         assert_eq!(p.hdr.op, OP_CREDIT_UPDATE);
         assert_eq!(p.hdr.fwd_cnt, 3 * 64 * 1024);
+    }
+
+    /// The guest sends data and closes while the host reader lags: every byte still
+    /// reaches the host, and only then does the guest get its RST.
+    #[test]
+    fn guest_close_waits_for_its_data_to_reach_a_slow_host_reader() {
+        let dir = Dir::new("slowclose");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID).unwrap();
+        let (_client, mut reader, local) = connected(&mut m, &path);
+        // More than a unix socket buffers: some stays pending in the muxer.
+        let total = 4 * 64 * 1024;
+        for _ in 0..4 {
+            let mut p = guest_pkt(OP_RW, 1024, local);
+            p.data = vec![5u8; 64 * 1024];
+            m.from_guest(p);
+        }
+        let mut shutdown = guest_pkt(OP_SHUTDOWN, 1024, local);
+        shutdown.hdr.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+        m.from_guest(shutdown);
+        assert_eq!(m.connection_count(), 1, "closed with data still pending");
+        let reader_thread = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        let end = Instant::now() + Duration::from_secs(5);
+        while m.connection_count() == 1 && Instant::now() < end {
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(m.connection_count(), 0);
+        let rst = std::iter::from_fn(|| m.pop_to_guest()).last().unwrap();
+        assert_eq!(rst.hdr.op, OP_RST);
+        let got = reader_thread.join().unwrap();
+        assert_eq!(got.len(), total);
+        assert!(got.iter().all(|b| *b == 5));
     }
 
     #[test]
