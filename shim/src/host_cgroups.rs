@@ -4,14 +4,20 @@
 //! per sandbox becomes the bottleneck. The pool creates its cgroups once; a sandbox *claims*
 //! a free one (its limits written in one batch) and *releases* it when done. Claims are files
 //! in a state directory, created with O_EXCL and holding the claimer's pid and the sandbox id:
-//! claiming is atomic across processes (one shim per sandbox), and after a crash a claim whose
-//! process is gone is released when the pool is next opened.
+//! claiming is atomic across processes (one shim per sandbox). After a crash a claim whose
+//! process is gone is released by `recover`: containerd's `shim delete` for the dead shim
+//! runs it, and so does a claim that finds every slot taken.
+//!
+//! Every shim opens the pool in its own process, so opening is kept to a few stats: the
+//! slots are created (and, on v2, the controllers delegated) only while the pool's last
+//! slot does not exist yet, and dead claims are not looked for on the way. Both used to be
+//! done on every open, which under a storm made each start walk the whole pool, partly
+//! under the pool's lock (see README, "Start storms").
 //!
 //! Works on cgroup v2 and on v1 (one directory per controller hierarchy), with cgroupfs or
 //! systemd naming. Written against the cgroup files directly: the few files the pool touches
 //! did not justify cgroups-rs and its systemd/D-Bus dependencies.
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -152,6 +158,9 @@ fn write(path: &Path, value: &str) -> Result<()> {
     })
 }
 
+/// Name prefix of a claim's content before it is linked to a slot's claim file.
+const PENDING: &str = ".pending-";
+
 /// Whether `pid` is a live process (a zombie is not: it holds no cgroup any more).
 fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
@@ -183,20 +192,6 @@ impl Pool {
                 .map(|c| cfg.root.join(c).join(&parent_name))
                 .collect(),
         };
-        for p in &parents {
-            std::fs::create_dir_all(p).map_err(|source| PoolError::Parent {
-                path: p.clone(),
-                source,
-            })?;
-        }
-        if hierarchy == Hierarchy::V2 {
-            // Delegate the controllers the limits need, down to the pooled cgroups.
-            for dir in [cfg.root.clone(), parents[0].clone()] {
-                let file = dir.join("cgroup.subtree_control");
-                std::fs::write(&file, "+cpu +memory +pids")
-                    .map_err(|source| PoolError::Parent { path: file, source })?;
-            }
-        }
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| PoolError::State {
             path: cfg.state_dir.clone(),
             source,
@@ -208,8 +203,39 @@ impl Pool {
             parents,
             next,
         };
-        for slot in 0..pool.cfg.size {
-            for dir in pool.slot_dirs(slot) {
+        if !pool.created() {
+            pool.create()?;
+        }
+        Ok(pool)
+    }
+
+    /// Whether the pool's cgroups all exist. Slots are created in order by whoever creates
+    /// them, so the last slot existing means some opener created them all.
+    fn created(&self) -> bool {
+        match self.cfg.size.checked_sub(1) {
+            Some(last) => self.slot_dirs(last).iter().all(|d| d.is_dir()),
+            None => self.parents.iter().all(|d| d.is_dir()),
+        }
+    }
+
+    /// Creates the parents (on v2 delegating the controllers the limits need) and the slots.
+    fn create(&self) -> Result<()> {
+        for p in &self.parents {
+            std::fs::create_dir_all(p).map_err(|source| PoolError::Parent {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        if self.hierarchy == Hierarchy::V2 {
+            // Delegate the controllers the limits need, down to the pooled cgroups.
+            for dir in [self.cfg.root.clone(), self.parents[0].clone()] {
+                let file = dir.join("cgroup.subtree_control");
+                std::fs::write(&file, "+cpu +memory +pids")
+                    .map_err(|source| PoolError::Parent { path: file, source })?;
+            }
+        }
+        for slot in 0..self.cfg.size {
+            for dir in self.slot_dirs(slot) {
                 // Shims starting side by side may create the same slot: that is fine.
                 match std::fs::create_dir(&dir) {
                     Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
@@ -222,8 +248,7 @@ impl Pool {
                 }
             }
         }
-        pool.recover()?;
-        Ok(pool)
+        Ok(())
     }
 
     pub fn hierarchy(&self) -> &Hierarchy {
@@ -248,8 +273,8 @@ impl Pool {
             .join(format!("{}.claim", self.slot_name(slot)))
     }
 
-    /// Serializes taking slots between shims: claiming and recovering hold it (briefly), so
-    /// a recovery cannot reset a slot another shim has just claimed.
+    /// Serializes recoveries: two of them must not both release one dead claim (the second
+    /// could remove the claim a live shim made in between).
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
         let path = self.cfg.state_dir.join(".lock");
         let err = |source| PoolError::State {
@@ -267,8 +292,25 @@ impl Pool {
     }
 
     /// Releases claims whose owning process has exited (a crashed shim).
-    fn recover(&self) -> Result<()> {
+    pub fn recover(&self) -> Result<()> {
         let _lock = self.lock()?;
+        self.recover_locked()
+    }
+
+    /// `recover`, with the pool's lock held by the caller.
+    fn recover_locked(&self) -> Result<()> {
+        // Claim contents a shim died before linking: `.pending-PID-N`.
+        for entry in std::fs::read_dir(&self.cfg.state_dir).into_iter().flatten() {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(PENDING)
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|p| p.parse().ok());
+            if pid.is_some_and(|pid| !pid_alive(pid)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         for slot in 0..self.cfg.size {
             let file = self.claim_file(slot);
             let Ok(text) = std::fs::read_to_string(&file) else {
@@ -314,30 +356,76 @@ impl Pool {
                 });
             }
         }
-        // Start where the last claim ended (and, across shims, at a per-process offset) so a
-        // claim does not walk past every taken slot.
+        // The claim's content is written first and linked to a slot's claim name, which
+        // fails if the name exists: no claim file is ever seen half written, so taking a
+        // slot needs no lock (only recovery, which removes other processes' claims, holds
+        // it, so that two recoveries cannot both act on one claim).
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let pending = self.cfg.state_dir.join(format!(
+            "{PENDING}{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&pending, format!("{} {sandbox_id}\n", std::process::id())).map_err(
+            |source| PoolError::State {
+                path: pending.clone(),
+                source,
+            },
+        )?;
+        let taken = self.find_free_slot(&pending);
+        let _ = std::fs::remove_file(&pending);
+        let slot = taken?;
+        let claim = Claim {
+            slot,
+            sandbox_id: sandbox_id.into(),
+            dirs: self.slot_dirs(slot),
+            claim_file: self.claim_file(slot),
+        };
+        if let Err(e) = self.apply(&claim, limits) {
+            let _ = self.reset(slot);
+            let _ = std::fs::remove_file(&claim.claim_file);
+            return Err(e);
+        }
+        Ok(claim)
+    }
+
+    /// Links `pending` to the claim name of a free slot and returns the slot. Slots with a
+    /// claim are known from one read of the state directory, so a claim costs the same in a
+    /// nearly full pool of thousands as in an empty one. Starts where this pool's last
+    /// claim ended (first at an offset by process id), so shims spread over the pool. A
+    /// full pool is recovered once (it may hold claims of shims that died) and tried again.
+    fn find_free_slot(&self, pending: &Path) -> Result<usize> {
         let size = self.cfg.size;
-        let start = self.next.load(Ordering::Relaxed);
-        let lock = self.lock()?;
-        for slot in (0..size).map(|i| (start + i) % size.max(1)) {
-            let file = self.claim_file(slot);
-            let created = OpenOptions::new().write(true).create_new(true).open(&file);
-            let Ok(mut f) = created else { continue };
-            self.next.store(slot + 1, Ordering::Relaxed);
-            let _ = writeln!(f, "{} {sandbox_id}", std::process::id());
-            drop(lock);
-            let claim = Claim {
-                slot,
-                sandbox_id: sandbox_id.into(),
-                dirs: self.slot_dirs(slot),
-                claim_file: file,
-            };
-            if let Err(e) = self.apply(&claim, limits) {
-                let _ = self.reset(slot);
-                let _ = std::fs::remove_file(&claim.claim_file);
-                return Err(e);
+        let state_err = |source| PoolError::State {
+            path: self.cfg.state_dir.clone(),
+            source,
+        };
+        for attempt in 0..2 {
+            if attempt == 1 {
+                let _lock = self.lock()?;
+                self.recover_locked()?;
             }
-            return Ok(claim);
+            let claimed: std::collections::HashSet<std::ffi::OsString> =
+                std::fs::read_dir(&self.cfg.state_dir)
+                    .map_err(state_err)?
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect();
+            let start = self.next.load(Ordering::Relaxed);
+            for slot in (0..size).map(|i| (start + i) % size.max(1)) {
+                let file = self.claim_file(slot);
+                if file.file_name().is_some_and(|n| claimed.contains(n)) {
+                    continue;
+                }
+                match std::fs::hard_link(pending, &file) {
+                    Ok(()) => {
+                        self.next.store(slot + 1, Ordering::Relaxed);
+                        return Ok(slot);
+                    }
+                    // Another shim took it since the directory was read.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(state_err(e)),
+                }
+            }
         }
         Err(PoolError::Exhausted {
             size: self.cfg.size,
@@ -482,7 +570,8 @@ impl Pool {
 
     /// Removes every pooled cgroup and the parent (for uninstall and tests).
     pub fn destroy(self) -> Result<()> {
-        for slot in 0..self.cfg.size {
+        // Last slot first: while any slot is left, the pool does not read as created.
+        for slot in (0..self.cfg.size).rev() {
             for dir in self.slot_dirs(slot) {
                 let _ = std::fs::remove_dir(&dir);
             }

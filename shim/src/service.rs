@@ -503,9 +503,10 @@ impl Shim for Service {
                     let _ = mounts::remove_tree(&dir);
                 }
             }
-            // Opening the pool returns cgroups whose shim is gone, this one's included.
+            // Cgroups whose shim is gone go back to the pool, this one's included.
             if config.cgroups.enabled {
-                if let Err(e) = crate::host_cgroups::Pool::open(config.cgroups.pool_config()) {
+                let pool = crate::host_cgroups::Pool::open(config.cgroups.pool_config());
+                if let Err(e) = pool.and_then(|p| p.recover()) {
                     tracing::warn!("cannot recover the dead shim's host cgroup: {e}");
                 }
             }

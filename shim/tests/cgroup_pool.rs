@@ -169,7 +169,22 @@ fn claims_of_a_crashed_shim_are_recovered() {
     }
     assert_eq!(pool.free_count(), 0);
     drop(pool);
-    let pool = Pool::open(cfg).unwrap();
+    // Opening the pool (each shim does, at every start) leaves claims alone.
+    let pool = Pool::open(cfg.clone()).unwrap();
+    assert_eq!(pool.free_count(), 0, "opening the pool released claims");
+    // A claim that finds the pool full releases the dead claims and takes one of them.
+    let taken = pool.claim("after-crash", &Limits::default()).unwrap();
+    assert_ne!(taken.slot, live.slot);
+    assert_eq!(pool.free_count(), 1, "one dead claim released, one taken");
+    pool.release(&taken).unwrap();
+    // What containerd's `shim delete` for a dead shim runs.
+    std::fs::write(
+        cfg.state_dir.join(format!("slot-{:04}.claim", taken.slot)),
+        format!("{dead_pid} crashed\n"),
+    )
+    .unwrap();
+    assert_eq!(pool.free_count(), 1);
+    pool.recover().unwrap();
     assert_eq!(
         pool.free_count(),
         2,
@@ -243,5 +258,30 @@ fn pools_opened_and_claimed_side_by_side() {
         pool.release(c).unwrap();
     }
     assert_eq!(pool.free_count(), 8);
+    pool.destroy().unwrap();
+}
+
+#[test]
+fn a_destroyed_pool_is_created_again_when_opened() {
+    if !can_run() {
+        return;
+    }
+    // Opening skips creation while the last slot exists: after a destroy it must not.
+    let cfg = config("again", 4, Driver::Cgroupfs);
+    let pool = Pool::open(cfg.clone()).unwrap();
+    let claim = pool.claim("first", &Limits::default()).unwrap();
+    assert!(claim.dirs.iter().all(|d| d.is_dir()));
+    pool.release(&claim).unwrap();
+    pool.destroy().unwrap();
+    let pool = Pool::open(cfg).unwrap();
+    for i in 0..4 {
+        let claim = pool.claim(&format!("sb-{i}"), &Limits::default()).unwrap();
+        assert!(
+            claim.dirs.iter().all(|d| d.is_dir()),
+            "slot {} was not created again",
+            claim.slot
+        );
+    }
+    assert_eq!(pool.free_count(), 0);
     pool.destroy().unwrap();
 }
