@@ -12,7 +12,8 @@
 //! latencies are EMULATED). SHOAL_STORM_N and SHOAL_STORM_C (defaults 20 and 4);
 //! SHOAL_STORM_POOL sizes shoal's cgroup pool (default N: a smaller pool shows back-pressure);
 //! SHOAL_STORM_RUNC=0 skips runc. Unless SHOAL_STORM_TEMPLATE=0, the shoal storm runs twice:
-//! booting each guest, then restoring each from one VM template (`tmpl`).
+//! booting each guest, then restoring each from one VM template (`tmpl`);
+//! SHOAL_STORM_BOOT=0 leaves out the booting pass.
 #[path = "../shim/tests/support/containerd.rs"]
 mod containerd;
 
@@ -159,7 +160,9 @@ fn main() {
         "{:<6} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "", "started", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
-    storm(&c, ("shoal", RUNTIME, &[]), n, conc);
+    if env_usize("SHOAL_STORM_BOOT", 1) != 0 {
+        storm(&c, ("shoal", RUNTIME, &[]), n, conc);
+    }
     if env_usize("SHOAL_STORM_TEMPLATE", 1) != 0 {
         // The same sandboxes restored from a VM template instead of booted.
         let template = c.template_config();

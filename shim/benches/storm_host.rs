@@ -8,15 +8,26 @@
 //! from a VM template does on the host). The guest's own boot is not in it (on nested PVM it cannot run natively; the
 //! whole path is `scripts/storm`).
 //!
+//! Then the shim spawn, the first phase of a start, exactly as containerd runs it: the shim
+//! binary's `start` in a bundle directory (which execs the serving shim, which connects to
+//! containerd's event socket, listens and answers), timed until the serving shim answers a
+//! ttrpc call; then Shutdown. Against a real containerd (its ttrpc socket takes the events).
+//!
+//! Before both, the cgroup claim as each shim makes it in its own process: open the pool,
+//! claim a slot with limits, release it, against pools of 256 (the default) and 2048 slots
+//! (RunD's 2000 sandboxes a host), half of the slots held by live sandboxes.
+//!
 //! Needs root, /dev/kvm and SHOAL_GUEST_KERNEL + SHOAL_AGENT_IMAGE (`scripts/bench` sets
-//! them). SHOAL_STORM_HOST_N sets N (default 64).
+//! them); the spawn rows also containerd and SHOAL_BUSYBOX_IMAGE (they are skipped, saying
+//! so, without). SHOAL_STORM_HOST_N sets N (default 64).
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[path = "../tests/support/containerd.rs"]
 mod containerd;
 
-use containerd::{env_usize, in_flight, percentile};
+use containerd::{env_usize, in_flight, percentile, Containerd, Env};
+use containerd_shim_protos::{api, shim_async::TaskClient};
 use containerd_shim_shoal_v2::host_cgroups::{Driver, Limits, Pool, PoolConfig};
 use shoal_vmm::{
     CacheMode, Console, FsConfig, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig,
@@ -32,13 +43,7 @@ fn one_start(
     i: usize,
 ) -> f64 {
     let t = Instant::now();
-    let limits = Limits {
-        memory_max: Some(320 << 20),
-        cpu_quota_us: None,
-        cpu_period_us: None,
-        pids_max: None,
-    };
-    let claim = pool.claim(&format!("storm-{i}"), &limits).expect("claim");
+    let claim = pool.claim(&format!("storm-{i}"), &LIMITS).expect("claim");
     let sdir = dir.join(format!("s{i}"));
     std::fs::create_dir_all(sdir.join("shared")).unwrap();
     let vm = match template {
@@ -114,6 +119,135 @@ fn make_template(kernel: &Path, image: &Path, dir: &Path) -> SnapshotFiles {
     files
 }
 
+/// One shim spawn as containerd does it: `start` in the bundle, the address it prints, then
+/// a ttrpc call answered by the serving shim (NOT_FOUND: it holds no container yet). Returns
+/// milliseconds; the shim is then shut down and its exit awaited.
+fn one_spawn(c: &Containerd, rt: &tokio::runtime::Runtime, dir: &Path, i: usize) -> f64 {
+    let id = format!("spawn-{i}");
+    let bundle = dir.join(&id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), SPEC).unwrap();
+    let sock = c.run.join("containerd.sock");
+    let t = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_containerd-shim-shoal-v2"))
+        .args(["-namespace", "storm", "-address"])
+        .arg(&sock)
+        .args(["-publish-binary", "containerd", "-id", &id, "start"])
+        .current_dir(&bundle)
+        .env("TTRPC_ADDRESS", format!("{}.ttrpc", sock.display()))
+        .env("SHOAL_CONFIG", c.root.join("shoal.toml"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("shim start");
+    assert!(
+        out.status.success(),
+        "shim start: {}",
+        containerd::text(&out)
+    );
+    let address = String::from_utf8(out.stdout).unwrap();
+    // containerd keeps the address beside the bundle; the shim removes its socket by it.
+    std::fs::write(bundle.join("address"), &address).unwrap();
+    let ms = rt.block_on(async {
+        let client = ttrpc::asynchronous::Client::connect(&address)
+            .await
+            .expect("connect to the shim");
+        let task = TaskClient::new(client);
+        let ctx = || ttrpc::context::with_timeout(10_000_000_000);
+        let req = api::ConnectRequest {
+            id: id.clone(),
+            ..Default::default()
+        };
+        match task.connect(ctx(), &req).await {
+            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::NOT_FOUND => {}
+            other => panic!("the new shim answered Connect with {other:?}"),
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let _ = task.shutdown(ctx(), &api::ShutdownRequest::default()).await;
+        ms
+    });
+    // Gone once its socket is (it removes it last).
+    let path = address.trim_start_matches("unix://").to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&path).exists() {
+        assert!(Instant::now() < deadline, "shim {id} did not exit");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = std::fs::remove_dir_all(&bundle);
+    ms
+}
+
+/// The OCI spec of the spawn rows' bundles (`start` reads it to group containers into pods).
+const SPEC: &str = r#"{"ociVersion":"1.0.2","process":{"args":["sleep","3600"],"cwd":"/","env":["PATH=/bin"]},"root":{"path":"rootfs"},"hostname":"storm","linux":{"namespaces":[{"type":"pid"},{"type":"mount"}]}}"#;
+
+/// Runs `start` N times at each C in flight and prints a row per C and the scaling ratio.
+fn rows(n: usize, cores: usize, start: impl Fn(usize) -> f64 + Sync) {
+    println!(
+        "{:>3} {:>10} {:>10} {:>10} {:>10}",
+        "C", "starts/s", "p50 ms", "p99 ms", "max ms"
+    );
+    let mut base = 0.0;
+    let mut last = 0.0;
+    for c in [1usize, 2, 4, 8, 16] {
+        let wall = Instant::now();
+        let mut t = in_flight(n, c, &start);
+        let rate = n as f64 / wall.elapsed().as_secs_f64();
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "{c:>3} {rate:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+            percentile(&t, 0.5),
+            percentile(&t, 0.99),
+            t[t.len() - 1]
+        );
+        if c == 1 {
+            base = rate;
+        }
+        last = rate;
+    }
+    println!(
+        "throughput at C=16 / ({cores} cores x C=1): {:.2} (target >= 0.7)",
+        last / (cores as f64 * base)
+    );
+}
+
+/// The shim spawn rows, against a private containerd.
+fn spawns(n: usize, cores: usize, (kernel, image): (&Path, &Path)) {
+    println!("== shim spawn (containerd's `start` until the serving shim answers, then Shutdown), {n} per row, {cores} host cores");
+    let Some(busybox) = std::env::var_os("SHOAL_BUSYBOX_IMAGE").map(PathBuf::from) else {
+        println!("SKIP: shim spawn rows: SHOAL_BUSYBOX_IMAGE is not set (scripts/bench sets it)");
+        return;
+    };
+    if std::process::Command::new("containerd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIP: shim spawn rows: containerd is not installed (scripts/deps containerd)");
+        return;
+    }
+    let env = Env {
+        kernel: kernel.into(),
+        agent: image.into(),
+        image: busybox,
+    };
+    let c = Containerd::start(&env, "spawn", "log_level = \"info\"\n");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = c.root.join("bundles");
+    rows(n, cores, |i| one_spawn(&c, &rt, &dir, i));
+    let left = containerd::shim_pids();
+    println!(
+        "left behind: {}",
+        if left.is_empty() {
+            "nothing".to_string()
+        } else {
+            format!("shims {left:?}")
+        }
+    );
+}
+
 fn main() {
     let (Some(kernel), Some(image)) = (
         std::env::var_os("SHOAL_GUEST_KERNEL").map(PathBuf::from),
@@ -127,6 +261,66 @@ fn main() {
         std::process::exit(2);
     }
     let n = env_usize("SHOAL_STORM_HOST_N", 64);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // SHOAL_STORM_HOST_PARTS=spawn runs only the shim spawn rows (=vm only the VM rows).
+    let parts = std::env::var("SHOAL_STORM_HOST_PARTS").unwrap_or_else(|_| "claim,vm,spawn".into());
+    if parts.contains("claim") {
+        for size in [256, 2048] {
+            claims(n, cores, size);
+        }
+    }
+    if parts.contains("vm") {
+        vm_starts(n, cores, (&kernel, &image));
+    }
+    if parts.contains("spawn") {
+        spawns(n, cores, (&kernel, &image));
+    }
+}
+
+/// The claim rows: each start opens the pool afresh, as a new shim process does.
+fn claims(n: usize, cores: usize, size: usize) {
+    let pid = std::process::id();
+    let cfg = PoolConfig {
+        parent: format!("shoal-storm-claim-{pid}"),
+        driver: Driver::Cgroupfs,
+        size,
+        state_dir: std::env::temp_dir().join(format!("shoal-storm-claim-{pid}")),
+        ..Default::default()
+    };
+    let pool = Pool::open(cfg.clone()).expect("cgroup pool");
+    // Half the pool is taken by sandboxes that are still running (this process).
+    let held: Vec<_> = (0..size / 2)
+        .map(|i| {
+            pool.claim(&format!("held-{i}"), &Limits::default())
+                .unwrap()
+        })
+        .collect();
+    println!("== cgroup claim as a shim makes it (open the pool + claim with limits + release), pool of {size}, {} held, {n} per row, {cores} host cores", held.len());
+    rows(n, cores, |i| {
+        let t = Instant::now();
+        let pool = Pool::open(cfg.clone()).expect("open");
+        let claim = pool.claim(&format!("storm-{i}"), &LIMITS).expect("claim");
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        pool.release(&claim).expect("release");
+        ms
+    });
+    for c in &held {
+        pool.release(c).unwrap();
+    }
+    let _ = pool.destroy();
+    let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+/// A sandbox's limits: its VM's 256 MiB plus the overhead.
+const LIMITS: Limits = Limits {
+    memory_max: Some(320 << 20),
+    cpu_quota_us: None,
+    cpu_period_us: None,
+    pids_max: None,
+};
+
+/// The VM rows: booted, then restored from a snapshot.
+fn vm_starts(n: usize, cores: usize, (kernel, image): (&Path, &Path)) {
     let pid = std::process::id();
     let pool = Pool::open(PoolConfig {
         parent: format!("shoal-storm-bench-{pid}"),
@@ -137,8 +331,7 @@ fn main() {
     })
     .expect("cgroup pool");
     let dir = std::env::temp_dir().join(format!("shoal-storm-host-{pid}"));
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let template = make_template(&kernel, &image, &dir);
+    let template = make_template(kernel, image, &dir);
     for (what, from) in [
         ("VM boot", None),
         ("restore from a template", Some(&template)),
@@ -146,32 +339,9 @@ fn main() {
         println!(
             "== host-side start (cgroup claim + {what} to first KVM_RUN + stop + release), {n} starts per row, {cores} host cores"
         );
-        println!(
-            "{:>3} {:>10} {:>10} {:>10} {:>10}",
-            "C", "starts/s", "p50 ms", "p99 ms", "max ms"
-        );
-        let mut base = 0.0;
-        let mut last = 0.0;
-        for c in [1usize, 2, 4, 8, 16] {
-            let wall = Instant::now();
-            let mut t = in_flight(n, c, |i| one_start(&pool, (&kernel, &image), from, &dir, i));
-            let rate = n as f64 / wall.elapsed().as_secs_f64();
-            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            println!(
-                "{c:>3} {rate:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-                percentile(&t, 0.5),
-                percentile(&t, 0.99),
-                t[t.len() - 1]
-            );
-            if c == 1 {
-                base = rate;
-            }
-            last = rate;
-        }
-        println!(
-            "throughput at C=16 / ({cores} cores x C=1): {:.2} (target >= 0.7)",
-            last / (cores as f64 * base)
-        );
+        rows(n, cores, |i| {
+            one_start(&pool, (kernel, image), from, &dir, i)
+        });
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = pool.destroy();
