@@ -13,9 +13,12 @@
 //! containerd's event socket, listens and answers), timed until the serving shim answers a
 //! ttrpc call; then Shutdown. Against a real containerd (its ttrpc socket takes the events).
 //!
-//! Before both, the cgroup claim as each shim makes it in its own process: open the pool,
-//! claim a slot with limits, release it, against pools of 256 (the default) and 2048 slots
-//! (RunD's 2000 sandboxes a host), half of the slots held by live sandboxes.
+//! Before both, the cgroup claim as each shim makes it: open the pool afresh, claim a slot
+//! with limits (timed to here), release it, against pools of 256 (the default) and 2048
+//! slots (RunD's 2000 sandboxes a host), half of the slots held by live sandboxes. The
+//! claims run on threads of this one process, so each starts its scan at the same offset,
+//! just past the held half: more contention for the same slot than shims with different
+//! pids meet.
 //!
 //! Needs root, /dev/kvm and SHOAL_GUEST_KERNEL + SHOAL_AGENT_IMAGE (`scripts/bench` sets
 //! them); the spawn rows also containerd and SHOAL_BUSYBOX_IMAGE (they are skipped, saying
@@ -295,7 +298,7 @@ fn claims(n: usize, cores: usize, size: usize) {
                 .unwrap()
         })
         .collect();
-    println!("== cgroup claim as a shim makes it (open the pool + claim with limits + release), pool of {size}, {} held, {n} per row, {cores} host cores", held.len());
+    println!("== cgroup claim as a shim makes it (open the pool + claim with limits, timed; then release), pool of {size}, {} held, {n} per row, {cores} host cores", held.len());
     rows(n, cores, |i| {
         let t = Instant::now();
         let pool = Pool::open(cfg.clone()).expect("open");

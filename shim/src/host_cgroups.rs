@@ -3,8 +3,9 @@
 //! Creating and removing cgroups serializes in the kernel, so under a start storm mkdir/rmdir
 //! per sandbox becomes the bottleneck. The pool creates its cgroups once; a sandbox *claims*
 //! a free one (its limits written in one batch) and *releases* it when done. Claims are files
-//! in a state directory, created with O_EXCL and holding the claimer's pid and the sandbox id:
-//! claiming is atomic across processes (one shim per sandbox). After a crash a claim whose
+//! in a state directory holding the claimer's pid and the sandbox id, linked into place whole
+//! (the link fails if the claim exists): claiming is atomic across processes (one shim per
+//! sandbox). After a crash a claim whose
 //! process is gone is released by `recover`: containerd's `shim delete` for the dead shim
 //! runs it, and so does a claim that finds every slot taken.
 //!
@@ -12,7 +13,9 @@
 //! slots are created (and, on v2, the controllers delegated) only while the pool's last
 //! slot does not exist yet, and dead claims are not looked for on the way. Both used to be
 //! done on every open, which under a storm made each start walk the whole pool, partly
-//! under the pool's lock (see README, "Start storms").
+//! under the pool's lock (see README, "Start storms"). A slot found missing when a claim
+//! writes its limits (removed by hand, or v2 controllers no longer delegated) makes the
+//! claim create the pool's missing parts once and try again.
 //!
 //! Works on cgroup v2 and on v1 (one directory per controller hierarchy), with cgroupfs or
 //! systemd naming. Written against the cgroup files directly: the few files the pool touches
@@ -177,8 +180,8 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 impl Pool {
-    /// Opens (creating what is missing) the pool, and releases claims left by dead processes
-    /// (`containerd-shim-shoal-v2 delete`, run after a shim died, relies on this).
+    /// Opens the pool, creating it unless its last slot exists. Claims left by dead processes
+    /// are not looked at here: `recover` releases them.
     pub fn open(cfg: PoolConfig) -> Result<Pool> {
         let hierarchy = detect(&cfg.root)?;
         let parent_name = match cfg.driver {
@@ -326,7 +329,10 @@ impl Pool {
                     slot,
                     "releasing a cgroup left claimed by exited process {pid}"
                 );
-                self.reset(slot)?;
+                // A slot that cannot be reset is still freed: a claim writes all its limits.
+                if let Err(e) = self.reset(slot) {
+                    tracing::warn!(slot, "{e}");
+                }
                 let _ = std::fs::remove_file(&file);
             }
         }
@@ -366,12 +372,15 @@ impl Pool {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::write(&pending, format!("{} {sandbox_id}\n", std::process::id())).map_err(
-            |source| PoolError::State {
-                path: pending.clone(),
+        if let Err(source) =
+            std::fs::write(&pending, format!("{} {sandbox_id}\n", std::process::id()))
+        {
+            let _ = std::fs::remove_file(&pending);
+            return Err(PoolError::State {
+                path: pending,
                 source,
-            },
-        )?;
+            });
+        }
         let taken = self.find_free_slot(&pending);
         let _ = std::fs::remove_file(&pending);
         let slot = taken?;
@@ -381,7 +390,18 @@ impl Pool {
             dirs: self.slot_dirs(slot),
             claim_file: self.claim_file(slot),
         };
-        if let Err(e) = self.apply(&claim, limits) {
+        let mut applied = self.apply(&claim, limits);
+        if matches!(&applied, Err(PoolError::Write { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+        {
+            // The slot, or on v2 a controller's files, went missing after the pool was
+            // made: make what is missing again, once.
+            tracing::warn!(
+                "{}: recreating the pool's missing cgroups",
+                applied.unwrap_err()
+            );
+            applied = self.create().and_then(|()| self.apply(&claim, limits));
+        }
+        if let Err(e) = applied {
             let _ = self.reset(slot);
             let _ = std::fs::remove_file(&claim.claim_file);
             return Err(e);
@@ -563,7 +583,10 @@ impl Pool {
                 return Err(PoolError::Busy { path: dir.clone() });
             }
         }
-        self.reset(claim.slot)?;
+        // A slot that cannot be reset is still freed: the next claim writes all its limits.
+        if let Err(e) = self.reset(claim.slot) {
+            tracing::warn!("releasing slot {}: {e}", claim.slot);
+        }
         let _ = std::fs::remove_file(&claim.claim_file);
         Ok(())
     }
@@ -572,10 +595,15 @@ impl Pool {
     pub fn destroy(self) -> Result<()> {
         // Last slot first: while any slot is left, the pool does not read as created.
         for slot in (0..self.cfg.size).rev() {
-            for dir in self.slot_dirs(slot) {
-                let _ = std::fs::remove_dir(&dir);
+            let left = self
+                .slot_dirs(slot)
+                .iter()
+                .filter(|dir| std::fs::remove_dir(dir).is_err() && dir.exists())
+                .count();
+            // A slot still in use keeps its claim.
+            if left == 0 {
+                let _ = std::fs::remove_file(self.claim_file(slot));
             }
-            let _ = std::fs::remove_file(self.claim_file(slot));
         }
         for p in &self.parents {
             let _ = std::fs::remove_dir(p);

@@ -253,7 +253,8 @@ impl Drop for HostCgroup {
             tracing::warn!("cannot move the shim out of its sandbox cgroup: {e}");
         }
         if let Err(e) = self.pool.release(&self.claim) {
-            // A later shim's pool open recovers the claim once this process has exited.
+            // Recovered once this process has exited: by `shim delete` if it dies, or by a
+            // claim that finds the pool full.
             tracing::warn!("cannot release the sandbox cgroup now: {e}");
         }
     }

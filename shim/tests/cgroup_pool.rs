@@ -252,12 +252,71 @@ fn pools_opened_and_claimed_side_by_side() {
     slots.sort();
     slots.dedup();
     assert_eq!(slots.len(), 8, "two sandboxes got the same slot");
-    let pool = Pool::open(cfg).unwrap();
+    let pool = Pool::open(cfg.clone()).unwrap();
     assert_eq!(pool.free_count(), 0);
     for c in &claims {
         pool.release(c).unwrap();
     }
     assert_eq!(pool.free_count(), 8);
+    let pending: Vec<_> = std::fs::read_dir(&cfg.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".pending"))
+        .collect();
+    assert!(pending.is_empty(), "claims left {pending:?} behind");
+    pool.destroy().unwrap();
+}
+
+#[test]
+fn a_slot_removed_by_hand_is_made_again_by_the_claim_that_meets_it() {
+    if !can_run() {
+        return;
+    }
+    let cfg = config("repair", 3, Driver::Cgroupfs);
+    let pool = Pool::open(cfg.clone()).unwrap();
+    let first = pool.claim("first", &Limits::default()).unwrap();
+    pool.release(&first).unwrap();
+    // An admin removes every slot but the last: the pool still reads as created.
+    let removed: Vec<PathBuf> = [0, 1]
+        .into_iter()
+        .flat_map(|s| {
+            first
+                .dirs
+                .iter()
+                .map(move |d| d.with_file_name(format!("slot-{s:04}")))
+        })
+        .collect();
+    for d in &removed {
+        std::fs::remove_dir(d).unwrap();
+    }
+    drop(pool);
+    let pool = Pool::open(cfg.clone()).unwrap();
+    let limits = Limits {
+        memory_max: Some(64 << 20),
+        ..Default::default()
+    };
+    let claims: Vec<_> = (0..3)
+        .map(|i| pool.claim(&format!("sb-{i}"), &limits).expect("claim"))
+        .collect();
+    for c in &claims {
+        let file = memory_file(&pool, &c.dirs);
+        let v: u64 = std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(v, 64 << 20, "{} holds no limit", file.display());
+        pool.release(c).unwrap();
+    }
+    // A dead claimer's pending claim content goes with the next recovery.
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let stale = cfg.state_dir.join(format!(".pending-{dead_pid}-0"));
+    std::fs::write(&stale, format!("{dead_pid} crashed\n")).unwrap();
+    pool.recover().unwrap();
+    assert!(!stale.exists(), "a dead shim's pending claim was left");
     pool.destroy().unwrap();
 }
 
