@@ -34,6 +34,8 @@ struct Start {
 
 fn storm(c: &Containerd, (name, runtime, flags): (&str, &str, &[&str]), n: usize, conc: usize) {
     let wall = Instant::now();
+    // Progress on stderr, so a run that dies midway (the lab's kernel) shows how far it got.
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let starts = in_flight(n, conc, |i| {
         let id = format!("storm-{name}-{i}");
         let began = boottime_ms();
@@ -44,6 +46,13 @@ fn storm(c: &Containerd, (name, runtime, flags): (&str, &str, &[&str]), n: usize
         let out = c.ctr(&args);
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let error = (!out.status.success()).then(|| text(&out).trim().to_string());
+        let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if k % 25 == 0 {
+            eprintln!(
+                "storm {name}: {k} of {n} starts done after {:.0} s",
+                wall.elapsed().as_secs_f64()
+            );
+        }
         Start {
             id,
             began,

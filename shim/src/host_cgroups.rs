@@ -165,7 +165,7 @@ fn write(path: &Path, value: &str) -> Result<()> {
 const PENDING: &str = ".pending-";
 
 /// Whether `pid` is a live process (a zombie is not: it holds no cgroup any more).
-fn pid_alive(pid: i32) -> bool {
+pub(crate) fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }

@@ -1,6 +1,7 @@
 //! containerd shim v2 for shoal: one shim process per sandbox (pod), which boots the sandbox's
 //! micro-VM in-process and serves containerd's Task API against the guest agent.
 //!
+//! - [`admission`]: whether the host has memory for one more sandbox start;
 //! - [`service`]: the shim's `start`/`delete` actions and the Task service;
 //! - [`sandbox`]: the VM, its agent connection and state directory;
 //! - [`mounts`]: rootfs and volumes under the virtio-fs shared tree;
@@ -9,6 +10,7 @@
 //! - [`host_cgroups`]: a pool of pre-created sandbox cgroups;
 //! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects);
 //! - [`template`]: VM templates, restored instead of booted when configured.
+pub mod admission;
 pub mod config;
 pub mod host_cgroups;
 pub mod io;

@@ -16,6 +16,7 @@ use shoal_vmm::{
 };
 use tokio::sync::watch;
 
+use crate::admission::{self, host_available_mib, AdmissionError};
 use crate::config::Config;
 use crate::host_cgroups::{Claim, Limits, Pool, PoolError};
 use crate::mounts;
@@ -61,13 +62,9 @@ pub enum SandboxError {
     Network(#[from] NetworkError),
     #[error("cannot start the sandbox from its VM template: {0}")]
     Template(#[from] TemplateError),
-    #[error("host memory is low: {available} MiB available, and a sandbox needs {STARTUP_MIB} MiB to start above the {reserve} MiB kept free (host_reserve_mib in the shoal config)")]
-    HostMemory { available: u64, reserve: u64 },
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
 }
-
-/// Host memory an idle sandbox takes once started (shim, VMM, the guest's touched RAM; about
-/// 31 MiB measured by `benches/density.rs`), rounded up: what admission asks to be free.
-pub const STARTUP_MIB: u64 = 64;
 
 /// 64 random bytes from the host for the guest's random pool (none if /dev/urandom cannot
 /// be read; the guest then relies on its own).
@@ -155,14 +152,6 @@ pub fn vm_config(
         free_page_reporting: config.free_page_reporting,
         console: Console::File(console.into()),
     }
-}
-
-/// `MemAvailable` from /proc/meminfo, in MiB.
-pub fn host_available_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib >> 10)
 }
 
 /// A sandbox's host cgroup, claimed from the pool with the shim (and so the VM's threads and
@@ -345,14 +334,15 @@ impl Sandbox {
             }
         }
         // Admission: a storm beyond what the host holds gets errors, not an OOM killer.
-        if let Some(available) = host_available_mib() {
-            if available < config.host_reserve_mib + STARTUP_MIB {
-                return Err(SandboxError::HostMemory {
-                    available,
-                    reserve: config.host_reserve_mib,
-                });
-            }
-        }
+        // Held until this start returns (its memory then shows in MemAvailable).
+        let _ticket = match host_available_mib() {
+            Some(available) => Some(admission::admit(
+                &config.cgroups.state_dir,
+                available,
+                config.host_reserve_mib,
+            )?),
+            None => None,
+        };
         let dir = config.state_dir.join(id);
         // A directory left by a shim that died: take its mounts down first.
         let _ = mounts::remove_tree(&dir);

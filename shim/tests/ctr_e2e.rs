@@ -635,6 +635,34 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
     assert!(text(&out).contains("host memory is low"), "{}", text(&out));
     let _ = c.ctr(&["container", "delete", "lowmem"]);
     c.assert_clean();
+
+    // A storm beyond the memory the host has left: a reserve that leaves room for about two
+    // starts. Starts in flight count against it, so the starts arriving together do not all
+    // pass one look at MemAvailable: some run, the rest fail saying why, nothing is left.
+    let available = containerd_shim_shoal_v2::admission::host_available_mib().unwrap();
+    let room = 2 * containerd_shim_shoal_v2::admission::STARTUP_MIB + 32;
+    let base = std::fs::read_to_string(c.root.join("shoal.toml"))
+        .unwrap()
+        .replace("host_reserve_mib = 100000000\n", "");
+    let tight = c.root.join("shoal-tight.toml");
+    // Before the rest: the base ends inside its [cgroups] table.
+    std::fs::write(
+        &tight,
+        format!("host_reserve_mib = {}\n{base}", available - room),
+    )
+    .unwrap();
+    let flags = ["-d", "--runtime-config-path", tight.to_str().unwrap()];
+    let outs = in_flight(5, 5, |i| c.run(&flags, &format!("m{i}"), &["sleep", "600"]));
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    let all = || outs.iter().map(text).collect::<Vec<_>>();
+    assert!((1..5).contains(&ok), "{ok} of 5 started: {:?}", all());
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        assert!(text(o).contains("host memory is low"), "{}", text(o));
+    }
+    for i in 0..5 {
+        c.remove(&format!("m{i}"));
+    }
+    c.assert_clean();
 }
 
 /// VM templates (`template = true`), as an operator uses them: a start without a template
