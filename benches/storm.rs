@@ -47,7 +47,7 @@ fn storm(c: &Containerd, (name, runtime, flags): (&str, &str, &[&str]), n: usize
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let error = (!out.status.success()).then(|| text(&out).trim().to_string());
         let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        if k % 25 == 0 {
+        if k.is_multiple_of(25) {
             eprintln!(
                 "storm {name}: {k} of {n} starts done after {:.0} s",
                 wall.elapsed().as_secs_f64()

@@ -78,23 +78,7 @@ pub fn admit(dir: &Path, available_mib: u64, reserve_mib: u64) -> Result<Ticket,
         .map_err(err(&lock_path))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| err(&lock_path)(e.into()))?;
-    let mut starting = 0u64;
-    for entry in std::fs::read_dir(dir).map_err(err(dir))?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(TICKET))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if crate::host_cgroups::pid_alive(pid) {
-            starting += 1;
-        } else {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+    let starting = crate::host_cgroups::sweep_pid_files(dir, TICKET).map_err(err(dir))?;
     if available_mib < reserve_mib + STARTUP_MIB * (starting + 1) {
         return Err(AdmissionError::HostMemory {
             available: available_mib,

@@ -161,11 +161,34 @@ fn write(path: &Path, value: &str) -> Result<()> {
     })
 }
 
+/// Files `PREFIX<pid>-<n>` in `dir`: removes those of processes that are gone and returns
+/// how many belong to live ones.
+pub(crate) fn sweep_pid_files(dir: &Path, prefix: &str) -> std::io::Result<u64> {
+    let mut live = 0;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid_alive(pid) {
+            live += 1;
+        } else {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(live)
+}
+
 /// Name prefix of a claim's content before it is linked to a slot's claim file.
 const PENDING: &str = ".pending-";
 
 /// Whether `pid` is a live process (a zombie is not: it holds no cgroup any more).
-pub(crate) fn pid_alive(pid: i32) -> bool {
+fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
@@ -303,17 +326,7 @@ impl Pool {
     /// `recover`, with the pool's lock held by the caller.
     fn recover_locked(&self) -> Result<()> {
         // Claim contents a shim died before linking: `.pending-PID-N`.
-        for entry in std::fs::read_dir(&self.cfg.state_dir).into_iter().flatten() {
-            let Ok(entry) = entry else { continue };
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix(PENDING)
-                .and_then(|rest| rest.split('-').next())
-                .and_then(|p| p.parse().ok());
-            if pid.is_some_and(|pid| !pid_alive(pid)) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        let _ = sweep_pid_files(&self.cfg.state_dir, PENDING);
         for slot in 0..self.cfg.size {
             let file = self.claim_file(slot);
             let Ok(text) = std::fs::read_to_string(&file) else {
