@@ -5,9 +5,9 @@
 //! a free one (its limits written in one batch) and *releases* it when done. Claims are files
 //! in a state directory holding the claimer's pid and the sandbox id, linked into place whole
 //! (the link fails if the claim exists): claiming is atomic across processes (one shim per
-//! sandbox). After a crash a claim whose
-//! process is gone is released by `recover`: containerd's `shim delete` for the dead shim
-//! runs it, and so does a claim that finds every slot taken.
+//! sandbox). After a crash a claim whose process is gone is released by `recover`:
+//! containerd's `shim delete` for the dead shim runs it, and so does a claim that finds
+//! every slot taken.
 //!
 //! Every shim opens the pool in its own process, so opening is kept to a few stats: the
 //! slots are created (and, on v2, the controllers delegated) only while the pool's last
