@@ -29,6 +29,14 @@ fn config(name: &str, size: usize, driver: Driver) -> PoolConfig {
     }
 }
 
+/// The pid of a process that has exited and been reaped (a crashed shim's, in the tests).
+fn dead_pid() -> u32 {
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    dead.wait().unwrap();
+    pid
+}
+
 fn memory_file(pool: &Pool, dirs: &[PathBuf]) -> PathBuf {
     match pool.hierarchy() {
         Hierarchy::V2 => dirs[0].join("memory.max"),
@@ -148,9 +156,7 @@ fn claims_of_a_crashed_shim_are_recovered() {
     let live = pool.claim("alive", &Limits::default()).unwrap();
     // Claims made by processes that have since died (crashed shims): one reaped, one a
     // zombie nobody has waited for yet. Their claim files are written as they would have.
-    let mut dead = std::process::Command::new("true").spawn().unwrap();
-    let dead_pid = dead.id();
-    dead.wait().unwrap();
+    let dead_pid = dead_pid();
     let mut zombie = std::process::Command::new("true").spawn().unwrap();
     let zombie_pid = zombie.id();
     while !std::fs::read_to_string(format!("/proc/{zombie_pid}/stat"))
@@ -310,9 +316,7 @@ fn a_slot_removed_by_hand_is_made_again_by_the_claim_that_meets_it() {
         pool.release(c).unwrap();
     }
     // A dead claimer's pending claim content goes with the next recovery.
-    let mut dead = std::process::Command::new("true").spawn().unwrap();
-    let dead_pid = dead.id();
-    dead.wait().unwrap();
+    let dead_pid = dead_pid();
     let stale = cfg.state_dir.join(format!(".pending-{dead_pid}-0"));
     std::fs::write(&stale, format!("{dead_pid} crashed\n")).unwrap();
     pool.recover().unwrap();
