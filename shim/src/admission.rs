@@ -9,9 +9,10 @@
 //! every shim (the cgroup pool's state directory); counting and taking one hold a `flock`
 //! for a directory listing and a file creation, so admissions of concurrent starts are
 //! ordered and none is decided on a count that is already stale.
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::host_cgroups::{lock_file, pid_file, sweep_pid_files};
 
 /// Host memory an idle sandbox takes once started (shim, VMM, the guest's touched RAM; about
 /// 31 MiB measured by `benches/density.rs`), rounded up: what admission asks to be free for
@@ -60,38 +61,34 @@ impl Drop for Ticket {
     }
 }
 
-/// Admits one start when `available_mib` (the host's MemAvailable), less `STARTUP_MIB` for
-/// each start other live processes hold a ticket for, leaves `STARTUP_MIB` above
-/// `reserve_mib`. Tickets of processes that died are removed on the way.
-pub fn admit(dir: &Path, available_mib: u64, reserve_mib: u64) -> Result<Ticket, AdmissionError> {
+/// Admits one start when the host's MemAvailable (`available_mib`, read once the other
+/// admissions are done, so a start that finished meanwhile has its memory counted), less
+/// `STARTUP_MIB` for each start other live processes hold a ticket for, leaves
+/// `STARTUP_MIB` above `reserve_mib`. Where MemAvailable cannot be read the start is
+/// admitted. Tickets of processes that died are removed on the way.
+pub fn admit(
+    dir: &Path,
+    reserve_mib: u64,
+    available_mib: impl FnOnce() -> Option<u64>,
+) -> Result<Ticket, AdmissionError> {
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| AdmissionError::State { path, source }
     };
     std::fs::create_dir_all(dir).map_err(err(dir))?;
     let lock_path = dir.join(".admission.lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(err(&lock_path))?;
-    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| err(&lock_path)(e.into()))?;
-    let starting = crate::host_cgroups::sweep_pid_files(dir, TICKET).map_err(err(dir))?;
-    if available_mib < reserve_mib + STARTUP_MIB * (starting + 1) {
-        return Err(AdmissionError::HostMemory {
-            available: available_mib,
-            reserve: reserve_mib,
-            starting,
-        });
+    let _lock = lock_file(&lock_path).map_err(err(&lock_path))?;
+    let starting = sweep_pid_files(dir, TICKET).map_err(err(dir))?;
+    if let Some(available) = available_mib() {
+        if available < reserve_mib + STARTUP_MIB * (starting + 1) {
+            return Err(AdmissionError::HostMemory {
+                available,
+                reserve: reserve_mib,
+                starting,
+            });
+        }
     }
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let path = dir.join(format!(
-        "{TICKET}{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let path = pid_file(dir, TICKET);
     File::create(&path).map_err(err(&path))?;
     Ok(Ticket { path })
 }
@@ -122,9 +119,9 @@ mod tests {
         // Room for three starts above a 100 MiB reserve.
         let available = 100 + 3 * STARTUP_MIB;
         let held: Vec<Ticket> = (0..3)
-            .map(|_| admit(&dir, available, 100).expect("fits"))
+            .map(|_| admit(&dir, 100, || Some(available)).expect("fits"))
             .collect();
-        let e = admit(&dir, available, 100).unwrap_err();
+        let e = admit(&dir, 100, || Some(available)).unwrap_err();
         assert!(
             matches!(e, AdmissionError::HostMemory { starting: 3, .. }),
             "{e}"
@@ -137,7 +134,7 @@ mod tests {
         );
         // One start reaches its agent: its ticket goes, and the next start fits.
         drop(held);
-        let again = admit(&dir, available, 100).expect("fits once the others are done");
+        let again = admit(&dir, 100, || Some(available)).expect("fits once the others are done");
         drop(again);
         let left = std::fs::read_dir(&dir)
             .unwrap()
@@ -154,7 +151,7 @@ mod tests {
         let available = 100 + 4 * STARTUP_MIB;
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..10)
-                .map(|_| s.spawn(|| admit(&dir, available, 100)))
+                .map(|_| s.spawn(|| admit(&dir, 100, || Some(available))))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -181,7 +178,7 @@ mod tests {
         dead.wait().unwrap();
         let stale = dir.join(format!("{TICKET}{pid}-0"));
         std::fs::write(&stale, "").unwrap();
-        let t = admit(&dir, 100 + STARTUP_MIB, 100).expect("a dead shim's ticket counted");
+        let t = admit(&dir, 100, || Some(100 + STARTUP_MIB)).expect("a dead shim's ticket counted");
         assert!(!stale.exists(), "the dead shim's ticket was kept");
         drop(t);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -161,6 +161,27 @@ fn write(path: &Path, value: &str) -> Result<()> {
     })
 }
 
+/// An exclusive `flock` on `path` (created if missing), held until the value is dropped.
+pub(crate) fn lock_file(path: &Path) -> std::io::Result<nix::fcntl::Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e.into())
+}
+
+/// A new name `PREFIX<pid>-<n>` in `dir`, unique within this process, for a file that
+/// `sweep_pid_files` removes once this process is gone.
+pub(crate) fn pid_file(dir: &Path, prefix: &str) -> PathBuf {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    dir.join(format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// Files `PREFIX<pid>-<n>` in `dir`: removes those of processes that are gone and returns
 /// how many belong to live ones.
 pub(crate) fn sweep_pid_files(dir: &Path, prefix: &str) -> std::io::Result<u64> {
@@ -303,18 +324,7 @@ impl Pool {
     /// could remove the claim a live shim made in between).
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
         let path = self.cfg.state_dir.join(".lock");
-        let err = |source| PoolError::State {
-            path: path.clone(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(err)?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| err(e.into()))
+        lock_file(&path).map_err(|source| PoolError::State { path, source })
     }
 
     /// Releases claims whose owning process has exited (a crashed shim).
@@ -379,12 +389,7 @@ impl Pool {
         // fails if the name exists: no claim file is ever seen half written, so taking a
         // slot needs no lock (only recovery, which removes other processes' claims, holds
         // it, so that two recoveries cannot both act on one claim).
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let pending = self.cfg.state_dir.join(format!(
-            "{PENDING}{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        let pending = pid_file(&self.cfg.state_dir, PENDING);
         if let Err(source) =
             std::fs::write(&pending, format!("{} {sandbox_id}\n", std::process::id()))
         {

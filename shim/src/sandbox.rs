@@ -335,14 +335,11 @@ impl Sandbox {
         }
         // Admission: a storm beyond what the host holds gets errors, not an OOM killer.
         // Held until this start returns (its memory then shows in MemAvailable).
-        let _ticket = match host_available_mib() {
-            Some(available) => Some(admission::admit(
-                &config.cgroups.state_dir,
-                available,
-                config.host_reserve_mib,
-            )?),
-            None => None,
-        };
+        let _ticket = admission::admit(
+            &config.cgroups.state_dir,
+            config.host_reserve_mib,
+            host_available_mib,
+        )?;
         let dir = config.state_dir.join(id);
         // A directory left by a shim that died: take its mounts down first.
         let _ = mounts::remove_tree(&dir);
