@@ -15,10 +15,10 @@
 //!
 //! Before both, the cgroup claim as each shim makes it: open the pool afresh, claim a slot
 //! with limits (timed to here), release it, against pools of 256 (the default) and 2048
-//! slots (RunD's 2000 sandboxes a host), half of the slots held by live sandboxes. The
-//! claims run on threads of this one process, so each starts its scan at the same offset,
-//! just past the held half: more contention for the same slot than shims with different
-//! pids meet.
+//! slots (RunD's 2000 sandboxes a host), half of the slots held by live sandboxes (one
+//! contiguous run, as a pool that filled in order has). The claims run on threads of this
+//! one process, which share its process id and hash keys, as shims do not: the slots they
+//! try are still apart, each claim has its own random picks.
 //!
 //! Needs root, /dev/kvm and SHOAL_GUEST_KERNEL + SHOAL_AGENT_IMAGE (`scripts/bench` sets
 //! them); the spawn rows also containerd and SHOAL_BUSYBOX_IMAGE (they are skipped, saying

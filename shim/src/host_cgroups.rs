@@ -2,7 +2,8 @@
 //!
 //! Creating and removing cgroups serializes in the kernel, so under a start storm mkdir/rmdir
 //! per sandbox becomes the bottleneck. The pool creates its cgroups once; a sandbox *claims*
-//! a free one (its limits written in one batch) and *releases* it when done. Claims are files
+//! a free one (writing those of its limits the slot does not already have) and *releases* it
+//! when done (the limits stay for the next claim to compare with). Claims are files
 //! in a state directory holding the claimer's pid and the sandbox id, linked into place whole
 //! (the link fails if the claim exists): claiming is atomic across processes (one shim per
 //! sandbox). After a crash a claim whose process is gone is released by `recover`:
@@ -132,8 +133,6 @@ pub struct Pool {
     hierarchy: Hierarchy,
     /// Parent directory in each hierarchy.
     parents: Vec<PathBuf>,
-    /// Where the next claim starts looking.
-    next: AtomicUsize,
 }
 
 const V1_CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
@@ -159,6 +158,24 @@ fn write(path: &Path, value: &str) -> Result<()> {
         value: value.into(),
         source,
     })
+}
+
+/// Writes `value` unless the file already reads as it. Some limit writes take a lock of the
+/// whole host and walk every cgroup: the CPU bandwidth ones (`cpu.max`, `cpu.cfs_*_us`) hold
+/// the kernel's one bandwidth mutex while they check the whole tree of CPU cgroups, which
+/// with a pool of 2048 slots made them most of a claim's time and serialized claims under a
+/// storm (see README, "Start storms"). A slot reused by a sandbox of the same size needs none.
+fn write_if_changed(path: &Path, value: &str) -> Result<()> {
+    match std::fs::read_to_string(path) {
+        Ok(now) if reads_as(now.trim(), value) => Ok(()),
+        _ => write(path, value),
+    }
+}
+
+/// Whether a limit file reading `now` holds `value`. v1's "no memory limit" (-1) reads back
+/// as the largest page-aligned byte count.
+fn reads_as(now: &str, value: &str) -> bool {
+    now == value || (value == "-1" && now.parse::<u64>().is_ok_and(|n| n >= 1 << 62))
 }
 
 /// An exclusive `flock` on `path` (created if missing), held until the value is dropped.
@@ -208,6 +225,33 @@ pub(crate) fn sweep_pid_files(dir: &Path, prefix: &str) -> std::io::Result<u64> 
 /// Name prefix of a claim's content before it is linked to a slot's claim file.
 const PENDING: &str = ".pending-";
 
+/// Slots a claim tries at random before it lists the state directory.
+const RANDOM_PROBES: usize = 8;
+
+/// Slot picks for one claim: not for cryptography, only to keep shims that start side by
+/// side apart. Seeded from std's per-process random hash keys and a per-claim counter.
+struct Random(u64);
+
+impl Random {
+    fn new() -> Random {
+        use std::hash::{BuildHasher, Hasher};
+        static CLAIMS: AtomicUsize = AtomicUsize::new(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(CLAIMS.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        Random(h.finish())
+    }
+
+    /// The next pick in `0..n` (splitmix64).
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
 /// Whether `pid` is a live process (a zombie is not: it holds no cgroup any more).
 fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
@@ -243,12 +287,10 @@ impl Pool {
             path: cfg.state_dir.clone(),
             source,
         })?;
-        let next = AtomicUsize::new(std::process::id() as usize % cfg.size.max(1));
         let pool = Pool {
             cfg,
             hierarchy,
             parents,
-            next,
         };
         if !pool.created() {
             pool.create()?;
@@ -352,10 +394,6 @@ impl Pool {
                     slot,
                     "releasing a cgroup left claimed by exited process {pid}"
                 );
-                // A slot that cannot be reset is still freed: a claim writes all its limits.
-                if let Err(e) = self.reset(slot) {
-                    tracing::warn!(slot, "{e}");
-                }
                 let _ = std::fs::remove_file(&file);
             }
         }
@@ -420,24 +458,42 @@ impl Pool {
             applied = self.create().and_then(|()| self.apply(&claim, limits));
         }
         if let Err(e) = applied {
-            let _ = self.reset(slot);
             let _ = std::fs::remove_file(&claim.claim_file);
             return Err(e);
         }
         Ok(claim)
     }
 
-    /// Links `pending` to the claim name of a free slot and returns the slot. Slots with a
-    /// claim are known from one read of the state directory, so a claim costs the same in a
-    /// nearly full pool of thousands as in an empty one. Starts where this pool's last
-    /// claim ended (first at an offset by process id), so shims spread over the pool. A
-    /// full pool is recovered once (it may hold claims of shims that died) and tried again.
+    /// Links `pending` to the claim name of a free slot and returns the slot.
+    ///
+    /// First a few slots picked at random are tried: linking to a taken slot fails at once,
+    /// so in a pool up to about three quarters full a claim makes a handful of links and
+    /// never reads the state directory, whose listing costs in proportion to the pool
+    /// (with 2048 slots it was most of a claim's time, and what kept claims from scaling
+    /// with cores; see README, "Start storms"). Random picks spread shims that start side
+    /// by side over the pool instead of sending them all to the same slot. Failing that,
+    /// the slots with a claim are known from one listing and the others are tried in turn
+    /// from a random one. A full pool is recovered once (it may hold claims of shims that
+    /// died) and tried again.
     fn find_free_slot(&self, pending: &Path) -> Result<usize> {
-        let size = self.cfg.size;
+        let size = self.cfg.size.max(1);
         let state_err = |source| PoolError::State {
             path: self.cfg.state_dir.clone(),
             source,
         };
+        // Ok(false): another claim holds the slot (or took it since the listing).
+        let take = |slot: usize| match std::fs::hard_link(pending, self.claim_file(slot)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(state_err(e)),
+        };
+        let mut random = Random::new();
+        for _ in 0..RANDOM_PROBES.min(self.cfg.size) {
+            let slot = random.below(size);
+            if take(slot)? {
+                return Ok(slot);
+            }
+        }
         for attempt in 0..2 {
             if attempt == 1 {
                 let _lock = self.lock()?;
@@ -448,20 +504,14 @@ impl Pool {
                     .map_err(state_err)?
                     .filter_map(|e| e.ok().map(|e| e.file_name()))
                     .collect();
-            let start = self.next.load(Ordering::Relaxed);
-            for slot in (0..size).map(|i| (start + i) % size.max(1)) {
+            let start = random.below(size);
+            for slot in (0..self.cfg.size).map(|i| (start + i) % size) {
                 let file = self.claim_file(slot);
                 if file.file_name().is_some_and(|n| claimed.contains(n)) {
                     continue;
                 }
-                match std::fs::hard_link(pending, &file) {
-                    Ok(()) => {
-                        self.next.store(slot + 1, Ordering::Relaxed);
-                        return Ok(slot);
-                    }
-                    // Another shim took it since the directory was read.
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(state_err(e)),
+                if take(slot)? {
+                    return Ok(slot);
                 }
             }
         }
@@ -521,18 +571,7 @@ impl Pool {
     fn apply(&self, claim: &Claim, limits: &Limits) -> Result<()> {
         for (controller, file, value) in self.writes(limits) {
             if let Some(dir) = self.dir_for(&claim.dirs, controller) {
-                write(&dir.join(file), &value)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Back to no limits.
-    fn reset(&self, slot: usize) -> Result<()> {
-        let dirs = self.slot_dirs(slot);
-        for (controller, file, value) in self.writes(&Limits::default()) {
-            if let Some(dir) = self.dir_for(&dirs, controller) {
-                write(&dir.join(file), &value)?;
+                write_if_changed(&dir.join(file), &value)?;
             }
         }
         Ok(())
@@ -601,10 +640,8 @@ impl Pool {
                 return Err(PoolError::Busy { path: dir.clone() });
             }
         }
-        // A slot that cannot be reset is still freed: the next claim writes all its limits.
-        if let Err(e) = self.reset(claim.slot) {
-            tracing::warn!("releasing slot {}: {e}", claim.slot);
-        }
+        // The limits stay: a free slot has no processes for them to hold back, and the next
+        // claim writes each limit that is not already what it asks for.
         let _ = std::fs::remove_file(&claim.claim_file);
         Ok(())
     }

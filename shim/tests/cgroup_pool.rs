@@ -79,18 +79,88 @@ fn claim_apply_release_and_exhaustion() {
             pool.claim("sb-d", &Limits::default()),
             Err(PoolError::Exhausted { size: 3 })
         ));
-        let a_dirs = a.dirs.clone();
         pool.release(&a).unwrap();
         assert_eq!(pool.free_count(), 1);
-        // Released cgroups go back to no limit, and are reused.
-        let mem = std::fs::read_to_string(memory_file(&pool, &a_dirs)).unwrap();
-        assert_ne!(mem.trim(), (256u64 << 20).to_string());
+        // The released cgroup is reused, with the new claim's limits: none.
         let d = pool.claim("sb-d", &Limits::default()).unwrap();
+        assert_eq!(d.slot, a.slot);
+        let mem = std::fs::read_to_string(memory_file(&pool, &d.dirs)).unwrap();
+        assert!(
+            mem.trim() == "max" || mem.trim().parse::<u64>().unwrap() >= 1 << 62,
+            "a claim without a memory limit got {mem:?}"
+        );
         for c in [b, c, d] {
             pool.release(&c).unwrap();
         }
         pool.destroy().unwrap();
     }
+}
+
+/// What a claim's cgroup holds, as (memory, CPU quota and period, pids), read back in
+/// this hierarchy's own words.
+fn limits_of(pool: &Pool, dirs: &[PathBuf]) -> (String, String, String) {
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap().trim().to_string();
+    let memory = read(memory_file(pool, dirs));
+    match pool.hierarchy() {
+        Hierarchy::V2 => (
+            memory,
+            read(dirs[0].join("cpu.max")),
+            read(dirs[0].join("pids.max")),
+        ),
+        Hierarchy::V1 { controllers } => {
+            let dir = |c: &str| &dirs[controllers.iter().position(|x| *x == c).unwrap()];
+            let cpu = format!(
+                "{} {}",
+                read(dir("cpu").join("cpu.cfs_quota_us")),
+                read(dir("cpu").join("cpu.cfs_period_us"))
+            );
+            (memory, cpu, read(dir("pids").join("pids.max")))
+        }
+    }
+}
+
+#[test]
+fn a_reused_slot_has_exactly_the_new_claims_limits() {
+    if !can_run() {
+        return;
+    }
+    let pool = Pool::open(config("reuse", 1, Driver::Cgroupfs)).unwrap();
+    let limited = Limits {
+        memory_max: Some(96 << 20),
+        cpu_quota_us: Some(20_000),
+        cpu_period_us: Some(50_000),
+        pids_max: Some(32),
+    };
+    let none = if pool.hierarchy() == &Hierarchy::V2 {
+        "max 100000"
+    } else {
+        "-1 100000"
+    };
+    let unlimited = |memory: &str| memory == "max" || memory.parse::<u64>().unwrap() >= 1 << 62;
+    // Limited, then the same again (the slot already holds them), then none, then limited.
+    for (round, limits) in [&limited, &limited, &Limits::default(), &limited]
+        .into_iter()
+        .enumerate()
+    {
+        let claim = pool.claim(&format!("sb-{round}"), limits).unwrap();
+        let (memory, got_cpu, pids) = limits_of(&pool, &claim.dirs);
+        if limits.memory_max.is_some() {
+            assert_eq!(
+                (memory.as_str(), got_cpu.as_str(), pids.as_str()),
+                ((96u64 << 20).to_string().as_str(), "20000 50000", "32"),
+                "round {round}"
+            );
+        } else {
+            assert!(unlimited(&memory), "round {round}: memory {memory}");
+            assert_eq!(
+                (got_cpu.as_str(), pids.as_str()),
+                (none, "max"),
+                "round {round}"
+            );
+        }
+        pool.release(&claim).unwrap();
+    }
+    pool.destroy().unwrap();
 }
 
 #[test]
