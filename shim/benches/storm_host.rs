@@ -20,6 +20,12 @@
 //! one process, which share its process id and hash keys, as shims do not: the slots they
 //! try are still apart, each claim has its own random picks.
 //!
+//! Then a container's rootfs: mounted as containerd's overlayfs snapshotter hands it over,
+//! where the shim shares it with the guest, and unmounted as container delete and sandbox
+//! stop do it, with 0 and with 2000 other mounts on the host (other sandboxes'). Then the pod
+//! network: a CNI-style namespace (made ahead, untimed) read, the VM's tap opened in it and
+//! the tc redirects added, as a start does; the stop's half is timed on its own.
+//!
 //! Needs root, /dev/kvm and SHOAL_GUEST_KERNEL + SHOAL_AGENT_IMAGE (`scripts/bench` sets
 //! them); the spawn rows also containerd and SHOAL_BUSYBOX_IMAGE (they are skipped, saying
 //! so, without). SHOAL_STORM_HOST_N sets N (default 64).
@@ -32,6 +38,7 @@ mod containerd;
 use containerd::{env_usize, in_flight, percentile, Containerd, Env};
 use containerd_shim_protos::{api, shim_async::TaskClient};
 use containerd_shim_shoal_v2::host_cgroups::{Driver, Limits, Pool, PoolConfig};
+use containerd_shim_shoal_v2::{mounts, network::PodNetwork};
 use shoal_vmm::{
     CacheMode, Console, FsConfig, RestoreConfig, SnapshotFiles, Vm, VmConfig, VsockConfig,
 };
@@ -184,6 +191,11 @@ const SPEC: &str = r#"{"ociVersion":"1.0.2","process":{"args":["sleep","3600"],"
 
 /// Runs `start` N times at each C in flight and prints a row per C and the scaling ratio.
 fn rows(n: usize, cores: usize, start: impl Fn(usize) -> f64 + Sync) {
+    rows_then(n, cores, start, || {})
+}
+
+/// `rows`, running `after` (untimed) after each row.
+fn rows_then(n: usize, cores: usize, start: impl Fn(usize) -> f64 + Sync, after: impl Fn()) {
     println!(
         "{:>3} {:>10} {:>10} {:>10} {:>10}",
         "C", "starts/s", "p50 ms", "p99 ms", "max ms"
@@ -201,6 +213,7 @@ fn rows(n: usize, cores: usize, start: impl Fn(usize) -> f64 + Sync) {
             percentile(&t, 0.99),
             t[t.len() - 1]
         );
+        after();
         if c == 1 {
             base = rate;
         }
@@ -266,11 +279,20 @@ fn main() {
     let n = env_usize("SHOAL_STORM_HOST_N", 64);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     // SHOAL_STORM_HOST_PARTS=spawn runs only the shim spawn rows (=vm only the VM rows).
-    let parts = std::env::var("SHOAL_STORM_HOST_PARTS").unwrap_or_else(|_| "claim,vm,spawn".into());
+    let parts = std::env::var("SHOAL_STORM_HOST_PARTS")
+        .unwrap_or_else(|_| "claim,mount,net,vm,spawn".into());
     if parts.contains("claim") {
         for size in [256, 2048] {
             claims(n, cores, size);
         }
+    }
+    if parts.contains("mount") {
+        for others in [0, 2000] {
+            rootfs_mounts(n, cores, others);
+        }
+    }
+    if parts.contains("net") {
+        pod_networks(n, cores);
     }
     if parts.contains("vm") {
         vm_starts(n, cores, (&kernel, &image));
@@ -287,7 +309,7 @@ fn claims(n: usize, cores: usize, size: usize) {
         parent: format!("shoal-storm-claim-{pid}"),
         driver: Driver::Cgroupfs,
         size,
-        state_dir: std::env::temp_dir().join(format!("shoal-storm-claim-{pid}")),
+        state_dir: tmpfs_dir().join(format!("shoal-storm-claim-{pid}")),
         ..Default::default()
     };
     let pool = Pool::open(cfg.clone()).expect("cgroup pool");
@@ -312,6 +334,18 @@ fn claims(n: usize, cores: usize, size: usize) {
     }
     let _ = pool.destroy();
     let _ = std::fs::remove_dir_all(&cfg.state_dir);
+}
+
+/// Where the claim rows keep the pool's state: /dev/shm, a tmpfs as /run (the default
+/// state directory's home) is on production hosts (not on every test machine), else the
+/// temporary directory.
+fn tmpfs_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.into()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// A sandbox's limits: its VM's 256 MiB plus the overhead.
@@ -348,4 +382,173 @@ fn vm_starts(n: usize, cores: usize, (kernel, image): (&Path, &Path)) {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = pool.destroy();
+}
+
+/// The mount rows: a container's rootfs as containerd's overlayfs snapshotter hands it over,
+/// mounted where the shim shares it with the guest; then unmounted as the container's delete
+/// and the sandbox's stop do it. `others` mounts are held meanwhile, as other sandboxes on
+/// the host hold theirs (the shim mounts in the host's mount namespace).
+fn rootfs_mounts(n: usize, cores: usize, others: usize) {
+    let dir = std::env::temp_dir().join(format!("shoal-storm-mount-{}", std::process::id()));
+    let lower = dir.join("lower");
+    std::fs::create_dir_all(lower.join("bin")).unwrap();
+    std::fs::write(lower.join("bin/sh"), "not a shell").unwrap();
+    let held: Vec<PathBuf> = (0..others)
+        .map(|i| {
+            let p = dir.join(format!("other-{i}"));
+            std::fs::create_dir_all(&p).unwrap();
+            let flags = nix::mount::MsFlags::MS_BIND;
+            nix::mount::mount(Some(&lower), &p, None::<&str>, flags, None::<&str>)
+                .expect("bind mount");
+            p
+        })
+        .collect();
+    println!("== container rootfs mount (overlay) + unmount as container delete and sandbox stop do it, {others} other mounts held, {n} per row, {cores} host cores");
+    let seq = std::sync::atomic::AtomicUsize::new(0);
+    rows(n, cores, |_| {
+        let i = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The snapshot's directories are containerd's, made before the shim is asked.
+        let snap = dir.join(format!("snap-{i}"));
+        for d in ["fs", "work"] {
+            std::fs::create_dir_all(snap.join(d)).unwrap();
+        }
+        let rootfs = mounts::RootfsMount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "index=off".into(),
+                format!("workdir={}", snap.join("work").display()),
+                format!("upperdir={}", snap.join("fs").display()),
+                format!("lowerdir={}", lower.display()),
+            ],
+        };
+        let sandbox = dir.join(format!("sandbox-{i}"));
+        let container = sandbox.join("shared").join("c");
+        let t = Instant::now();
+        mounts::mount_rootfs(&[rootfs], &dir, &container.join("rootfs")).expect("mount");
+        mounts::remove_tree(&container).expect("container delete");
+        mounts::remove_tree(&sandbox).expect("sandbox stop");
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let _ = std::fs::remove_dir_all(&snap);
+        ms
+    });
+    for p in &held {
+        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The network rows: a pod namespace made as a CNI plugin makes it (a veth with an address
+/// and a route; made before the row, not timed), then what a sandbox start does with it,
+/// timed: read it, open the VM's tap in it, redirect both ways. What a stop does (the
+/// redirects removed, the tap closed) is timed apart: first each row's sandboxes stop
+/// after the row, then, in a second set of rows, while the row's later starts run (one at
+/// a time on another thread, as pods stopping elsewhere on a busy host). One namespace per
+/// start.
+fn pod_networks(n: usize, cores: usize) {
+    let names: Vec<String> = (0..n * 10)
+        .map(|i| format!("shoal-storm-{}-{i}", std::process::id()))
+        .collect();
+    for name in &names {
+        cni_namespace(name);
+    }
+    let seq = std::sync::atomic::AtomicUsize::new(0);
+    let start = || {
+        let i = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = PathBuf::from(format!("/var/run/netns/{}", names[i]));
+        let t = Instant::now();
+        let net = PodNetwork::inspect(&path).expect("inspect");
+        let taps: Vec<_> = net
+            .vm_nets()
+            .iter()
+            .map(|c| shoal_vmm::virtio::net::Tap::open(&c.tap, c.netns.as_deref()).expect("tap"))
+            .collect();
+        let connected = net.connect().expect("connect");
+        // Fields drop in order: the redirects go first, then the taps (the VM's end).
+        (t.elapsed().as_secs_f64() * 1e3, (connected, taps))
+    };
+    let timed_stop = |sandbox| {
+        let t = Instant::now();
+        drop(sandbox);
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let print_stops = |mut stops: Vec<f64>| {
+        stops.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "their stops (redirects removed, tap closed): p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&stops, 0.5),
+            percentile(&stops, 0.99)
+        );
+    };
+
+    println!("== pod network at sandbox start (read the namespace, open the tap in it, tc redirects both ways), the row's sandboxes stopped after it, {n} per row, {cores} host cores");
+    let running = std::sync::Mutex::new(Vec::new());
+    let stops = std::sync::Mutex::new(Vec::new());
+    rows_then(
+        n,
+        cores,
+        |_| {
+            let (ms, sandbox) = start();
+            running.lock().unwrap().push(sandbox);
+            ms
+        },
+        || {
+            let ended: Vec<_> = running.lock().unwrap().drain(..).collect();
+            stops
+                .lock()
+                .unwrap()
+                .extend(ended.into_iter().map(timed_stop));
+        },
+    );
+    print_stops(stops.into_inner().unwrap());
+
+    println!("== the same, the sandboxes stopped meanwhile, one at a time on another thread");
+    let (stop, started) = std::sync::mpsc::channel();
+    let stopper = std::thread::spawn(move || started.into_iter().map(timed_stop).collect());
+    let stop = std::sync::Mutex::new(stop);
+    rows(n, cores, |_| {
+        let (ms, sandbox) = start();
+        let _ = stop.lock().unwrap().send(sandbox);
+        ms
+    });
+    drop(stop);
+    print_stops(stopper.join().unwrap());
+    for name in &names {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", name])
+            .status();
+    }
+}
+
+/// Namespace `name` with `eth0` (a veth, 10.215.0.2/24, a default route), as CNI leaves it.
+fn cni_namespace(name: &str) {
+    let ip = |args: &[&str], input: Option<&str>| {
+        let mut child = std::process::Command::new("ip")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip");
+        if let Some(text) = input {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", name], None);
+    ip(
+        &["-n", name, "-batch", "-"],
+        Some(
+            "link add eth0 type veth peer name peer0\n\
+             addr add 10.215.0.2/24 dev eth0\n\
+             link set eth0 up\n\
+             link set peer0 up\n\
+             route add default via 10.215.0.1\n",
+        ),
+    );
 }

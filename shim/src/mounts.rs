@@ -187,26 +187,125 @@ fn unescape(s: &str) -> String {
 }
 
 /// Unmounts everything at or under `dir` and removes it. Safe to call more than once.
+///
+/// Walks the tree itself and asks of each entry (statx) whether it is the root of a mount;
+/// a mount is detached before anything under it is listed, so nothing inside a container's
+/// rootfs or a volume is ever removed, and a mount that cannot be detached stops the walk
+/// there with an error naming it. The cost is the size of the sandbox's own tree. It used
+/// to read the host's whole mount table (/proc/self/mountinfo), in which every sandbox's
+/// mounts appear: with 2000 other mounts, a container's mount and unmount took 15 ms
+/// instead of 0.5 (see README, "Start storms"). Kernels without statx's mount-root flag
+/// (before 5.8) still get the mount table read.
 pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
-    for point in mounts_under(dir) {
-        if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
-            tracing::warn!("cannot unmount {}: {e}", point.display());
+    if !statx_knows_mount_roots(dir) {
+        for point in mounts_under(dir) {
+            umount2(&point, MntFlags::MNT_DETACH).map_err(|e| MountError::Io {
+                what: "unmount",
+                path: point.clone(),
+                source: e.into(),
+            })?;
         }
     }
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(MountError::Io {
-            what: "remove",
-            path: dir.into(),
-            source: e,
-        }),
+    remove_entry(dir)
+}
+
+/// Whether statx reports `STATX_ATTR_MOUNT_ROOT` here (a missing `dir` counts as yes: there
+/// is nothing to unmount).
+fn statx_knows_mount_roots(dir: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    match statx(CWD, dir, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
+        Ok(st) => st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT),
+        Err(e) => e == rustix::io::Errno::NOENT,
+    }
+}
+
+/// Removes `path` (not following symlinks), first detaching what is mounted on it, then,
+/// for a directory, each entry in it. Entries gone meanwhile are fine.
+fn remove_entry(path: &Path) -> Result<(), MountError> {
+    use rustix::fs::{statx, AtFlags, FileType, StatxAttributes, StatxFlags, CWD};
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    // Mounts can be stacked on one point: detach until none is left.
+    let is_dir = loop {
+        let st = match statx(CWD, path, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
+            Ok(st) => st,
+            Err(e) if e == rustix::io::Errno::NOENT => return Ok(()),
+            Err(e) => return Err(io("inspect", path)(e.into())),
+        };
+        if !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT) {
+            break FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+        }
+        umount2(path, MntFlags::MNT_DETACH).map_err(|e| io("unmount", path)(e.into()))?;
+    };
+    if !is_dir {
+        return match std::fs::remove_file(path) {
+            Err(e) if !gone(&e) => Err(io("remove", path)(e)),
+            _ => Ok(()),
+        };
+    }
+    let entries = match std::fs::read_dir(path) {
+        Err(e) if gone(&e) => return Ok(()),
+        other => other.map_err(io("list", path))?,
+    };
+    for entry in entries {
+        remove_entry(&entry.map_err(io("list", path))?.path())?;
+    }
+    match std::fs::remove_dir(path) {
+        Err(e) if !gone(&e) => Err(io("remove", path)(e)),
+        _ => Ok(()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Binds `source` on `target` (a directory or file, made if missing).
+    fn bind(source: &Path, target: &Path) {
+        if source.is_dir() {
+            std::fs::create_dir_all(target).unwrap();
+        } else {
+            std::fs::write(target, b"").unwrap();
+        }
+        let flags = MsFlags::MS_BIND;
+        mount(Some(source), target, None::<&str>, flags, None::<&str>).unwrap();
+    }
+
+    #[test]
+    fn a_tree_with_mounts_is_removed_without_touching_what_they_show() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP: remove_tree test needs root (it mounts)");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("shoal-remove-tree-{}", std::process::id()));
+        let _ = remove_tree(&base);
+        // What the mounts show: a volume directory with data, a file, another tree.
+        let data = base.join("data");
+        std::fs::create_dir_all(data.join("keep")).unwrap();
+        std::fs::write(data.join("keep/precious"), b"mine").unwrap();
+        std::fs::write(data.join("file"), b"also mine").unwrap();
+        let tree = base.join("sandbox");
+        let c = tree.join("shared/c");
+        bind(&data, &c.join("rootfs"));
+        // Two mounts stacked on one point, a mount inside a mount, a file volume.
+        bind(&data.join("keep"), &c.join("volume-0"));
+        bind(&data.join("keep"), &c.join("volume-0"));
+        bind(&data.join("keep"), &c.join("rootfs/keep"));
+        bind(&data.join("file"), &c.join("volume-1"));
+        // A symlink out of the tree is removed, not followed.
+        std::os::unix::fs::symlink(&data, c.join("link")).unwrap();
+        std::fs::write(tree.join("vsock.sock"), b"").unwrap();
+        // The stacked pair is one path.
+        assert_eq!(mounts_under(&tree).len(), 4);
+
+        remove_tree(&tree).unwrap();
+        assert!(!tree.exists(), "tree left behind");
+        assert!(mounts_under(&tree).is_empty(), "{:?}", mounts_under(&tree));
+        assert_eq!(std::fs::read(data.join("keep/precious")).unwrap(), b"mine");
+        assert_eq!(std::fs::read(data.join("file")).unwrap(), b"also mine");
+        // Again: nothing there is fine.
+        remove_tree(&tree).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {
