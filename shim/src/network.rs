@@ -172,17 +172,18 @@ impl PodNetwork {
         let added = &mut connected;
         // On error, `connected` is dropped and removes whatever was added so far.
         with_netlink(&self.netns, |nl| {
-            let links = nl.links()?;
             for c in &self.interfaces {
                 let (index, tap) = (c.link.index, &c.tap);
-                let tap_index = links
-                    .iter()
-                    .find(|l| &l.name == tap)
-                    .map(|l| l.index)
-                    .ok_or_else(|| NetlinkError::Request {
+                // By name (SIOCGIFINDEX, in this thread's namespace), not from a dump of
+                // every link: dumps take the kernel's networking lock, which every step of
+                // every sandbox's network set-up on the host contends for (README, "Start
+                // storms").
+                let tap_index = nix::net::if_::if_nametoindex(tap.as_str()).map_err(|e| {
+                    NetlinkError::Request {
                         what: format!("find tap {tap}"),
-                        source: std::io::ErrorKind::NotFound.into(),
-                    })?;
+                        source: e.into(),
+                    }
+                })?;
                 nl.set_link(tap_index, None, Some(c.link.mtu), Some(true))?;
                 nl.add_ingress_qdisc(index)?;
                 added.links.push(index);
