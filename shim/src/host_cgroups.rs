@@ -569,7 +569,23 @@ impl Pool {
     }
 
     fn apply(&self, claim: &Claim, limits: &Limits) -> Result<()> {
-        for (controller, file, value) in self.writes(limits) {
+        let writes = self.writes(limits);
+        // v1 checks each CPU bandwidth write against the other file's current value: a new
+        // period under the slot's old quota can be refused when the parent has a quota of
+        // its own (and is, for a moment, more CPU than either limit). So when the period
+        // changes, the quota is lifted first; it is written after the period.
+        if let (Hierarchy::V1 { .. }, Some(dir)) =
+            (&self.hierarchy, self.dir_for(&claim.dirs, "cpu"))
+        {
+            let period = writes
+                .iter()
+                .find(|(_, file, _)| *file == "cpu.cfs_period_us");
+            let now = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).unwrap_or_default();
+            if period.is_some_and(|(_, _, value)| !reads_as(now.trim(), value)) {
+                write_if_changed(&dir.join("cpu.cfs_quota_us"), "-1")?;
+            }
+        }
+        for (controller, file, value) in writes {
             if let Some(dir) = self.dir_for(&claim.dirs, controller) {
                 write_if_changed(&dir.join(file), &value)?;
             }

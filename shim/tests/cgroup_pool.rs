@@ -164,6 +164,59 @@ fn a_reused_slot_has_exactly_the_new_claims_limits() {
 }
 
 #[test]
+fn a_reused_slot_takes_a_shorter_period_under_a_limited_parent() {
+    if !can_run() {
+        return;
+    }
+    let pool = Pool::open(config("period", 1, Driver::Cgroupfs)).unwrap();
+    // The parent may use half a CPU.
+    let claim = pool.claim("sb-first", &Limits::default()).unwrap();
+    let parent_limit = match pool.hierarchy() {
+        Hierarchy::V2 => vec![(
+            claim.dirs[0].parent().unwrap().join("cpu.max"),
+            "50000 100000",
+        )],
+        Hierarchy::V1 { controllers } => {
+            let cpu = claim.dirs[controllers.iter().position(|c| *c == "cpu").unwrap()]
+                .parent()
+                .unwrap()
+                .to_path_buf();
+            vec![(cpu.join("cpu.cfs_quota_us"), "50000")]
+        }
+    };
+    pool.release(&claim).unwrap();
+    for (file, value) in &parent_limit {
+        std::fs::write(file, value).unwrap();
+    }
+    // 40 % of a CPU over 100 ms, then 40 % over 50 ms: the period shrinks while the slot
+    // still holds the first quota, which over the new period would be 80 %.
+    let wide = Limits {
+        cpu_quota_us: Some(40_000),
+        cpu_period_us: Some(100_000),
+        ..Default::default()
+    };
+    let narrow = Limits {
+        cpu_quota_us: Some(20_000),
+        cpu_period_us: Some(50_000),
+        ..Default::default()
+    };
+    for (round, limits) in [&wide, &narrow, &wide].into_iter().enumerate() {
+        let claim = pool
+            .claim(&format!("sb-{round}"), limits)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let (_, cpu, _) = limits_of(&pool, &claim.dirs);
+        let want = format!(
+            "{} {}",
+            limits.cpu_quota_us.unwrap(),
+            limits.cpu_period_us.unwrap()
+        );
+        assert_eq!(cpu, want, "round {round}");
+        pool.release(&claim).unwrap();
+    }
+    pool.destroy().unwrap();
+}
+
+#[test]
 fn a_process_moves_in_and_back_out_before_release() {
     if !can_run() {
         return;
