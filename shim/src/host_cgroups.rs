@@ -573,24 +573,36 @@ impl Pool {
         // v1 checks each CPU bandwidth write against the other file's current value: a new
         // period under the slot's old quota can be refused when the parent has a quota of
         // its own (and is, for a moment, more CPU than either limit). So when the period
-        // changes, the quota is lifted first; it is written after the period.
+        // changes, the quota is lifted first; it is written after the period. If a write
+        // then fails, the CPU limit the cgroup had is put back (an Update that fails must
+        // not leave a sandbox without its quota).
+        let mut lifted = None;
         if let (Hierarchy::V1 { .. }, Some(dir)) =
             (&self.hierarchy, self.dir_for(&claim.dirs, "cpu"))
         {
+            let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
             let period = writes
                 .iter()
                 .find(|(_, file, _)| *file == "cpu.cfs_period_us");
-            let now = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).unwrap_or_default();
-            if period.is_some_and(|(_, _, value)| !reads_as(now.trim(), value)) {
+            let (old_period, old_quota) = (read("cpu.cfs_period_us"), read("cpu.cfs_quota_us"));
+            if period.is_some_and(|(_, _, value)| !reads_as(old_period.trim(), value)) {
                 write_if_changed(&dir.join("cpu.cfs_quota_us"), "-1")?;
+                lifted = Some((dir, old_period, old_quota));
             }
         }
-        for (controller, file, value) in writes {
-            if let Some(dir) = self.dir_for(&claim.dirs, controller) {
-                write_if_changed(&dir.join(file), &value)?;
-            }
+        let written = writes
+            .into_iter()
+            .try_for_each(|(controller, file, value)| {
+                match self.dir_for(&claim.dirs, controller) {
+                    Some(dir) => write_if_changed(&dir.join(file), &value),
+                    None => Ok(()),
+                }
+            });
+        if let (Err(_), Some((dir, period, quota))) = (&written, lifted) {
+            let _ = write_if_changed(&dir.join("cpu.cfs_period_us"), period.trim());
+            let _ = write_if_changed(&dir.join("cpu.cfs_quota_us"), quota.trim());
         }
-        Ok(())
+        written
     }
 
     /// Writes new limits to a claimed cgroup (the pod's containers changed).

@@ -189,6 +189,12 @@ fn unescape(s: &str) -> String {
 /// Mounts stacked on one point that `remove_tree` detaches before it gives up on the point.
 const MAX_STACKED: usize = 64;
 
+/// Levels `remove_tree` walks itself. The shim mounts at most three levels below a sandbox's
+/// directory; below this, what is left (a tree the guest made, however deep) goes to std's
+/// `remove_dir_all`, which does not follow symlinks either, so a deep tree costs neither
+/// stack nor a descriptor per level here.
+const MAX_DEPTH: usize = 32;
+
 /// Unmounts everything at or under `dir` and removes it. Safe to call more than once.
 ///
 /// Walks the tree itself, by descriptor: each entry is looked at (statx, not following a
@@ -204,22 +210,16 @@ const MAX_STACKED: usize = 64;
 /// The cost is the size of the tree, not the host's mount table: this used to read
 /// /proc/self/mountinfo, in which every sandbox's mounts appear, and with 2000 other mounts a
 /// container's mount and unmount took 15 ms instead of 0.5 (see README, "Start storms").
-/// Kernels without statx's mount-root flag (before 5.8) still get the table read.
+/// On kernels whose statx does not tell mount roots (before 5.8) the table is read once to
+/// know them, and the same walk detaches them.
 pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
-    if !statx_knows_mount_roots(dir) {
-        for point in mounts_under(dir) {
-            // Stacked mounts share a path: detach until none is left.
-            for _ in 0..MAX_STACKED {
-                if umount2(&point, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let mut first = None;
+    let mut walk = Walk {
+        listed: (!statx_knows_mount_roots(dir)).then(|| mounts_under(dir).into_iter().collect()),
+        first: None,
+    };
     // The path to `dir` is the shim's own (above the shared tree), so it is used as given.
-    remove_at(rustix::fs::CWD, dir.as_os_str(), dir, dir, &mut first);
-    first.map_or(Ok(()), Err)
+    walk.remove_at(rustix::fs::CWD, dir.as_os_str(), dir, dir, 0);
+    walk.first.map_or(Ok(()), Err)
 }
 
 /// Whether statx reports `STATX_ATTR_MOUNT_ROOT` here (a missing `dir` counts as yes: there
@@ -232,104 +232,130 @@ fn statx_knows_mount_roots(dir: &Path) -> bool {
     }
 }
 
-/// Keeps the first error of a walk; later ones are logged.
-fn keep(first: &mut Option<MountError>, e: MountError) {
-    if first.is_none() {
-        *first = Some(e);
-    } else {
-        tracing::warn!("{e}");
-    }
+/// One `remove_tree`.
+struct Walk {
+    /// The mount points the mount table lists, where statx cannot tell them.
+    listed: Option<std::collections::HashSet<PathBuf>>,
+    /// The first error; later ones are logged.
+    first: Option<MountError>,
 }
 
-/// Removes entry `name` of directory `parent`: first detaches what is mounted on it (through
-/// `via`, a path to the same entry), then, for a directory, each entry in it. `shown` names
-/// it in errors. Entries gone meanwhile are fine.
-fn remove_at(
-    parent: std::os::fd::BorrowedFd<'_>,
-    name: &std::ffi::OsStr,
-    via: &Path,
-    shown: &Path,
-    first: &mut Option<MountError>,
-) {
-    use rustix::fs::{openat, statx, unlinkat, AtFlags, FileType, Mode, OFlags, StatxAttributes};
-    use rustix::io::Errno;
-    let mut is_dir = None;
-    for _ in 0..MAX_STACKED {
-        let st = match statx(
-            parent,
-            name,
-            AtFlags::SYMLINK_NOFOLLOW,
-            rustix::fs::StatxFlags::TYPE,
-        ) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => return,
-            Err(e) => return keep(first, io("inspect", shown)(e.into())),
+impl Walk {
+    fn keep(&mut self, e: MountError) {
+        if self.first.is_none() {
+            self.first = Some(e);
+        } else {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Removes entry `name` of directory `parent`, `depth` levels below the walk's top:
+    /// first detaches what is mounted on it (through `via`, a path to the same entry), then,
+    /// for a directory, each entry in it. `shown` names it. Entries gone meanwhile are fine.
+    fn remove_at(
+        &mut self,
+        parent: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+        via: &Path,
+        shown: &Path,
+        depth: usize,
+    ) {
+        use rustix::fs::{openat, statx, unlinkat, AtFlags, FileType, Mode, OFlags};
+        use rustix::fs::{StatxAttributes, StatxFlags};
+        use rustix::io::Errno;
+        let mut is_dir = None;
+        for _ in 0..MAX_STACKED {
+            let st = match statx(parent, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => return,
+                Err(e) => return self.keep(io("inspect", shown)(e.into())),
+            };
+            let here = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+            let mounted = match &self.listed {
+                None => st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT),
+                Some(points) => points.contains(shown),
+            };
+            if !mounted {
+                is_dir = Some(here);
+                break;
+            }
+            match umount2(via, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+                Ok(()) => {}
+                // Listed, and nothing (more) mounted there: what statx saw is underneath.
+                Err(nix::errno::Errno::EINVAL) if self.listed.is_some() => {
+                    is_dir = Some(here);
+                    break;
+                }
+                Err(e) => return self.keep(io("unmount", shown)(e.into())),
+            }
+        }
+        let Some(is_dir) = is_dir else {
+            let still =
+                std::io::Error::other(format!("still mounted after {MAX_STACKED} unmounts"));
+            return self.keep(io("unmount", shown)(still));
         };
-        if !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT) {
-            is_dir = Some(FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory);
-            break;
-        }
-        if let Err(e) = umount2(via, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-            return keep(first, io("unmount", shown)(e.into()));
-        }
-    }
-    let Some(is_dir) = is_dir else {
-        let still = std::io::Error::other(format!("still mounted after {MAX_STACKED} unmounts"));
-        return keep(first, io("unmount", shown)(still));
-    };
-    let unlink = |flags| match unlinkat(parent, name, flags) {
-        Ok(()) | Err(Errno::NOENT) => Ok(()),
-        Err(e) => Err(io("remove", shown)(e.into())),
-    };
-    if is_dir {
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        match openat(parent, name, flags, Mode::empty()) {
-            Ok(fd) => empty_dir(&fd, shown, first),
-            Err(Errno::NOENT) => return,
-            // Swapped for something else since it was looked at: removed as that.
-            Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
-                if let Err(e) = unlink(AtFlags::empty()) {
-                    keep(first, e);
+        let unlink = |flags| match unlinkat(parent, name, flags) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io("remove", shown)(e.into())),
+        };
+        if is_dir && depth >= MAX_DEPTH {
+            return match std::fs::remove_dir_all(via) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    self.keep(io("remove", shown)(e))
                 }
-                return;
+                _ => {}
+            };
+        }
+        if is_dir {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            match openat(parent, name, flags, Mode::empty()) {
+                Ok(fd) => self.empty_dir(&fd, shown, depth),
+                Err(Errno::NOENT) => return,
+                // Swapped for something else since it was looked at: removed as that.
+                Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
+                    if let Err(e) = unlink(AtFlags::empty()) {
+                        self.keep(e);
+                    }
+                    return;
+                }
+                Err(e) => return self.keep(io("open", shown)(e.into())),
             }
-            Err(e) => return keep(first, io("open", shown)(e.into())),
+        }
+        let flags = if is_dir {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        if let Err(e) = unlink(flags) {
+            self.keep(e);
         }
     }
-    let flags = if is_dir {
-        AtFlags::REMOVEDIR
-    } else {
-        AtFlags::empty()
-    };
-    if let Err(e) = unlink(flags) {
-        keep(first, e);
-    }
-}
 
-/// Removes everything in the open directory `dir` (named `shown` in errors).
-fn empty_dir(dir: &std::os::fd::OwnedFd, shown: &Path, first: &mut Option<MountError>) {
-    use std::os::fd::{AsFd, AsRawFd};
-    use std::os::unix::ffi::OsStrExt;
-    let mut names = Vec::new();
-    let listing = match rustix::fs::Dir::read_from(dir) {
-        Ok(listing) => listing,
-        Err(e) => return keep(first, io("list", shown)(e.into())),
-    };
-    for entry in listing {
-        match entry {
-            Ok(entry) => {
-                let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
-                if name != "." && name != ".." {
-                    names.push(name.to_owned());
+    /// Removes everything in the open directory `dir` (named `shown`, `depth` levels down).
+    fn empty_dir(&mut self, dir: &std::os::fd::OwnedFd, shown: &Path, depth: usize) {
+        use std::os::fd::{AsFd, AsRawFd};
+        use std::os::unix::ffi::OsStrExt;
+        let mut names = Vec::new();
+        let listing = match rustix::fs::Dir::read_from(dir) {
+            Ok(listing) => listing,
+            Err(e) => return self.keep(io("list", shown)(e.into())),
+        };
+        for entry in listing {
+            match entry {
+                Ok(entry) => {
+                    let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+                    if name != "." && name != ".." {
+                        names.push(name.to_owned());
+                    }
                 }
+                Err(e) => return self.keep(io("list", shown)(e.into())),
             }
-            Err(e) => return keep(first, io("list", shown)(e.into())),
         }
-    }
-    let through = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-    for name in names {
-        let (via, child) = (through.join(&name), shown.join(&name));
-        remove_at(dir.as_fd(), &name, &via, &child, first);
+        let through = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        for name in names {
+            let (via, child) = (through.join(&name), shown.join(&name));
+            self.remove_at(dir.as_fd(), &name, &via, &child, depth + 1);
+        }
     }
 }
 
@@ -348,17 +374,26 @@ mod tests {
         mount(Some(source), target, None::<&str>, flags, None::<&str>).unwrap();
     }
 
-    /// The walk goes by descriptor, so a directory the guest swaps for a symlink while it
-    /// runs cannot turn it elsewhere; that race cannot be provoked at a chosen moment here,
-    /// and this test checks what can be: symlinks met in the tree are not followed.
-    #[test]
-    fn a_tree_with_mounts_is_removed_without_touching_what_they_show() {
+    /// Unmounts what is left under a test's directory and removes it, when the test ends
+    /// or fails.
+    struct Scratch(PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            for point in mounts_under(&self.0) {
+                let _ = umount2(&point, MntFlags::MNT_DETACH);
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A sandbox-like tree under `base` with mounts in it, as `mounted_tree_test` checks it.
+    fn mounted_tree_test(tag: &str, remove: impl Fn(&Path) -> Result<(), MountError>) {
         if !nix::unistd::geteuid().is_root() {
-            println!("SKIP: remove_tree test needs root (it mounts)");
+            println!("SKIP: remove_tree test ({tag}) needs root (it mounts)");
             return;
         }
-        let base = std::env::temp_dir().join(format!("shoal-remove-tree-{}", std::process::id()));
-        let _ = remove_tree(&base);
+        let base = std::env::temp_dir().join(format!("shoal-rm-{tag}-{}", std::process::id()));
+        let _scratch = Scratch(base.clone());
         // What the mounts show: a volume directory with data, a file, another tree.
         let data = base.join("data");
         std::fs::create_dir_all(data.join("keep")).unwrap();
@@ -379,10 +414,17 @@ mod tests {
         bind(&data.join("keep"), &outside.join("mounted"));
         std::os::unix::fs::symlink(&outside, tree.join("shared/outside")).unwrap();
         std::fs::write(tree.join("vsock.sock"), b"").unwrap();
+        // A tree deeper than the walk goes itself, with a symlink out at the bottom.
+        let mut deep = tree.join("shared/deep");
+        for level in 0..(MAX_DEPTH + 8) {
+            deep = deep.join(format!("d{level}"));
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::os::unix::fs::symlink(&data, deep.join("link")).unwrap();
         // The stacked pair is one path.
         assert_eq!(mounts_under(&tree).len(), 4);
 
-        remove_tree(&tree).unwrap();
+        remove(&tree).unwrap();
         assert!(!tree.exists(), "tree left behind");
         assert!(mounts_under(&tree).is_empty(), "{:?}", mounts_under(&tree));
         assert_eq!(std::fs::read(data.join("keep/precious")).unwrap(), b"mine");
@@ -394,9 +436,29 @@ mod tests {
         );
         assert!(outside.join("mounted/precious").exists());
         // Again: nothing there is fine.
-        remove_tree(&tree).unwrap();
-        umount2(&outside.join("mounted"), MntFlags::MNT_DETACH).unwrap();
-        std::fs::remove_dir_all(&base).unwrap();
+        remove(&tree).unwrap();
+    }
+
+    /// The walk goes by descriptor, so a directory the guest swaps for a symlink while it
+    /// runs cannot turn it elsewhere (the next test provokes that race); this one checks
+    /// mounts, stacked mounts, file mounts, symlinks out and a deep tree.
+    #[test]
+    fn a_tree_with_mounts_is_removed_without_touching_what_they_show() {
+        mounted_tree_test("statx", remove_tree);
+    }
+
+    /// Where statx cannot tell mount roots (kernels before 5.8) the mount table names them;
+    /// the same walk, given the table, as `remove_tree` gives it there.
+    #[test]
+    fn the_walk_given_the_mount_table_removes_the_same_tree() {
+        mounted_tree_test("table", |dir| {
+            let mut walk = Walk {
+                listed: Some(mounts_under(dir).into_iter().collect()),
+                first: None,
+            };
+            walk.remove_at(rustix::fs::CWD, dir.as_os_str(), dir, dir, 0);
+            walk.first.map_or(Ok(()), Err)
+        });
     }
 
     /// Provokes the race the walk is built against, as well as a test can: a thread swaps a
@@ -406,6 +468,7 @@ mod tests {
     #[test]
     fn a_directory_swapped_for_a_symlink_while_removed_is_not_followed() {
         let base = std::env::temp_dir().join(format!("shoal-swap-{}", std::process::id()));
+        let _scratch = Scratch(base.clone());
         let outside = base.join("outside");
         std::fs::create_dir_all(&outside).unwrap();
         for i in 0..50 {
@@ -444,7 +507,6 @@ mod tests {
                 "round {round}: files outside the tree were removed"
             );
         }
-        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -171,23 +171,18 @@ fn a_reused_slot_takes_a_shorter_period_under_a_limited_parent() {
     let pool = Pool::open(config("period", 1, Driver::Cgroupfs)).unwrap();
     // The parent may use half a CPU.
     let claim = pool.claim("sb-first", &Limits::default()).unwrap();
-    let parent_limit = match pool.hierarchy() {
-        Hierarchy::V2 => vec![(
+    let (file, value) = match pool.hierarchy() {
+        Hierarchy::V2 => (
             claim.dirs[0].parent().unwrap().join("cpu.max"),
             "50000 100000",
-        )],
+        ),
         Hierarchy::V1 { controllers } => {
-            let cpu = claim.dirs[controllers.iter().position(|c| *c == "cpu").unwrap()]
-                .parent()
-                .unwrap()
-                .to_path_buf();
-            vec![(cpu.join("cpu.cfs_quota_us"), "50000")]
+            let cpu = &claim.dirs[controllers.iter().position(|c| *c == "cpu").unwrap()];
+            (cpu.parent().unwrap().join("cpu.cfs_quota_us"), "50000")
         }
     };
     pool.release(&claim).unwrap();
-    for (file, value) in &parent_limit {
-        std::fs::write(file, value).unwrap();
-    }
+    std::fs::write(file, value).unwrap();
     // 40 % of a CPU over 100 ms, then 40 % over 50 ms: the period shrinks while the slot
     // still holds the first quota, which over the new period would be 80 %.
     let wide = Limits {
@@ -213,6 +208,17 @@ fn a_reused_slot_takes_a_shorter_period_under_a_limited_parent() {
         assert_eq!(cpu, want, "round {round}");
         pool.release(&claim).unwrap();
     }
+    // An update the parent's limit refuses (80 % of a CPU) fails and leaves the limit the
+    // sandbox had, not none.
+    let claim = pool.claim("sb-update", &wide).unwrap();
+    let too_much = Limits {
+        cpu_quota_us: Some(40_000),
+        cpu_period_us: Some(50_000),
+        ..Default::default()
+    };
+    assert!(pool.set_limits(&claim, &too_much).is_err());
+    assert_eq!(limits_of(&pool, &claim.dirs).1, "40000 100000");
+    pool.release(&claim).unwrap();
     pool.destroy().unwrap();
 }
 
