@@ -584,8 +584,9 @@ impl Pool {
             let period = writes
                 .iter()
                 .find(|(_, file, _)| *file == "cpu.cfs_period_us");
-            let (old_period, old_quota) = (read("cpu.cfs_period_us"), read("cpu.cfs_quota_us"));
+            let old_period = read("cpu.cfs_period_us");
             if period.is_some_and(|(_, _, value)| !reads_as(old_period.trim(), value)) {
+                let old_quota = read("cpu.cfs_quota_us");
                 write_if_changed(&dir.join("cpu.cfs_quota_us"), "-1")?;
                 lifted = Some((dir, old_period, old_quota));
             }
