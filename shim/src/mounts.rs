@@ -214,7 +214,7 @@ const MAX_DEPTH: usize = 32;
 /// know them, and the same walk detaches them.
 pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
     let mut walk = Walk {
-        listed: (!statx_knows_mount_roots(dir)).then(|| mounts_under(dir).into_iter().collect()),
+        listed: (!statx_knows_mount_roots()).then(|| mounts_under(dir).into_iter().collect()),
         first: None,
     };
     // The path to `dir` is the shim's own (above the shared tree), so it is used as given.
@@ -222,14 +222,15 @@ pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
     walk.first.map_or(Ok(()), Err)
 }
 
-/// Whether statx reports `STATX_ATTR_MOUNT_ROOT` here (a missing `dir` counts as yes: there
-/// is nothing to unmount).
-fn statx_knows_mount_roots(dir: &Path) -> bool {
+/// Whether this kernel's statx reports `STATX_ATTR_MOUNT_ROOT` (Linux 5.8 on, for every file
+/// system): a property of the kernel, so asked once, of `/`.
+fn statx_knows_mount_roots() -> bool {
     use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
-    match statx(CWD, dir, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
-        Ok(st) => st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT),
-        Err(e) => e == rustix::io::Errno::NOENT,
-    }
+    static KNOWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWS.get_or_init(|| {
+        statx(CWD, "/", AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE)
+            .is_ok_and(|st| st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT))
+    })
 }
 
 /// One `remove_tree`.
@@ -386,7 +387,9 @@ mod tests {
         }
     }
 
-    /// A sandbox-like tree under `base` with mounts in it, as `mounted_tree_test` checks it.
+    /// Builds a sandbox-like tree with mounts, stacked and file mounts, symlinks out of it
+    /// and a deep part, removes it with `remove`, and checks that it is gone and that what
+    /// the mounts showed is untouched.
     fn mounted_tree_test(tag: &str, remove: impl Fn(&Path) -> Result<(), MountError>) {
         if !nix::unistd::geteuid().is_root() {
             println!("SKIP: remove_tree test ({tag}) needs root (it mounts)");
