@@ -291,6 +291,7 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
         }),
         shares: vec![share],
         free_page_reporting: true,
+        limits: Default::default(),
     };
     let mut restore_ms = Vec::new();
     for _ in 0..runs {
@@ -398,6 +399,7 @@ fn bench_template(kernel: &Path, initrd: &Path) {
                 vsock: None,
                 shares: Vec::new(),
                 free_page_reporting: false,
+                limits: Default::default(),
             })
             .expect("restore"),
         );

@@ -179,6 +179,7 @@ fn main() {
         nets: Vec::new(),
         free_page_reporting: false,
         console: Console::File(dir.join("console")),
+        limits: Default::default(),
     };
     let hello = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
     let vm = Vm::boot(&config).expect("boot");

@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         nets: Vec::new(),
         free_page_reporting: true,
         console: Console::File(dir.join("console")),
+        limits: Default::default(),
     })?;
     let vm_thread = std::thread::spawn(move || vm.wait());
     let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(120)).await?;

@@ -51,6 +51,7 @@ fn vm_config(
         nets: Vec::new(),
         free_page_reporting: true,
         console: Console::File(console.into()),
+        limits: Default::default(),
     }
 }
 
@@ -317,6 +318,7 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
                 }),
                 shares: vec![share(&format!("share-{i}"))],
                 free_page_reporting: true,
+                limits: Default::default(),
             };
             std::thread::spawn(move || Vm::restore(&restore).expect("restore"))
         })

@@ -68,6 +68,7 @@ fn one_start(
             }),
             shares: vec![share(&sdir)],
             free_page_reporting: true,
+            limits: Default::default(),
         })
         .expect("restore"),
         None => Vm::boot(&sandbox_config(kernel, image, &sdir)).expect("boot"),
@@ -108,6 +109,7 @@ fn sandbox_config(kernel: &Path, image: &Path, sdir: &Path) -> VmConfig {
         nets: Vec::new(),
         free_page_reporting: true,
         console: Console::Sink,
+        limits: Default::default(),
     }
 }
 
@@ -288,7 +290,10 @@ fn main() {
     }
     if parts.contains("mount") {
         for others in [0, 2000] {
-            rootfs_mounts(n, cores, others);
+            // Side by side in one run: the layout before issue 18, then today's.
+            for served_tree in [true, false] {
+                rootfs_mounts(n, cores, others, served_tree);
+            }
         }
     }
     if parts.contains("net") {
@@ -388,7 +393,7 @@ fn vm_starts(n: usize, cores: usize, (kernel, image): (&Path, &Path)) {
 /// mounted where the shim shares it with the guest; then unmounted as the container's delete
 /// and the sandbox's stop do it. `others` mounts are held meanwhile, as other sandboxes on
 /// the host hold theirs (the shim mounts in the host's mount namespace).
-fn rootfs_mounts(n: usize, cores: usize, others: usize) {
+fn rootfs_mounts(n: usize, cores: usize, others: usize, served_tree: bool) {
     let dir = std::env::temp_dir().join(format!("shoal-storm-mount-{}", std::process::id()));
     let lower = dir.join("lower");
     std::fs::create_dir_all(lower.join("bin")).unwrap();
@@ -403,7 +408,11 @@ fn rootfs_mounts(n: usize, cores: usize, others: usize) {
             p
         })
         .collect();
-    println!("== container rootfs mount (overlay) + unmount as container delete and sandbox stop do it, {others} other mounts held, {n} per row, {cores} host cores");
+    let layout = match served_tree {
+        true => "built in the served tree (before issue 18)",
+        false => "staged, nosuid/nodev, moved into the read-only share",
+    };
+    println!("== container rootfs mount (overlay), {layout}, + unmount as container delete and sandbox stop do it, {others} other mounts held, {n} per row, {cores} host cores");
     let seq = std::sync::atomic::AtomicUsize::new(0);
     rows(n, cores, |_| {
         let i = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -423,10 +432,26 @@ fn rootfs_mounts(n: usize, cores: usize, others: usize) {
             ],
         };
         let sandbox = dir.join(format!("sandbox-{i}"));
-        let container = sandbox.join("shared").join("c");
         let t = Instant::now();
-        mounts::mount_rootfs(&[rootfs], &dir, &container.join("rootfs")).expect("mount");
-        mounts::remove_tree(&container).expect("container delete");
+        if served_tree {
+            // Before issue 18: the mount point made in the tree the guest is served, the
+            // overlay mounted on it by path, no nosuid/nodev.
+            let target = sandbox.join("shared/c/rootfs");
+            std::fs::create_dir_all(&target).unwrap();
+            containerd_shim::mount::mount_rootfs(
+                Some(&rootfs.kind),
+                Some(&rootfs.source),
+                &rootfs.options,
+                &target,
+            )
+            .expect("mount");
+            mounts::remove_tree(&sandbox.join("shared/c")).expect("container delete");
+        } else {
+            mounts::prepare_sandbox_dir(&sandbox).expect("sandbox directory");
+            let files = mounts::ContainerFiles::create(&sandbox, "c").expect("container directory");
+            files.mount_rootfs(&[rootfs], &dir, false).expect("mount");
+            mounts::remove_container(&sandbox, "c").expect("container delete");
+        }
         mounts::remove_tree(&sandbox).expect("sandbox stop");
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let _ = std::fs::remove_dir_all(&snap);

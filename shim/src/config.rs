@@ -23,6 +23,14 @@
 //! pool_size = 256
 //! state_dir = "/run/shoal/cgroup-pool"
 //! overhead_mib = 64                            # host memory beyond guest RAM
+//!
+//! [limits]                                     # what one (hostile) guest can make the host hold
+//! console_log_max_kib = 1024                   # guest console kept in console.log
+//! vsock_max_connections = 1023                 # open vsock connections, both directions
+//! vsock_max_pending_rsts = 256                 # RSTs queued for a guest that takes none
+//! vsock_shutdown_timeout_ms = 2000             # a shut-down connection waits this for the guest
+//! pids_max = 1024                              # tasks in the sandbox's host cgroup
+//! max_open_files = 16384                       # the shim's RLIMIT_NOFILE (virtio-fs fds)
 //! ```
 //!
 //! Annotations on the sandbox's spec: `io.shoal.vm.vcpus`, `io.shoal.vm.memory_mib`. Any other
@@ -90,6 +98,43 @@ pub struct Config {
     pub template_dir: PathBuf,
     /// Host cgroups for sandboxes.
     pub cgroups: CgroupsConfig,
+    /// Bounds on what one guest can make the host hold.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one guest, which may be hostile, can make the host hold. Each bounds a
+/// host resource the guest could otherwise grow without end; docs/architecture.md ("The
+/// guest trust boundary") says what the guest gets past each.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Guest console output kept in the sandbox's `console.log`; the rest is dropped.
+    pub console_log_max_kib: u64,
+    /// vsock connections open at once, both directions; more are refused with an RST.
+    pub vsock_max_connections: usize,
+    /// RST packets queued for the guest; past it, stray packets get no answer.
+    pub vsock_max_pending_rsts: usize,
+    /// How long a connection shut down by the host waits for the guest to close it.
+    pub vsock_shutdown_timeout_ms: u64,
+    /// `pids.max` of the sandbox's host cgroup (the shim's and VMM's threads).
+    pub pids_max: u64,
+    /// The serving shim's RLIMIT_NOFILE, set on purpose rather than inherited from
+    /// containerd: it bounds the descriptors the virtio-fs server holds for the guest.
+    pub max_open_files: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let vm = shoal_vmm::GuestLimits::default();
+        LimitsConfig {
+            console_log_max_kib: vm.console_max_bytes >> 10,
+            vsock_max_connections: vm.vsock_max_connections,
+            vsock_max_pending_rsts: vm.vsock_max_pending_rsts,
+            vsock_shutdown_timeout_ms: vm.vsock_shutdown_timeout.as_millis() as u64,
+            pids_max: 1024,
+            max_open_files: 16384,
+        }
+    }
 }
 
 /// `[cgroups]`: each sandbox's shim (which holds its VM) runs in a host cgroup claimed from a
@@ -114,6 +159,11 @@ pub struct CgroupsConfig {
     /// shim itself).
     pub overhead_mib: u64,
 }
+
+/// Smallest `limits.pids_max` accepted: a serving shim with its VMM runs about 30 threads.
+pub const MIN_PIDS_MAX: u64 = 64;
+/// Smallest `limits.max_open_files` accepted: the shim's own sockets, fifos and files.
+pub const MIN_OPEN_FILES: u64 = 256;
 
 /// Smallest `overhead_mib` accepted: an idle shim with its VMM already needs about this much.
 pub const MIN_OVERHEAD_MIB: u64 = 16;
@@ -162,11 +212,23 @@ impl Default for Config {
             template: false,
             template_dir: "/var/lib/shoal/templates".into(),
             cgroups: CgroupsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
 
 impl Config {
+    /// The VM's share of `[limits]`.
+    pub fn guest_limits(&self) -> shoal_vmm::GuestLimits {
+        let l = &self.limits;
+        shoal_vmm::GuestLimits {
+            console_max_bytes: l.console_log_max_kib << 10,
+            vsock_max_connections: l.vsock_max_connections,
+            vsock_max_pending_rsts: l.vsock_max_pending_rsts,
+            vsock_shutdown_timeout: std::time::Duration::from_millis(l.vsock_shutdown_timeout_ms),
+        }
+    }
+
     /// Reads the config file: `$SHOAL_CONFIG` if set (it must exist), else
     /// `/etc/shoal/config.toml` if present, else the defaults.
     pub fn load() -> Result<Config, ConfigError> {
@@ -201,6 +263,21 @@ impl Config {
                 message: format!(
                     "cgroups.pool_size must be at least 1 and cgroups.overhead_mib at least {MIN_OVERHEAD_MIB} (got {} and {})",
                     cg.pool_size, cg.overhead_mib
+                ),
+            });
+        }
+        let l = &config.limits;
+        if l.console_log_max_kib == 0
+            || l.vsock_max_connections == 0
+            || l.vsock_max_pending_rsts == 0
+            || l.vsock_shutdown_timeout_ms == 0
+            || l.pids_max < MIN_PIDS_MAX
+            || l.max_open_files < MIN_OPEN_FILES
+        {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!(
+                    "limits: console_log_max_kib, vsock_max_connections, vsock_max_pending_rsts and vsock_shutdown_timeout_ms must be at least 1, pids_max at least {MIN_PIDS_MAX} and max_open_files at least {MIN_OPEN_FILES} (got {l:?})"
                 ),
             });
         }

@@ -115,6 +115,8 @@ pub struct Limits {
     /// CPU time per period, microseconds.
     pub cpu_quota_us: Option<u64>,
     pub cpu_period_us: Option<u64>,
+    /// Tasks (processes and threads) the cgroup may hold: `pids.max`, on v1 in the pids
+    /// hierarchy. A fork or thread creation past it fails with EAGAIN. None: no limit.
     pub pids_max: Option<u64>,
 }
 
@@ -596,7 +598,17 @@ impl Pool {
             .try_for_each(|(controller, file, value)| {
                 match self.dir_for(&claim.dirs, controller) {
                     Some(dir) => write_if_changed(&dir.join(file), &value),
-                    None => Ok(()),
+                    None => {
+                        // A v1 host without this controller mounted: the limit cannot be
+                        // held, which is worth saying when one was asked for (the CPU
+                        // period alone limits nothing).
+                        if !matches!(value.as_str(), "max" | "-1") && file != "cpu.cfs_period_us" {
+                            tracing::warn!(
+                                "no {controller} cgroup controller on this host: {file} {value} is not applied"
+                            );
+                        }
+                        Ok(())
+                    }
                 }
             });
         if let (Err(_), Some((dir, period, quota))) = (&written, lifted) {

@@ -5,17 +5,21 @@
 //! - [`service`]: the shim's `start`/`delete` actions and the Task service;
 //! - [`sandbox`]: the VM, its agent connection and state directory;
 //! - [`mounts`]: rootfs and volumes under the virtio-fs shared tree;
+//! - [`oom`]: which of the guest's OOM events are published, and the poll's backoff;
 //! - [`io`]: containerd's stdio fifos to and from the agent's streams;
 //! - [`config`]: `/etc/shoal/config.toml` and sizing annotations;
 //! - [`host_cgroups`]: a pool of pre-created sandbox cgroups;
+//! - [`limits`]: the serving shim's own process limits (open files);
 //! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects);
 //! - [`template`]: VM templates, restored instead of booted when configured.
 pub mod admission;
 pub mod config;
 pub mod host_cgroups;
 pub mod io;
+pub mod limits;
 pub mod mounts;
 pub mod network;
+pub mod oom;
 pub mod sandbox;
 pub mod service;
 pub mod template;

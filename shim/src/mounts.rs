@@ -1,5 +1,17 @@
-//! Host side of a container's files: its rootfs and bind-mount volumes, mounted under the
-//! sandbox's shared directory (served to the guest by virtio-fs), and taken down again.
+//! Host side of a container's files: its rootfs and bind-mount volumes, put where the guest
+//! sees them through virtio-fs, and taken down again.
+//!
+//! The guest may be hostile and can write to whatever it is served at any moment, so the host
+//! never builds in, or follows a path through, a tree the guest can change. A sandbox
+//! directory ([`prepare_sandbox_dir`]) holds `private/`, where the host makes each
+//! container's directory and mount points and mounts each rootfs and volume first, and
+//! `shared/`, the tree served to the guest: a bind of `private/` that is read-only,
+//! `nosuid`, `nodev` and `noexec` on the host. A finished mount gets `nosuid` and `nodev`
+//! (and `rdonly` for a read-only rootfs or `ro` volume), on it and every mount under it,
+//! before it is moved into `shared/` ([`ContainerFiles`]); the guest writes only inside
+//! such mounts. Creation goes by descriptor (`openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS`, `mkdirat`, `O_NOFOLLOW | O_EXCL`), and removal too ([`remove_tree`]).
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -21,6 +33,8 @@ pub enum MountError {
         destination: PathBuf,
         message: String,
     },
+    #[error("container id {0:?} cannot name a directory (it must be one path component)")]
+    BadId(String),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -45,40 +59,315 @@ pub struct RootfsMount {
     pub options: Vec<String>,
 }
 
-/// Mounts the rootfs at `target`: containerd's mounts (the snapshot) when given, else a bind
-/// of the bundle's own `rootfs` directory.
-pub fn mount_rootfs(
-    mounts: &[RootfsMount],
-    bundle: &Path,
-    target: &Path,
-) -> Result<(), MountError> {
-    std::fs::create_dir_all(target).map_err(io("create", target))?;
-    if mounts.is_empty() {
-        let src = bundle.join("rootfs");
-        return mount(
-            Some(&src),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| MountError::Rootfs {
-            kind: "bind".into(),
-            source_path: src.display().to_string(),
-            target: target.into(),
-            message: e.to_string(),
-        });
+/// Where the host builds a sandbox's container files (a directory the guest never sees).
+pub const PRIVATE_DIR: &str = "private";
+/// What the guest is served over virtio-fs: a read-only bind of [`PRIVATE_DIR`].
+pub const SHARED_DIR: &str = "shared";
+
+/// Creates the sandbox directory `dir` (mode 0700) and the layout that keeps the guest from
+/// ever choosing a path the host follows:
+///
+/// - `dir` is bound onto itself and made a private mount, so the mounts below it propagate
+///   nowhere else on the host (and moving mounts within it is allowed);
+/// - `dir/private` is where the host creates each container's directory, its mount points
+///   and volume placeholders, and where it mounts each rootfs and volume first (the stage);
+/// - `dir/shared`, which the VM's virtio-fs server serves, is a bind of `private` made
+///   read-only, `nosuid`, `nodev` and `noexec` on the host. The guest can read the tree
+///   but cannot create, rename, replace or remove any entry of it; it writes only inside
+///   the rootfs and volume mounts the host moves onto it, which are themselves `nosuid`
+///   and `nodev` on the host (and read-only where the spec says so).
+///
+/// `dir` must not exist (the caller removes what a dead shim left).
+pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("create", dir))?;
+    let private = dir.join(PRIVATE_DIR);
+    let shared = dir.join(SHARED_DIR);
+    for d in [&private, &shared] {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(d)
+            .map_err(io("create", d))?;
     }
-    for m in mounts {
-        containerd_shim::mount::mount_rootfs(Some(&m.kind), Some(&m.source), &m.options, target)
-            .map_err(|e| MountError::Rootfs {
-                kind: m.kind.clone(),
-                source_path: m.source.clone(),
-                target: target.into(),
-                message: e.to_string(),
-            })?;
+    let fail = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |e: nix::Error| MountError::Io {
+            what,
+            path,
+            source: e.into(),
+        }
+    };
+    let none = None::<&str>;
+    mount(Some(dir), dir, none, MsFlags::MS_BIND, none).map_err(fail("bind", dir))?;
+    mount(none, dir, none, MsFlags::MS_PRIVATE, none).map_err(fail("make private", dir))?;
+    mount(Some(&private), &shared, none, MsFlags::MS_BIND, none).map_err(fail("bind", &shared))?;
+    mount(none, &shared, none, MsFlags::MS_PRIVATE, none).map_err(fail("make private", &shared))?;
+    let read_only = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    mount(none, &shared, none, read_only, none).map_err(fail("make read-only", &shared))?;
+    Ok(())
+}
+
+/// A container's files in a sandbox prepared by [`prepare_sandbox_dir`]: built under
+/// `private/<id>`, seen by the guest (and mounted) under `shared/<id>`.
+pub struct ContainerFiles {
+    /// `private/<id>`, opened without following symlinks.
+    private: std::os::fd::OwnedFd,
+    private_path: PathBuf,
+    /// `shared/<id>` (an `O_PATH` descriptor): where the mounts go.
+    shared: std::os::fd::OwnedFd,
+}
+
+/// Opens `name` under `dir` (an open directory) as a directory, following no symlink on
+/// the way (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`).
+fn open_dir_beneath(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    path_flag: bool,
+    shown: &Path,
+) -> Result<std::os::fd::OwnedFd, MountError> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let flags = OFlags::DIRECTORY
+        | OFlags::NOFOLLOW
+        | OFlags::CLOEXEC
+        | if path_flag {
+            OFlags::PATH
+        } else {
+            OFlags::RDONLY
+        };
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    openat2(dir, name, flags, Mode::empty(), resolve).map_err(|e| io("open", shown)(e.into()))
+}
+
+/// Checks that a container id is one plain path component.
+fn check_id(id: &str) -> Result<(), MountError> {
+    if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
+        return Err(MountError::BadId(id.into()));
     }
     Ok(())
+}
+
+impl ContainerFiles {
+    /// Creates container `id`'s directory in sandbox directory `dir`.
+    pub fn create(dir: &Path, id: &str) -> Result<ContainerFiles, MountError> {
+        use rustix::fs::{mkdirat, openat, Mode, OFlags, CWD};
+        check_id(id)?;
+        // The sandbox directory's own path is the shim's (state_dir and sandbox id), above
+        // anything the guest is served; below it nothing is followed.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let top = openat(CWD, dir, flags, Mode::empty()).map_err(|e| io("open", dir)(e.into()))?;
+        let private_top = open_dir_beneath(top.as_fd(), PRIVATE_DIR, false, dir)?;
+        let private_path = dir.join(PRIVATE_DIR).join(id);
+        mkdirat(&private_top, id, Mode::from_raw_mode(0o755))
+            .map_err(|e| io("create", &private_path)(e.into()))?;
+        let private = open_dir_beneath(private_top.as_fd(), id, false, &private_path)?;
+        let shared_path = dir.join(SHARED_DIR).join(id);
+        let shared_top = open_dir_beneath(top.as_fd(), SHARED_DIR, true, dir)?;
+        let shared = open_dir_beneath(shared_top.as_fd(), id, true, &shared_path)?;
+        Ok(ContainerFiles {
+            private,
+            private_path,
+            shared,
+        })
+    }
+
+    /// Mounts the rootfs: containerd's mounts (the snapshot) when given, else a bind of the
+    /// bundle's own `rootfs` directory; read-only on the host too when `read_only`.
+    pub fn mount_rootfs(
+        &self,
+        mounts: &[RootfsMount],
+        bundle: &Path,
+        read_only: bool,
+    ) -> Result<(), MountError> {
+        let stage = self.private_path.join("rootfs");
+        self.make_point("rootfs", true)?;
+        let result = if mounts.is_empty() {
+            let src = bundle.join("rootfs");
+            mount(
+                Some(&src),
+                &stage,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| MountError::Rootfs {
+                kind: "bind".into(),
+                source_path: src.display().to_string(),
+                target: stage.clone(),
+                message: e.to_string(),
+            })
+        } else {
+            mounts.iter().try_for_each(|m| {
+                containerd_shim::mount::mount_rootfs(
+                    Some(&m.kind),
+                    Some(&m.source),
+                    &m.options,
+                    &stage,
+                )
+                .map_err(|e| MountError::Rootfs {
+                    kind: m.kind.clone(),
+                    source_path: m.source.clone(),
+                    target: stage.clone(),
+                    message: e.to_string(),
+                })
+            })
+        };
+        result?;
+        self.publish("rootfs", read_only)
+    }
+
+    /// Binds every host-path volume of `spec` beside the rootfs (`volume-N`) and points the
+    /// spec at the guest path of the same place (under `guest_dir`). A volume with the `ro`
+    /// option is read-only on the host too. Mounts of kernel file systems stay as they are.
+    pub fn share_volumes(&self, spec: &mut Spec, guest_dir: &str) -> Result<(), MountError> {
+        let Some(mut mounts) = spec.mounts().clone() else {
+            return Ok(());
+        };
+        for (i, m) in mounts.iter_mut().enumerate() {
+            let Some(source) = host_volume(m) else {
+                continue;
+            };
+            let fail = |message: String| MountError::Volume {
+                source_path: source.clone(),
+                destination: m.destination().clone(),
+                message,
+            };
+            let meta = std::fs::metadata(&source).map_err(|e| fail(e.to_string()))?;
+            let name = format!("volume-{i}");
+            self.make_point(&name, meta.is_dir())
+                .map_err(|e| fail(e.to_string()))?;
+            let options = m.options().clone().unwrap_or_default();
+            let flags = MsFlags::MS_BIND
+                | if options.iter().any(|o| o == "rbind") {
+                    MsFlags::MS_REC
+                } else {
+                    MsFlags::empty()
+                };
+            let stage = self.private_path.join(&name);
+            mount(Some(&source), &stage, None::<&str>, flags, None::<&str>)
+                .map_err(|e| fail(e.to_string()))?;
+            let read_only = options.iter().any(|o| o == "ro");
+            self.publish(&name, read_only)
+                .map_err(|e| fail(e.to_string()))?;
+            m.set_source(Some(PathBuf::from(format!("{guest_dir}/{name}"))));
+        }
+        spec.set_mounts(Some(mounts));
+        Ok(())
+    }
+
+    /// Creates the mount point `name` (a directory, or an empty file) in the private tree.
+    fn make_point(&self, name: &str, dir: bool) -> Result<(), MountError> {
+        use rustix::fs::{mkdirat, openat, Mode, OFlags};
+        let shown = self.private_path.join(name);
+        let made = if dir {
+            mkdirat(&self.private, name, Mode::from_raw_mode(0o755))
+        } else {
+            let flags = OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            openat(&self.private, name, flags, Mode::from_raw_mode(0o600)).map(drop)
+        };
+        made.map_err(|e| io("create", &shown)(e.into()))
+    }
+
+    /// Sets `nosuid` and `nodev` (and `rdonly` when `read_only`) on the staged mount
+    /// `private/<id>/<name>` and everything mounted under it, then moves it to the same
+    /// place under `shared/<id>`, where the guest sees it. The guest never sees the mount
+    /// before its flags are set.
+    fn publish(&self, name: &str, read_only: bool) -> Result<(), MountError> {
+        use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
+        let shown = self.private_path.join(name);
+        let tree = open_tree(&self.private, name, OpenTreeFlags::OPEN_TREE_CLOEXEC)
+            .map_err(|e| io("open the mount", &shown)(e.into()))?;
+        let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+        if read_only {
+            set |= MOUNT_ATTR_RDONLY;
+        }
+        set_mount_attributes(&tree, set).map_err(io("set nosuid, nodev on", &shown))?;
+        move_mount(
+            &tree,
+            "",
+            &self.shared,
+            name,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(|e| io("move the mount into the share", &shown)(e.into()))
+    }
+}
+
+/// mount_setattr(2) attributes (linux/mount.h).
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Sets `attributes` on the mount `tree` refers to and on every mount under it.
+fn set_mount_attributes(
+    tree: &std::os::fd::OwnedFd,
+    attributes: u64,
+) -> Result<(), std::io::Error> {
+    use std::os::fd::AsRawFd;
+    let attr = MountAttr {
+        attr_set: attributes,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes at `&attr`, a live
+    // `repr(C)` struct laid out as the kernel's `struct mount_attr` (version 0, 32 bytes);
+    // the path is a NUL-terminated empty string and `tree` an open descriptor.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            Err(match e.raw_os_error() {
+                Some(libc::ENOSYS) => std::io::Error::other(
+                    "this kernel has no mount_setattr: shoal needs Linux 5.12 or later",
+                ),
+                _ => e,
+            })
+        }
+    }
+}
+
+/// Takes container `id`'s files out of sandbox directory `dir`: detaches what is mounted
+/// under `shared/<id>` (where the guest sees it) and removes `private/<id>`, mounts left
+/// there by a failed start included. Safe to call more than once.
+pub fn remove_container(dir: &Path, id: &str) -> Result<(), MountError> {
+    check_id(id)?;
+    let shared = dir.join(SHARED_DIR).join(id);
+    let mut walk = Walk {
+        listed: (!statx_knows_mount_roots()).then(|| mounts_under(&shared).into_iter().collect()),
+        first: None,
+        unlink: false,
+    };
+    walk.remove_at(rustix::fs::CWD, shared.as_os_str(), &shared, &shared, 0);
+    let detached = walk.first.map_or(Ok(()), Err);
+    let removed = remove_tree(&dir.join(PRIVATE_DIR).join(id));
+    detached.and(removed)
 }
 
 fn is_bind(m: &OciMount) -> bool {
@@ -86,46 +375,6 @@ fn is_bind(m: &OciMount) -> bool {
         || m.options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
-}
-
-/// Binds every host-path volume of `spec` under `host_dir` and points the spec at the guest
-/// path of the same place (`guest_dir`). Mounts of kernel file systems stay as they are.
-pub fn share_volumes(spec: &mut Spec, host_dir: &Path, guest_dir: &str) -> Result<(), MountError> {
-    let Some(mut mounts) = spec.mounts().clone() else {
-        return Ok(());
-    };
-    for (i, m) in mounts.iter_mut().enumerate() {
-        let Some(source) = host_volume(m) else {
-            continue;
-        };
-        let fail = |message: String| MountError::Volume {
-            source_path: source.clone(),
-            destination: m.destination().clone(),
-            message,
-        };
-        let meta = std::fs::metadata(&source).map_err(|e| fail(e.to_string()))?;
-        let target = host_dir.join(format!("volume-{i}"));
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| fail(e.to_string()))?;
-        } else {
-            std::fs::write(&target, b"").map_err(|e| fail(e.to_string()))?;
-        }
-        let recursive = m
-            .options()
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|o| o == "rbind"));
-        let flags = MsFlags::MS_BIND
-            | if recursive {
-                MsFlags::MS_REC
-            } else {
-                MsFlags::empty()
-            };
-        mount(Some(&source), &target, None::<&str>, flags, None::<&str>)
-            .map_err(|e| fail(e.to_string()))?;
-        m.set_source(Some(PathBuf::from(format!("{guest_dir}/volume-{i}"))));
-    }
-    spec.set_mounts(Some(mounts));
-    Ok(())
 }
 
 /// The host path of a volume: a bind mount with an absolute source.
@@ -216,6 +465,7 @@ pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
     let mut walk = Walk {
         listed: (!statx_knows_mount_roots()).then(|| mounts_under(dir).into_iter().collect()),
         first: None,
+        unlink: true,
     };
     // The path to `dir` is the shim's own (above the shared tree), so it is used as given.
     walk.remove_at(rustix::fs::CWD, dir.as_os_str(), dir, dir, 0);
@@ -239,6 +489,8 @@ struct Walk {
     listed: Option<std::collections::HashSet<PathBuf>>,
     /// The first error; later ones are logged.
     first: Option<MountError>,
+    /// Whether entries are removed, or only the mounts on them detached (a read-only view).
+    unlink: bool,
 }
 
 impl Walk {
@@ -295,6 +547,19 @@ impl Walk {
                 std::io::Error::other(format!("still mounted after {MAX_STACKED} unmounts"));
             return self.keep(io("unmount", shown)(still));
         };
+        if !self.unlink {
+            // Detaching only (a container's read-only view in the share): the shim's mounts
+            // are the entries of the top directory; nothing of its own is deeper.
+            if is_dir && depth == 0 {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                match openat(parent, name, flags, Mode::empty()) {
+                    Ok(fd) => self.empty_dir(&fd, shown, depth),
+                    Err(Errno::NOENT) => {}
+                    Err(e) => self.keep(io("open", shown)(e.into())),
+                }
+            }
+            return;
+        }
         let unlink = |flags| match unlinkat(parent, name, flags) {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
             Err(e) => Err(io("remove", shown)(e.into())),
@@ -458,6 +723,7 @@ mod tests {
             let mut walk = Walk {
                 listed: Some(mounts_under(dir).into_iter().collect()),
                 first: None,
+                unlink: true,
             };
             walk.remove_at(rustix::fs::CWD, dir.as_os_str(), dir, dir, 0);
             walk.first.map_or(Ok(()), Err)
@@ -510,6 +776,286 @@ mod tests {
                 "round {round}: files outside the tree were removed"
             );
         }
+    }
+
+    /// A volume spec entry: `source` bound at `destination` with `options`.
+    fn volume(source: &Path, destination: &str, options: &[&str]) -> OciMount {
+        let mut m = OciMount::default();
+        m.set_destination(destination.into());
+        m.set_source(Some(source.into()));
+        m.set_typ(Some("bind".into()));
+        m.set_options(Some(options.iter().map(|o| o.to_string()).collect()));
+        m
+    }
+
+    /// Whether `err` is "read-only file system" (or "busy": a mount point on a read-only
+    /// tree may answer either to a rename).
+    fn refused(err: std::io::Error) -> bool {
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EBUSY))
+    }
+
+    /// Runs `path` (a copy of `id`) as user nobody and returns the effective uid it prints.
+    fn euid_of(path: &Path) -> String {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(path)
+            .arg("-u")
+            .output()
+            .expect("setpriv (util-linux)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// What the guest meets through virtio-fs, checked on the host path the server serves:
+    /// it cannot add, rename or replace any entry of the share or of a container's
+    /// directory, it writes in the rootfs and read-write volumes, a read-only volume is
+    /// read-only on the host, and a setuid-root file it makes does not run as root on the
+    /// host. The last is shown against a plain bind of the same tree (what the shim used
+    /// to make), where the same file does run as root.
+    #[test]
+    fn the_share_is_read_only_to_the_guest_except_inside_its_mounts() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP: share layout test needs root (it mounts)");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("shoal-share-{}", std::process::id()));
+        let _scratch = Scratch(base.clone());
+        let bundle = base.join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
+        let data = base.join("data");
+        std::fs::create_dir_all(data.join("rw")).unwrap();
+        std::fs::create_dir_all(data.join("ro")).unwrap();
+        std::fs::write(data.join("ro/precious"), b"mine").unwrap();
+        std::fs::write(data.join("file"), b"file volume").unwrap();
+        let dir = base.join("sandbox");
+        prepare_sandbox_dir(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "sandbox directory is root-only");
+
+        let files = ContainerFiles::create(&dir, "c1").unwrap();
+        files.mount_rootfs(&[], &bundle, false).unwrap();
+        let mut spec = Spec::default();
+        spec.set_mounts(Some(vec![
+            volume(&data.join("rw"), "/rw", &["rbind", "rw"]),
+            volume(&data.join("ro"), "/ro", &["rbind", "ro"]),
+            volume(&data.join("file"), "/file", &["bind"]),
+        ]));
+        files.share_volumes(&mut spec, "/guest/c1").unwrap();
+        let sources: Vec<_> = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.source().clone().unwrap())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                "/guest/c1/volume-0",
+                "/guest/c1/volume-1",
+                "/guest/c1/volume-2"
+            ]
+            .map(PathBuf::from)
+        );
+
+        // What the virtio-fs server serves.
+        let shared = dir.join(SHARED_DIR);
+        let c1 = shared.join("c1");
+        let decoy = base.join("decoy");
+        std::fs::create_dir_all(&decoy).unwrap();
+        assert!(refused(
+            std::fs::write(shared.join("planted"), b"x").unwrap_err()
+        ));
+        assert!(refused(std::fs::create_dir(shared.join("c2")).unwrap_err()));
+        assert!(refused(
+            std::os::unix::fs::symlink(&decoy, shared.join("c2")).unwrap_err()
+        ));
+        assert!(refused(
+            std::os::unix::fs::symlink(&decoy, c1.join("volume-9")).unwrap_err()
+        ));
+        assert!(refused(
+            std::fs::rename(c1.join("volume-0"), c1.join("moved")).unwrap_err()
+        ));
+        assert!(refused(std::fs::remove_dir(c1.join("rootfs")).unwrap_err()));
+        // Inside its mounts the guest writes, except in the read-only volume.
+        std::fs::write(c1.join("rootfs/etc/hostname"), b"guest").unwrap();
+        assert_eq!(
+            std::fs::read(bundle.join("rootfs/etc/hostname")).unwrap(),
+            b"guest"
+        );
+        std::fs::write(c1.join("volume-0/new"), b"guest").unwrap();
+        assert!(data.join("rw/new").exists());
+        assert!(refused(
+            std::fs::write(c1.join("volume-1/precious"), b"overwritten").unwrap_err()
+        ));
+        assert!(refused(
+            std::fs::write(c1.join("volume-1/new"), b"x").unwrap_err()
+        ));
+        assert_eq!(std::fs::read(data.join("ro/precious")).unwrap(), b"mine");
+        assert_eq!(std::fs::read(c1.join("volume-2")).unwrap(), b"file volume");
+        for point in ["rootfs", "volume-0", "volume-1", "volume-2"] {
+            let flags = nix::sys::statvfs::statvfs(&c1.join(point)).unwrap().flags();
+            use nix::sys::statvfs::FsFlags;
+            assert!(
+                flags.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+                "{point}: {flags:?}"
+            );
+        }
+        // A setuid-root copy of `id` the guest leaves in its rootfs.
+        let planted = c1.join("rootfs/id");
+        std::fs::copy("/usr/bin/id", &planted).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o4755)).unwrap();
+        assert_eq!(
+            euid_of(&planted),
+            "65534",
+            "setuid honoured through the share"
+        );
+        // The same file through a plain bind of the bundle, as the shim used to mount it.
+        let plain = base.join("plain");
+        bind(&bundle.join("rootfs"), &plain);
+        assert_eq!(
+            euid_of(&plain.join("id")),
+            "0",
+            "without nosuid the guest's file runs as root (the attack this layout stops)"
+        );
+        umount2(&plain, MntFlags::MNT_DETACH).unwrap();
+
+        // Taking the container down detaches its mounts and removes its directory; what
+        // the mounts showed stays.
+        remove_container(&dir, "c1").unwrap();
+        assert!(!c1.exists());
+        assert!(!dir.join(PRIVATE_DIR).join("c1").exists());
+        assert_eq!(mounts_under(&dir).len(), 2, "{:?}", mounts_under(&dir));
+        assert_eq!(std::fs::read(data.join("ro/precious")).unwrap(), b"mine");
+        assert!(bundle.join("rootfs/etc/hostname").exists());
+        remove_container(&dir, "c1").unwrap();
+        // A failed start leaves a staged mount in the private tree; it goes too.
+        let files = ContainerFiles::create(&dir, "c2").unwrap();
+        files.make_point("rootfs", true).unwrap();
+        bind(
+            &bundle.join("rootfs"),
+            &dir.join(PRIVATE_DIR).join("c2/rootfs"),
+        );
+        remove_container(&dir, "c2").unwrap();
+        assert_eq!(mounts_under(&dir).len(), 2, "{:?}", mounts_under(&dir));
+        assert!(matches!(
+            ContainerFiles::create(&dir, "../x"),
+            Err(MountError::BadId(_))
+        ));
+
+        remove_tree(&dir).unwrap();
+        assert!(!dir.exists());
+        assert!(mounts_under(&base).is_empty(), "{:?}", mounts_under(&base));
+        assert!(bundle.join("rootfs/id").exists());
+    }
+
+    /// The race of issue 18, run as the guest would: while the host creates 200 containers
+    /// with directory, file and read-only volumes, a thread with the guest's view (the
+    /// served tree) keeps planting symlinks to a decoy directory and renaming entries in
+    /// every container directory. Nothing lands: every plant fails, the decoy is unchanged
+    /// and no mount exists outside the sandbox. Then the same plant against the way the
+    /// shim used to build the tree (directories in the served tree, then a bind by path)
+    /// puts a volume over the decoy: the attack this layout stops.
+    #[test]
+    fn a_guest_racing_symlinks_into_the_share_reaches_nothing() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP: share race test needs root (it mounts)");
+            return;
+        }
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let base = std::env::temp_dir().join(format!("shoal-share-race-{}", std::process::id()));
+        let _scratch = Scratch(base.clone());
+        let bundle = base.join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        let data = base.join("data");
+        std::fs::create_dir_all(data.join("dir")).unwrap();
+        std::fs::write(data.join("file"), b"f").unwrap();
+        let decoy = base.join("decoy");
+        std::fs::create_dir_all(&decoy).unwrap();
+        std::fs::write(decoy.join("cron"), b"host file").unwrap();
+        let dir = base.join("sandbox");
+        prepare_sandbox_dir(&dir).unwrap();
+        let shared = dir.join(SHARED_DIR);
+
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let landed = std::sync::Arc::new(AtomicUsize::new(0));
+        let guest = {
+            let (stop, landed, shared, decoy) =
+                (stop.clone(), landed.clone(), shared.clone(), decoy.clone());
+            std::thread::spawn(move || {
+                let mut tries = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let ids: Vec<_> = std::fs::read_dir(&shared)
+                        .map(|d| d.flatten().map(|e| e.path()).collect())
+                        .unwrap_or_default();
+                    for c in ids {
+                        for name in ["rootfs", "volume-0", "volume-1", "volume-2"] {
+                            tries += 1;
+                            let at = c.join(name);
+                            let _ = std::fs::rename(&at, c.join("moved"));
+                            if std::os::unix::fs::symlink(&decoy, &at).is_ok() {
+                                landed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    if std::os::unix::fs::symlink(&decoy, shared.join("planted")).is_ok() {
+                        landed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tries
+            })
+        };
+        for i in 0..200 {
+            let id = format!("c{i}");
+            let files = ContainerFiles::create(&dir, &id).unwrap();
+            files.mount_rootfs(&[], &bundle, false).unwrap();
+            let mut spec = Spec::default();
+            spec.set_mounts(Some(vec![
+                volume(&data.join("dir"), "/d", &["rbind"]),
+                volume(&data.join("file"), "/f", &["bind"]),
+                volume(&data.join("dir"), "/r", &["rbind", "ro"]),
+            ]));
+            files.share_volumes(&mut spec, "/g").unwrap();
+            if i % 2 == 1 {
+                remove_container(&dir, &format!("c{}", i - 1)).unwrap();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let tries = guest.join().unwrap();
+        assert!(tries > 200, "the guest thread barely ran ({tries} tries)");
+        assert_eq!(
+            landed.load(Ordering::Relaxed),
+            0,
+            "a plant landed in the share"
+        );
+        let names: Vec<_> = std::fs::read_dir(&decoy)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["cron"], "the decoy changed");
+        assert_eq!(std::fs::read(decoy.join("cron")).unwrap(), b"host file");
+        assert!(mounts_under(&decoy).is_empty());
+        remove_tree(&dir).unwrap();
+        assert!(mounts_under(&base).is_empty(), "{:?}", mounts_under(&base));
+
+        // The old way: the container directory in the served tree, writable by the guest,
+        // which plants its symlink before the host binds the volume by path.
+        let old = base.join("old-shared/c");
+        std::fs::create_dir_all(&old).unwrap();
+        std::os::unix::fs::symlink(&decoy, old.join("volume-0")).unwrap();
+        mount(
+            Some(&data.join("dir")),
+            &old.join("volume-0"),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert_eq!(
+            mounts_under(&decoy),
+            vec![decoy.clone()],
+            "the old way's bind lands on the decoy (the attack this layout stops)"
+        );
     }
 
     #[test]

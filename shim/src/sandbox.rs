@@ -40,6 +40,8 @@ pub enum SandboxError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot prepare the sandbox's shared directory: {0}")]
+    Share(mounts::MountError),
     #[error("the sandbox VM failed to start: {0}")]
     Boot(#[from] shoal_vmm::Error),
     /// `console` holds the guest console's last lines: the sandbox directory, and the log
@@ -102,8 +104,28 @@ fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> O
 pub const CONSOLE_TAIL_LINES: usize = 20;
 
 /// The last `lines` lines of the console log at `path`, indented, or why there are none.
+///
+/// Only the log's last 64 KiB are read (the guest decides how big the log gets), less the
+/// first line there if the cut fell inside it; a single line longer than that shows as its end.
 pub fn console_tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL_BYTES: u64 = 64 * 1024;
+    let read_end = || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(path)?;
+        let start = file.metadata()?.len().saturating_sub(TAIL_BYTES);
+        // One byte before the cut too: if it is a newline, the first line read is whole.
+        let from = start.saturating_sub(1);
+        file.seek(SeekFrom::Start(from))?;
+        let mut bytes = Vec::new();
+        file.take(TAIL_BYTES + 1).read_to_end(&mut bytes)?;
+        if start > 0 {
+            if let Some(newline) = bytes.iter().position(|b| *b == b'\n') {
+                bytes.drain(..=newline);
+            }
+        }
+        Ok(bytes)
+    };
+    match read_end() {
         Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => {
             "  (the guest printed nothing)".into()
         }
@@ -151,6 +173,7 @@ pub fn vm_config(
         nets,
         free_page_reporting: config.free_page_reporting,
         console: Console::File(console.into()),
+        limits: config.guest_limits(),
     }
 }
 
@@ -249,8 +272,9 @@ impl Drop for HostCgroup {
     }
 }
 
-/// Host limits of a sandbox: its VM's RAM plus the configured overhead, and the container's
-/// CPU quota if it has one.
+/// Host limits of a sandbox: its VM's RAM plus the configured overhead, the container's
+/// CPU quota if it has one, and `limits.pids_max` tasks (the shim's and VMM's threads, and
+/// anything they start: what a guest could make the host create is bounded here).
 pub fn host_limits(
     config: &Config,
     cpu_quota_us: Option<u64>,
@@ -260,7 +284,7 @@ pub fn host_limits(
         memory_max: Some((config.memory_mib + config.cgroups.overhead_mib) << 20),
         cpu_quota_us,
         cpu_period_us,
-        pids_max: None,
+        pids_max: Some(config.limits.pids_max),
     }
 }
 
@@ -343,11 +367,12 @@ impl Sandbox {
         let dir = config.state_dir.join(id);
         // A directory left by a shim that died: take its mounts down first.
         let _ = mounts::remove_tree(&dir);
-        let shared = dir.join("shared");
-        std::fs::create_dir_all(&shared).map_err(|source| SandboxError::StateDir {
-            path: shared.clone(),
-            source,
-        })?;
+        make_state_dir(&config.state_dir)?;
+        if let Err(e) = mounts::prepare_sandbox_dir(&dir) {
+            let _ = mounts::remove_tree(&dir);
+            return Err(SandboxError::Share(e));
+        }
+        let shared = dir.join(mounts::SHARED_DIR);
         let uds = dir.join("vsock.sock");
         let console = dir.join("console.log");
         // Before the VM exists, so that its guest RAM is charged to the sandbox's cgroup.
@@ -547,12 +572,19 @@ impl Sandbox {
             .is_some()
     }
 
-    /// Host directory and guest path of container `cid`'s files.
-    pub fn container_dirs(&self, cid: &str) -> (PathBuf, String) {
-        (
-            self.shared.join(cid),
-            format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR),
-        )
+    /// Creates container `cid`'s directory in the sandbox's tree; returns it and the guest
+    /// path of the same place.
+    pub fn container_files(
+        &self,
+        cid: &str,
+    ) -> Result<(mounts::ContainerFiles, String), mounts::MountError> {
+        let files = mounts::ContainerFiles::create(&self.dir, cid)?;
+        Ok((files, guest_container_dir(cid)))
+    }
+
+    /// Unmounts and removes container `cid`'s files.
+    pub fn remove_container_files(&self, cid: &str) -> Result<(), mounts::MountError> {
+        mounts::remove_container(&self.dir, cid)
     }
 
     /// For an agent call that failed: a broken connection (the guest agent died, or the VM
@@ -659,6 +691,32 @@ impl Drop for SandboxParts {
     }
 }
 
+/// Where the guest sees container `cid`'s files.
+pub fn guest_container_dir(cid: &str) -> String {
+    format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR)
+}
+
+/// Creates the state directory root-only (0700), or makes an existing one so: sandbox
+/// directories hold each guest's console log, vsock socket and container files.
+fn make_state_dir(state_dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fail = |source| SandboxError::StateDir {
+        path: state_dir.into(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(state_dir)
+        .map_err(fail)?;
+    let meta = std::fs::symlink_metadata(state_dir).map_err(fail)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
 /// The sandbox directory for `id` under `state_dir`, if it exists.
 pub fn existing_dir(state_dir: &Path, id: &str) -> Option<PathBuf> {
     let d = state_dir.join(id);
@@ -668,6 +726,15 @@ pub fn existing_dir(state_dir: &Path, id: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_limits_carry_the_configured_pids_limit() {
+        let mut config = Config::default();
+        config.limits.pids_max = 77;
+        let limits = host_limits(&config, Some(50_000), None);
+        assert_eq!(limits.pids_max, Some(77));
+        assert_eq!(limits.cpu_quota_us, Some(50_000));
+    }
 
     #[test]
     fn a_pods_cpu_quota_is_its_containers_together() {
@@ -723,6 +790,25 @@ mod tests {
         // Bytes that are not UTF-8 (a guest writing garbage) are shown, not refused.
         std::fs::write(&log, b"ok\n\xff\xfe tail\n").unwrap();
         assert!(console_tail(&log, 20).ends_with("\u{fffd}\u{fffd} tail"));
+
+        // A log bigger than what is read: its last lines still, the line the cut fell in
+        // left out, one that starts right at the cut kept.
+        let text: String = (1..=10_000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let tail = console_tail(&log, 20);
+        assert!(tail.starts_with("  line 9981\n"), "{tail}");
+        assert!(tail.ends_with("  line 10000"), "{tail}");
+        let mut big = vec![b'x'; 100_000];
+        big.extend_from_slice(b"\na\nb\n");
+        std::fs::write(&log, &big).unwrap();
+        assert_eq!(console_tail(&log, 20), "  a\n  b");
+        let mut exact = b"cut here\n".to_vec();
+        let row = [&[b'w'; 1023][..], b"\n"].concat();
+        exact.extend(row.repeat(64)); // 64 KiB of whole lines after the cut
+        std::fs::write(&log, &exact).unwrap();
+        let tail = console_tail(&log, 100);
+        assert_eq!(tail.lines().count(), 64, "{tail}");
+        assert!(tail.lines().all(|l| l.len() == 2 + 1023), "{tail}");
 
         std::fs::write(&log, "booting\nKernel panic - not syncing: test\n").unwrap();
         let e = ttrpc::Error::Socket("early eof".into());

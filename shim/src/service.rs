@@ -265,6 +265,10 @@ impl Service {
         config
             .apply_annotations(&spec.annotations().clone().unwrap_or_default())
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        // Set on purpose, not inherited from containerd (whose unit may allow a million):
+        // it bounds the descriptors the virtio-fs server can be made to hold for the guest.
+        crate::limits::set_open_files(config.limits.max_open_files)
+            .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         // A container's memory limit larger than the VM grows the VM to hold it.
         let memory_limit = resources
@@ -308,22 +312,73 @@ impl Service {
         Ok(sb)
     }
 
+    /// Passes the guest agent's OOM events on to containerd as TaskOOM until the sandbox's
+    /// VM ends: only for containers this shim has, at most once a second per container, and
+    /// with the poll backing off while the agent fails or floods it (`crate::oom`).
     fn watch_oom(&self, sb: Arc<Sandbox>) {
+        use crate::oom::{shown, OomFilter, Verdict};
         let me = self.clone();
         tokio::spawn(async move {
-            while let Ok(event) = sb
-                .agent
-                .wait_oom_event(ctx(Duration::ZERO), &ag::Empty::new())
-                .await
-            {
-                me.publish(
-                    topics::TASK_OOM_EVENT_TOPIC,
-                    Box::new(ev::TaskOOM {
-                        container_id: event.container_id,
-                        ..Default::default()
-                    }),
-                )
-                .await;
+            let mut ended = sb.exited.clone();
+            let mut filter = OomFilter::default();
+            let empty = ag::Empty::new();
+            loop {
+                let polled = tokio::select! {
+                    r = sb.agent.wait_oom_event(ctx(Duration::ZERO), &empty) => r,
+                    _ = ended.wait_for(Option::is_some) => return,
+                };
+                if sb.exited.borrow().is_some() {
+                    return;
+                }
+                let now = std::time::Instant::now();
+                let (wait, failure) = match polled {
+                    Ok(event) => {
+                        let cid = event.container_id;
+                        let known = me.state.inner.lock().await.containers.contains_key(&cid);
+                        let decision = filter.event(&cid, known, now);
+                        match decision.verdict {
+                            Verdict::Publish => {
+                                me.publish(
+                                    topics::TASK_OOM_EVENT_TOPIC,
+                                    Box::new(ev::TaskOOM {
+                                        container_id: cid,
+                                        ..Default::default()
+                                    }),
+                                )
+                                .await
+                            }
+                            Verdict::Unknown => shoal_vmm::guest_warn!(
+                                "sandbox {}: dropped the guest's OOM event for container {:?}, which this shim does not have",
+                                sb.id,
+                                shown(&cid)
+                            ),
+                            // Published under a second ago; the container is still reported.
+                            Verdict::Repeat => {}
+                        }
+                        (decision.wait, None)
+                    }
+                    Err(e) => (filter.error(now), Some(e.to_string())),
+                };
+                if wait.is_zero() {
+                    continue;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ended.wait_for(Option::is_some) => return,
+                }
+                // Said after the wait: the poll fails once when the VM goes away, which is
+                // no news, and the wait is when that shows.
+                match failure {
+                    Some(e) => shoal_vmm::guest_warn!(
+                        "sandbox {}: waiting for the guest's OOM events failed ({:?}); polling again after waiting {wait:?}",
+                        sb.id,
+                        shown(&e)
+                    ),
+                    None => shoal_vmm::guest_warn!(
+                        "sandbox {}: the guest's OOM events come faster than a working agent sends them; polling again after waiting {wait:?}",
+                        sb.id
+                    ),
+                }
             }
         });
     }
@@ -439,8 +494,7 @@ impl Service {
 
     /// Undoes a container's host side: stdio copies, mounts, files.
     fn clean_container_files(sb: &Sandbox, cid: &str) {
-        let (host_dir, _) = sb.container_dirs(cid);
-        if let Err(e) = mounts::remove_tree(&host_dir) {
+        if let Err(e) = sb.remove_container_files(cid) {
             tracing::warn!("{cid}: {e}");
         }
     }
@@ -495,8 +549,8 @@ impl Shim for Service {
                     Some(Err(e)) => tracing::warn!("cannot clean the pod network: {e}"),
                     _ => {}
                 }
-                let _ = mounts::remove_tree(&dir.join("shared").join(&cid));
-                let others = std::fs::read_dir(dir.join("shared"))
+                let _ = mounts::remove_container(&dir, &cid);
+                let others = std::fs::read_dir(dir.join(mounts::PRIVATE_DIR))
                     .map(|d| d.count())
                     .unwrap_or(0);
                 if others == 0 || sid == cid {
@@ -568,7 +622,9 @@ impl Task for Service {
             terminal: req.terminal,
         };
         let result = async {
-            let (host_dir, guest_dir) = sb.container_dirs(&cid);
+            let (files, guest_dir) = sb
+                .container_files(&cid)
+                .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
             let rootfs: Vec<RootfsMount> = req
                 .rootfs
                 .iter()
@@ -578,9 +634,12 @@ impl Task for Service {
                     options: m.options.clone(),
                 })
                 .collect();
-            mounts::mount_rootfs(&rootfs, &bundle, &host_dir.join("rootfs"))
+            let read_only = spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
+            files
+                .mount_rootfs(&rootfs, &bundle, read_only)
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-            mounts::share_volumes(&mut spec, &host_dir, &guest_dir)
+            files
+                .share_volumes(&mut spec, &guest_dir)
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
             let spec_json = serde_json::to_vec(&spec)
                 .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;

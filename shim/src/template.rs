@@ -228,6 +228,7 @@ impl Template {
             vsock: vm.vsock,
             shares: vm.shares,
             free_page_reporting: vm.free_page_reporting,
+            limits: vm.limits,
         }
     }
 }

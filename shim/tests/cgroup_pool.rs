@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use containerd_shim_shoal_v2::host_cgroups::{
-    detect, Driver, Hierarchy, Limits, Pool, PoolConfig, PoolError,
+    detect, Claim, Driver, Hierarchy, Limits, Pool, PoolConfig, PoolError,
 };
 
 fn can_run() -> bool {
@@ -482,4 +482,180 @@ fn a_destroyed_pool_is_created_again_when_opened() {
     }
     assert_eq!(pool.free_count(), 0);
     pool.destroy().unwrap();
+}
+
+/// The `pids.max` file of a claim (on v1, in the pids hierarchy).
+fn pids_file(pool: &Pool, dirs: &[PathBuf]) -> PathBuf {
+    match pool.hierarchy() {
+        Hierarchy::V2 => dirs[0].join("pids.max"),
+        Hierarchy::V1 { controllers } => {
+            dirs[controllers.iter().position(|c| *c == "pids").unwrap()].join("pids.max")
+        }
+    }
+}
+
+/// Most children `fork_until_refused` makes: what a test without a working limit forks.
+const FORK_CAP: usize = 64;
+/// The forking process's exit codes other than a count of children.
+const NO_GO: i32 = 100;
+const NEVER_REFUSED: i32 = 101;
+const OTHER_ERRNO: i32 = 102;
+
+/// A forked process; dropped, it is killed and reaped, so that a failing test leaves none.
+struct Forked(Option<nix::unistd::Pid>);
+
+impl Forked {
+    /// Waits for the process and returns its exit code.
+    fn exit_code(&mut self) -> i32 {
+        let pid = self.0.take().expect("waited for twice");
+        match nix::sys::wait::waitpid(pid, None).unwrap() {
+            nix::sys::wait::WaitStatus::Exited(_, code) => code,
+            other => panic!("the forking process ended with {other:?}"),
+        }
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+/// A pool destroyed when dropped, a failing test's too: once the processes left in `dirs`
+/// have exited (a killed forker's children exit when their pipe closes), its cgroups and
+/// state directory are removed.
+struct PoolGuard {
+    pool: Option<Pool>,
+    state_dir: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let busy = |dirs: &[PathBuf]| {
+            dirs.iter().any(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+            })
+        };
+        while busy(&self.dirs) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = pool.destroy();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Forks a process and moves it into `claim`'s cgroups; let go, it forks children (each
+/// waits, doing nothing) until a fork fails or it has made [`FORK_CAP`], then kills and
+/// reaps them and exits with how many it made if the fork failed with EAGAIN (the kernel's
+/// answer at `pids.max`), or with one of the codes above.
+fn fork_until_refused(pool: &Pool, claim: &Claim) -> i32 {
+    use std::os::fd::AsRawFd;
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    // SAFETY: the test binary has other threads; the child makes only async-signal-safe
+    // calls before it exits (see below), which is what a forked copy of such a process may.
+    let forked = unsafe { nix::unistd::fork() }.unwrap();
+    let child = match forked {
+        // SAFETY: async-signal-safe calls only (read, close, pipe2, fork, kill, waitpid,
+        // _exit), on descriptors this process holds and buffers on its own stack; the block
+        // ends in _exit and never returns into the test harness.
+        nix::unistd::ForkResult::Child => unsafe {
+            libc::close(go_w.as_raw_fd());
+            let mut byte = 0u8;
+            if libc::read(go_r.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) != 1 {
+                // The parent dropped the pipe without letting go: it failed.
+                libc::_exit(NO_GO);
+            }
+            // The children block reading `hold` until its write end closes: when this
+            // process exits, however it does, they do too.
+            let mut hold = [0; 2];
+            if libc::pipe2(hold.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                libc::_exit(OTHER_ERRNO);
+            }
+            let mut pids = [0 as libc::pid_t; FORK_CAP];
+            let mut made = 0;
+            let code = loop {
+                if made == FORK_CAP {
+                    break NEVER_REFUSED;
+                }
+                match libc::fork() {
+                    0 => {
+                        libc::close(hold[1]);
+                        libc::read(hold[0], (&mut byte as *mut u8).cast(), 1);
+                        libc::_exit(0);
+                    }
+                    -1 => {
+                        break match *libc::__errno_location() {
+                            libc::EAGAIN => made as i32,
+                            _ => OTHER_ERRNO,
+                        };
+                    }
+                    pid => {
+                        pids[made] = pid;
+                        made += 1;
+                    }
+                }
+            };
+            for &pid in &pids[..made] {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            libc::_exit(code)
+        },
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop(go_r);
+    let mut forked = Forked(Some(child));
+    pool.add_process(claim, child.as_raw() as u32).unwrap();
+    nix::unistd::write(&go_w, b"g").unwrap();
+    forked.exit_code()
+}
+
+#[test]
+fn a_claims_pids_limit_holds_its_processes_and_a_reused_slot_gets_its_own() {
+    if !can_run() {
+        return;
+    }
+    let cfg = config("pids", 1, Driver::Cgroupfs);
+    let mut guard = PoolGuard {
+        pool: Some(Pool::open(cfg.clone()).unwrap()),
+        state_dir: cfg.state_dir.clone(),
+        dirs: Vec::new(),
+    };
+    // One slot, claimed in turn with a small limit, a larger one and the small one again:
+    // each claim holds exactly its own limit, not what the slot had.
+    for (round, n) in [8u64, 12, 8].into_iter().enumerate() {
+        let pool = guard.pool.as_ref().unwrap();
+        let limits = Limits {
+            pids_max: Some(n),
+            ..Default::default()
+        };
+        let claim = pool.claim(&format!("sb-{round}"), &limits).unwrap();
+        guard.dirs = claim.dirs.clone();
+        let written = std::fs::read_to_string(pids_file(pool, &claim.dirs)).unwrap();
+        assert_eq!(written.trim(), n.to_string(), "round {round}");
+        // The forking process is one of the N tasks: it may make N - 1 children.
+        let made = fork_until_refused(pool, &claim);
+        assert_eq!(
+            made,
+            n as i32 - 1,
+            "round {round}: pids.max {n}, children made (or code {NO_GO}: no go, \
+             {NEVER_REFUSED}: never refused, {OTHER_ERRNO}: refused otherwise)"
+        );
+        // Everything the test started is gone: the slot goes back to the pool.
+        pool.release(&claim).unwrap();
+    }
+    // And a claim with no limit leaves the slot unlimited.
+    let pool = guard.pool.as_ref().unwrap();
+    let claim = pool.claim("sb-unlimited", &Limits::default()).unwrap();
+    let written = std::fs::read_to_string(pids_file(pool, &claim.dirs)).unwrap();
+    assert_eq!(written.trim(), "max");
+    pool.release(&claim).unwrap();
 }

@@ -856,3 +856,188 @@ fn ctr_pod_host_cgroup_follows_its_containers_cpu_quotas() {
     c.remove("pod");
     c.assert_clean();
 }
+
+/// The files under `dir`, each with its bytes' hash (a directory's entries, a symlink's
+/// target), sorted: what "nothing changed" compares.
+fn tree_digest(dir: &std::path::Path) -> Vec<(String, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        if meta.file_type().is_symlink() {
+            std::fs::read_link(&p).unwrap().hash(&mut h);
+        } else if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                todo.push(e.unwrap().path());
+            }
+        } else {
+            std::fs::read(&p).unwrap().hash(&mut h);
+        }
+        use std::os::unix::fs::MetadataExt;
+        meta.mode().hash(&mut h);
+        out.push((p.display().to_string(), h.finish()));
+    }
+    out.sort();
+    out
+}
+
+/// Mount points outside `inside`, from this process's mount table.
+fn mounts_outside(inside: &std::path::Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| !std::path::Path::new(p).starts_with(inside))
+        .map(String::from)
+        .collect();
+    points.sort();
+    points
+}
+
+/// Issue 18's attack, through containerd with a real guest: root in a privileged container
+/// mounts the sandbox's virtio-fs share and, in a loop, renames every entry of every
+/// container directory in it and plants symlinks to a host decoy directory in their place,
+/// plants one in the share's root, and writes over a read-only volume's file, while the host
+/// creates containers in the same pod, each with a directory volume, a file volume and a
+/// read-only volume (SHOAL_RACE_N of them, default 200). No plant and no write may land; the
+/// decoy, the read-only file and the host's mounts outside the sandbox stay as they were. A
+/// control shows the attacker's tools work: through the same share it writes in its own
+/// rootfs. (With the share built the old way the same plant binds a volume over the decoy:
+/// the unit test `a_guest_racing_symlinks_into_the_share_reaches_nothing` shows that
+/// natively, where the old code path can be run as it was.)
+#[test]
+fn ctr_guest_racing_the_share_reaches_nothing_on_the_host() {
+    let Some(env) = env() else { return };
+    let n = support::containerd::env_usize("SHOAL_RACE_N", 200);
+    let c = Containerd::start(&env, "race", "");
+    let decoy = c.root.join("decoy");
+    std::fs::create_dir_all(decoy.join("cron.d")).unwrap();
+    std::fs::write(decoy.join("cron.d/job"), b"* * * * * root true\n").unwrap();
+    std::fs::write(decoy.join("shadow"), b"root:x:1::::::\n").unwrap();
+    let vols = c.root.join("volumes");
+    std::fs::create_dir_all(vols.join("dir")).unwrap();
+    std::fs::create_dir_all(vols.join("ro")).unwrap();
+    std::fs::write(vols.join("ro/precious"), b"read-only on the host\n").unwrap();
+    std::fs::write(vols.join("file"), b"file volume\n").unwrap();
+    let before = tree_digest(&decoy);
+    let ro_before = tree_digest(&vols.join("ro"));
+    let state = c.shoal_state();
+
+    let attack = format!(
+        r#"mkdir -p /mnt && mount -t virtiofs shoal /mnt || {{ echo mount-failed > /tmp/landed; exit 1; }}
+ln -s {decoy} /mnt/pod/rootfs/control-link && echo ok > /tmp/control
+n=0
+while [ ! -e /tmp/stop ]; do
+  for d in /mnt/*/; do
+    for p in "$d"*; do
+      mv "$p" "$p.moved" 2>/dev/null && n=$((n+1))
+      ln -s {decoy} "$p" 2>/dev/null && n=$((n+1))
+      ln -s {decoy} "$p.new" 2>/dev/null && n=$((n+1))
+      [ -e "$p/precious" ] && echo overwritten 2>/dev/null > "$p/precious" && n=$((n+1))
+    done
+  done
+  ln -s {decoy} /mnt/planted 2>/dev/null && n=$((n+1))
+  echo $n > /tmp/landed
+done
+echo $n > /tmp/landed; touch /tmp/done"#,
+        decoy = decoy.display()
+    );
+    let out = c.run(&["-d", "--privileged"], "pod", &["sh", "-c", &attack]);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    wait_status(&c, "pod", "RUNNING");
+    let exec = |id: &str, cmd: &str| {
+        stdout(&c.ctr(&["task", "exec", "--exec-id", id, "pod", "sh", "-c", cmd]))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while exec("control", "cat /tmp/control 2>/dev/null").trim() != "ok" {
+        let landed = exec("early", "cat /tmp/landed 2>/dev/null");
+        assert!(
+            !landed.contains("mount-failed"),
+            "the attacker could not mount the share"
+        );
+        assert!(Instant::now() < deadline, "the attacker never started");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mounts_before = mounts_outside(&state);
+
+    let (dir, file, ro) = (vols.join("dir"), vols.join("file"), vols.join("ro"));
+    let volumes = [
+        format!("type=bind,src={},dst=/d,options=rbind:rw", dir.display()),
+        format!("type=bind,src={},dst=/f,options=bind:rw", file.display()),
+        format!("type=bind,src={},dst=/r,options=rbind:ro", ro.display()),
+    ];
+    for i in 0..n {
+        let id = format!("app{i}");
+        let out = c.run(
+            &[
+                "--rm",
+                "--annotation",
+                "io.kubernetes.cri.container-type=container",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-id=pod",
+                "--mount",
+                &volumes[0],
+                "--mount",
+                &volumes[1],
+                "--mount",
+                &volumes[2],
+            ],
+            &id,
+            &[
+                "sh",
+                "-c",
+                "cat /f /r/precious >/dev/null && ! touch /r/x 2>/dev/null",
+            ],
+        );
+        // A container whose directory the attacker managed to swap could fail; none may.
+        if !out.status.success() {
+            let console = std::fs::read_to_string(state.join("pod/console.log"));
+            panic!(
+                "{id}: {}\n{}\nthe pod's guest console:\n{}",
+                text(&out),
+                c.log(),
+                console.unwrap_or_else(|e| format!("(cannot read: {e})"))
+            );
+        }
+    }
+
+    exec("stop", "touch /tmp/stop");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while exec("done", "test -e /tmp/done && echo yes").trim() != "yes" {
+        assert!(Instant::now() < deadline, "the attacker did not stop");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let landed = exec("landed", "cat /tmp/landed");
+    assert_eq!(landed.trim(), "0", "the guest changed the share's tree");
+    assert_eq!(
+        tree_digest(&decoy),
+        before,
+        "a host file outside the sandbox changed"
+    );
+    assert_eq!(tree_digest(&ro), ro_before, "the read-only volume changed");
+    assert_eq!(
+        mounts_outside(&state),
+        mounts_before,
+        "mounts outside the sandbox changed"
+    );
+    c.remove("pod");
+    c.assert_clean();
+
+    // A read-only rootfs is read-only on the host too: root in the guest that reaches its
+    // rootfs through the share, not through its container's read-only root, cannot write.
+    let out = c.run(
+        &["--rm", "--read-only", "--privileged"],
+        "rofs",
+        &[
+            "sh",
+            "-c",
+            "mount -t virtiofs shoal /mnt && ls /mnt/rofs/rootfs/bin >/dev/null && \
+             if touch /mnt/rofs/rootfs/x; then echo written; else echo refused; fi",
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    assert_eq!(stdout(&out).trim(), "refused", "{}", text(&out));
+    c.assert_clean();
+}

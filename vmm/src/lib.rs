@@ -12,6 +12,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod ratelimit;
 pub mod snapshot;
 #[cfg(test)]
 mod test_support;
@@ -67,6 +68,37 @@ pub struct VmConfig {
     pub free_page_reporting: bool,
     /// Where the serial console goes.
     pub console: Console,
+    /// What the guest may make the host hold (console bytes, vsock connections, ...).
+    pub limits: GuestLimits,
+}
+
+/// Bounds on what one guest can make the host hold or do. The guest is not trusted: each
+/// is a host resource it could otherwise grow without end. The shim sets them from its
+/// config (`[limits]`); these defaults are what a VM gets otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// Bytes of serial console output kept in a console file; past it, output is dropped
+    /// (a line in the file says so).
+    pub console_max_bytes: u64,
+    /// Open vsock connections at once, both directions; one more is refused (RST).
+    pub vsock_max_connections: usize,
+    /// RST packets queued for the guest at once; past it, stray packets are dropped
+    /// without an answer.
+    pub vsock_max_pending_rsts: usize,
+    /// How long a connection the host has shut down may wait for the guest's RST before
+    /// the host ends it.
+    pub vsock_shutdown_timeout: std::time::Duration,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        GuestLimits {
+            console_max_bytes: 1 << 20,
+            vsock_max_connections: 1023,
+            vsock_max_pending_rsts: 256,
+            vsock_shutdown_timeout: std::time::Duration::from_secs(2),
+        }
+    }
 }
 
 /// A virtio-blk disk backed by a host file or block device.
@@ -121,6 +153,7 @@ impl VmConfig {
             nets: Vec::new(),
             free_page_reporting: false,
             console: Console::Sink,
+            limits: GuestLimits::default(),
         }
     }
 }
@@ -234,6 +267,8 @@ pub struct RestoreConfig {
     pub vsock: Option<VsockConfig>,
     pub shares: Vec<FsConfig>,
     pub free_page_reporting: bool,
+    /// What the restored guest may make the host hold.
+    pub limits: GuestLimits,
 }
 
 /// The virtio devices of a VM, in the order the guest finds them.
@@ -243,6 +278,7 @@ struct DeviceSet<'a> {
     shares: &'a [FsConfig],
     nets: &'a [NetConfig],
     free_page_reporting: bool,
+    limits: GuestLimits,
 }
 
 impl<'a> DeviceSet<'a> {
@@ -253,6 +289,7 @@ impl<'a> DeviceSet<'a> {
             shares: &config.shares,
             nets: &config.nets,
             free_page_reporting: config.free_page_reporting,
+            limits: config.limits,
         }
     }
 }
@@ -307,7 +344,7 @@ impl Vm {
             what: "create the exit eventfd",
             source,
         })?);
-        let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone(), None)?;
+        let legacy = legacy_devices(&kvm_vm, &config.console, &config.limits, exit.clone(), None)?;
         let (devices, balloon) = create_devices(&DeviceSet::of(config))?;
         let (mmio_slots, loop_devices, cmdline_devices) =
             attach_devices(&kvm_vm, &mem, devices, None)?;
@@ -434,6 +471,7 @@ impl Vm {
             shares: &config.shares,
             nets: &[],
             free_page_reporting: config.free_page_reporting,
+            limits: config.limits,
         })?;
         let found: Vec<String> = snap
             .devices
@@ -461,7 +499,13 @@ impl Vm {
             what: "create the exit eventfd",
             source,
         })?);
-        let legacy = legacy_devices(&kvm_vm, &config.console, exit.clone(), Some(&snap.serial))?;
+        let legacy = legacy_devices(
+            &kvm_vm,
+            &config.console,
+            &config.limits,
+            exit.clone(),
+            Some(&snap.serial),
+        )?;
         let xsave_size = kvm_vm.xsave_size();
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         for (index, state) in snap.vcpus.iter().enumerate() {
@@ -513,6 +557,8 @@ impl Vm {
             }
         }
         *paused = true;
+        // A reader of a paused VM's console sees all it printed, partial line included.
+        self.bus.flush_console();
         Ok(())
     }
 
@@ -676,6 +722,7 @@ fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> Result<JoinHandle<()
 fn legacy_devices(
     kvm_vm: &vm::KvmVm,
     console: &Console,
+    limits: &GuestLimits,
     exit: Arc<exit::ExitSignal>,
     serial_state: Option<&vm_superio::serial::SerialState>,
 ) -> Result<Legacy> {
@@ -690,7 +737,13 @@ fn legacy_devices(
             what: "the serial interrupt",
             source,
         })?;
-    Ok(Legacy::new(console, serial_irq, exit, serial_state)?)
+    Ok(Legacy::new(
+        console,
+        limits.console_max_bytes,
+        serial_irq,
+        exit,
+        serial_state,
+    )?)
 }
 
 type Devices = (
@@ -708,6 +761,7 @@ fn create_devices(set: &DeviceSet) -> Result<Devices> {
         devices.push(Box::new(virtio::vsock::Vsock::new(
             vsock.cid,
             &vsock.uds_path,
+            &set.limits,
         )?));
     }
     for disk in set.disks {

@@ -85,6 +85,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
         nets: args.nets,
         free_page_reporting: args.free_page_reporting,
         console: args.console.map(Console::File).unwrap_or(Console::Stdout),
+        limits: Default::default(),
     };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

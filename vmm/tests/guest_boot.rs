@@ -178,6 +178,7 @@ fn boot_guest_linux_and_vsock_both_ways() {
         nets: Vec::new(),
         free_page_reporting: false,
         console: Console::File(dir.path("console")),
+        limits: Default::default(),
     };
     let started = Instant::now();
     let deadline = started + DEADLINE;
@@ -435,6 +436,7 @@ fn with_vm<T>(
         nets: Vec::new(),
         free_page_reporting: false,
         console: Console::File(dir.path("console")),
+        limits: Default::default(),
     };
     // The guest's first connection goes to host port 1234; answer it so it moves on.
     let hello = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
@@ -576,9 +578,10 @@ fn boot_guest_virtio_fs_share_overlay_and_no_escape() {
         "mkdir -p /run/u /run/w /ov && mount -t tmpfs tmpfs /run/u && mkdir /run/u/up /run/u/wk \
          && mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/run/u/up,workdir=/run/u/wk /ov \
          && echo new > /ov/b && rm /ov/gone && cat /ov/a && echo && ls /ov",
-        // An overlay whose upper layer lives on the share too (xattrs, whiteouts on the host).
+        // An overlay whose upper layer lives on the share too (whiteouts on the host; its
+        // xattrs in user.*, since the share refuses trusted.*).
         "mkdir -p /mnt/upper /mnt/work /ov2 \
-         && mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/upper,workdir=/mnt/work /ov2 \
+         && mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/upper,workdir=/mnt/work,userxattr /ov2 \
          && echo changed > /ov2/a && rm /ov2/gone && ls /ov2 && sync",
         "umount /ov2 && umount /ov && umount /mnt",
     ];

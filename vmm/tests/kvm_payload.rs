@@ -626,6 +626,7 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
             vsock: None,
             shares: Vec::new(),
             free_page_reporting: false,
+            limits: Default::default(),
         })
         .err()
         .expect("restore must fail")
@@ -706,6 +707,7 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
         vsock: None,
         shares: Vec::new(),
         free_page_reporting: false,
+        limits: Default::default(),
     })
     .expect("restore");
     wait_for_console(&dir.path("restored"), 20);
@@ -721,6 +723,7 @@ fn snapshot_bad_input_is_named_and_half_started_vms_leave_nothing() {
         }),
         shares: Vec::new(),
         free_page_reporting: false,
+        limits: Default::default(),
     })
     .expect("restore with a vsock device");
     assert!(

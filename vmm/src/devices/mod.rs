@@ -40,6 +40,14 @@ impl Bus {
             .serial_state()
     }
 
+    /// Writes out console output COM1 holds back for want of a newline.
+    pub fn flush_console(&self) {
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_console()
+    }
+
     /// Every virtio transport, locked, in bus order.
     pub fn lock_transports(&self) -> Vec<std::sync::MutexGuard<'_, MmioTransport>> {
         self.mmio

@@ -46,6 +46,7 @@ pub fn restore_side_by_side(
                     vsock: None,
                     shares: Vec::new(),
                     free_page_reporting: false,
+                    limits: Default::default(),
                 };
                 s.spawn(move || shoal_vmm::Vm::restore(&config).expect("restore"))
             })

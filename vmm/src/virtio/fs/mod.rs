@@ -6,6 +6,8 @@
 //! `O_PATH` descriptor of its parent, refuses names with `/`, opens with `O_NOFOLLOW` and maps
 //! `..` at the root to the root itself, so the guest reaches nothing outside the tree: symlinks
 //! in the tree are handed to the guest as links and resolved there, in the guest's namespace.
+//! What the guest may not do inside the tree (device nodes, `trusted.*`/`security.*` xattrs)
+//! is the policy in `tuned.rs`, which wraps the passthrough file system.
 //!
 //! fuse-backend-rs is built against vm-memory 0.17 and virtio-queue 0.17, the VMM against 0.18.
 //! The two are not interchangeable, so at activation the device builds a 0.17 view of the same
@@ -76,7 +78,7 @@ impl Worker {
         self.stop.store(true, Ordering::Release);
         let _ = self.kick.write(1);
         if self.handle.join().is_err() {
-            tracing::error!("virtio-fs worker panicked");
+            crate::guest_error!("virtio-fs worker panicked");
         }
     }
 }
@@ -122,7 +124,8 @@ impl Fs {
             cache_policy: policy,
             entry_timeout: timeout,
             attr_timeout: timeout,
-            // overlayfs on top of the share stores its metadata in xattrs.
+            // overlayfs on top of the share stores its metadata in xattrs; which ones the
+            // guest may set or see is `tuned`'s policy.
             xattr: true,
             do_import: true,
             writeback: false,
@@ -230,7 +233,7 @@ fn serve_queue(
             }
         };
         if let Err(e) = queue.add_used(mem, head, written as u32) {
-            tracing::warn!("virtio-fs: cannot return a request: {e:?}");
+            crate::guest_warn!("virtio-fs: cannot return a request: {e:?}");
         }
         any = true;
     }
@@ -359,7 +362,7 @@ impl VirtioDevice for Fs {
     fn queue_notify(&mut self, _index: usize) {
         if let Some(worker) = &self.worker {
             if let Err(e) = worker.kick.write(1) {
-                tracing::warn!("virtio-fs: cannot wake the worker: {e}");
+                crate::guest_warn!("virtio-fs: cannot wake the worker: {e}");
             }
         }
     }

@@ -13,9 +13,14 @@ use crate::test_support::{chained, desc};
 
 const OP_LOOKUP: u32 = 1;
 const OP_READLINK: u32 = 5;
+const OP_MKNOD: u32 = 8;
 const OP_MKDIR: u32 = 9;
 const OP_OPEN: u32 = 14;
 const OP_READ: u32 = 15;
+const OP_SETXATTR: u32 = 21;
+const OP_GETXATTR: u32 = 22;
+const OP_LISTXATTR: u32 = 23;
+const OP_REMOVEXATTR: u32 = 24;
 const OP_INIT: u32 = 26;
 
 const MEM: usize = 0x40_0000;
@@ -168,6 +173,127 @@ impl Harness {
         let mode = u32::from_le_bytes(out[40 + 60..40 + 64].try_into().unwrap());
         Ok((u64_at(0), mode, u64_at(40 + 8)))
     }
+
+    /// MKNOD of `name` in the root: the reply's error field.
+    fn mknod(&mut self, name: &str, mode: u32, rdev: u32) -> i32 {
+        let mut body = Vec::new();
+        for v in [mode, rdev, 0, 0] {
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        self.call(OP_MKNOD, 1, &body).0
+    }
+
+    /// SETXATTR: the reply's error field.
+    fn setxattr(&mut self, node: u64, name: &str, value: &[u8]) -> i32 {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value);
+        self.call(OP_SETXATTR, node, &body).0
+    }
+
+    /// GETXATTR with a buffer of `size` (0: the size probe).
+    fn getxattr(&mut self, node: u64, name: &str, size: u32) -> (i32, Vec<u8>) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&size.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        self.call(OP_GETXATTR, node, &body)
+    }
+
+    /// LISTXATTR with a buffer of `size` (0: the size probe).
+    fn listxattr(&mut self, node: u64, size: u32) -> (i32, Vec<u8>) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&size.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        self.call(OP_LISTXATTR, node, &body)
+    }
+
+    /// REMOVEXATTR: the reply's error field.
+    fn removexattr(&mut self, node: u64, name: &str) -> i32 {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        self.call(OP_REMOVEXATTR, node, &body).0
+    }
+}
+
+/// The size a size probe (GETXATTR or LISTXATTR with size 0) answered.
+fn probed_size(out: &[u8]) -> u32 {
+    u32::from_le_bytes(out[0..4].try_into().unwrap())
+}
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// Sets an xattr on a host file, as the host (root), not through the share.
+fn host_setxattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: both strings are NUL-terminated and live across the call; the kernel reads
+    // `value.len()` bytes from `value`, which holds that many.
+    let res = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if res == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An xattr of a host file as the host sees it; None when it has none of that name.
+fn host_getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: both strings are NUL-terminated and live across the call; the kernel writes at
+    // most `buf.len()` bytes into `buf`.
+    let res = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    (res >= 0).then(|| {
+        buf.truncate(res as usize);
+        buf
+    })
+}
+
+/// The host's own list of a file's xattr names, NUL-separated.
+fn host_listxattr(path: &Path) -> Vec<u8> {
+    let path = c_path(path);
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: `path` is NUL-terminated and lives across the call; the kernel writes at most
+    // `buf.len()` bytes into `buf`.
+    let res = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(res >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(res as usize);
+    buf
+}
+
+/// A `security.capability` value (revision 2) granting `CAP_NET_RAW`, effective: what `ping`
+/// carries in an image.
+fn cap_net_raw() -> Vec<u8> {
+    const CAP_NET_RAW: u32 = 13;
+    let mut v = Vec::new();
+    for word in [0x0200_0001u32, 1 << CAP_NET_RAW, 0, 0, 0] {
+        v.extend_from_slice(&word.to_le_bytes());
+    }
+    v
 }
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -281,4 +407,146 @@ fn random_requests_through_the_device() {
     }
     assert_eq!(std::fs::read(t.0.join("hello")).unwrap(), b"hi there");
     assert!(h.sent > 100);
+}
+
+#[test]
+fn the_guest_cannot_make_device_nodes_in_the_share() {
+    use std::os::unix::fs::FileTypeExt;
+    let t = tree("mknod");
+    let mut h = Harness::new(&t.0);
+    h.init();
+    let dev = |major, minor| libc::makedev(major, minor) as u32;
+    // The host's first SCSI disk, and a tty.
+    assert_eq!(
+        h.mknod("disk", libc::S_IFBLK | 0o600, dev(8, 0)),
+        -libc::EPERM
+    );
+    assert_eq!(
+        h.mknod("tty", libc::S_IFCHR | 0o600, dev(5, 0)),
+        -libc::EPERM
+    );
+    assert_eq!(h.mknod("zero", libc::S_IFBLK | 0o600, 0), -libc::EPERM);
+    for name in ["disk", "tty", "zero"] {
+        assert!(
+            std::fs::symlink_metadata(t.0.join(name)).is_err(),
+            "{name} was made on the host"
+        );
+    }
+    // What is not a device is made as before.
+    assert_eq!(h.mknod("pipe", libc::S_IFIFO | 0o644, 0), 0);
+    let pipe = std::fs::symlink_metadata(t.0.join("pipe")).unwrap();
+    assert!(pipe.file_type().is_fifo(), "{pipe:?}");
+    assert_eq!(h.mknod("plain", libc::S_IFREG | 0o644, 0), 0);
+    assert!(t.0.join("plain").is_file());
+    // And an overlayfs whiteout: character device 0,0, which opens nothing.
+    assert_eq!(h.mknod("whiteout", libc::S_IFCHR, 0), 0);
+    let whiteout = std::fs::symlink_metadata(t.0.join("whiteout")).unwrap();
+    assert!(whiteout.file_type().is_char_device(), "{whiteout:?}");
+    assert_eq!(std::os::unix::fs::MetadataExt::rdev(&whiteout), 0);
+}
+
+#[test]
+fn the_guest_cannot_write_trusted_or_security_xattrs() {
+    let t = tree("setxattr");
+    let hello_path = t.0.join("hello");
+    for (name, value) in [("trusted.kept", &b"host"[..]), ("user.probe", b"1")] {
+        if let Err(e) = host_setxattr(&hello_path, name, value) {
+            println!("SKIP: the host's temporary file system takes no {name} xattr: {e}");
+            return;
+        }
+    }
+    let mut h = Harness::new(&t.0);
+    h.init();
+    let (hello, _, _) = h.lookup(1, "hello").unwrap();
+
+    assert_eq!(h.setxattr(hello, "trusted.x", b"1"), -libc::EPERM);
+    assert_eq!(
+        h.setxattr(hello, "trusted.overlay.opaque", b"y"),
+        -libc::EPERM
+    );
+    assert_eq!(
+        h.setxattr(hello, "security.capability", &cap_net_raw()),
+        -libc::EPERM
+    );
+    assert_eq!(h.removexattr(hello, "trusted.kept"), -libc::EPERM);
+    assert_eq!(host_getxattr(&hello_path, "trusted.x"), None);
+    assert_eq!(host_getxattr(&hello_path, "trusted.overlay.opaque"), None);
+    assert_eq!(host_getxattr(&hello_path, "security.capability"), None);
+    assert_eq!(
+        host_getxattr(&hello_path, "trusted.kept").as_deref(),
+        Some(&b"host"[..])
+    );
+
+    // `user.*` is the guest's.
+    assert_eq!(h.setxattr(hello, "user.x", b"guest"), 0);
+    assert_eq!(
+        host_getxattr(&hello_path, "user.x").as_deref(),
+        Some(&b"guest"[..])
+    );
+    assert_eq!(h.removexattr(hello, "user.x"), 0);
+    assert_eq!(host_getxattr(&hello_path, "user.x"), None);
+
+    // A file capability an image brought is read by the guest, and stays.
+    host_setxattr(&hello_path, "security.capability", &cap_net_raw()).unwrap();
+    let (err, value) = h.getxattr(hello, "security.capability", 256);
+    assert_eq!((err, value), (0, cap_net_raw()));
+    assert_eq!(h.removexattr(hello, "security.capability"), -libc::EPERM);
+    assert_eq!(
+        host_getxattr(&hello_path, "security.capability"),
+        Some(cap_net_raw())
+    );
+}
+
+#[test]
+fn trusted_xattrs_are_hidden_from_the_guest() {
+    let t = tree("getxattr");
+    let hello_path = t.0.join("hello");
+    for (name, value) in [("trusted.secret", &b"host only"[..]), ("user.seen", b"v")] {
+        if let Err(e) = host_setxattr(&hello_path, name, value) {
+            println!("SKIP: the host's temporary file system takes no {name} xattr: {e}");
+            return;
+        }
+    }
+    let host_list = host_listxattr(&hello_path);
+    let names = |list: &[u8]| -> Vec<String> {
+        list.split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    };
+    assert!(names(&host_list).contains(&"trusted.secret".to_string()));
+    // What the guest should see: the host's list less `trusted.*`, in the host's order.
+    let expected: Vec<u8> = names(&host_list)
+        .iter()
+        .filter(|n| !n.starts_with("trusted."))
+        .flat_map(|n| n.bytes().chain([0]))
+        .collect();
+
+    let mut h = Harness::new(&t.0);
+    h.init();
+    let (hello, _, _) = h.lookup(1, "hello").unwrap();
+
+    for size in [0, 256] {
+        assert_eq!(
+            h.getxattr(hello, "trusted.secret", size).0,
+            -libc::ENODATA,
+            "size {size}"
+        );
+    }
+    let (err, out) = h.getxattr(hello, "user.seen", 0);
+    assert_eq!((err, probed_size(&out)), (0, 1));
+    assert_eq!(h.getxattr(hello, "user.seen", 256), (0, b"v".to_vec()));
+
+    // The size probe counts only what the guest will get, and a buffer of that size holds it.
+    let (err, out) = h.listxattr(hello, 0);
+    assert_eq!(err, 0);
+    let len = probed_size(&out);
+    assert_eq!(len as usize, expected.len());
+    let (err, list) = h.listxattr(hello, len);
+    assert_eq!(err, 0);
+    assert_eq!(list, expected);
+    assert!(names(&list).contains(&"user.seen".to_string()), "{list:?}");
+    assert!(!names(&list).iter().any(|n| n.starts_with("trusted.")));
+    // A buffer one byte short is too small, as on the host.
+    assert_eq!(h.listxattr(hello, len - 1).0, -libc::ERANGE);
 }

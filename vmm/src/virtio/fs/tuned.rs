@@ -1,10 +1,52 @@
-//! The passthrough file system with the FUSE options a container's root file system wants.
+//! The passthrough file system with the FUSE options a container's root file system wants,
+//! and the policy of what the guest may not do through the share.
 //!
 //! fuse-backend-rs's passthrough asks the guest for little at INIT; in particular not
 //! `BIG_WRITES`/`MAX_PAGES`, which leaves every write at one page per request (measured: 4 MB/s
 //! of 1 MiB O_DIRECT writes where reads ran at 136 MB/s, emulated). This wrapper adds those
-//! (and parallel directory operations) when the guest offers them and passes every other call
-//! straight through.
+//! (and parallel directory operations) when the guest offers them. Every call the policy below
+//! does not name goes straight through.
+//!
+//! # Policy: what the guest may not do through the share, and why
+//!
+//! The passthrough runs as root on the host and acts with the guest's uid and gid (a guest
+//! root is host root to it), so anything the guest's root could make on a local file system
+//! it could otherwise make in the host's tree. The share's trees are container root file
+//! systems (snapshots of image layers) and host volumes: other host processes may later mount
+//! them, use them as overlay layers or open files in them, without the care a guest's own
+//! disk would get. The wrapper therefore refuses:
+//!
+//! - **Device nodes** (`mknod` of a block or character device): `EPERM`. A guest-made
+//!   `b 8,0` in the tree would be the host's raw disk to anyone on the host who opens it
+//!   from a mount without `nodev`. Privileged containers still get their device nodes, on
+//!   the guest's own file systems (devtmpfs, tmpfs), not in the share. FIFOs, sockets and
+//!   regular files made with `mknod` are allowed. One character device is allowed too: `0,0`,
+//!   which is how overlayfs marks a deleted file (a whiteout) and which no driver answers
+//!   (opening it fails with `ENXIO`); an overlay mounted in the guest with its upper layer on
+//!   the share makes them, and a `rename` with `RENAME_WHITEOUT` makes the same node anyway.
+//! - **`trusted.*` xattrs**: set and remove are `EPERM`; get answers `ENODATA` and list
+//!   leaves them out, as if the host file had none. The host's overlayfs keeps its own
+//!   metadata there (`trusted.overlay.*`: opaque directories, redirects, metacopy origins), so
+//!   a guest that could write them could change what a host overlay mount of a snapshot
+//!   shows; one that could read them would learn about the host's layout. An overlay mounted
+//!   in the guest with its upper layer on the share still works: the guest kernel, refused
+//!   at mount, runs it without xattrs (or use `-o userxattr`, which keeps them in `user.*`).
+//! - **`security.*` xattrs**: set and remove are `EPERM` (file capabilities, SELinux and
+//!   SMACK labels, IMA/EVM data are host policy, not the guest's to grant itself). Reading
+//!   them passes: file capabilities that came with an image (`security.capability` on
+//!   `ping`) work in the guest. `setcap` on a file in the share fails.
+//! - **Oversized xattr reads**: a get or list asking for more than 64 KiB (the kernel's own
+//!   ceiling for a value and for a list) is served with a 64 KiB buffer, so a request cannot
+//!   make the host allocate what the guest names.
+//!
+//! `user.*` and `system.posix_acl_*` xattrs pass through (the host kernel checks them as it
+//! would for any root process).
+//!
+//! Allowed, on purpose: `chown`, and `chmod`/`setattr` of the setuid, setgid and sticky bits
+//! (containers need setuid binaries inside the guest, and image layers hold them). The host's
+//! protection against setuid files and device nodes already in the tree is the mount: the
+//! shared trees are mounted `nosuid,nodev` on the host, so nothing the guest leaves there
+//! runs with its owner's rights or opens a device through that mount.
 use std::ffi::CStr;
 use std::io;
 use std::time::Duration;
@@ -24,8 +66,46 @@ const EXTRA_OPTIONS: FsOptions = FsOptions::BIG_WRITES
     .union(FsOptions::PARALLEL_DIROPS)
     .union(FsOptions::ASYNC_READ);
 
+/// The largest xattr value and the longest xattr name list the kernel hands out
+/// (`XATTR_SIZE_MAX`, `XATTR_LIST_MAX`).
+const XATTR_MAX: u32 = 64 * 1024;
+/// The device number of an overlayfs whiteout, the one character device the guest may make.
+const WHITEOUT_RDEV: u32 = 0;
+
 /// See the module documentation.
 pub struct ContainerFs(pub PassthroughFs);
+
+fn refused() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
+/// Whether `mknod` with this mode and device number makes a device node the policy refuses.
+fn is_refused_device(mode: u32, rdev: u32) -> bool {
+    match mode & libc::S_IFMT {
+        libc::S_IFBLK => true,
+        libc::S_IFCHR => rdev != WHITEOUT_RDEV,
+        _ => false,
+    }
+}
+
+/// Whether the guest may set or remove the xattr `name`.
+fn may_write_xattr(name: &[u8]) -> bool {
+    !name.starts_with(b"trusted.") && !name.starts_with(b"security.")
+}
+
+/// Whether the guest may read, or see listed, the xattr `name`.
+fn may_see_xattr(name: &[u8]) -> bool {
+    !name.starts_with(b"trusted.")
+}
+
+/// The names of a NUL-separated xattr name list the guest may see, in the same form.
+fn visible_xattrs(list: &[u8]) -> Vec<u8> {
+    list.split_inclusive(|b| *b == 0)
+        .filter(|name| may_see_xattr(name))
+        .flatten()
+        .copied()
+        .collect()
+}
 
 impl FileSystem for ContainerFs {
     type Inode = <PassthroughFs as FileSystem>::Inode;
@@ -94,6 +174,14 @@ impl FileSystem for ContainerFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        if is_refused_device(mode, rdev) {
+            crate::guest_warn!(
+                mode,
+                rdev,
+                "virtio-fs: the guest's mknod of a device node in the share was refused"
+            );
+            return Err(refused());
+        }
         self.0.mknod(ctx, inode, name, mode, rdev, umask)
     }
 
@@ -260,6 +348,10 @@ impl FileSystem for ContainerFs {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        if !may_write_xattr(name.to_bytes()) {
+            tracing::debug!(?name, "virtio-fs: setxattr refused");
+            return Err(refused());
+        }
         self.0.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -270,7 +362,10 @@ impl FileSystem for ContainerFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.0.getxattr(ctx, inode, name, size)
+        if !may_see_xattr(name.to_bytes()) {
+            return Err(io::Error::from_raw_os_error(libc::ENODATA));
+        }
+        self.0.getxattr(ctx, inode, name, size.min(XATTR_MAX))
     }
 
     fn listxattr(
@@ -279,10 +374,30 @@ impl FileSystem for ContainerFs {
         inode: Self::Inode,
         size: u32,
     ) -> io::Result<ListxattrReply> {
-        self.0.listxattr(ctx, inode, size)
+        // The guest asks twice: with size 0 for the length of the list, then with a buffer of
+        // that length. Both answers must be about the filtered list, so the host's whole list
+        // is read each time (a 64 KiB buffer holds any list the kernel returns) and filtered;
+        // the host's own size probe would count the hidden names too.
+        let all = match self.0.listxattr(ctx, inode, XATTR_MAX)? {
+            ListxattrReply::Names(names) => names,
+            // Only a size probe is answered with a count.
+            ListxattrReply::Count(_) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+        };
+        let visible = visible_xattrs(&all);
+        if size == 0 {
+            Ok(ListxattrReply::Count(visible.len() as u32))
+        } else if visible.len() > size as usize {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(visible))
+        }
     }
 
     fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
+        if !may_write_xattr(name.to_bytes()) {
+            tracing::debug!(?name, "virtio-fs: removexattr refused");
+            return Err(refused());
+        }
         self.0.removexattr(ctx, inode, name)
     }
 

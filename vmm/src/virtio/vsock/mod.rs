@@ -1,7 +1,8 @@
 //! virtio-vsock with hybrid (unix socket) host side.
 //!
 //! `device.rs`-style plumbing lives here; `packet` parses and fills descriptor chains;
-//! `muxer` owns the host sockets and the connection state.
+//! `muxer` owns the host sockets and the connection state, and bounds what the guest can
+//! make it hold ([`GuestLimits`]).
 pub mod muxer;
 pub mod packet;
 
@@ -14,6 +15,7 @@ use vm_memory::Bytes;
 use vm_memory::GuestMemoryMmap;
 
 use super::{read_config_bytes, Interrupt, VirtioDevice, VirtioError};
+use crate::GuestLimits;
 pub use muxer::{Muxer, MuxerError};
 
 /// virtio device id of vsock.
@@ -43,11 +45,12 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// A vsock device for guest `cid` whose host side listens on `uds_path`.
-    pub fn new(cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
+    /// A vsock device for guest `cid` whose host side listens on `uds_path`; `limits` bound
+    /// the connections and queued packets the guest can make the host hold.
+    pub fn new(cid: u64, uds_path: &Path, limits: &GuestLimits) -> Result<Self, MuxerError> {
         Ok(Vsock {
             cid,
-            muxer: Muxer::new(uds_path, cid)?,
+            muxer: Muxer::new(uds_path, cid, limits)?,
             active: None,
             awaiting_reset: false,
         })
@@ -79,13 +82,13 @@ impl Vsock {
                     used
                 }
                 Err(e) => {
-                    tracing::warn!("vsock: unusable RX buffer: {e}");
+                    crate::guest_warn!("vsock: unusable RX buffer: {e}");
                     self.muxer.push_front_to_guest(pkt);
                     0
                 }
             };
             if let Err(e) = active.queues[RXQ].add_used(&active.mem, head, used) {
-                tracing::warn!("vsock: cannot return RX buffer: {e:?}");
+                crate::guest_warn!("vsock: cannot return RX buffer: {e:?}");
             }
             used_any = true;
         }
@@ -100,7 +103,7 @@ impl Vsock {
             return;
         };
         let Some(mut chain) = active.queues[EVQ].pop_descriptor_chain(&active.mem) else {
-            tracing::warn!(
+            crate::guest_warn!(
                 "vsock: no event buffer for the transport reset; the guest keeps its old CID"
             );
             return;
@@ -113,17 +116,17 @@ impl Vsock {
             {
                 Ok(()) => 4,
                 Err(e) => {
-                    tracing::warn!("vsock: cannot write the transport reset event: {e}");
+                    crate::guest_warn!("vsock: cannot write the transport reset event: {e}");
                     0
                 }
             },
             None => {
-                tracing::warn!("vsock: event buffer too small for the transport reset");
+                crate::guest_warn!("vsock: event buffer too small for the transport reset");
                 0
             }
         };
         if let Err(e) = active.queues[EVQ].add_used(&active.mem, head, written) {
-            tracing::warn!("vsock: cannot return the event buffer: {e:?}");
+            crate::guest_warn!("vsock: cannot return the event buffer: {e:?}");
         }
         active.interrupt.signal_used();
         self.awaiting_reset = written != 0;
@@ -145,10 +148,10 @@ impl Vsock {
                     }
                     self.muxer.from_guest(pkt)
                 }
-                Err(e) => tracing::warn!("vsock: dropping malformed TX packet: {e}"),
+                Err(e) => crate::guest_warn!("vsock: dropping malformed TX packet: {e}"),
             }
             if let Err(e) = active.queues[TXQ].add_used(&active.mem, head, 0) {
-                tracing::warn!("vsock: cannot return TX buffer: {e:?}");
+                crate::guest_warn!("vsock: cannot return TX buffer: {e:?}");
             }
             used_any = true;
         }
@@ -331,7 +334,7 @@ mod tests {
 
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Interrupt::new(irq.try_clone().unwrap());
-        let mut dev = Vsock::new(3, &uds).unwrap();
+        let mut dev = Vsock::new(3, &uds, &GuestLimits::default()).unwrap();
         let queues = vec![
             rxq.create_queue::<Queue>().unwrap(),
             txq.create_queue::<Queue>().unwrap(),
@@ -391,7 +394,7 @@ mod tests {
         evq.add_desc_chains(&[desc(0x30_0000, 8, VRING_DESC_F_WRITE, 0)], 0)
             .unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut old = Vsock::new(3, &dir.join("old.sock")).unwrap();
+        let mut old = Vsock::new(3, &dir.join("old.sock"), &GuestLimits::default()).unwrap();
         let queues = [&rxq, &txq, &evq]
             .iter()
             .map(|q| q.create_queue::<Queue>().unwrap())
@@ -430,7 +433,7 @@ mod tests {
         };
         mem.write_obj(0xffff_ffffu32, GuestAddress(0x30_0000))
             .unwrap();
-        let new = Vsock::new(9, &dir.join("new.sock")).unwrap();
+        let new = Vsock::new(9, &dir.join("new.sock"), &GuestLimits::default()).unwrap();
         let mut transport = MmioTransport::restore(
             Box::new(new),
             mem.clone(),
@@ -477,7 +480,7 @@ mod tests {
         let mut wrong = state.clone();
         wrong.queues[1].max_size = 1024;
         let err = MmioTransport::restore(
-            Box::new(Vsock::new(10, &dir.join("bad.sock")).unwrap()),
+            Box::new(Vsock::new(10, &dir.join("bad.sock"), &GuestLimits::default()).unwrap()),
             mem,
             Interrupt::new(irq),
             &wrong,
@@ -496,7 +499,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shoal-vsock-cfg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut dev = Vsock::new(0x0001_2345_6789, &dir.join("v.sock")).unwrap();
+        let mut dev = Vsock::new(
+            0x0001_2345_6789,
+            &dir.join("v.sock"),
+            &GuestLimits::default(),
+        )
+        .unwrap();
         let mut cfg = [0u8; 8];
         dev.read_config(0, &mut cfg);
         assert_eq!(u64::from_le_bytes(cfg), 0x0001_2345_6789);

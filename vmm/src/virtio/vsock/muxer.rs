@@ -5,24 +5,51 @@
 //!   to the guest listener.
 //! * Guest → host: a guest connection to host port P is joined to the unix socket `<path>_P`.
 //!
-//! The muxer owns the sockets and its own epoll set; the device thread watches that set's fd.
-//! It consumes packets the driver sent (`from_guest`) and queues packets for the driver
-//! (`pop_to_guest`). Flow control follows virtio-vsock credit: we never send a connection more
-//! than the guest advertised, and we advertise a fixed buffer we keep.
+//! The muxer owns the sockets, a shutdown timer and its own epoll set; the device thread
+//! watches that set's fd. It consumes packets the driver sent (`from_guest`) and queues
+//! packets for the driver (`pop_to_guest`). Flow control follows virtio-vsock credit: we never
+//! send a connection more than the guest advertised, and we advertise a fixed buffer we keep.
+//!
+//! The guest is not trusted, so everything it can make the muxer hold is bounded
+//! ([`GuestLimits`]):
+//! * open connections, both directions together: `vsock_max_connections`; a guest REQUEST
+//!   past it is answered with RST, a host client past it is closed before its `CONNECT` line
+//!   is read (it reads end of file, as when the guest refuses);
+//! * RSTs waiting for the guest: `vsock_max_pending_rsts`; past it, a stray packet gets no
+//!   answer and a connection that ends is dropped without telling the guest;
+//! * every other packet waiting for the guest belongs to an open connection, which has at
+//!   most one REQUEST or RESPONSE, one SHUTDOWN, one CREDIT_UPDATE and [`MAX_QUEUED_RW`] data
+//!   packets queued; a connection's packets leave the queue when it closes;
+//! * guest→host bytes per connection: [`CONN_BUF_ALLOC`], the buffer we advertise (a guest
+//!   that sends more is reset);
+//! * a connection the host side has shut down lives at most `vsock_shutdown_timeout` longer
+//!   unless the guest answers (RST, or SHUTDOWN of both directions); then the muxer resets
+//!   it itself;
+//! * connecting to a host port never waits for the listener: a full backlog is refused.
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::*;
+use crate::GuestLimits;
 
 /// Bytes of guest→host data we buffer per connection (advertised as `buf_alloc`).
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// Data packets (each at most [`READ_CHUNK`] bytes) one connection may have waiting for the
+/// guest. The guest's credit alone does not bound them: the guest picks its `buf_alloc`
+/// (up to 4 GiB) and need never post an RX buffer. Past it, the host socket is not read
+/// until the guest takes some.
+pub const MAX_QUEUED_RW: usize = 4;
 /// First local port for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line accepted.
@@ -39,6 +66,8 @@ pub enum MuxerError {
     Bind { path: PathBuf, source: io::Error },
     #[error("cannot set up the vsock event set: {0}")]
     Epoll(io::Error),
+    #[error("cannot create the vsock shutdown timer: {0}")]
+    Timer(io::Error),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -62,6 +91,7 @@ struct Conn {
     tx_cnt: Wrapping<u32>,
     /// Guest→host bytes written to the host socket so far.
     fwd_cnt: Wrapping<u32>,
+    /// `fwd_cnt` as the guest last saw it (in a packet it was handed).
     fwd_cnt_sent: Wrapping<u32>,
     /// Guest→host bytes not yet written to the host socket.
     pending: VecDeque<u8>,
@@ -72,6 +102,16 @@ struct Conn {
     peer_gone: bool,
     /// The host client closed its side: read no more.
     host_eof: bool,
+    /// Packets of this connection in the muxer's queue for the guest (RSTs not counted).
+    queued: usize,
+    /// How many of them are data packets (at most [`MAX_QUEUED_RW`]).
+    queued_rw: usize,
+    /// A CREDIT_UPDATE is among them: another one would say nothing new (the header's
+    /// counters are filled in when the packet is handed to the guest).
+    credit_update_queued: bool,
+    /// We sent SHUTDOWN: unless the guest answers by then (RST, or a SHUTDOWN of both
+    /// directions), the connection is reset.
+    shutdown_deadline: Option<Instant>,
     interest: EventSet,
 }
 
@@ -91,6 +131,10 @@ impl Conn {
             peer_done_sending: false,
             peer_gone: false,
             host_eof: false,
+            queued: 0,
+            queued_rw: 0,
+            credit_update_queued: false,
+            shutdown_deadline: None,
             interest: EventSet::empty(),
         }
     }
@@ -106,6 +150,14 @@ impl Conn {
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
     }
 
+    /// Whether the host socket may be read: the guest has room and is taking what it got.
+    fn may_read(&self) -> bool {
+        !self.host_eof
+            && !self.peer_gone
+            && self.peer_credit() > 0
+            && self.queued_rw < MAX_QUEUED_RW
+    }
+
     /// The events the socket should be watched for, given the connection's state.
     fn wanted_events(&self) -> EventSet {
         let mut ev = EventSet::empty();
@@ -113,7 +165,7 @@ impl Conn {
             State::AwaitConnect(_) => ev |= EventSet::IN,
             State::Connecting => {}
             State::Established => {
-                if !self.host_eof && !self.peer_gone && self.peer_credit() > 0 {
+                if self.may_read() {
                     ev |= EventSet::IN;
                 }
                 if !self.pending.is_empty() {
@@ -155,13 +207,24 @@ pub struct Muxer {
     conns: HashMap<RawFd, Conn>,
     /// (local port, guest port) → socket fd.
     ports: HashMap<(u32, u32), RawFd>,
+    /// Packets for the guest: RSTs (`queued_rsts` of them) and packets of open connections
+    /// (each connection counts its own).
     to_guest: VecDeque<Packet>,
+    queued_rsts: usize,
     next_local_port: u32,
+    max_connections: usize,
+    max_pending_rsts: usize,
+    shutdown_timeout: Duration,
+    /// Fires at the earliest `shutdown_deadline` (non-blocking, in the epoll set).
+    timer: TimerFd,
+    /// When `timer` is set to fire; `None` while it is not set.
+    timer_deadline: Option<Instant>,
 }
 
 impl Muxer {
-    /// Binds the VM's socket at `path` (which must not exist).
-    pub fn new(path: &Path, guest_cid: u64) -> Result<Muxer, MuxerError> {
+    /// Binds the VM's socket at `path` (which must not exist); `limits` bound what the guest
+    /// can make the muxer hold.
+    pub fn new(path: &Path, guest_cid: u64, limits: &GuestLimits) -> Result<Muxer, MuxerError> {
         if path.symlink_metadata().is_ok() {
             return Err(MuxerError::PathExists(path.into()));
         }
@@ -169,19 +232,28 @@ impl Muxer {
             path: path.into(),
             source,
         })?;
-        let cleanup = |e: io::Error| {
+        let cleanup = |e: MuxerError| {
             let _ = std::fs::remove_file(path);
-            MuxerError::Epoll(e)
+            e
         };
-        listener.set_nonblocking(true).map_err(cleanup)?;
-        let epoll = Epoll::new().map_err(cleanup)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, listener.as_raw_fd() as u64),
-            )
-            .map_err(cleanup)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| cleanup(MuxerError::Epoll(e)))?;
+        let epoll = Epoll::new().map_err(|e| cleanup(MuxerError::Epoll(e)))?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| cleanup(MuxerError::Timer(e.into())))?;
+        for fd in [listener.as_raw_fd(), timer.as_fd().as_raw_fd()] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, fd as u64),
+                )
+                .map_err(|e| cleanup(MuxerError::Epoll(e)))?;
+        }
         Ok(Muxer {
             guest_cid,
             path: path.into(),
@@ -190,7 +262,13 @@ impl Muxer {
             conns: HashMap::new(),
             ports: HashMap::new(),
             to_guest: VecDeque::new(),
+            queued_rsts: 0,
             next_local_port: FIRST_LOCAL_PORT,
+            max_connections: limits.vsock_max_connections,
+            max_pending_rsts: limits.vsock_max_pending_rsts,
+            shutdown_timeout: limits.vsock_shutdown_timeout,
+            timer,
+            timer_deadline: None,
         })
     }
 
@@ -204,13 +282,68 @@ impl Muxer {
         self.conns.len()
     }
 
-    /// The next packet for the guest, if any.
+    /// Packets waiting for the guest, RSTs included (for tests and stats).
+    pub fn queued_for_guest(&self) -> usize {
+        self.to_guest.len()
+    }
+
+    /// RSTs waiting for the guest (for tests and stats).
+    pub fn queued_rsts(&self) -> usize {
+        self.queued_rsts
+    }
+
+    /// The next packet for the guest, if any. A connection's packet leaves with the
+    /// connection's current credit in it.
     pub fn pop_to_guest(&mut self) -> Option<Packet> {
-        self.to_guest.pop_front()
+        let mut pkt = self.to_guest.pop_front()?;
+        if pkt.hdr.op == OP_RST {
+            self.queued_rsts = self.queued_rsts.saturating_sub(1);
+            return Some(pkt);
+        }
+        if let Some(&fd) = self.ports.get(&(pkt.hdr.src_port, pkt.hdr.dst_port)) {
+            let conn = self
+                .conns
+                .get_mut(&fd)
+                .expect("port map and connections agree");
+            conn.queued = conn.queued.saturating_sub(1);
+            match pkt.hdr.op {
+                OP_RW => conn.queued_rw = conn.queued_rw.saturating_sub(1),
+                OP_CREDIT_UPDATE => conn.credit_update_queued = false,
+                _ => {}
+            }
+            pkt.hdr.buf_alloc = CONN_BUF_ALLOC;
+            pkt.hdr.fwd_cnt = conn.fwd_cnt.0;
+            conn.fwd_cnt_sent = conn.fwd_cnt;
+            // Half the data room is free again: watch the host socket if it was left alone.
+            // Not sooner: the rest of a packet split over RX buffers is put back with
+            // `push_front_to_guest`, and must not bring the count back up to the limit.
+            if conn.queued_rw <= MAX_QUEUED_RW / 2 {
+                self.rearm(fd);
+            }
+        }
+        Some(pkt)
     }
 
     /// Puts back the unsent rest of a packet at the head of the queue.
     pub fn push_front_to_guest(&mut self, pkt: Packet) {
+        if pkt.hdr.op == OP_RST {
+            self.queued_rsts += 1;
+        } else {
+            let Some(&fd) = self.ports.get(&(pkt.hdr.src_port, pkt.hdr.dst_port)) else {
+                // Its connection is gone, and with it whatever it had queued.
+                return;
+            };
+            let conn = self
+                .conns
+                .get_mut(&fd)
+                .expect("port map and connections agree");
+            conn.queued += 1;
+            match pkt.hdr.op {
+                OP_RW => conn.queued_rw += 1,
+                OP_CREDIT_UPDATE => conn.credit_update_queued = true,
+                _ => {}
+            }
+        }
         self.to_guest.push_front(pkt);
     }
 
@@ -218,7 +351,34 @@ impl Muxer {
         !self.to_guest.is_empty()
     }
 
-    /// Serves every socket that is ready, without blocking.
+    /// Queues a packet of connection `fd` for the guest.
+    fn push_for_conn(&mut self, fd: RawFd, pkt: Packet) {
+        let conn = self.conns.get_mut(&fd).expect("connection exists");
+        conn.queued += 1;
+        match pkt.hdr.op {
+            OP_RW => conn.queued_rw += 1,
+            OP_CREDIT_UPDATE => conn.credit_update_queued = true,
+            _ => {}
+        }
+        self.to_guest.push_back(pkt);
+    }
+
+    /// Queues an RST for the guest if fewer than `max_pending_rsts` wait already; otherwise
+    /// drops it, and the guest gets no answer. Only a guest that leaves its RX queue empty
+    /// reaches the limit, so it is the one to miss the answer.
+    fn push_rst(&mut self, pkt: Packet) {
+        if self.queued_rsts >= self.max_pending_rsts {
+            crate::guest_warn!(
+                "vsock: {} RSTs already wait for the guest; dropping one",
+                self.queued_rsts
+            );
+            return;
+        }
+        self.queued_rsts += 1;
+        self.to_guest.push_back(pkt);
+    }
+
+    /// Serves every socket that is ready, and the shutdown timer, without blocking.
     pub fn process_host_events(&mut self) {
         let mut events = [EpollEvent::default(); 32];
         loop {
@@ -234,6 +394,8 @@ impl Muxer {
                 let fd = ev.data() as RawFd;
                 if fd == self.listener.as_raw_fd() {
                     self.accept_all();
+                } else if fd == self.timer.as_fd().as_raw_fd() {
+                    self.expire_shutdowns();
                 } else {
                     self.conn_event(fd, ev.event_set());
                 }
@@ -248,6 +410,16 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.conns.len() >= self.max_connections {
+                        // Dropping the stream closes it: the client reads end of file, the
+                        // same as for a guest that refuses (the protocol has no error line).
+                        crate::guest_warn!(
+                            "vsock: {} connections open, the most a VM may have; \
+                             closing a host client",
+                            self.conns.len()
+                        );
+                        continue;
+                    }
                     if let Err(e) = stream.set_nonblocking(true) {
                         tracing::warn!("vsock: cannot make accepted socket non-blocking: {e}");
                         continue;
@@ -260,7 +432,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!("vsock: accept on {} failed: {e}", self.path.display());
+                    crate::guest_warn!("vsock: accept on {} failed: {e}", self.path.display());
                     return;
                 }
             }
@@ -327,7 +499,7 @@ impl Muxer {
         conn.peer_port = port;
         self.ports.insert((local_port, port), fd);
         let pkt = self.packet_for(fd, OP_REQUEST);
-        self.to_guest.push_back(pkt);
+        self.push_for_conn(fd, pkt);
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -345,27 +517,31 @@ impl Muxer {
 
     fn read_host_data(&mut self, fd: RawFd) {
         let conn = self.conns.get_mut(&fd).expect("caller checked");
-        if conn.host_eof {
+        if !conn.may_read() {
             return;
         }
         let want = (conn.peer_credit() as usize).min(READ_CHUNK);
-        if want == 0 {
-            return;
-        }
         let mut buf = vec![0u8; want];
         match conn.stream.read(&mut buf) {
             Ok(0) => {
                 conn.host_eof = true;
+                let deadline = Instant::now() + self.shutdown_timeout;
+                conn.shutdown_deadline = Some(deadline);
                 let mut pkt = self.packet_for(fd, OP_SHUTDOWN);
                 pkt.hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                self.to_guest.push_back(pkt);
+                self.push_for_conn(fd, pkt);
+                // Every deadline is the same time after its SHUTDOWN: a timer already set
+                // fires first, and then sets itself for the next one.
+                if self.timer_deadline.is_none() {
+                    self.set_timer(Some(deadline));
+                }
             }
             Ok(n) => {
                 buf.truncate(n);
                 conn.tx_cnt += Wrapping(n as u32);
                 let mut pkt = self.packet_for(fd, OP_RW);
                 pkt.data = buf;
-                self.to_guest.push_back(pkt);
+                self.push_for_conn(fd, pkt);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
             Err(e) => {
@@ -375,10 +551,59 @@ impl Muxer {
         }
     }
 
-    /// A packet for connection `fd` with our current credit in it.
-    fn packet_for(&mut self, fd: RawFd, op: u16) -> Packet {
-        let conn = self.conns.get_mut(&fd).expect("connection exists");
-        conn.fwd_cnt_sent = conn.fwd_cnt;
+    /// Sets the shutdown timer to fire at `at`, or stops it.
+    fn set_timer(&mut self, at: Option<Instant>) {
+        let result = match at {
+            Some(at) => {
+                // Zero would stop the timer rather than fire it at once.
+                let after = at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1));
+                self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(after)),
+                    TimerSetTimeFlags::empty(),
+                )
+            }
+            None => self.timer.unset(),
+        };
+        match result {
+            Ok(()) => self.timer_deadline = at,
+            Err(e) => {
+                // The next SHUTDOWN tries again.
+                self.timer_deadline = None;
+                crate::guest_warn!("vsock: cannot set the shutdown timer: {e}");
+            }
+        }
+    }
+
+    /// Ends each connection whose guest has not answered our SHUTDOWN in time, then sets
+    /// the timer for the next deadline.
+    fn expire_shutdowns(&mut self) {
+        // Non-blocking: takes the expiry count so the timer stops being readable.
+        let _ = self.timer.wait();
+        let now = Instant::now();
+        let expired: Vec<RawFd> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.shutdown_deadline.is_some_and(|d| d <= now))
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in expired {
+            tracing::debug!("vsock: guest did not answer SHUTDOWN in time; resetting");
+            self.reset(fd);
+        }
+        let next = self
+            .conns
+            .values()
+            .filter_map(|c| c.shutdown_deadline)
+            .min();
+        self.set_timer(next);
+    }
+
+    /// A packet for connection `fd`. Its credit fields are filled in again when it is handed
+    /// to the guest.
+    fn packet_for(&self, fd: RawFd, op: u16) -> Packet {
+        let conn = self.conns.get(&fd).expect("connection exists");
         Packet {
             hdr: Header {
                 src_cid: HOST_CID,
@@ -395,14 +620,21 @@ impl Muxer {
         }
     }
 
+    /// Queues a CREDIT_UPDATE for connection `fd` unless one is queued already.
+    fn queue_credit_update(&mut self, fd: RawFd) {
+        if self.conns.get(&fd).is_some_and(|c| !c.credit_update_queued) {
+            let pkt = self.packet_for(fd, OP_CREDIT_UPDATE);
+            self.push_for_conn(fd, pkt);
+        }
+    }
+
     /// Tells the guest about freed buffer space once half of it has been forwarded.
     fn maybe_credit_update(&mut self, fd: RawFd) {
         let Some(conn) = self.conns.get(&fd) else {
             return;
         };
         if (conn.fwd_cnt - conn.fwd_cnt_sent).0 >= CONN_BUF_ALLOC / 2 {
-            let pkt = self.packet_for(fd, OP_CREDIT_UPDATE);
-            self.to_guest.push_back(pkt);
+            self.queue_credit_update(fd);
         }
     }
 
@@ -423,18 +655,19 @@ impl Muxer {
         };
         match self.epoll.ctl(op, fd, EpollEvent::new(wanted, fd as u64)) {
             Ok(()) => conn.interest = wanted,
-            Err(e) => tracing::warn!("vsock: epoll_ctl failed: {e}"),
+            Err(e) => crate::guest_warn!("vsock: epoll_ctl failed: {e}"),
         }
     }
 
     /// Ends a connection both sides shut: the guest may free its socket.
     fn finish(&mut self, fd: RawFd) {
         let pkt = self.packet_for(fd, OP_RST);
-        self.to_guest.push_back(pkt);
         self.close(fd);
+        self.push_rst(pkt);
     }
 
-    /// Drops a connection without telling the guest.
+    /// Drops a connection, and its packets still waiting for the guest, without telling the
+    /// guest.
     fn close(&mut self, fd: RawFd) {
         if let Some(conn) = self.conns.remove(&fd) {
             if !conn.interest.is_empty() {
@@ -442,21 +675,26 @@ impl Muxer {
                     .epoll
                     .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
-            self.ports.remove(&(conn.local_port, conn.peer_port));
+            let key = (conn.local_port, conn.peer_port);
+            self.ports.remove(&key);
+            if conn.queued > 0 {
+                self.to_guest
+                    .retain(|p| p.hdr.op == OP_RST || (p.hdr.src_port, p.hdr.dst_port) != key);
+            }
         }
     }
 
-    /// Tells the guest the connection is gone, then drops it.
+    /// Tells the guest the connection is gone (if the RST queue has room), then drops it.
     fn reset(&mut self, fd: RawFd) {
-        if self
+        let rst = self
             .conns
             .get(&fd)
-            .is_some_and(|c| !matches!(c.state, State::AwaitConnect(_)))
-        {
-            let pkt = self.packet_for(fd, OP_RST);
-            self.to_guest.push_back(pkt);
-        }
+            .filter(|c| !matches!(c.state, State::AwaitConnect(_)))
+            .map(|_| self.packet_for(fd, OP_RST));
         self.close(fd);
+        if let Some(pkt) = rst {
+            self.push_rst(pkt);
+        }
     }
 
     /// Handles one packet the driver sent.
@@ -465,7 +703,7 @@ impl Muxer {
         if h.dst_cid != HOST_CID || h.src_cid != self.guest_cid || h.type_ != TYPE_STREAM {
             tracing::debug!(?h, "vsock: packet with wrong address or type");
             if h.op != OP_RST {
-                self.to_guest.push_back(Packet::reply_to(&h, OP_RST));
+                self.push_rst(Packet::reply_to(&h, OP_RST));
             }
             return;
         }
@@ -473,7 +711,7 @@ impl Muxer {
             match h.op {
                 OP_REQUEST => self.guest_connect(&h),
                 OP_RST => {}
-                _ => self.to_guest.push_back(Packet::reply_to(&h, OP_RST)),
+                _ => self.push_rst(Packet::reply_to(&h, OP_RST)),
             }
             return;
         };
@@ -495,7 +733,7 @@ impl Muxer {
             }
             (OP_RW, State::Established) => {
                 if conn.pending.len() + pkt.data.len() > CONN_BUF_ALLOC as usize {
-                    tracing::warn!("vsock: guest overran its credit on port {}", h.src_port);
+                    crate::guest_warn!("vsock: guest overran its credit on port {}", h.src_port);
                     return self.reset(fd);
                 }
                 conn.pending.extend(&pkt.data);
@@ -505,10 +743,7 @@ impl Muxer {
                 self.maybe_credit_update(fd);
             }
             (OP_CREDIT_UPDATE, _) => {}
-            (OP_CREDIT_REQUEST, State::Established) => {
-                let pkt = self.packet_for(fd, OP_CREDIT_UPDATE);
-                self.to_guest.push_back(pkt);
-            }
+            (OP_CREDIT_REQUEST, State::Established) => self.queue_credit_update(fd),
             (OP_SHUTDOWN, State::Established) => {
                 if h.flags & SHUTDOWN_SEND != 0 {
                     conn.peer_done_sending = true;
@@ -516,7 +751,9 @@ impl Muxer {
                 }
                 if h.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
                     // Both directions are done: finish once what the guest sent has reached
-                    // the host socket (a slow reader may still hold some of it back).
+                    // the host socket (a slow reader may still hold some of it back). That
+                    // wait is the host's, not the guest's: no deadline for it.
+                    conn.shutdown_deadline = None;
                     if conn.pending.is_empty() {
                         return self.finish(fd);
                     }
@@ -533,23 +770,28 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, h: &Header) {
+        if self.conns.len() >= self.max_connections {
+            crate::guest_warn!(
+                "vsock: {} connections open, the most a VM may have; refusing the guest's",
+                self.conns.len()
+            );
+            return self.push_rst(Packet::reply_to(h, OP_RST));
+        }
         let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
-        let stream =
-            match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("vsock: guest connect to {} failed: {e}", target.display());
-                    self.to_guest.push_back(Packet::reply_to(h, OP_RST));
-                    return;
-                }
-            };
+        let stream = match connect_nonblocking(&target) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("vsock: guest connect to {} failed: {e}", target.display());
+                return self.push_rst(Packet::reply_to(h, OP_RST));
+            }
+        };
         let fd = stream.as_raw_fd();
         let mut conn = Conn::new(stream, State::Established, h.dst_port, h.src_port);
         conn.update_peer_credit(h);
         self.conns.insert(fd, conn);
         self.ports.insert((h.dst_port, h.src_port), fd);
         let pkt = self.packet_for(fd, OP_RESPONSE);
-        self.to_guest.push_back(pkt);
+        self.push_for_conn(fd, pkt);
         self.rearm(fd);
     }
 }
@@ -558,6 +800,54 @@ impl Drop for Muxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Connects a non-blocking stream socket to the unix socket at `path`. Unlike
+/// `UnixStream::connect`, it never waits: when the listener's backlog is full it fails at
+/// once (EAGAIN) instead of holding the device thread until the listener accepts.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // Room is left for the terminating NUL (the zeroed last byte).
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "not a usable unix socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket(2) takes no pointers; the result is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket just created here and owned by nothing else; the stream
+    // takes it over and closes it when dropped (on the error path below too).
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is an initialised sockaddr_un that outlives the call, and `len` is no
+    // larger than its size (the path was checked to fit); connect(2) only reads it.
+    let ret = unsafe {
+        libc::connect(
+            fd,
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Parses `CONNECT <port>` (without the newline).
@@ -571,7 +861,6 @@ pub fn parse_connect(line: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
-    use std::time::{Duration, Instant};
 
     const CID: u64 = 3;
 
@@ -662,7 +951,7 @@ mod tests {
     fn host_to_guest_data_respects_guest_credit() {
         let dir = Dir::new("credit");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         let (mut client, _reader, local) = connected(&mut m, &path);
         client.write_all(&vec![7u8; 10_000]).unwrap();
         // The guest advertised 4096 bytes: no more than that may be in flight.
@@ -697,7 +986,7 @@ mod tests {
     fn guest_to_host_data_and_credit_updates() {
         let dir = Dir::new("fwd");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         let (_client, mut reader, local) = connected(&mut m, &path);
         let chunk = vec![1u8; 64 * 1024];
         let reader_thread = std::thread::spawn(move || {
@@ -733,7 +1022,7 @@ mod tests {
     fn guest_close_waits_for_its_data_to_reach_a_slow_host_reader() {
         let dir = Dir::new("slowclose");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         let (_client, mut reader, local) = connected(&mut m, &path);
         // More than a unix socket buffers: some stays pending in the muxer.
         let total = 4 * 64 * 1024;
@@ -768,7 +1057,7 @@ mod tests {
     fn guest_overrunning_its_credit_is_reset() {
         let dir = Dir::new("overrun");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         // The client never reads, so everything the guest sends stays buffered.
         let (_client, _reader, local) = connected(&mut m, &path);
         let mut total = 0;
@@ -787,7 +1076,7 @@ mod tests {
     fn guest_connects_to_host_port_sockets() {
         let dir = Dir::new("guest-init");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
         m.from_guest(guest_pkt(OP_REQUEST, 40_000, 5000));
         let resp = m.pop_to_guest().unwrap();
@@ -823,7 +1112,7 @@ mod tests {
     fn stray_and_misaddressed_packets_are_reset() {
         let dir = Dir::new("stray");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         // Data for a connection that does not exist.
         m.from_guest(guest_pkt(OP_RW, 1, 2));
         let p = m.pop_to_guest().unwrap();
@@ -847,7 +1136,7 @@ mod tests {
     fn bad_connect_lines_close_the_client() {
         let dir = Dir::new("badline");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         for line in [&b"HELLO 1\n"[..], b"CONNECT abc\n", &[b'x'; 100]] {
             let mut c = UnixStream::connect(&path).unwrap();
             c.write_all(line).unwrap();
@@ -874,7 +1163,7 @@ mod tests {
     fn guest_refusal_closes_the_client() {
         let dir = Dir::new("refuse");
         let path = dir.0.join("v.sock");
-        let mut m = Muxer::new(&path, CID).unwrap();
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"CONNECT 77\n").unwrap();
         let req = next_packet(&mut m);
@@ -888,17 +1177,346 @@ mod tests {
     fn socket_path_lifecycle() {
         let dir = Dir::new("path");
         let path = dir.0.join("v.sock");
-        let m = Muxer::new(&path, CID).unwrap();
+        let m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
         assert!(path.exists());
         assert!(matches!(
-            Muxer::new(&path, CID),
+            Muxer::new(&path, CID, &GuestLimits::default()),
             Err(MuxerError::PathExists(_))
         ));
         drop(m);
         assert!(!path.exists());
         assert!(matches!(
-            Muxer::new(&dir.0.join("missing/v.sock"), CID),
+            Muxer::new(&dir.0.join("missing/v.sock"), CID, &GuestLimits::default()),
             Err(MuxerError::Bind { .. })
         ));
+    }
+
+    /// The process's resident set, in KiB.
+    fn vm_rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// A guest that sends a million packets nobody asked for and never posts an RX buffer
+    /// gets at most `vsock_max_pending_rsts` RSTs queued; the rest go unanswered, and the
+    /// host's memory does not grow with the flood.
+    ///
+    /// The flood runs in a test process of its own (this test binary, run again for this
+    /// test alone): the resident set is the whole process's, and tests running beside it
+    /// in one process make it grow by tens of MiB.
+    #[test]
+    fn a_flood_of_stray_packets_queues_no_more_rsts_than_the_limit() {
+        const CHILD: &str = "SHOAL_VSOCK_FLOOD_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            return stray_packet_flood();
+        }
+        let module = module_path!().split_once("::").unwrap().1;
+        let name = format!("{module}::a_flood_of_stray_packets_queues_no_more_rsts_than_the_limit");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name.as_str(), "--exact", "--test-threads=1", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "flood process failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn stray_packet_flood() {
+        let dir = Dir::new("flood");
+        let path = dir.0.join("v.sock");
+        let limits = GuestLimits::default();
+        let mut m = Muxer::new(&path, CID, &limits).unwrap();
+        let rss_before = vm_rss_kib();
+        let mut most = 0;
+        for i in 0..1_000_000u32 {
+            let pkt = match i % 5 {
+                // Data for a connection that does not exist.
+                0 => guest_pkt(OP_RW, i, 7),
+                // An op virtio-vsock does not have.
+                1 => guest_pkt(0x99, i, 7),
+                // A spoofed source CID.
+                2 => {
+                    let mut p = guest_pkt(OP_SHUTDOWN, i, 7);
+                    p.hdr.src_cid = 99;
+                    p
+                }
+                // Resets are never answered.
+                3 => guest_pkt(OP_RST, i, 7),
+                // Connection requests to host ports nobody listens on.
+                _ => guest_pkt(OP_REQUEST, i, 7 + (i & 0xff)),
+            };
+            m.from_guest(pkt);
+            most = most.max(m.queued_for_guest());
+        }
+        let grown_kib = vm_rss_kib().saturating_sub(rss_before);
+        assert_eq!(most, limits.vsock_max_pending_rsts);
+        assert_eq!(m.queued_rsts(), limits.vsock_max_pending_rsts);
+        assert_eq!(m.connection_count(), 0);
+        // Unbounded, the 800,000 RSTs would take over 50 MiB.
+        assert!(
+            grown_kib < 16 * 1024,
+            "resident set grew by {grown_kib} KiB during the flood"
+        );
+        // The guest takes the queued RSTs; after that, stray packets are answered again.
+        let taken: Vec<Packet> = std::iter::from_fn(|| m.pop_to_guest()).collect();
+        assert_eq!(taken.len(), limits.vsock_max_pending_rsts);
+        assert!(taken.iter().all(|p| p.hdr.op == OP_RST));
+        assert_eq!(m.queued_rsts(), 0);
+        m.from_guest(guest_pkt(OP_RW, 1, 2));
+        assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_RST);
+    }
+
+    /// With room for four connections, four guest requests are served and the fifth is
+    /// reset without a host socket; a host client past the limit is closed and the guest
+    /// hears nothing of it. Once a connection ends, a host client gets through again.
+    #[test]
+    fn connections_past_the_limit_are_refused_both_ways() {
+        let dir = Dir::new("connlimit");
+        let path = dir.0.join("v.sock");
+        let limits = GuestLimits {
+            vsock_max_connections: 4,
+            ..GuestLimits::default()
+        };
+        let mut m = Muxer::new(&path, CID, &limits).unwrap();
+        let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        for port in 40_000..40_004 {
+            m.from_guest(guest_pkt(OP_REQUEST, port, 5000));
+            let p = m.pop_to_guest().unwrap();
+            assert_eq!((p.hdr.op, p.hdr.dst_port), (OP_RESPONSE, port));
+        }
+        let mut servers: Vec<UnixStream> = (0..4).map(|_| listener.accept().unwrap().0).collect();
+        assert_eq!(m.connection_count(), 4);
+
+        m.from_guest(guest_pkt(OP_REQUEST, 40_004, 5000));
+        let p = m.pop_to_guest().unwrap();
+        assert_eq!((p.hdr.op, p.hdr.dst_port), (OP_RST, 40_004));
+        assert_eq!(
+            listener.accept().unwrap_err().kind(),
+            ErrorKind::WouldBlock,
+            "the refused request reached the host port"
+        );
+        assert_eq!(m.connection_count(), 4);
+        // The four still carry data.
+        for (i, server) in servers.iter_mut().enumerate() {
+            let mut p = guest_pkt(OP_RW, 40_000 + i as u32, 5000);
+            p.data = vec![i as u8; 3];
+            m.from_guest(p);
+            let mut got = [0u8; 3];
+            server.read_exact(&mut got).unwrap();
+            assert_eq!(got, [i as u8; 3]);
+        }
+
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        for _ in 0..5 {
+            m.process_host_events();
+        }
+        let mut buf = [0u8; 8];
+        match client.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("client past the limit still open: {other:?}"),
+        }
+        assert_eq!(m.pop_to_guest(), None, "the guest was asked to connect");
+        assert_eq!(m.connection_count(), 4);
+
+        m.from_guest(guest_pkt(OP_RST, 40_000, 5000));
+        assert_eq!(m.connection_count(), 3);
+        let _ok = connected(&mut m, &path);
+        assert_eq!(m.connection_count(), 4);
+    }
+
+    /// The host client stops sending on two connections, so the guest is sent SHUTDOWN on
+    /// both. The guest answers one with RST and never the other: that one is reset and its
+    /// host socket closed after the timeout, woken by the muxer's fd alone. A third,
+    /// untouched connection goes on.
+    #[test]
+    fn a_shutdown_the_guest_leaves_unanswered_ends_after_the_timeout() {
+        let dir = Dir::new("killtimer");
+        let path = dir.0.join("v.sock");
+        let timeout = Duration::from_millis(50);
+        let limits = GuestLimits {
+            vsock_shutdown_timeout: timeout,
+            ..GuestLimits::default()
+        };
+        let mut m = Muxer::new(&path, CID, &limits).unwrap();
+        let (silent, mut silent_reader, silent_port) = connected(&mut m, &path);
+        let (answers, mut answers_reader, answers_port) = connected(&mut m, &path);
+        let (mut open, _open_reader, open_port) = connected(&mut m, &path);
+        let sent = Instant::now();
+        silent.shutdown(Shutdown::Write).unwrap();
+        answers.shutdown(Shutdown::Write).unwrap();
+        let mut shut = [next_packet(&mut m), next_packet(&mut m)].map(|p| {
+            assert_eq!(
+                (p.hdr.op, p.hdr.flags),
+                (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+            );
+            p.hdr.src_port
+        });
+        shut.sort();
+        let mut want = [silent_port, answers_port];
+        want.sort();
+        assert_eq!(shut, want);
+        m.from_guest(guest_pkt(OP_RST, 1024, answers_port));
+        assert_eq!(m.connection_count(), 2);
+        let mut rest = Vec::new();
+        answers_reader.read_to_end(&mut rest).unwrap();
+
+        // Nothing but the timer can make the muxer's fd readable now.
+        let watcher = Epoll::new().unwrap();
+        watcher
+            .ctl(
+                ControlOperation::Add,
+                m.epoll_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        let mut ev = [EpollEvent::default(); 1];
+        assert_eq!(
+            watcher.wait(2000, &mut ev).unwrap(),
+            1,
+            "the timer never fired"
+        );
+        assert!(
+            sent.elapsed() >= timeout,
+            "fired after {:?}",
+            sent.elapsed()
+        );
+        m.process_host_events();
+        assert_eq!(m.connection_count(), 1);
+        let rst = m.pop_to_guest().unwrap();
+        assert_eq!(
+            (rst.hdr.op, rst.hdr.src_port, rst.hdr.dst_port),
+            (OP_RST, silent_port, 1024)
+        );
+        assert_eq!(
+            m.pop_to_guest(),
+            None,
+            "the connection that answered was reset"
+        );
+        // The host client of the silent connection sees its socket closed.
+        silent_reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        rest.clear();
+        silent_reader.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        // The timer is stopped, not left readable.
+        assert_eq!(
+            watcher
+                .wait(3 * timeout.as_millis() as i32, &mut ev)
+                .unwrap(),
+            0
+        );
+
+        open.write_all(b"still here").unwrap();
+        let p = next_packet(&mut m);
+        assert_eq!(
+            (p.hdr.op, p.hdr.src_port, p.data.as_slice()),
+            (OP_RW, open_port, &b"still here"[..])
+        );
+        assert_eq!(m.connection_count(), 1);
+    }
+
+    /// What one open connection can have waiting for a guest that takes nothing is bounded:
+    /// host data however much credit the guest claims, credit updates however often it
+    /// asks, and nothing is left behind by connections that come and go. Once the guest
+    /// takes its packets, data flows again.
+    #[test]
+    fn an_open_connection_queues_a_bounded_number_of_packets() {
+        let dir = Dir::new("connqueue");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
+        let (client, _reader, local) = connected(&mut m, &path);
+        let mut update = guest_pkt(OP_CREDIT_UPDATE, 1024, local);
+        update.hdr.buf_alloc = u32::MAX;
+        m.from_guest(update);
+        // The client writes until its socket takes no more.
+        client.set_nonblocking(true).unwrap();
+        let chunk = vec![9u8; 64 * 1024];
+        let mut written = 0;
+        let mut stuck = 0;
+        while stuck < 50 && written < 16 << 20 {
+            match (&client).write(&chunk) {
+                Ok(n) => {
+                    written += n;
+                    stuck = 0;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => stuck += 1,
+                Err(e) => panic!("{e}"),
+            }
+            m.process_host_events();
+        }
+        let queued = m.queued_for_guest();
+        assert!(
+            (1..=MAX_QUEUED_RW).contains(&queued),
+            "{queued} packets queued for the guest after {written} bytes"
+        );
+        let mut request = guest_pkt(OP_CREDIT_REQUEST, 1024, local);
+        request.hdr.buf_alloc = u32::MAX;
+        for _ in 0..10_000 {
+            m.from_guest(request.clone());
+        }
+        assert_eq!(m.queued_for_guest(), queued + 1, "credit updates pile up");
+        // Connections that open and close leave nothing queued behind.
+        let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        for _ in 0..2000 {
+            m.from_guest(guest_pkt(OP_REQUEST, 40_000, 5000));
+            drop(listener.accept().unwrap());
+            m.from_guest(guest_pkt(OP_RST, 40_000, 5000));
+        }
+        assert_eq!(m.queued_for_guest(), queued + 1);
+        assert_eq!(m.connection_count(), 1);
+
+        // The guest takes everything; the muxer reads the client's socket again.
+        let taken: Vec<Packet> = std::iter::from_fn(|| m.pop_to_guest()).collect();
+        let update = taken.last().unwrap();
+        assert_eq!(update.hdr.op, OP_CREDIT_UPDATE);
+        assert!(taken[..queued].iter().all(|p| p.hdr.op == OP_RW));
+        let p = next_packet(&mut m);
+        assert_eq!((p.hdr.op, p.hdr.src_port), (OP_RW, local));
+    }
+
+    /// A guest connection to a host port whose listener's backlog is full is reset at
+    /// once; the device thread does not wait for the listener to accept.
+    #[test]
+    fn a_guest_connect_to_a_full_backlog_does_not_block() {
+        let dir = Dir::new("backlog");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
+        let target = PathBuf::from(format!("{}_5000", path.display()));
+        let listener = UnixListener::bind(&target).unwrap();
+        // SAFETY: listen(2) on a listening socket this test owns only changes its backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut fillers = Vec::new();
+        loop {
+            match connect_nonblocking(&target) {
+                Ok(s) => fillers.push(s),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(fillers.len() < 64, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            m.from_guest(guest_pkt(OP_REQUEST, 40_000, 5000));
+            let _ = tx.send((m.pop_to_guest(), m.connection_count()));
+        });
+        let (reply, count) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the connect waited for the listener");
+        assert_eq!(reply.unwrap().hdr.op, OP_RST);
+        assert_eq!(count, 0);
     }
 }
