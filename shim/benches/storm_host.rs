@@ -398,6 +398,7 @@ fn rootfs_mounts(n: usize, cores: usize, others: usize, served_tree: bool) {
     let lower = dir.join("lower");
     std::fs::create_dir_all(lower.join("bin")).unwrap();
     std::fs::write(lower.join("bin/sh"), "not a shell").unwrap();
+    mounts::prepare_state_dir(&dir).expect("state directory");
     let held: Vec<PathBuf> = (0..others)
         .map(|i| {
             let p = dir.join(format!("other-{i}"));
@@ -449,7 +450,7 @@ fn rootfs_mounts(n: usize, cores: usize, others: usize, served_tree: bool) {
         } else {
             mounts::prepare_sandbox_dir(&sandbox).expect("sandbox directory");
             let files = mounts::ContainerFiles::create(&sandbox, "c").expect("container directory");
-            files.mount_rootfs(&[rootfs], &dir, false).expect("mount");
+            files.mount_rootfs(&[rootfs], &dir).expect("mount");
             mounts::remove_container(&sandbox, "c").expect("container delete");
         }
         mounts::remove_tree(&sandbox).expect("sandbox stop");
@@ -460,7 +461,7 @@ fn rootfs_mounts(n: usize, cores: usize, others: usize, served_tree: bool) {
     for p in &held {
         let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = mounts::remove_tree(&dir);
 }
 
 /// The network rows: a pod namespace made as a CNI plugin makes it (a veth with an address

@@ -30,7 +30,7 @@
 //! vsock_max_pending_rsts = 256                 # RSTs queued for a guest that takes none
 //! vsock_shutdown_timeout_ms = 2000             # a shut-down connection waits this for the guest
 //! pids_max = 1024                              # tasks in the sandbox's host cgroup
-//! max_open_files = 16384                       # the shim's RLIMIT_NOFILE (virtio-fs fds)
+//! max_open_files = 262144                      # the shim's RLIMIT_NOFILE (virtio-fs fds)
 //! ```
 //!
 //! Annotations on the sandbox's spec: `io.shoal.vm.vcpus`, `io.shoal.vm.memory_mib`. Any other
@@ -132,7 +132,7 @@ impl Default for LimitsConfig {
             vsock_max_pending_rsts: vm.vsock_max_pending_rsts,
             vsock_shutdown_timeout_ms: vm.vsock_shutdown_timeout.as_millis() as u64,
             pids_max: 1024,
-            max_open_files: 16384,
+            max_open_files: 262144,
         }
     }
 }
@@ -222,7 +222,7 @@ impl Config {
     pub fn guest_limits(&self) -> shoal_vmm::GuestLimits {
         let l = &self.limits;
         shoal_vmm::GuestLimits {
-            console_max_bytes: l.console_log_max_kib << 10,
+            console_max_bytes: l.console_log_max_kib.saturating_mul(1024),
             vsock_max_connections: l.vsock_max_connections,
             vsock_max_pending_rsts: l.vsock_max_pending_rsts,
             vsock_shutdown_timeout: std::time::Duration::from_millis(l.vsock_shutdown_timeout_ms),

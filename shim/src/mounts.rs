@@ -64,11 +64,61 @@ pub const PRIVATE_DIR: &str = "private";
 /// What the guest is served over virtio-fs: a read-only bind of [`PRIVATE_DIR`].
 pub const SHARED_DIR: &str = "shared";
 
-/// Creates the sandbox directory `dir` (mode 0700) and the layout that keeps the guest from
-/// ever choosing a path the host follows:
+/// Prepares the state directory that holds the sandbox directories: root-only (made 0700,
+/// or made so again), and a private mount, bound onto itself the first time, so that no
+/// sandbox's mounts propagate anywhere else on the host (the host's `/run` is usually a
+/// shared mount, with copies in other mount namespaces) and mounts can be moved within it.
+/// Taken under a lock, as shims start together; cheap once done.
+pub fn prepare_state_dir(state_dir: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(state_dir)
+        .map_err(io("create", state_dir))?;
+    let meta = std::fs::symlink_metadata(state_dir).map_err(io("inspect", state_dir))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("make root-only", state_dir))?;
+    }
+    let lock_path = state_dir.join(".mount.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io("open", &lock_path))?;
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io("lock", &lock_path)(e.into()))?;
+    let none = None::<&str>;
+    let fail = |what: &'static str| {
+        move |e: nix::Error| MountError::Io {
+            what,
+            path: state_dir.into(),
+            source: e.into(),
+        }
+    };
+    if !is_mount_root(state_dir)? {
+        mount(Some(state_dir), state_dir, none, MsFlags::MS_BIND, none).map_err(fail("bind"))?;
+    }
+    mount(none, state_dir, none, MsFlags::MS_PRIVATE, none).map_err(fail("make private"))
+}
+
+/// Whether something is mounted on `path` itself.
+fn is_mount_root(path: &Path) -> Result<bool, MountError> {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    if !statx_knows_mount_roots() {
+        return Ok(mounts_under(path).first().is_some_and(|p| p == path));
+    }
+    let st = statx(CWD, path, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE)
+        .map_err(|e| io("inspect", path)(e.into()))?;
+    Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))
+}
+
+/// Creates the sandbox directory `dir` (mode 0700) in a state directory prepared by
+/// [`prepare_state_dir`], with the layout that keeps the guest from ever choosing a path
+/// the host follows:
 ///
-/// - `dir` is bound onto itself and made a private mount, so the mounts below it propagate
-///   nowhere else on the host (and moving mounts within it is allowed);
 /// - `dir/private` is where the host creates each container's directory, its mount points
 ///   and volume placeholders, and where it mounts each rootfs and volume first (the stage);
 /// - `dir/shared`, which the VM's virtio-fs server serves, is a bind of `private` made
@@ -101,8 +151,6 @@ pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
         }
     };
     let none = None::<&str>;
-    mount(Some(dir), dir, none, MsFlags::MS_BIND, none).map_err(fail("bind", dir))?;
-    mount(none, dir, none, MsFlags::MS_PRIVATE, none).map_err(fail("make private", dir))?;
     mount(Some(&private), &shared, none, MsFlags::MS_BIND, none).map_err(fail("bind", &shared))?;
     mount(none, &shared, none, MsFlags::MS_PRIVATE, none).map_err(fail("make private", &shared))?;
     let read_only = MsFlags::MS_BIND
@@ -179,13 +227,10 @@ impl ContainerFiles {
     }
 
     /// Mounts the rootfs: containerd's mounts (the snapshot) when given, else a bind of the
-    /// bundle's own `rootfs` directory; read-only on the host too when `read_only`.
-    pub fn mount_rootfs(
-        &self,
-        mounts: &[RootfsMount],
-        bundle: &Path,
-        read_only: bool,
-    ) -> Result<(), MountError> {
+    /// bundle's own `rootfs` directory. A read-only rootfs is made read-only on the host by
+    /// [`seal_rootfs`](Self::seal_rootfs) once the container exists: until then the guest
+    /// makes the mount points the image lacks.
+    pub fn mount_rootfs(&self, mounts: &[RootfsMount], bundle: &Path) -> Result<(), MountError> {
         let stage = self.private_path.join("rootfs");
         self.make_point("rootfs", true)?;
         let result = if mounts.is_empty() {
@@ -220,7 +265,16 @@ impl ContainerFiles {
             })
         };
         result?;
-        self.publish("rootfs", read_only)
+        self.publish("rootfs", false)
+    }
+
+    /// Makes the published rootfs, and every mount under it, read-only on the host. Fails
+    /// (`EBUSY`) while a file in it is open for writing: a container whose guest holds one
+    /// does not start, rather than keep a writable rootfs.
+    pub fn seal_rootfs(&self) -> Result<(), MountError> {
+        let shown = self.private_path.join("rootfs");
+        let root = open_dir_beneath(self.shared.as_fd(), "rootfs", true, &shown)?;
+        set_mount_attributes(&root, MOUNT_ATTR_RDONLY, false).map_err(io("make read-only", &shown))
     }
 
     /// Binds every host-path volume of `spec` beside the rootfs (`volume-N`) and points the
@@ -288,7 +342,7 @@ impl ContainerFiles {
         if read_only {
             set |= MOUNT_ATTR_RDONLY;
         }
-        set_mount_attributes(&tree, set).map_err(io("set nosuid, nodev on", &shown))?;
+        set_mount_attributes(&tree, set, true).map_err(io("set nosuid, nodev on", &shown))?;
         move_mount(
             &tree,
             "",
@@ -314,16 +368,20 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Sets `attributes` on the mount `tree` refers to and on every mount under it.
+/// Sets `attributes` on the mount `tree` refers to and on every mount under it; with
+/// `private`, also makes them private mounts. A bind of a shared mount (a volume under a
+/// host directory mounted shared) would otherwise stay in its peer group, and mounts the
+/// host makes later under the source would appear in the share without these flags.
 fn set_mount_attributes(
     tree: &std::os::fd::OwnedFd,
     attributes: u64,
+    private: bool,
 ) -> Result<(), std::io::Error> {
     use std::os::fd::AsRawFd;
     let attr = MountAttr {
         attr_set: attributes,
         attr_clr: 0,
-        propagation: 0,
+        propagation: if private { libc::MS_PRIVATE } else { 0 },
         userns_fd: 0,
     };
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes at `&attr`, a live
@@ -826,6 +884,7 @@ mod tests {
         std::fs::create_dir_all(data.join("ro")).unwrap();
         std::fs::write(data.join("ro/precious"), b"mine").unwrap();
         std::fs::write(data.join("file"), b"file volume").unwrap();
+        prepare_state_dir(&base).unwrap();
         let dir = base.join("sandbox");
         prepare_sandbox_dir(&dir).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -833,7 +892,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700, "sandbox directory is root-only");
 
         let files = ContainerFiles::create(&dir, "c1").unwrap();
-        files.mount_rootfs(&[], &bundle, false).unwrap();
+        files.mount_rootfs(&[], &bundle).unwrap();
         let mut spec = Spec::default();
         spec.set_mounts(Some(vec![
             volume(&data.join("rw"), "/rw", &["rbind", "rw"]),
@@ -919,12 +978,38 @@ mod tests {
         );
         umount2(&plain, MntFlags::MNT_DETACH).unwrap();
 
+        // A read-only rootfs: writable until the container exists (the guest makes the
+        // mount points its image lacks), then sealed read-only on the host. A guest holding
+        // a file open for writing keeps it from being sealed, and the seal says so.
+        let ro_bundle = base.join("ro-bundle");
+        std::fs::create_dir_all(ro_bundle.join("rootfs")).unwrap();
+        let ro = ContainerFiles::create(&dir, "ro").unwrap();
+        ro.mount_rootfs(&[], &ro_bundle).unwrap();
+        let ro_root = shared.join("ro/rootfs");
+        std::fs::create_dir(ro_root.join("proc")).unwrap();
+        let held = std::fs::File::create(ro_root.join("held")).unwrap();
+        let busy = ro.seal_rootfs().unwrap_err().to_string();
+        assert!(
+            busy.contains("make read-only") && busy.contains("busy"),
+            "{busy}"
+        );
+        drop(held);
+        ro.seal_rootfs().unwrap();
+        assert!(refused(
+            std::fs::write(ro_root.join("x"), b"x").unwrap_err()
+        ));
+        assert!(refused(
+            std::fs::create_dir(ro_root.join("proc/y")).unwrap_err()
+        ));
+        assert!(ro_root.join("proc").is_dir());
+        remove_container(&dir, "ro").unwrap();
+
         // Taking the container down detaches its mounts and removes its directory; what
         // the mounts showed stays.
         remove_container(&dir, "c1").unwrap();
         assert!(!c1.exists());
         assert!(!dir.join(PRIVATE_DIR).join("c1").exists());
-        assert_eq!(mounts_under(&dir).len(), 2, "{:?}", mounts_under(&dir));
+        assert_eq!(mounts_under(&dir), [dir.join(SHARED_DIR)]);
         assert_eq!(std::fs::read(data.join("ro/precious")).unwrap(), b"mine");
         assert!(bundle.join("rootfs/etc/hostname").exists());
         remove_container(&dir, "c1").unwrap();
@@ -936,7 +1021,7 @@ mod tests {
             &dir.join(PRIVATE_DIR).join("c2/rootfs"),
         );
         remove_container(&dir, "c2").unwrap();
-        assert_eq!(mounts_under(&dir).len(), 2, "{:?}", mounts_under(&dir));
+        assert_eq!(mounts_under(&dir), [dir.join(SHARED_DIR)]);
         assert!(matches!(
             ContainerFiles::create(&dir, "../x"),
             Err(MountError::BadId(_))
@@ -944,7 +1029,11 @@ mod tests {
 
         remove_tree(&dir).unwrap();
         assert!(!dir.exists());
-        assert!(mounts_under(&base).is_empty(), "{:?}", mounts_under(&base));
+        assert_eq!(
+            mounts_under(&base),
+            vec![base.clone()],
+            "only the state directory's own"
+        );
         assert!(bundle.join("rootfs/id").exists());
     }
 
@@ -972,6 +1061,7 @@ mod tests {
         let decoy = base.join("decoy");
         std::fs::create_dir_all(&decoy).unwrap();
         std::fs::write(decoy.join("cron"), b"host file").unwrap();
+        prepare_state_dir(&base).unwrap();
         let dir = base.join("sandbox");
         prepare_sandbox_dir(&dir).unwrap();
         let shared = dir.join(SHARED_DIR);
@@ -1007,7 +1097,7 @@ mod tests {
         for i in 0..200 {
             let id = format!("c{i}");
             let files = ContainerFiles::create(&dir, &id).unwrap();
-            files.mount_rootfs(&[], &bundle, false).unwrap();
+            files.mount_rootfs(&[], &bundle).unwrap();
             let mut spec = Spec::default();
             spec.set_mounts(Some(vec![
                 volume(&data.join("dir"), "/d", &["rbind"]),
@@ -1036,7 +1126,11 @@ mod tests {
         assert_eq!(std::fs::read(decoy.join("cron")).unwrap(), b"host file");
         assert!(mounts_under(&decoy).is_empty());
         remove_tree(&dir).unwrap();
-        assert!(mounts_under(&base).is_empty(), "{:?}", mounts_under(&base));
+        assert_eq!(
+            mounts_under(&base),
+            vec![base.clone()],
+            "only the state directory's own"
+        );
 
         // The old way: the container directory in the served tree, writable by the guest,
         // which plants its symlink before the host binds the volume by path.

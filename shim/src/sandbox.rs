@@ -35,12 +35,7 @@ pub enum SandboxError {
         key: &'static str,
         path: PathBuf,
     },
-    #[error("cannot prepare the sandbox directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot prepare the sandbox's shared directory: {0}")]
+    #[error("cannot prepare the sandbox's directory: {0}")]
     Share(mounts::MountError),
     #[error("the sandbox VM failed to start: {0}")]
     Boot(#[from] shoal_vmm::Error),
@@ -367,7 +362,7 @@ impl Sandbox {
         let dir = config.state_dir.join(id);
         // A directory left by a shim that died: take its mounts down first.
         let _ = mounts::remove_tree(&dir);
-        make_state_dir(&config.state_dir)?;
+        mounts::prepare_state_dir(&config.state_dir).map_err(SandboxError::Share)?;
         if let Err(e) = mounts::prepare_sandbox_dir(&dir) {
             let _ = mounts::remove_tree(&dir);
             return Err(SandboxError::Share(e));
@@ -694,27 +689,6 @@ impl Drop for SandboxParts {
 /// Where the guest sees container `cid`'s files.
 pub fn guest_container_dir(cid: &str) -> String {
     format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR)
-}
-
-/// Creates the state directory root-only (0700), or makes an existing one so: sandbox
-/// directories hold each guest's console log, vsock socket and container files.
-fn make_state_dir(state_dir: &Path) -> Result<(), SandboxError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let fail = |source| SandboxError::StateDir {
-        path: state_dir.into(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(state_dir)
-        .map_err(fail)?;
-    let meta = std::fs::symlink_metadata(state_dir).map_err(fail)?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(fail)?;
-    }
-    Ok(())
 }
 
 /// The sandbox directory for `id` under `state_dir`, if it exists.

@@ -636,7 +636,7 @@ impl Task for Service {
                 .collect();
             let read_only = spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
             files
-                .mount_rootfs(&rootfs, &bundle, read_only)
+                .mount_rootfs(&rootfs, &bundle)
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
             files
                 .share_volumes(&mut spec, &guest_dir)
@@ -658,16 +658,31 @@ impl Task for Service {
                     },
                 )
                 .await;
-            match created {
-                Ok(r) => {
-                    init.guest_pid = r.pid;
-                    Ok(init)
-                }
+            let created = match created {
+                Ok(r) => r,
                 Err(e) => {
                     init.stop_io();
-                    Err(sb.explain_agent_error(e))
+                    return Err(sb.explain_agent_error(e));
+                }
+            };
+            init.guest_pid = created.pid;
+            // A read-only rootfs becomes read-only on the host too, now that the container's
+            // mount points exist in it (libcontainer makes any the image lacks, then makes
+            // the root read-only in the guest): root in the guest can reach the rootfs
+            // through the share, around its container's read-only root.
+            if read_only {
+                if let Err(e) = files.seal_rootfs() {
+                    let remove = ag::RemoveContainerRequest {
+                        container_id: cid.clone(),
+                        force: true,
+                        ..Default::default()
+                    };
+                    let _ = sb.agent.remove_container(ctx(RPC_TIMEOUT), &remove).await;
+                    init.stop_io();
+                    return Err(status(ttrpc::Code::FAILED_PRECONDITION, e.to_string()));
                 }
             }
+            Ok(init)
         }
         .await;
         let init = match result {

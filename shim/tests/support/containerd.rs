@@ -252,7 +252,12 @@ impl Containerd {
         if !dirs.is_empty() {
             left.push(format!("sandbox dirs {dirs:?}"));
         }
-        let mounts = containerd_shim_shoal_v2::mounts::mounts_under(&self.shoal_state()).len();
+        // The state directory's own mount (a private bind onto itself) stays.
+        let state = self.shoal_state();
+        let mounts = containerd_shim_shoal_v2::mounts::mounts_under(&state)
+            .iter()
+            .filter(|p| **p != state)
+            .count();
         if mounts > 0 {
             left.push(format!("{mounts} mounts"));
         }

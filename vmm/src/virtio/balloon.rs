@@ -105,7 +105,7 @@ impl Balloon {
                 self.stats.reports.fetch_add(1, Ordering::Relaxed);
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
-                tracing::warn!("virtio-balloon: cannot return a buffer: {e:?}");
+                crate::guest_warn!("virtio-balloon: cannot return a buffer: {e:?}");
             }
             returned = true;
         }
@@ -174,7 +174,7 @@ fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> bool {
     // on the host side is invalidated.
     let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
     if rc != 0 {
-        tracing::warn!(
+        crate::guest_warn!(
             addr = addr.0,
             len,
             "virtio-balloon: madvise failed: {}",

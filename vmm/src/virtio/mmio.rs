@@ -133,7 +133,7 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::warn!(
+            crate::guest_warn!(
                 offset,
                 len = data.len(),
                 "virtio-mmio: non-32-bit register read"
@@ -171,7 +171,7 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::guest_warn!(
                 offset,
                 len = data.len(),
                 "virtio-mmio: non-32-bit register write"
@@ -186,7 +186,7 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
             REG_DRIVER_FEATURES => {
                 if self.status & STATUS_FEATURES_OK != 0 {
-                    tracing::warn!("virtio-mmio: driver changed features after FEATURES_OK");
+                    crate::guest_warn!("virtio-mmio: driver changed features after FEATURES_OK");
                     return;
                 }
                 match self.driver_features_select {
@@ -254,7 +254,7 @@ impl MmioTransport {
         if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let unknown = self.driver_features & !self.offered_features();
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!(
+                crate::guest_warn!(
                     features = self.driver_features,
                     "virtio-mmio: refusing driver features"
                 );
@@ -275,7 +275,7 @@ impl MmioTransport {
         queues.truncate(self.device.queues_in_use(self.driver_features));
         self.device.set_driver_features(self.driver_features);
         if let Some(i) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
-            tracing::warn!(
+            crate::guest_warn!(
                 device = self.device.name(),
                 queue = i,
                 "virtio-mmio: invalid queue at DRIVER_OK"
@@ -289,7 +289,7 @@ impl MmioTransport {
         {
             Ok(()) => self.active = true,
             Err(e) => {
-                tracing::warn!("virtio-mmio: {e}");
+                crate::guest_warn!("virtio-mmio: {e}");
                 self.fail();
             }
         }

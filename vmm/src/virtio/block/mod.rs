@@ -156,7 +156,10 @@ impl Block {
                 for &(addr, len) in &req.data {
                     let ok = self.transfer(mem, req.kind, addr, len, offset);
                     if let Err(e) = ok {
-                        tracing::warn!("virtio-blk: {:?} at byte {offset} failed: {e}", req.kind);
+                        crate::guest_warn!(
+                            "virtio-blk: {:?} at byte {offset} failed: {e}",
+                            req.kind
+                        );
                         return (S_IOERR, 0);
                     }
                     offset += u64::from(len);
@@ -171,7 +174,7 @@ impl Block {
             Kind::Flush => match self.file.sync_data() {
                 Ok(()) => (S_OK, 0),
                 Err(e) => {
-                    tracing::warn!("virtio-blk: flush failed: {e}");
+                    crate::guest_warn!("virtio-blk: flush failed: {e}");
                     (S_IOERR, 0)
                 }
             },
@@ -258,7 +261,7 @@ impl Block {
         };
         for (head, len) in used {
             if let Err(e) = active.queue.add_used(&mem, head, len) {
-                tracing::warn!("virtio-blk: cannot return a request: {e:?}");
+                crate::guest_warn!("virtio-blk: cannot return a request: {e:?}");
             }
         }
         interrupt.signal_used();

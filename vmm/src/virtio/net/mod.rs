@@ -258,7 +258,7 @@ impl Net {
                     // Not a usable receive buffer: handed back empty at once.
                     tracing::debug!("virtio-net: unusable receive buffer returned");
                     if let Err(e) = a.rx.add_used(&a.mem, head, 0) {
-                        tracing::warn!("virtio-net: cannot return a receive buffer: {e:?}");
+                        crate::guest_warn!("virtio-net: cannot return a receive buffer: {e:?}");
                     }
                     used_any = true;
                     continue;
@@ -337,7 +337,7 @@ impl Net {
             }
             for (chain, len) in used {
                 if let Err(e) = a.rx.add_used(&a.mem, chain.head, len as u32) {
-                    tracing::warn!("virtio-net: cannot return a receive buffer: {e:?}");
+                    crate::guest_warn!("virtio-net: cannot return a receive buffer: {e:?}");
                 }
             }
             used_any = true;
@@ -397,7 +397,7 @@ impl Net {
         }
         for head in used {
             if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
-                tracing::warn!("virtio-net: cannot return a transmit buffer: {e:?}");
+                crate::guest_warn!("virtio-net: cannot return a transmit buffer: {e:?}");
             }
         }
         a.interrupt.signal_used();

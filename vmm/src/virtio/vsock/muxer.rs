@@ -22,9 +22,11 @@
 //!   packets queued; a connection's packets leave the queue when it closes;
 //! * guest→host bytes per connection: [`CONN_BUF_ALLOC`], the buffer we advertise (a guest
 //!   that sends more is reset);
-//! * a connection the host side has shut down lives at most `vsock_shutdown_timeout` longer
-//!   unless the guest answers (RST, or SHUTDOWN of both directions); then the muxer resets
-//!   it itself;
+//! * a connection the host side has shut down lives at most `vsock_shutdown_timeout` after
+//!   its SHUTDOWN has been handed to the guest, unless the guest answers (RST, or SHUTDOWN of
+//!   both directions); then the muxer resets it itself. The clock does not run while the
+//!   SHUTDOWN still waits in the queue: a slow guest would otherwise lose the data queued
+//!   ahead of it, and a guest that never takes it is bounded by the connection limit;
 //! * connecting to a host port never waits for the listener: a full backlog is refused.
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
@@ -109,8 +111,8 @@ struct Conn {
     /// A CREDIT_UPDATE is among them: another one would say nothing new (the header's
     /// counters are filled in when the packet is handed to the guest).
     credit_update_queued: bool,
-    /// We sent SHUTDOWN: unless the guest answers by then (RST, or a SHUTDOWN of both
-    /// directions), the connection is reset.
+    /// Our SHUTDOWN was handed to the guest: unless the guest answers by then (RST, or a
+    /// SHUTDOWN of both directions), the connection is reset. `None` while it is queued.
     shutdown_deadline: Option<Instant>,
     interest: EventSet,
 }
@@ -293,7 +295,8 @@ impl Muxer {
     }
 
     /// The next packet for the guest, if any. A connection's packet leaves with the
-    /// connection's current credit in it.
+    /// connection's current credit in it; a SHUTDOWN leaving starts the connection's
+    /// shutdown clock.
     pub fn pop_to_guest(&mut self) -> Option<Packet> {
         let mut pkt = self.to_guest.pop_front()?;
         if pkt.hdr.op == OP_RST {
@@ -306,9 +309,17 @@ impl Muxer {
                 .get_mut(&fd)
                 .expect("port map and connections agree");
             conn.queued = conn.queued.saturating_sub(1);
+            let mut shutdown_deadline = None;
             match pkt.hdr.op {
                 OP_RW => conn.queued_rw = conn.queued_rw.saturating_sub(1),
                 OP_CREDIT_UPDATE => conn.credit_update_queued = false,
+                // Once the guest shut both directions, only the host reader is left to wait
+                // for (see `from_guest`): no clock for that.
+                OP_SHUTDOWN if !conn.peer_gone => {
+                    let deadline = Instant::now() + self.shutdown_timeout;
+                    conn.shutdown_deadline = Some(deadline);
+                    shutdown_deadline = Some(deadline);
+                }
                 _ => {}
             }
             pkt.hdr.buf_alloc = CONN_BUF_ALLOC;
@@ -319,6 +330,11 @@ impl Muxer {
             // `push_front_to_guest`, and must not bring the count back up to the limit.
             if conn.queued_rw <= MAX_QUEUED_RW / 2 {
                 self.rearm(fd);
+            }
+            // Every deadline is the same time after its SHUTDOWN left, so they come in the
+            // order set: a timer already set fires first, and then sets itself for the next.
+            if shutdown_deadline.is_some() && self.timer_deadline.is_none() {
+                self.set_timer(shutdown_deadline);
             }
         }
         Some(pkt)
@@ -341,6 +357,9 @@ impl Muxer {
             match pkt.hdr.op {
                 OP_RW => conn.queued_rw += 1,
                 OP_CREDIT_UPDATE => conn.credit_update_queued = true,
+                // It did not reach the guest after all: the clock waits for it again. (A
+                // stale timer finds nothing expired and sets itself for the next deadline.)
+                OP_SHUTDOWN => conn.shutdown_deadline = None,
                 _ => {}
             }
         }
@@ -525,16 +544,10 @@ impl Muxer {
         match conn.stream.read(&mut buf) {
             Ok(0) => {
                 conn.host_eof = true;
-                let deadline = Instant::now() + self.shutdown_timeout;
-                conn.shutdown_deadline = Some(deadline);
+                // The shutdown clock starts when this leaves the queue (`pop_to_guest`).
                 let mut pkt = self.packet_for(fd, OP_SHUTDOWN);
                 pkt.hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
                 self.push_for_conn(fd, pkt);
-                // Every deadline is the same time after its SHUTDOWN: a timer already set
-                // fires first, and then sets itself for the next one.
-                if self.timer_deadline.is_none() {
-                    self.set_timer(Some(deadline));
-                }
             }
             Ok(n) => {
                 buf.truncate(n);
@@ -676,7 +689,11 @@ impl Muxer {
                     .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
             let key = (conn.local_port, conn.peer_port);
-            self.ports.remove(&key);
+            // Only if the entry is this connection's: a host client still sending its
+            // CONNECT line has the pair (0, 0), which may be a guest connection's too.
+            if self.ports.get(&key) == Some(&fd) {
+                self.ports.remove(&key);
+            }
             if conn.queued > 0 {
                 self.to_guest
                     .retain(|p| p.hdr.op == OP_RST || (p.hdr.src_port, p.hdr.dst_port) != key);
@@ -1335,9 +1352,10 @@ mod tests {
         assert_eq!(m.connection_count(), 4);
     }
 
-    /// The host client stops sending on two connections, so the guest is sent SHUTDOWN on
-    /// both. The guest answers one with RST and never the other: that one is reset and its
-    /// host socket closed after the timeout, woken by the muxer's fd alone. A third,
+    /// The host client stops sending on two connections, so SHUTDOWN is queued for the guest
+    /// on both; while the guest takes nothing, no clock runs. Then the guest takes them,
+    /// answers one with RST and never the other: that one is reset and its host socket
+    /// closed the timeout after its SHUTDOWN left, woken by the muxer's fd alone. A third,
     /// untouched connection goes on.
     #[test]
     fn a_shutdown_the_guest_leaves_unanswered_ends_after_the_timeout() {
@@ -1352,10 +1370,21 @@ mod tests {
         let (silent, mut silent_reader, silent_port) = connected(&mut m, &path);
         let (answers, mut answers_reader, answers_port) = connected(&mut m, &path);
         let (mut open, _open_reader, open_port) = connected(&mut m, &path);
-        let sent = Instant::now();
         silent.shutdown(Shutdown::Write).unwrap();
         answers.shutdown(Shutdown::Write).unwrap();
-        let mut shut = [next_packet(&mut m), next_packet(&mut m)].map(|p| {
+        let end = Instant::now() + Duration::from_secs(2);
+        while m.queued_for_guest() < 2 {
+            assert!(Instant::now() < end, "no SHUTDOWN queued");
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Queued but not taken: the timeout passes several times over and nothing ends.
+        std::thread::sleep(4 * timeout);
+        m.process_host_events();
+        assert_eq!(m.connection_count(), 3);
+        assert_eq!(m.queued_for_guest(), 2);
+        let sent = Instant::now();
+        let mut shut = [m.pop_to_guest().unwrap(), m.pop_to_guest().unwrap()].map(|p| {
             assert_eq!(
                 (p.hdr.op, p.hdr.flags),
                 (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
@@ -1426,6 +1455,113 @@ mod tests {
             (OP_RW, open_port, &b"still here"[..])
         );
         assert_eq!(m.connection_count(), 1);
+    }
+
+    /// The host client writes its last bytes and closes while the guest takes nothing: the
+    /// data and the SHUTDOWN wait in the queue however long that takes. The clock starts
+    /// when the SHUTDOWN is handed over, and stops again if it is put back unsent.
+    #[test]
+    fn a_shutdown_still_queued_for_the_guest_starts_no_clock() {
+        let dir = Dir::new("queuedshut");
+        let path = dir.0.join("v.sock");
+        let timeout = Duration::from_millis(50);
+        let limits = GuestLimits {
+            vsock_shutdown_timeout: timeout,
+            ..GuestLimits::default()
+        };
+        let mut m = Muxer::new(&path, CID, &limits).unwrap();
+        let (mut client, _reader, local) = connected(&mut m, &path);
+        client.write_all(b"tail of stdin").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let end = Instant::now() + Duration::from_secs(2);
+        while m.queued_for_guest() < 2 {
+            assert!(Instant::now() < end, "data and SHUTDOWN not queued");
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let watcher = Epoll::new().unwrap();
+        watcher
+            .ctl(
+                ControlOperation::Add,
+                m.epoll_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        let mut ev = [EpollEvent::default(); 1];
+        assert_eq!(watcher.wait(200, &mut ev).unwrap(), 0, "a timer was set");
+        m.process_host_events();
+        assert_eq!(m.connection_count(), 1);
+        assert_eq!(m.queued_for_guest(), 2);
+
+        let data = m.pop_to_guest().unwrap();
+        assert_eq!(
+            (data.hdr.op, data.hdr.src_port, data.data.as_slice()),
+            (OP_RW, local, &b"tail of stdin"[..])
+        );
+        // Handed over, then put back (say the RX buffer was unusable): no deadline left.
+        let shut = m.pop_to_guest().unwrap();
+        assert_eq!(shut.hdr.op, OP_SHUTDOWN);
+        m.push_front_to_guest(shut);
+        std::thread::sleep(4 * timeout);
+        m.process_host_events();
+        assert_eq!(m.connection_count(), 1);
+        assert_eq!(m.queued_for_guest(), 1);
+
+        let sent = Instant::now();
+        assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_SHUTDOWN);
+        assert_eq!(
+            watcher.wait(2000, &mut ev).unwrap(),
+            1,
+            "the timer never fired"
+        );
+        assert!(
+            sent.elapsed() >= timeout,
+            "fired after {:?}",
+            sent.elapsed()
+        );
+        m.process_host_events();
+        assert_eq!(m.connection_count(), 0);
+        let rst = m.pop_to_guest().unwrap();
+        assert_eq!((rst.hdr.op, rst.hdr.src_port), (OP_RST, local));
+    }
+
+    /// A host client that closes before its CONNECT line ends has the port pair (0, 0);
+    /// closing it leaves alone a guest connection from port 0 to host port 0.
+    #[test]
+    fn closing_a_client_without_a_port_keeps_a_guest_connection_on_port_zero() {
+        let dir = Dir::new("portzero");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
+        let listener = UnixListener::bind(format!("{}_0", path.display())).unwrap();
+        m.from_guest(guest_pkt(OP_REQUEST, 0, 0));
+        assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_RESPONSE);
+        let (mut server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONN").unwrap();
+        let end = Instant::now() + Duration::from_secs(2);
+        while m.connection_count() < 2 {
+            assert!(Instant::now() < end, "client not accepted");
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        drop(client);
+        while m.connection_count() > 1 {
+            assert!(Instant::now() < end, "client not closed");
+            m.process_host_events();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+
+        let mut p = guest_pkt(OP_RW, 0, 0);
+        p.data = b"still joined".to_vec();
+        m.from_guest(p);
+        let mut buf = [0u8; 12];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"still joined");
+        assert_eq!(m.pop_to_guest(), None, "the guest connection was reset");
     }
 
     /// What one open connection can have waiting for a guest that takes nothing is bounded:
