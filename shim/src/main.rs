@@ -5,36 +5,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use containerd_shim_shoal_v2::config::Config;
 use containerd_shim_shoal_v2::service::Service;
 
-/// The log filter: `SHOAL_LOG` if it is set and parses, else `default`. fuse-backend-rs (the
-/// virtio-fs server) logs through the `log` crate, which reaches this subscriber too, and
-/// some of its error lines print whole buffers the guest sent (up to 1 MiB per malformed
-/// request, as often as the guest likes). So it is turned off unless the filter names it.
-fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    let (filter, spec) = match std::env::var("SHOAL_LOG").ok().and_then(|s| {
-        tracing_subscriber::EnvFilter::try_new(&s)
-            .ok()
-            .map(|f| (f, s))
-    }) {
-        Some(given) => given,
-        None => (
-            tracing_subscriber::EnvFilter::new(default),
-            default.to_owned(),
-        ),
-    };
-    if spec.contains("fuse_backend_rs") {
-        filter
-    } else {
-        filter.add_directive("fuse_backend_rs=off".parse().expect("a valid directive"))
-    }
-}
-
 /// Logs go to containerd's shim log (the `log` fifo in the bundle directory) when the shim
 /// serves; `start` and `delete` write to stderr, which containerd reports on failure.
 fn init_logging() {
     let level = Config::load()
         .map(|c| c.log_level)
         .unwrap_or_else(|_| "info".into());
-    let filter = log_filter(&level);
+    let filter = shoal_vmm::ratelimit::log_filter(&level);
     let serving = !std::env::args().any(|a| a == "start" || a == "delete");
     let fifo = serving
         .then(|| {

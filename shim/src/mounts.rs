@@ -81,15 +81,10 @@ pub fn prepare_state_dir(state_dir: &Path) -> Result<(), MountError> {
         std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io("make root-only", state_dir))?;
     }
-    let lock_path = state_dir.join(".mount.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io("open", &lock_path))?;
+    // The lock is the directory's own (the bind shows the same inode, so it holds across it).
+    let lock = std::fs::File::open(state_dir).map_err(io("open", state_dir))?;
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| io("lock", &lock_path)(e.into()))?;
+        .map_err(|(_, e)| io("lock", state_dir)(e.into()))?;
     let none = None::<&str>;
     let fail = |what: &'static str| {
         move |e: nix::Error| MountError::Io {

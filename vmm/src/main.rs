@@ -50,33 +50,10 @@ struct Args {
     console: Option<PathBuf>,
 }
 
-/// The log filter: `SHOAL_LOG` if it is set and parses, else `default`. fuse-backend-rs (the
-/// virtio-fs server) logs through the `log` crate, which reaches this subscriber too, and
-/// some of its error lines print whole buffers the guest sent (up to 1 MiB per malformed
-/// request, as often as the guest likes). So it is turned off unless the filter names it.
-fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    let (filter, spec) = match std::env::var("SHOAL_LOG").ok().and_then(|s| {
-        tracing_subscriber::EnvFilter::try_new(&s)
-            .ok()
-            .map(|f| (f, s))
-    }) {
-        Some(given) => given,
-        None => (
-            tracing_subscriber::EnvFilter::new(default),
-            default.to_owned(),
-        ),
-    };
-    if spec.contains("fuse_backend_rs") {
-        filter
-    } else {
-        filter.add_directive("fuse_backend_rs=off".parse().expect("a valid directive"))
-    }
-}
-
 fn main() -> ExitCode {
     let main_entered = monotonic_ns();
     tracing_subscriber::fmt()
-        .with_env_filter(log_filter("warn"))
+        .with_env_filter(shoal_vmm::ratelimit::log_filter("warn"))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -1,4 +1,4 @@
-//! Rate limits for log lines the guest can trigger.
+//! Log lines the guest can trigger: per-call-site rate limits, and the binaries' log filter.
 //!
 //! A guest that sends malformed requests in a loop must not be able to fill the host's logs
 //! (the shim's log is containerd's, written through a FIFO that blocks when containerd reads
@@ -61,6 +61,24 @@ impl RateLimit {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             None
         }
+    }
+}
+
+/// The binaries' log filter: `SHOAL_LOG` if it is set and parses, else `default`.
+/// fuse-backend-rs (the virtio-fs server) logs through the `log` crate, which reaches the
+/// tracing subscriber too, and some of its error lines print whole buffers the guest sent
+/// (up to 1 MiB per malformed request, as often as the guest likes): it is turned off unless
+/// the filter names it.
+pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let given = std::env::var("SHOAL_LOG")
+        .ok()
+        .and_then(|s| EnvFilter::try_new(&s).ok().map(|f| (f, s)));
+    let (filter, spec) = given.unwrap_or_else(|| (EnvFilter::new(default), default.to_owned()));
+    if spec.contains("fuse_backend_rs") {
+        filter
+    } else {
+        filter.add_directive("fuse_backend_rs=off".parse().expect("a valid directive"))
     }
 }
 

@@ -1352,6 +1352,18 @@ mod tests {
         assert_eq!(m.connection_count(), 4);
     }
 
+    /// A muxer in a fresh directory whose shut-down connections wait `timeout` for the guest.
+    fn muxer_with_shutdown_timeout(name: &str, timeout: Duration) -> (Dir, PathBuf, Muxer) {
+        let dir = Dir::new(name);
+        let path = dir.0.join("v.sock");
+        let limits = GuestLimits {
+            vsock_shutdown_timeout: timeout,
+            ..GuestLimits::default()
+        };
+        let m = Muxer::new(&path, CID, &limits).unwrap();
+        (dir, path, m)
+    }
+
     /// The host client stops sending on two connections, so SHUTDOWN is queued for the guest
     /// on both; while the guest takes nothing, no clock runs. Then the guest takes them,
     /// answers one with RST and never the other: that one is reset and its host socket
@@ -1359,14 +1371,8 @@ mod tests {
     /// untouched connection goes on.
     #[test]
     fn a_shutdown_the_guest_leaves_unanswered_ends_after_the_timeout() {
-        let dir = Dir::new("killtimer");
-        let path = dir.0.join("v.sock");
         let timeout = Duration::from_millis(50);
-        let limits = GuestLimits {
-            vsock_shutdown_timeout: timeout,
-            ..GuestLimits::default()
-        };
-        let mut m = Muxer::new(&path, CID, &limits).unwrap();
+        let (_dir, path, mut m) = muxer_with_shutdown_timeout("killtimer", timeout);
         let (silent, mut silent_reader, silent_port) = connected(&mut m, &path);
         let (answers, mut answers_reader, answers_port) = connected(&mut m, &path);
         let (mut open, _open_reader, open_port) = connected(&mut m, &path);
@@ -1462,14 +1468,8 @@ mod tests {
     /// when the SHUTDOWN is handed over, and stops again if it is put back unsent.
     #[test]
     fn a_shutdown_still_queued_for_the_guest_starts_no_clock() {
-        let dir = Dir::new("queuedshut");
-        let path = dir.0.join("v.sock");
         let timeout = Duration::from_millis(50);
-        let limits = GuestLimits {
-            vsock_shutdown_timeout: timeout,
-            ..GuestLimits::default()
-        };
-        let mut m = Muxer::new(&path, CID, &limits).unwrap();
+        let (_dir, path, mut m) = muxer_with_shutdown_timeout("queuedshut", timeout);
         let (mut client, _reader, local) = connected(&mut m, &path);
         client.write_all(b"tail of stdin").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
