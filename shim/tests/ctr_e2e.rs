@@ -981,7 +981,8 @@ while [ ! -e /tmp/stop ]; do
   echo $n > /tmp/landed
   sleep 0.1
 done
-echo $n > /tmp/landed; touch /tmp/done"#,
+echo $n > /tmp/landed; touch /tmp/done
+exec sleep 3600"#,
             decoy = decoy.display()
         );
         let out = c.run(&["-d", "--privileged"], &pod, &["sh", "-c", &attack]);

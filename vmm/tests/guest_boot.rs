@@ -38,6 +38,52 @@ fn scratch(name: &str) -> Scratch {
     dir
 }
 
+/// Whether the file system of `dir` keeps `user.*` xattrs.
+fn keeps_user_xattrs(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let probe = dir.join(".xattr-probe");
+    if std::fs::write(&probe, b"").is_err() {
+        return false;
+    }
+    let path = std::ffi::CString::new(probe.as_os_str().as_bytes()).unwrap();
+    // SAFETY: both strings are NUL-terminated and live across the call; the value is one
+    // byte long, as the length says.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"user.shoal-probe".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    let _ = std::fs::remove_file(&probe);
+    rc == 0
+}
+
+/// A scratch directory on a file system that keeps `user.*` xattrs, where a guest overlay
+/// with its upper layer on a share keeps its own (`userxattr`: the share refuses
+/// `trusted.*`). tmpfs has none before Linux 6.6, so in the lab, whose /tmp is a tmpfs, this
+/// is /var/tmp (ext4).
+fn scratch_with_user_xattrs(name: &str) -> Scratch {
+    let dir = scratch(name);
+    if keeps_user_xattrs(&dir.0) {
+        return dir;
+    }
+    let other =
+        PathBuf::from("/var/tmp").join(format!("shoal-guest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&other);
+    std::fs::create_dir_all(&other).unwrap();
+    assert!(
+        keeps_user_xattrs(&other),
+        "neither {} nor /var/tmp keeps user.* xattrs, which this test's guest overlay needs",
+        dir.0.display()
+    );
+    drop(dir);
+    watch_for_hang(other.clone());
+    Scratch(other)
+}
+
 /// A test still running two minutes past its deadline is stuck in a call without a timeout:
 /// print the guest console and what each thread of this process and its VMM children is
 /// doing, then end the test process, so that CI reports a failure rather than waiting for
@@ -549,7 +595,7 @@ fn boot_guest_virtio_fs_share_overlay_and_no_escape() {
     let Some((kernel, initrd)) = artifacts() else {
         return;
     };
-    let dir = scratch("fs");
+    let dir = scratch_with_user_xattrs("fs");
     let share = dir.path("share");
     std::fs::create_dir_all(share.join("lower")).unwrap();
     std::fs::write(share.join("hello"), "from the host").unwrap();
