@@ -1352,6 +1352,34 @@ mod tests {
         assert_eq!(m.connection_count(), 4);
     }
 
+    /// An epoll set that wakes when the muxer's own fd does.
+    fn watch_muxer(m: &Muxer) -> Epoll {
+        let watcher = Epoll::new().unwrap();
+        watcher
+            .ctl(
+                ControlOperation::Add,
+                m.epoll_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        watcher
+    }
+
+    /// Waits for `watcher` to wake (the muxer's timer), no sooner than `timeout` after `since`.
+    fn fires_after(watcher: &Epoll, since: Instant, timeout: Duration) {
+        let mut ev = [EpollEvent::default(); 1];
+        assert_eq!(
+            watcher.wait(2000, &mut ev).unwrap(),
+            1,
+            "the timer never fired"
+        );
+        assert!(
+            since.elapsed() >= timeout,
+            "fired after {:?}",
+            since.elapsed()
+        );
+    }
+
     /// A muxer in a fresh directory whose shut-down connections wait `timeout` for the guest.
     fn muxer_with_shutdown_timeout(name: &str, timeout: Duration) -> (Dir, PathBuf, Muxer) {
         let dir = Dir::new(name);
@@ -1407,25 +1435,9 @@ mod tests {
         answers_reader.read_to_end(&mut rest).unwrap();
 
         // Nothing but the timer can make the muxer's fd readable now.
-        let watcher = Epoll::new().unwrap();
-        watcher
-            .ctl(
-                ControlOperation::Add,
-                m.epoll_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .unwrap();
+        let watcher = watch_muxer(&m);
         let mut ev = [EpollEvent::default(); 1];
-        assert_eq!(
-            watcher.wait(2000, &mut ev).unwrap(),
-            1,
-            "the timer never fired"
-        );
-        assert!(
-            sent.elapsed() >= timeout,
-            "fired after {:?}",
-            sent.elapsed()
-        );
+        fires_after(&watcher, sent, timeout);
         m.process_host_events();
         assert_eq!(m.connection_count(), 1);
         let rst = m.pop_to_guest().unwrap();
@@ -1479,14 +1491,7 @@ mod tests {
             m.process_host_events();
             std::thread::sleep(Duration::from_millis(2));
         }
-        let watcher = Epoll::new().unwrap();
-        watcher
-            .ctl(
-                ControlOperation::Add,
-                m.epoll_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .unwrap();
+        let watcher = watch_muxer(&m);
         let mut ev = [EpollEvent::default(); 1];
         assert_eq!(watcher.wait(200, &mut ev).unwrap(), 0, "a timer was set");
         m.process_host_events();
@@ -1509,16 +1514,7 @@ mod tests {
 
         let sent = Instant::now();
         assert_eq!(m.pop_to_guest().unwrap().hdr.op, OP_SHUTDOWN);
-        assert_eq!(
-            watcher.wait(2000, &mut ev).unwrap(),
-            1,
-            "the timer never fired"
-        );
-        assert!(
-            sent.elapsed() >= timeout,
-            "fired after {:?}",
-            sent.elapsed()
-        );
+        fires_after(&watcher, sent, timeout);
         m.process_host_events();
         assert_eq!(m.connection_count(), 0);
         let rst = m.pop_to_guest().unwrap();
