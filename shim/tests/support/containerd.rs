@@ -6,6 +6,8 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 pub const RUNTIME: &str = "io.containerd.shoal.v2";
+/// The longest one `ctr` call of a test may take.
+pub const CTR_LIMIT: Duration = Duration::from_secs(900);
 pub const IMAGE: &str = "docker.io/library/shoal-busybox:latest";
 
 pub struct Env {
@@ -164,8 +166,32 @@ impl Containerd {
         cmd
     }
 
+    /// Runs `ctr ARGS` and returns its output. A call still running after [`CTR_LIMIT`] is
+    /// killed and fails the test with containerd's log, rather than hang it (and the lab
+    /// run with it) until the lab's own limit.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("ctr")
+        let child = self
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ctr");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(CTR_LIMIT) {
+            Ok(out) => out.expect("ctr"),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+                panic!(
+                    "`ctr {}` did not finish within {CTR_LIMIT:?}\n{}",
+                    args.join(" "),
+                    self.log()
+                );
+            }
+        }
     }
 
     /// `ctr run --rm --runtime shoal IMAGE ID CMD...` with extra flags before the image.
