@@ -914,8 +914,10 @@ fn new_fault(log: &str, seen: &mut usize) -> Option<String> {
 
 /// Issue 18's attack, through containerd with a real guest: root in a privileged container
 /// mounts the sandbox's virtio-fs share and, in a loop, renames every entry of every
-/// container directory in it and plants symlinks to a host decoy directory in their place,
-/// plants one in the share's root, and writes over a read-only volume's file, while the host
+/// container directory in it and plants symlinks to a host decoy directory in their place
+/// and at the names the host will mount on next (`ln -sT`: a link made inside a writable
+/// mount is the container's own business, not a plant), plants one in the share's root,
+/// and writes over a read-only volume's file, while the host
 /// creates containers in the same pod, each with a directory volume, a file volume and a
 /// read-only volume (SHOAL_RACE_N of them, default 200). No plant and no write may land; the
 /// decoy, the read-only file and the host's mounts outside the sandbox stay as they were. A
@@ -983,13 +985,16 @@ n=0
 while [ ! -e /tmp/stop ]; do
   for d in /mnt/*/; do
     for p in "$d"*; do
-      mv "$p" "$p.moved" 2>/dev/null && n=$((n+1))
-      ln -s {decoy} "$p" 2>/dev/null && n=$((n+1))
-      ln -s {decoy} "$p.new" 2>/dev/null && n=$((n+1))
-      [ -e "$p/precious" ] && echo overwritten 2>/dev/null > "$p/precious" && n=$((n+1))
+      mv "$p" "$p.moved" 2>/dev/null && n=$((n+1)) && echo "mv $p" >> /tmp/ops
+      ln -sT {decoy} "$p" 2>/dev/null && n=$((n+1)) && echo "ln $p" >> /tmp/ops
+      ln -sT {decoy} "$p.new" 2>/dev/null && n=$((n+1)) && echo "ln $p.new" >> /tmp/ops
+      [ -e "$p/precious" ] && echo overwritten 2>/dev/null > "$p/precious" && n=$((n+1)) && echo "write $p/precious" >> /tmp/ops
+    done
+    for name in rootfs volume-0 volume-1 volume-2 volume-3 volume-4 volume-5 volume-6 volume-7 volume-8 volume-9; do
+      ln -sT {decoy} "$d$name" 2>/dev/null && n=$((n+1)) && echo "ln $d$name" >> /tmp/ops
     done
   done
-  ln -s {decoy} /mnt/planted 2>/dev/null && n=$((n+1))
+  ln -sT {decoy} /mnt/planted 2>/dev/null && n=$((n+1)) && echo "ln /mnt/planted" >> /tmp/ops
   echo $n > /tmp/landed
   sleep 0.1
 done
@@ -1089,7 +1094,12 @@ exec sleep 3600"#,
             std::thread::sleep(Duration::from_millis(300));
         }
         let landed = exec("landed", "cat /tmp/landed");
-        assert_eq!(landed.trim(), "0", "the guest changed the share's tree");
+        let ops = exec("ops", "head -n 20 /tmp/ops 2>/dev/null");
+        assert_eq!(
+            landed.trim(),
+            "0",
+            "the guest changed the share's tree:\n{ops}"
+        );
         host_unchanged("at the end");
         c.remove(&pod);
         c.assert_clean();
