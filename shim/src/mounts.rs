@@ -70,21 +70,28 @@ pub const SHARED_DIR: &str = "shared";
 /// shared mount, with copies in other mount namespaces) and mounts can be moved within it.
 /// Taken under a lock, as shims start together; cheap once done.
 pub fn prepare_state_dir(state_dir: &Path) -> Result<(), MountError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use rustix::fs::{Mode, OFlags};
+    use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
         .create(state_dir)
         .map_err(io("create", state_dir))?;
-    let meta = std::fs::symlink_metadata(state_dir).map_err(io("inspect", state_dir))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("make root-only", state_dir))?;
+    // One descriptor, opened without following a symlink, for the mode, the chmod and the
+    // lock (the directory's own: the bind shows the same inode, so it holds across it).
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(state_dir, flags, Mode::empty())
+        .map_err(|e| io("open", state_dir)(e.into()))?;
+    let mode = rustix::fs::fstat(&fd)
+        .map_err(|e| io("inspect", state_dir)(e.into()))?
+        .st_mode;
+    if mode & 0o077 != 0 {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))
+            .map_err(|e| io("make root-only", state_dir)(e.into()))?;
     }
-    // The lock is the directory's own (the bind shows the same inode, so it holds across it).
-    let lock = std::fs::File::open(state_dir).map_err(io("open", state_dir))?;
-    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| io("lock", state_dir)(e.into()))?;
+    let _held =
+        nix::fcntl::Flock::lock(std::fs::File::from(fd), nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io("lock", state_dir)(e.into()))?;
     let none = None::<&str>;
     let fail = |what: &'static str| {
         move |e: nix::Error| MountError::Io {
@@ -511,7 +518,7 @@ const MAX_DEPTH: usize = 32;
 ///
 /// The cost is the size of the tree, not the host's mount table: this used to read
 /// /proc/self/mountinfo, in which every sandbox's mounts appear, and with 2000 other mounts a
-/// container's mount and unmount took 15 ms instead of 0.5 (see README, "Start storms").
+/// container's mount and unmount took 15 ms instead of 0.5 (see docs/benchmarks.md, "Start storms").
 /// On kernels whose statx does not tell mount roots (before 5.8) the table is read once to
 /// know them, and the same walk detaches them.
 pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
@@ -1144,6 +1151,40 @@ mod tests {
             mounts_under(&decoy),
             vec![decoy.clone()],
             "the old way's bind lands on the decoy (the attack this layout stops)"
+        );
+    }
+
+    /// The state directory is made root-only, and a symlink in its place is refused, not
+    /// followed: without `O_NOFOLLOW` the chmod and the bind would land on its target.
+    #[test]
+    fn the_state_directory_is_made_root_only_and_a_symlink_there_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP: state directory test needs root (it mounts)");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("shoal-statedir-{}", std::process::id()));
+        let _scratch = Scratch(base.clone());
+        let state = base.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_state_dir(&state).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(mounts_under(&base), vec![state.clone()]);
+
+        let target = base.join("elsewhere");
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = prepare_state_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("link"), "{e}");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "the symlink's target was changed");
+        assert!(
+            mounts_under(&target).is_empty(),
+            "the symlink's target was mounted on"
         );
     }
 
