@@ -14,7 +14,7 @@
 //! slots are created (and, on v2, the controllers delegated) only while the pool's last
 //! slot does not exist yet, and dead claims are not looked for on the way. Both used to be
 //! done on every open, which under a storm made each start walk the whole pool, partly
-//! under the pool's lock (see README, "Start storms"). A slot found missing when a claim
+//! under the pool's lock (see docs/benchmarks.md, "Start storms"). A slot found missing when a claim
 //! writes its limits (removed by hand, or v2 controllers no longer delegated) makes the
 //! claim create the pool's missing parts once and try again.
 //!
@@ -166,7 +166,7 @@ fn write(path: &Path, value: &str) -> Result<()> {
 /// whole host and walk every cgroup: the CPU bandwidth ones (`cpu.max`, `cpu.cfs_*_us`) hold
 /// the kernel's one bandwidth mutex while they check the whole tree of CPU cgroups, which
 /// with a pool of 2048 slots made them most of a claim's time and serialized claims under a
-/// storm (see README, "Start storms"). A slot reused by a sandbox of the same size needs none.
+/// storm (see docs/benchmarks.md, "Start storms"). A slot reused by a sandbox of the same size needs none.
 fn write_if_changed(path: &Path, value: &str) -> Result<()> {
     match std::fs::read_to_string(path) {
         Ok(now) if reads_as(now.trim(), value) => Ok(()),
@@ -472,7 +472,7 @@ impl Pool {
     /// so in a pool up to about three quarters full a claim makes a handful of links and
     /// never reads the state directory, whose listing costs in proportion to the pool
     /// (with 2048 slots it was most of a claim's time, and what kept claims from scaling
-    /// with cores; see README, "Start storms"). Random picks spread shims that start side
+    /// with cores; see docs/benchmarks.md, "Start storms"). Random picks spread shims that start side
     /// by side over the pool instead of sending them all to the same slot. Failing that,
     /// the slots with a claim are known from one listing and the others are tried in turn
     /// from a random one. A full pool is recovered once (it may hold claims of shims that

@@ -176,7 +176,7 @@ impl PodNetwork {
                 let (index, tap) = (c.link.index, &c.tap);
                 // By name (SIOCGIFINDEX, in this thread's namespace), not from a dump of
                 // every link: dumps take the kernel's networking lock, which every step of
-                // every sandbox's network set-up on the host contends for (README, "Start
+                // every sandbox's network set-up on the host contends for (docs/benchmarks.md, "Start
                 // storms").
                 let tap_index = nix::net::if_::if_nametoindex(tap.as_str()).map_err(|e| {
                     NetlinkError::Request {
