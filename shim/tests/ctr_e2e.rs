@@ -900,16 +900,37 @@ fn mounts_outside(inside: &std::path::Path) -> Vec<String> {
 /// goes on past.
 const MAX_LAB_RESETS: usize = 6;
 
-/// The shim's line for a guest triple fault in containerd's log `log` beyond the `seen`
-/// first ones (and counts it), if there is one.
-fn new_fault(log: &str, seen: &mut usize) -> Option<String> {
-    let faults: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("guest triple fault"))
-        .collect();
-    let new = faults.get(*seen).map(|l| l.to_string());
-    *seen = faults.len();
-    new
+/// The lab's guest resets a test has gone on past.
+#[derive(Default)]
+struct LabResets {
+    /// The shim's triple-fault lines already counted.
+    seen: usize,
+    count: usize,
+}
+
+impl LabResets {
+    /// Whether containerd's log `log` shows a guest triple fault not counted yet: counts
+    /// it, prints it with `when`, and fails the test past `MAX_LAB_RESETS`.
+    fn new_one(&mut self, log: &str, when: &str) -> bool {
+        let faults: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("guest triple fault"))
+            .collect();
+        let new = faults.get(self.seen).map(|l| l.to_string());
+        self.seen = faults.len();
+        let Some(fault) = new else { return false };
+        self.count += 1;
+        println!(
+            "the lab's guest reset {when} ({} so far): {fault}",
+            self.count
+        );
+        assert!(
+            self.count <= MAX_LAB_RESETS,
+            "the pod's guest reset {} times\n{log}",
+            self.count
+        );
+        true
+    }
 }
 
 /// Issue 18's attack, through containerd with a real guest: root in a privileged container
@@ -979,9 +1000,9 @@ fn ctr_guest_racing_the_share_reaches_nothing_on_the_host() {
         format!("type=bind,src={},dst=/r,options=rbind:ro", ro.display()),
     ];
 
-    let (mut made, mut resets, mut faults_seen) = (0, 0, 0);
+    let (mut made, mut resets) = (0, LabResets::default());
     while made < n {
-        let pod = format!("pod{resets}");
+        let pod = format!("pod{}", resets.count);
         let attack = format!(
             r#"mkdir -p /mnt && mount -t virtiofs shoal /mnt || {{ echo mount-failed > /tmp/landed; exit 1; }}
 ln -s {decoy} /mnt/{pod}/rootfs/control-link && echo ok > /tmp/control
@@ -1009,14 +1030,9 @@ exec sleep 3600"#,
         let out = c.run(&["-d", "--privileged"], &pod, &["sh", "-c", &attack]);
         if !out.status.success() {
             let log = c.log();
-            let fault = new_fault(&log, &mut faults_seen)
-                .unwrap_or_else(|| panic!("{}\n{log}", text(&out)));
-            resets += 1;
-            println!("the lab's guest reset while the attacker started ({resets} so far): {fault}");
-            assert!(
-                resets <= MAX_LAB_RESETS,
-                "the pod's guest reset {resets} times\n{log}"
-            );
+            if !resets.new_one(&log, "while the attacker started") {
+                panic!("{}\n{log}", text(&out));
+            }
             let _ = c.ctr(&["container", "delete", &pod]);
             c.assert_clean();
             continue;
@@ -1067,20 +1083,14 @@ exec sleep 3600"#,
             // A container whose directory the attacker managed to swap could fail; none
             // may, unless the pod's VM itself is gone.
             let log = c.log();
-            let Some(fault) = new_fault(&log, &mut faults_seen) else {
+            if !resets.new_one(&log, &format!("after {made} creations")) {
                 let console = std::fs::read_to_string(state.join(&pod).join("console.log"));
                 panic!(
                     "{id}: {}\n{log}\nthe pod's guest console:\n{}",
                     text(&out),
                     console.unwrap_or_else(|e| format!("(cannot read: {e})"))
                 );
-            };
-            resets += 1;
-            println!("the lab's guest reset after {made} creations ({resets} so far): {fault}");
-            assert!(
-                resets <= MAX_LAB_RESETS,
-                "the pod's guest reset {resets} times\n{log}"
-            );
+            }
             let _ = c.ctr(&["container", "delete", &id]);
             host_unchanged("after a guest reset");
             c.remove(&pod);
@@ -1108,7 +1118,10 @@ exec sleep 3600"#,
         c.remove(&pod);
         c.assert_clean();
     }
-    println!("{made} containers made beside the attacker; the lab's guest reset {resets} times");
+    println!(
+        "{made} containers made beside the attacker; the lab's guest reset {} times",
+        resets.count
+    );
 }
 
 /// A read-only rootfs is read-only on the host too: root in a privileged guest container
