@@ -9,6 +9,8 @@ pub mod cpuid;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod layout;
 pub mod memory;
 pub mod mptable;

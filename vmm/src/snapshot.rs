@@ -202,7 +202,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn encode(s: &Snapshot) -> Vec<u8> {
+pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
     let mut w = Writer(Vec::new());
     w.u64(s.memory_mib);
     w.record(&s.id);
@@ -315,7 +315,7 @@ fn decode_device(r: &mut Reader) -> Result<TransportState> {
     Ok(d)
 }
 
-fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
+pub(crate) fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
     let mut r = Reader { buf: payload, path };
     let memory_mib = r.u64("the memory size")?;
     let id: [u8; 16] = r
@@ -619,79 +619,82 @@ pub fn peek_memory(path: &Path, addr: GuestAddress, len: usize) -> std::io::Resu
     Ok(buf)
 }
 
+/// A small snapshot with every kind of record (the unit tests' round trip, and the fuzz
+/// corpus's seed).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn sample() -> Snapshot {
+    let vcpu = VcpuState {
+        cpuid: vec![kvm_cpuid_entry2 {
+            function: 7,
+            eax: 0x1234,
+            ..Default::default()
+        }],
+        regs: kvm_regs {
+            rip: 0x10_0000,
+            rax: 42,
+            ..Default::default()
+        },
+        sregs: Default::default(),
+        xsave: Default::default(),
+        xcrs: Default::default(),
+        debugregs: Default::default(),
+        lapic: Default::default(),
+        mp_state: Default::default(),
+        events: Default::default(),
+        msrs: vec![kvm_msr_entry {
+            index: 0x10,
+            data: 99,
+            ..Default::default()
+        }],
+        tsc_khz: 2_600_000,
+    };
+    Snapshot {
+        memory_mib: 64,
+        id: [7; 16],
+        vm: VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: kvm_clock_data {
+                clock: 123_456,
+                ..Default::default()
+            },
+        },
+        serial: SerialState {
+            interrupt_enable: 2,
+            in_buffer: b"typed".to_vec(),
+            ..Default::default()
+        },
+        vcpus: vec![vcpu],
+        devices: vec![TransportState {
+            device_type: 19,
+            status: 15,
+            driver_features: 1 << 32,
+            queue_select: 2,
+            device_features_select: 1,
+            driver_features_select: 1,
+            config_generation: 0,
+            interrupt_status: 1,
+            active: true,
+            queues: vec![QueueState {
+                max_size: 256,
+                next_avail: 65535,
+                next_used: 3,
+                event_idx_enabled: true,
+                size: 128,
+                ready: true,
+                desc_table: 0x1000,
+                avail_ring: 0x2000,
+                used_ring: 0x3000,
+            }],
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> Snapshot {
-        let vcpu = VcpuState {
-            cpuid: vec![kvm_cpuid_entry2 {
-                function: 7,
-                eax: 0x1234,
-                ..Default::default()
-            }],
-            regs: kvm_regs {
-                rip: 0x10_0000,
-                rax: 42,
-                ..Default::default()
-            },
-            sregs: Default::default(),
-            xsave: Default::default(),
-            xcrs: Default::default(),
-            debugregs: Default::default(),
-            lapic: Default::default(),
-            mp_state: Default::default(),
-            events: Default::default(),
-            msrs: vec![kvm_msr_entry {
-                index: 0x10,
-                data: 99,
-                ..Default::default()
-            }],
-            tsc_khz: 2_600_000,
-        };
-        Snapshot {
-            memory_mib: 64,
-            id: [7; 16],
-            vm: VmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                pit: Default::default(),
-                clock: kvm_clock_data {
-                    clock: 123_456,
-                    ..Default::default()
-                },
-            },
-            serial: SerialState {
-                interrupt_enable: 2,
-                in_buffer: b"typed".to_vec(),
-                ..Default::default()
-            },
-            vcpus: vec![vcpu],
-            devices: vec![TransportState {
-                device_type: 19,
-                status: 15,
-                driver_features: 1 << 32,
-                queue_select: 2,
-                device_features_select: 1,
-                driver_features_select: 1,
-                config_generation: 0,
-                interrupt_status: 1,
-                active: true,
-                queues: vec![QueueState {
-                    max_size: 256,
-                    next_avail: 65535,
-                    next_used: 3,
-                    event_idx_enabled: true,
-                    size: 128,
-                    ready: true,
-                    desc_table: 0x1000,
-                    avail_ring: 0x2000,
-                    used_ring: 0x3000,
-                }],
-            }],
-        }
-    }
 
     #[test]
     fn state_round_trips_and_malformed_payloads_are_named() {

@@ -1,0 +1,28 @@
+//! Writes the hand-made seeds of the fuzz corpus (`fuzz/corpus/TARGET/seed-*`): for the MMIO
+//! targets, a driver's whole device set-up, and for the snapshot decoder a whole state
+//! payload, which a fuzzer starting from nothing would take long to find. `scripts/fuzz`
+//! runs it; the seeds are also committed.
+fn main() {
+    let seeds = [
+        (
+            "mmio_balloon",
+            "seed-driver-setup",
+            shoal_vmm::fuzz::mmio_seed(2),
+        ),
+        (
+            "mmio_block",
+            "seed-driver-setup",
+            shoal_vmm::fuzz::mmio_seed(1),
+        ),
+        (
+            "snapshot_state",
+            "seed-whole-state",
+            shoal_vmm::fuzz::snapshot_seed(),
+        ),
+    ];
+    for (target, name, seed) in seeds {
+        let dir = shoal_vmm::fuzz::corpus_dir(target);
+        std::fs::create_dir_all(&dir).expect("corpus directory");
+        std::fs::write(dir.join(name), seed).expect("seed");
+    }
+}
