@@ -8,13 +8,22 @@
 //! Needs what `shim/tests/ctr_e2e.rs` needs (root, containerd, SHOAL_GUEST_KERNEL,
 //! SHOAL_AGENT_IMAGE, SHOAL_BUSYBOX_IMAGE; the lab where the host cannot boot guests: then
 //! the latencies are EMULATED). SHOAL_BENCH_RUNS sets the runs per runtime (default 20).
+//!
+//! `SHOAL_BENCH_BASELINE_SHIM=PATH` adds a row for another build of the shim (say, one from
+//! before a change), run beside this one under its own runtime name with its own state
+//! directory, so that a change's cost is measured in the same run. The runtimes take turns
+//! run by run, so drift over the run (a warming cache, a busy neighbour) falls on all alike.
 #[path = "../shim/tests/support/containerd.rs"]
 mod containerd;
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use containerd::{env, percentile, phase_marks, text, Containerd, IMAGE, RUNTIME};
 use containerd_shim_shoal_v2::sandbox::boottime_ms;
+
+/// The runtime name the baseline shim (SHOAL_BENCH_BASELINE_SHIM) runs under.
+const BASELINE_RUNTIME: &str = "io.containerd.shoalbaseline.v2";
 
 /// The shim's phase marks logged after `since` (boottime ms), by phase name.
 fn phases(log: &str, since: f64) -> Vec<(String, f64)> {
@@ -33,24 +42,67 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let c = Containerd::start(&env, "bench", "log_level = \"info\"\n");
+    let baseline = std::env::var_os("SHOAL_BENCH_BASELINE_SHIM").map(PathBuf::from);
+    // The baseline shim goes on containerd's PATH under the runtime name BASELINE_RUNTIME.
+    let baseline_dir =
+        PathBuf::from("/var/tmp").join(format!("shoal-bench-baseline-{}", std::process::id()));
+    if let Some(shim) = &baseline {
+        assert!(
+            shim.is_file(),
+            "SHOAL_BENCH_BASELINE_SHIM: no file {}",
+            shim.display()
+        );
+        std::fs::create_dir_all(&baseline_dir).unwrap();
+        let link = baseline_dir.join("containerd-shim-shoalbaseline-v2");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(std::fs::canonicalize(shim).unwrap(), &link).unwrap();
+    }
+    let c = Containerd::start_with_path(
+        &env,
+        "bench",
+        "log_level = \"info\"\n",
+        baseline.as_ref().map(|_| baseline_dir.as_path()),
+    );
     let template = c.template_config();
     let template = template.to_str().unwrap();
-    let mut results = Vec::new();
-    let mut splits = Vec::new();
-    let variants: [(&str, &str, &[&str]); 3] = [
-        ("shoal", RUNTIME, &[]),
+    // The baseline's own config: the same, with its own state directory.
+    let baseline_config = c.root.join("shoal-baseline.toml");
+    let base = std::fs::read_to_string(c.root.join("shoal.toml")).unwrap();
+    let state = c.shoal_state();
+    std::fs::write(
+        &baseline_config,
+        base.replace(
+            &format!("state_dir = \"{}\"", state.display()),
+            &format!("state_dir = \"{}-baseline\"", state.display()),
+        ),
+    )
+    .unwrap();
+    let baseline_config = baseline_config.to_str().unwrap();
+    let mut variants: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("shoal", RUNTIME, vec![]),
         (
             "shoal (template)",
             RUNTIME,
-            &["--runtime-config-path", template],
+            vec!["--runtime-config-path", template],
         ),
-        ("runc", "io.containerd.runc.v2", &[]),
+        ("runc", "io.containerd.runc.v2", vec![]),
     ];
-    for (variant, runtime, flags) in variants {
-        let mut times = Vec::new();
-        let mut split = vec![Vec::new(); 6];
-        for i in 0..runs {
+    if baseline.is_some() {
+        variants.insert(
+            1,
+            (
+                "shoal (baseline build)",
+                BASELINE_RUNTIME,
+                vec!["--runtime-config-path", baseline_config],
+            ),
+        );
+    }
+    let mut times = vec![Vec::new(); variants.len()];
+    let mut split = vec![vec![Vec::new(); 6]; variants.len()];
+    for i in 0..runs {
+        for (v, (variant, runtime, flags)) in variants.iter().enumerate() {
+            let (variant, runtime) = (*variant, *runtime);
+            let (times, split) = (&mut times[v], &mut split[v]);
             let id = format!("bench-{}-{i}", variant.replace([' ', '(', ')'], ""));
             let t0 = boottime_ms();
             let started = Instant::now();
@@ -59,6 +111,7 @@ fn main() {
             args.extend_from_slice(&[IMAGE, &id, "true"]);
             let out = c.ctr(&args);
             let ms = started.elapsed().as_secs_f64() * 1e3;
+            let shoal = runtime == RUNTIME || runtime == BASELINE_RUNTIME;
             assert!(
                 out.status.success(),
                 "{runtime}: {}\n{}",
@@ -66,7 +119,7 @@ fn main() {
                 c.log()
             );
             times.push(ms);
-            if runtime == RUNTIME {
+            if shoal {
                 let marks = phases(&c.log(), t0);
                 let at = |name: &str| marks.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
                 let names = [
@@ -87,13 +140,26 @@ fn main() {
                 }
             }
         }
+    }
+    let mut results = Vec::new();
+    let mut splits = Vec::new();
+    for ((variant, runtime, _), (mut times, split)) in
+        variants.iter().zip(times.into_iter().zip(split))
+    {
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        results.push((variant, times));
-        if runtime == RUNTIME {
-            splits.push((variant, split));
+        results.push((*variant, times));
+        if *runtime != "io.containerd.runc.v2" {
+            splits.push((*variant, split));
         }
     }
     c.assert_clean();
+    if baseline.is_some() {
+        let _ = std::fs::remove_dir_all(&baseline_dir);
+        println!(
+            "shoal (baseline build): {}",
+            std::env::var("SHOAL_BENCH_BASELINE_SHIM").unwrap_or_default()
+        );
+    }
     let label = if std::env::var_os("SHOAL_IN_LAB").is_some() {
         "EMULATED: nested lab, QEMU TCG"
     } else {

@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 pub const RUNTIME: &str = "io.containerd.shoal.v2";
 /// The longest one `ctr` call of a test may take.
 pub const CTR_LIMIT: Duration = Duration::from_secs(900);
+
+/// How long one `ctr` call may run: [`CTR_LIMIT`], or `SHOAL_CTR_LIMIT` seconds (to find a
+/// hang sooner).
+pub fn ctr_limit() -> Duration {
+    match env_usize("SHOAL_CTR_LIMIT", 0) {
+        0 => CTR_LIMIT,
+        s => Duration::from_secs(s as u64),
+    }
+}
 pub const IMAGE: &str = "docker.io/library/shoal-busybox:latest";
 
 pub struct Env {
@@ -60,6 +69,17 @@ impl Containerd {
     /// Starts containerd; `shoal_config` is the body of the shim's config file (kernel and
     /// image lines are added unless it sets them).
     pub fn start(env: &Env, name: &str, shoal_config: &str) -> Containerd {
+        Containerd::start_with_path(env, name, shoal_config, None)
+    }
+
+    /// [`Containerd::start`] with `extra_path` on containerd's PATH after the shim's own
+    /// directory (where a bench puts another shim binary to run beside this one).
+    pub fn start_with_path(
+        env: &Env,
+        name: &str,
+        shoal_config: &str,
+        extra_path: Option<&Path>,
+    ) -> Containerd {
         let tag = format!("shoal-e2e-{name}-{}", std::process::id());
         let root = PathBuf::from("/var/tmp").join(&tag);
         let run = PathBuf::from("/run").join(&tag);
@@ -101,11 +121,11 @@ impl Containerd {
         }
         std::fs::write(root.join("shoal.toml"), config).unwrap();
         let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-shoal-v2"));
-        let path = format!(
-            "{}:{}",
-            shim.parent().unwrap().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let mut path = format!("{}:", shim.parent().unwrap().display());
+        if let Some(extra) = extra_path {
+            path += &format!("{}:", extra.display());
+        }
+        path += &std::env::var("PATH").unwrap_or_default();
         let log = std::fs::File::create(root.join("containerd.log")).unwrap();
         let child = Command::new("containerd")
             .arg("--config")
@@ -166,9 +186,9 @@ impl Containerd {
         cmd
     }
 
-    /// Runs `ctr ARGS` and returns its output. A call still running after [`CTR_LIMIT`] is
-    /// killed and fails the test with containerd's log, rather than hang it (and the lab
-    /// run with it) until the lab's own limit.
+    /// Runs `ctr ARGS` and returns its output. A call still running after [`ctr_limit`] is
+    /// killed and fails the test with containerd's log and [`Containerd::hang_report`],
+    /// rather than hang it (and the lab run with it) until the lab's own limit.
     pub fn ctr(&self, args: &[&str]) -> Output {
         let child = self
             .command(args)
@@ -181,12 +201,14 @@ impl Containerd {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
-        match rx.recv_timeout(CTR_LIMIT) {
+        let limit = ctr_limit();
+        match rx.recv_timeout(limit) {
             Ok(out) => out.expect("ctr"),
             Err(_) => {
+                let report = self.hang_report();
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
                 panic!(
-                    "`ctr {}` did not finish within {CTR_LIMIT:?}\n{}",
+                    "`ctr {}` did not finish within {limit:?}\n{}\n{report}",
                     args.join(" "),
                     self.log()
                 );
@@ -202,6 +224,67 @@ impl Containerd {
         args.push(id);
         args.extend_from_slice(cmd);
         self.ctr(&args)
+    }
+
+    /// Where everything that could be waiting is, for a call that hung: each shim's
+    /// threads (name, state, kernel wait channel and stack), the end of each sandbox's guest
+    /// console, and containerd's own threads' wait channels.
+    pub fn hang_report(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from("--- hang report ---\n");
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = read(p.path().join("cmdline")).replace('\0', " ");
+            let ours = cmdline.contains("containerd-shim-shoal-v2") || (pid == self.child.id());
+            if !ours {
+                continue;
+            }
+            let _ = writeln!(out, "process {pid}: {cmdline}");
+            let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let status = read(t.path().join("status"));
+                let field = |k: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(k))
+                        .unwrap_or("")
+                        .trim()
+                        .to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "  thread {} {:?} {} wchan={}",
+                    t.file_name().to_string_lossy(),
+                    field("Name:"),
+                    field("State:"),
+                    read(t.path().join("wchan"))
+                );
+                if pid != self.child.id() {
+                    for frame in read(t.path().join("stack")).lines().take(12) {
+                        let _ = writeln!(out, "      {frame}");
+                    }
+                }
+            }
+        }
+        if let Ok(sandboxes) = std::fs::read_dir(self.shoal_state()) {
+            for s in sandboxes.flatten() {
+                let console = read(s.path().join("console.log"));
+                let tail: Vec<&str> = console.lines().rev().take(30).collect();
+                let _ = writeln!(out, "guest console of {}:", s.path().display());
+                for l in tail.iter().rev() {
+                    let _ = writeln!(out, "  {l}");
+                }
+            }
+        }
+        out
     }
 
     pub fn shoal_state(&self) -> PathBuf {
