@@ -959,7 +959,7 @@ fn ctr_guest_racing_the_share_reaches_nothing_on_the_host() {
     let Some(env) = env() else { return };
     let n = support::containerd::env_usize("SHOAL_RACE_N", 200);
     if n == 0 {
-        println!("\nSKIP: share race e2e: SHOAL_RACE_N=0 (scripts/test leaves it out unless SHOAL_RACE_N is set: in this session's lab it twice hung with the lab idle, cause not found yet)");
+        println!("\nSKIP: share race e2e: SHOAL_RACE_N=0 (scripts/test leaves it out unless SHOAL_RACE_N is set: in labs with two vCPUs it has stopped with the lab idle and its console silent; docs/lab.md)");
         return;
     }
     let c = Containerd::start(&env, "race", "");
