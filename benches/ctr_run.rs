@@ -66,18 +66,20 @@ fn main() {
     let template = c.template_config();
     let template = template.to_str().unwrap();
     // The baseline's own config: the same, with its own state directory.
-    let baseline_config = c.root.join("shoal-baseline.toml");
-    let base = std::fs::read_to_string(c.root.join("shoal.toml")).unwrap();
-    let state = c.shoal_state();
-    std::fs::write(
-        &baseline_config,
-        base.replace(
-            &format!("state_dir = \"{}\"", state.display()),
-            &format!("state_dir = \"{}-baseline\"", state.display()),
-        ),
-    )
-    .unwrap();
-    let baseline_config = baseline_config.to_str().unwrap();
+    let baseline_config = baseline.as_ref().map(|_| {
+        let path = c.root.join("shoal-baseline.toml");
+        let base = std::fs::read_to_string(c.root.join("shoal.toml")).unwrap();
+        let state = c.shoal_state();
+        std::fs::write(
+            &path,
+            base.replace(
+                &format!("state_dir = \"{}\"", state.display()),
+                &format!("state_dir = \"{}-baseline\"", state.display()),
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    });
     let mut variants: Vec<(&str, &str, Vec<&str>)> = vec![
         ("shoal", RUNTIME, vec![]),
         (
@@ -87,13 +89,13 @@ fn main() {
         ),
         ("runc", "io.containerd.runc.v2", vec![]),
     ];
-    if baseline.is_some() {
+    if let Some(config) = &baseline_config {
         variants.insert(
             1,
             (
                 "shoal (baseline build)",
                 BASELINE_RUNTIME,
-                vec!["--runtime-config-path", baseline_config],
+                vec!["--runtime-config-path", config],
             ),
         );
     }

@@ -703,6 +703,18 @@ mod tests {
     /// Unmounts what is left under a test's directory and removes it, when the test ends
     /// or fails.
     struct Scratch(PathBuf);
+    impl Scratch {
+        /// The scratch directory `shoal-NAME-PID` under the temporary directory for a test
+        /// that mounts, or `None` (saying so, as a SKIP line naming `what`) when not root.
+        fn for_root_test(name: &str, what: &str) -> Option<Scratch> {
+            if !nix::unistd::geteuid().is_root() {
+                println!("SKIP: {what} needs root (it mounts)");
+                return None;
+            }
+            let dir = std::env::temp_dir().join(format!("shoal-{name}-{}", std::process::id()));
+            Some(Scratch(dir))
+        }
+    }
     impl Drop for Scratch {
         fn drop(&mut self) {
             for point in mounts_under(&self.0) {
@@ -716,12 +728,12 @@ mod tests {
     /// and a deep part, removes it with `remove`, and checks that it is gone and that what
     /// the mounts showed is untouched.
     fn mounted_tree_test(tag: &str, remove: impl Fn(&Path) -> Result<(), MountError>) {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIP: remove_tree test ({tag}) needs root (it mounts)");
+        let Some(scratch) =
+            Scratch::for_root_test(&format!("rm-{tag}"), &format!("remove_tree test ({tag})"))
+        else {
             return;
-        }
-        let base = std::env::temp_dir().join(format!("shoal-rm-{tag}-{}", std::process::id()));
-        let _scratch = Scratch(base.clone());
+        };
+        let base = scratch.0.clone();
         // What the mounts show: a volume directory with data, a file, another tree.
         let data = base.join("data");
         std::fs::create_dir_all(data.join("keep")).unwrap();
@@ -873,12 +885,10 @@ mod tests {
     /// to make), where the same file does run as root.
     #[test]
     fn the_share_is_read_only_to_the_guest_except_inside_its_mounts() {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIP: share layout test needs root (it mounts)");
+        let Some(scratch) = Scratch::for_root_test("share", "share layout test") else {
             return;
-        }
-        let base = std::env::temp_dir().join(format!("shoal-share-{}", std::process::id()));
-        let _scratch = Scratch(base.clone());
+        };
+        let base = scratch.0.clone();
         let bundle = base.join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs/etc")).unwrap();
         let data = base.join("data");
@@ -1048,13 +1058,11 @@ mod tests {
     /// puts a volume over the decoy: the attack this layout stops.
     #[test]
     fn a_guest_racing_symlinks_into_the_share_reaches_nothing() {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIP: share race test needs root (it mounts)");
-            return;
-        }
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let base = std::env::temp_dir().join(format!("shoal-share-race-{}", std::process::id()));
-        let _scratch = Scratch(base.clone());
+        let Some(scratch) = Scratch::for_root_test("share-race", "share race test") else {
+            return;
+        };
+        let base = scratch.0.clone();
         let bundle = base.join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
         let data = base.join("data");
@@ -1158,13 +1166,11 @@ mod tests {
     /// followed: without `O_NOFOLLOW` the chmod and the bind would land on its target.
     #[test]
     fn the_state_directory_is_made_root_only_and_a_symlink_there_is_refused() {
-        if !nix::unistd::geteuid().is_root() {
-            println!("SKIP: state directory test needs root (it mounts)");
-            return;
-        }
         use std::os::unix::fs::PermissionsExt;
-        let base = std::env::temp_dir().join(format!("shoal-statedir-{}", std::process::id()));
-        let _scratch = Scratch(base.clone());
+        let Some(scratch) = Scratch::for_root_test("statedir", "state directory test") else {
+            return;
+        };
+        let base = scratch.0.clone();
         let state = base.join("state");
         std::fs::create_dir_all(&state).unwrap();
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();

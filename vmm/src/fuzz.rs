@@ -366,20 +366,22 @@ pub fn mmio_seed(queues: u32) -> Vec<u8> {
     out
 }
 
-/// The scratch directory of a harness in this process (a disk file, sockets), kept from one
-/// input to the next; [`remove_scratch`] removes them all.
+/// This process's scratch directory for the harnesses (a disk file, sockets), kept from one
+/// input to the next; [`remove_scratch`] removes it.
+fn scratch_root() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("shoal-fuzz-{}", std::process::id()))
+}
+
+/// The harness `kind`'s part of [`scratch_root`], made if missing.
 fn scratch(kind: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("shoal-fuzz-{kind}-{}", std::process::id()));
+    let dir = scratch_root().join(kind);
     let _ = std::fs::create_dir_all(&dir);
     dir
 }
 
-/// Removes the harnesses' scratch directories of this process.
+/// Removes this process's scratch directory.
 pub fn remove_scratch() {
-    for kind in ["blk", "vsock"] {
-        let dir = std::env::temp_dir().join(format!("shoal-fuzz-{kind}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    let _ = std::fs::remove_dir_all(scratch_root());
 }
 
 /// The corpus directory of `target` in the repository (`fuzz/corpus/TARGET`).
