@@ -523,7 +523,15 @@ impl Shim for Service {
             Ok(spec) => sandbox_id(&spec, &opts.id),
             Err(_) => opts.id.clone(),
         };
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd finds a running shim again after it restarts through the bundle's
+        // `address` file (it reads nothing else); the crate writes it only for a container
+        // that joins an existing shim, so write it for every one, whole or not at all.
+        write_address(Path::new("."), &address).map_err(|e| containerd_shim::Error::IoError {
+            context: "write the bundle's address file".into(),
+            err: e,
+        })?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
@@ -1217,15 +1225,16 @@ impl Task for Service {
         ))
     }
 
+    /// containerd's question, on start, whether this shim still serves task `id`: a
+    /// containerd that restarted asks it of every bundle it finds, within 5 s, and cleans up
+    /// (runs `shim delete`) after any error. So it never fails, and never waits long: a
+    /// sandbox booting holds the registry for up to the agent timeout, and the task it is
+    /// creating is this shim's all the same. Whether the task exists is for `state` to say.
     async fn connect(
         &self,
         _ctx: &TtrpcContext,
-        req: api::ConnectRequest,
+        _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let inner = self.state.inner.lock().await;
-        if !inner.containers.contains_key(&req.id) {
-            return Err(not_found(&format!("container {}", req.id)));
-        }
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: std::process::id(),
@@ -1247,6 +1256,15 @@ impl Task for Service {
         self.state.exit.signal();
         Ok(api::Empty::new())
     }
+}
+
+/// Writes `dir/address` as containerd reads it (the socket address, no newline), through a
+/// temporary file renamed over it, so that a containerd starting meanwhile reads the whole
+/// address or none.
+fn write_address(dir: &Path, address: &str) -> std::io::Result<()> {
+    let tmp = dir.join(".address.tmp");
+    std::fs::write(&tmp, address)?;
+    std::fs::rename(&tmp, dir.join("address"))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Writes the hand-made seeds of the fuzz corpus (`fuzz/corpus/TARGET/seed-*`): for the MMIO
-//! targets, a driver's whole device set-up, and for the snapshot decoder a whole state
+//! targets, a driver's whole device set-up, for the FUSE session a few requests that reach
+//! the tree, and for the snapshot decoder a whole state
 //! payload, which a fuzzer starting from nothing would take long to find. `scripts/fuzz`
 //! runs it; the seeds are also committed.
 fn main() {
@@ -14,6 +15,12 @@ fn main() {
             "seed-driver-setup",
             shoal_vmm::fuzz::mmio_seed(1),
         ),
+        (
+            "mmio_net",
+            "seed-driver-setup",
+            shoal_vmm::fuzz::mmio_seed(2),
+        ),
+        ("fuse_session", "seed-session", shoal_vmm::fuzz::fuse_seed()),
         (
             "snapshot_state",
             "seed-whole-state",

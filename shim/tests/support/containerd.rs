@@ -63,6 +63,8 @@ pub struct Containerd {
     pub root: PathBuf,
     pub run: PathBuf,
     child: Child,
+    /// containerd's PATH (the shim's directory first), for a restart.
+    path: String,
 }
 
 impl Containerd {
@@ -126,8 +128,28 @@ impl Containerd {
             path += &format!("{}:", extra.display());
         }
         path += &std::env::var("PATH").unwrap_or_default();
-        let log = std::fs::File::create(root.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let child = Containerd::spawn(&root, &path);
+        let c = Containerd {
+            root,
+            run,
+            child,
+            path,
+        };
+        c.wait_ready();
+        let out = c.ctr(&["images", "import", env.image.to_str().unwrap()]);
+        assert!(out.status.success(), "image import: {}", text(&out));
+        c
+    }
+
+    /// Starts the containerd process of the fixture in `root`, its log appended to
+    /// `root/containerd.log`.
+    fn spawn(root: &Path, path: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("containerd.log"))
+            .unwrap();
+        Command::new("containerd")
             .arg("--config")
             .arg(root.join("containerd.toml"))
             .env("PATH", path)
@@ -135,20 +157,42 @@ impl Containerd {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("containerd");
-        let c = Containerd { root, run, child };
+            .expect("containerd")
+    }
+
+    /// Waits until containerd answers on its socket.
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !c.run.join("containerd.sock").exists() {
+        loop {
+            if self.run.join("containerd.sock").exists()
+                && self
+                    .command(&["version"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
                 "containerd did not start:\n{}",
-                c.log()
+                self.log()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let out = c.ctr(&["images", "import", env.image.to_str().unwrap()]);
-        assert!(out.status.success(), "image import: {}", text(&out));
-        c
+    }
+
+    /// Stops containerd as a node does before an upgrade (SIGTERM, then waits for it to
+    /// exit); the shims it started are left running.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).expect("SIGTERM containerd");
+        self.child.wait().expect("wait for containerd");
+    }
+
+    /// Starts containerd again with the same configuration and state (after [`Containerd::stop`]).
+    pub fn start_again(&mut self) {
+        self.child = Containerd::spawn(&self.root, &self.path);
+        self.wait_ready();
     }
 
     /// Makes a VM template from this fixture's shoal config (`shoal-template`) and returns a
@@ -419,6 +463,18 @@ pub fn shim_pids() -> Vec<i32> {
         }
     }
     pids
+}
+
+/// The pid of the shim containerd started for task `id` (`-id ID` on its command line).
+pub fn shim_pid_of(id: &str) -> Option<i32> {
+    shim_pids().into_iter().find(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split('\0')
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w == ["-id", id])
+        })
+    })
 }
 
 pub fn text(out: &Output) -> String {

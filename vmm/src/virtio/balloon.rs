@@ -83,18 +83,29 @@ impl Balloon {
         };
         let mem = &active.mem;
         let mut returned = false;
+        // What this pass may cost: frame numbers read and ranges dropped. Buffers past it are
+        // returned untouched (their pages stay the guest's, only the host does not reclaim
+        // them), so one notification costs the VMM a bounded amount of work however the
+        // guest lays out its queue: chains sharing descriptors, buffers claiming 4 GiB.
+        let mut budget = PASS_BUDGET;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             for desc in chain {
                 let (addr, len) = (desc.addr(), u64::from(desc.len()));
+                if budget == 0 {
+                    crate::guest_warn!(
+                        "virtio-balloon: more than {PASS_BUDGET} frames or ranges in one notification; the rest is returned untouched"
+                    );
+                    break;
+                }
                 match index {
                     INFLATE => {
-                        let dropped = drop_pfns(mem, addr, len);
+                        let dropped = drop_pfns(mem, addr, len, &mut budget);
                         self.stats
                             .inflated_bytes
                             .fetch_add(dropped, Ordering::Relaxed);
                     }
-                    REPORTING if discard(mem, addr, len) => {
+                    REPORTING if take(&mut budget, 1) == 1 && discard(mem, addr, len) => {
                         self.stats.reported_bytes.fetch_add(len, Ordering::Relaxed);
                     }
                     // Deflated pages need nothing: the guest's next touch faults them in.
@@ -115,9 +126,25 @@ impl Balloon {
     }
 }
 
-/// Drops the pages whose 4 KiB frame numbers (u32 each) fill the buffer at `addr`; returns
-/// the bytes dropped. Runs of consecutive frames go to the kernel as one range.
-fn drop_pfns(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> u64 {
+/// The most work one notification gets: inflate frame numbers read plus reported ranges
+/// dropped. Linux's driver sends at most 256 frames (`VIRTIO_BALLOON_ARRAY_PFNS_MAX`) or a
+/// few reported ranges per notification. Without a bound, a guest's buffer claiming 4 GiB,
+/// or 256 chains reusing one long chain of such buffers, had the VMM read up to billions of
+/// numbers and make as many `madvise` calls for one notification (found by the
+/// `mmio_balloon` fuzz target: minutes for one input).
+const PASS_BUDGET: u64 = 4096;
+
+/// Takes up to `want` from `budget`; returns what was taken.
+fn take(budget: &mut u64, want: u64) -> u64 {
+    let got = want.min(*budget);
+    *budget -= got;
+    got
+}
+
+/// Drops the pages whose 4 KiB frame numbers (u32 each) fill the buffer at `addr`, as many
+/// of them as `budget` allows (it is charged one per number read); returns the bytes
+/// dropped. Runs of consecutive frames go to the kernel as one range.
+fn drop_pfns(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64, budget: &mut u64) -> u64 {
     let mut run: Option<(u64, u64)> = None;
     let mut dropped = 0;
     let mut flush = |run: Option<(u64, u64)>| {
@@ -127,7 +154,7 @@ fn drop_pfns(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> u64 {
             }
         }
     };
-    for i in 0..len / 4 {
+    for i in 0..take(budget, len / 4) {
         let Ok(pfn) = mem.read_obj::<u32>(GuestAddress(addr.0.wrapping_add(i * 4))) else {
             break;
         };
@@ -394,6 +421,44 @@ mod tests {
             let used_idx: u16 = mem.read_obj(q.used_addr().unchecked_add(2)).unwrap();
             assert_eq!(used_idx, 1);
         }
+    }
+
+    /// An inflate buffer claiming 4 GiB of frame numbers is read for the first
+    /// `PASS_BUDGET` only, and a second chain in the same notification is returned
+    /// untouched: the VMM's work for one notification is bounded, whatever the lengths say.
+    #[test]
+    fn an_inflate_buffer_is_read_for_a_bounded_number_of_frames() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
+        let queues: Vec<MockSplitQueue<_>> = (0..2)
+            .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x1_0000 * (i + 1)), 16))
+            .collect();
+        // Frame numbers 0x400, 0x402, 0x400, ... (no runs: one madvise each) from 0x10_0000
+        // to the end of guest RAM: far more of them than the bound.
+        let frames = (8 * MIB - 0x10_0000) / 4;
+        for i in 0..frames {
+            mem.write_obj(0x400 + 2 * (i % 2) as u32, GuestAddress(0x10_0000 + 4 * i))
+                .unwrap();
+        }
+        queues[0]
+            .add_desc_chains(
+                &[
+                    desc(0x10_0000, u32::MAX, 0, 0),
+                    desc(0x10_0000, u32::MAX, 0, 0),
+                ],
+                0,
+            )
+            .unwrap();
+        let (mut b, _irq) = active(
+            &mem,
+            queues.iter().map(|q| q.create_queue().unwrap()).collect(),
+        );
+        b.queue_notify(INFLATE);
+        let dropped = b.stats().inflated_bytes.load(Ordering::Relaxed);
+        assert_eq!(dropped, PASS_BUDGET * PAGE);
+        let used_idx: u16 = mem
+            .read_obj(queues[0].used_addr().unchecked_add(2))
+            .unwrap();
+        assert_eq!(used_idx, 2, "both buffers are returned");
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl Fs {
         Ok(Fs {
             tag: config.tag.clone(),
             config: blob,
-            server: Arc::new(Server::new(Arc::new(tuned::ContainerFs(fs)))),
+            server: Arc::new(Server::new(Arc::new(tuned::ContainerFs::new(fs)))),
             worker: None,
             activated: Vec::new(),
             served: Arc::new(AtomicBool::new(false)),
@@ -365,6 +365,35 @@ impl VirtioDevice for Fs {
                 crate::guest_warn!("virtio-fs: cannot wake the worker: {e}");
             }
         }
+    }
+}
+
+/// The device's FUSE server driven on the caller's thread, one request queue at a time: the
+/// fuzz harness's way in (the same `serve_queue` the worker runs, without the thread).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) struct DirectServe {
+    server: Arc<FuseServer>,
+    view: fuse_vm_memory::GuestMemoryMmap,
+    queue: fuse_virtio_queue::Queue,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl DirectServe {
+    /// Serves `queue` of `fs` over `mem`, which the caller keeps alive (and mapped) for as
+    /// long as this lives. `None` when the queue is not one the device would accept.
+    pub(crate) fn new(fs: &Fs, mem: &GuestMemoryMmap, queue: &Queue) -> Option<DirectServe> {
+        let view = memory_view(mem).ok()?;
+        let queue = queue_view(queue, &view)?;
+        Some(DirectServe {
+            server: fs.server.clone(),
+            view,
+            queue,
+        })
+    }
+
+    /// Serves every request waiting; returns whether any was answered.
+    pub(crate) fn serve(&mut self) -> bool {
+        serve_queue(&self.server, &self.view, &mut self.queue)
     }
 }
 

@@ -39,6 +39,22 @@
 //!   ceiling for a value and for a list) is served with a 64 KiB buffer, so a request cannot
 //!   make the host allocate what the guest names.
 //!
+//! # Read and write flags
+//!
+//! A FUSE READ or WRITE carries the file's flags as the guest has them now, and the
+//! passthrough, when they differ from the flags the handle was opened with, sets them on the
+//! host descriptor (`F_SETFL`). Where that fails (an `O_PATH` descriptor the guest opened,
+//! `O_DIRECT` on a file system without it, `O_APPEND` on an append-only file),
+//! fuse-backend-rs 0.14 closes the handle's descriptor on the way out and leaves the handle
+//! holding its number, which is then closed a second time: whatever the VMM or the shim
+//! opened meanwhile under that number. (Found by the `fuse_session` fuzz target.) So the
+//! wrapper keeps each handle's open flags (files and directories) and hands the passthrough
+//! those with every read and write: the host descriptor keeps the flags it was opened with,
+//! and no `F_SETFL` is made. A read or write naming a handle no open, create or opendir made
+//! is refused (`EBADF`) before it reaches the passthrough.
+//!
+//! # What passes through
+//!
 //! `user.*` and `system.posix_acl_*` xattrs pass through (the host kernel checks them as it
 //! would for any root process).
 //!
@@ -47,8 +63,10 @@
 //! protection against setuid files and device nodes already in the tree is the mount: the
 //! shared trees are mounted `nosuid,nodev` on the host, so nothing the guest leaves there
 //! runs with its owner's rights or opens a device through that mount.
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -72,8 +90,30 @@ const XATTR_MAX: u32 = 64 * 1024;
 /// The device number of an overlayfs whiteout, the one character device the guest may make.
 const WHITEOUT_RDEV: u32 = 0;
 
-/// See the module documentation.
-pub struct ContainerFs(pub PassthroughFs);
+/// See the module documentation. Beside the passthrough file system: the flags each open
+/// handle was opened with (see "Read and write flags" there).
+pub struct ContainerFs(pub PassthroughFs, Mutex<HashMap<u64, u32>>);
+
+impl ContainerFs {
+    pub fn new(fs: PassthroughFs) -> ContainerFs {
+        ContainerFs(fs, Mutex::new(HashMap::new()))
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.1
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The flags `handle` was opened with (file or directory); `EBADF` for a handle no
+    /// open, create or opendir made.
+    fn open_flags(&self, handle: u64) -> io::Result<u32> {
+        self.handles()
+            .get(&handle)
+            .copied()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+    }
+}
 
 fn refused() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
@@ -116,6 +156,7 @@ impl FileSystem for ContainerFs {
     }
 
     fn destroy(&self) {
+        self.handles().clear();
         self.0.destroy()
     }
 
@@ -174,6 +215,11 @@ impl FileSystem for ContainerFs {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
+        // The passthrough makes the node with `mode & !umask`, and the umask can clear
+        // file-type bits too (`0o070000` with umask `0o010000` is a block device). So the
+        // mode is masked here, checked as masked, and handed on with no umask left to apply:
+        // what is checked is what is made.
+        let mode = mode & !umask;
         if is_refused_device(mode, rdev) {
             crate::guest_warn!(
                 mode,
@@ -182,7 +228,7 @@ impl FileSystem for ContainerFs {
             );
             return Err(refused());
         }
-        self.0.mknod(ctx, inode, name, mode, rdev, umask)
+        self.0.mknod(ctx, inode, name, mode, rdev, 0)
     }
 
     fn mkdir(
@@ -233,7 +279,11 @@ impl FileSystem for ContainerFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.0.open(ctx, inode, flags, fuse_flags)
+        let opened = self.0.open(ctx, inode, flags, fuse_flags)?;
+        if let Some(handle) = opened.0 {
+            self.handles().insert(handle, flags);
+        }
+        Ok(opened)
     }
 
     fn create(
@@ -243,7 +293,12 @@ impl FileSystem for ContainerFs {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.0.create(ctx, parent, name, args)
+        let flags = args.flags;
+        let created = self.0.create(ctx, parent, name, args)?;
+        if let Some(handle) = created.1 {
+            self.handles().insert(handle, flags);
+        }
+        Ok(created)
     }
 
     fn read(
@@ -255,8 +310,10 @@ impl FileSystem for ContainerFs {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _guest_flags: u32,
     ) -> io::Result<usize> {
+        // The handle's open flags, not the guest's current ones: "Read and write flags".
+        let flags = self.open_flags(handle)?;
         self.0
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -272,9 +329,10 @@ impl FileSystem for ContainerFs {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _guest_flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.open_flags(handle)?;
         self.0.write(
             ctx,
             inode,
@@ -332,6 +390,7 @@ impl FileSystem for ContainerFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.handles().remove(&handle);
         self.0
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -407,7 +466,13 @@ impl FileSystem for ContainerFs {
         inode: Self::Inode,
         flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        self.0.opendir(ctx, inode, flags)
+        let opened = self.0.opendir(ctx, inode, flags)?;
+        if let Some(handle) = opened.0 {
+            // What the passthrough records for a directory handle.
+            self.handles()
+                .insert(handle, flags | libc::O_DIRECTORY as u32);
+        }
+        Ok(opened)
     }
 
     fn readdir(
@@ -452,6 +517,7 @@ impl FileSystem for ContainerFs {
         flags: u32,
         handle: Self::Handle,
     ) -> io::Result<()> {
+        self.handles().remove(&handle);
         self.0.releasedir(ctx, inode, flags, handle)
     }
 

@@ -191,6 +191,17 @@ impl Tap {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+impl Tap {
+    /// A second descriptor of the same tap (the fuzz harness gives each input's device one).
+    pub(crate) fn try_clone(&self) -> std::io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
