@@ -325,6 +325,13 @@ mod tests {
         buf.iter().all(|b| *b == 0)
     }
 
+    /// `n` mock queues of 16 entries at 0x1_0000, 0x2_0000, ...
+    fn mock_queues(mem: &GuestMemoryMmap, n: u64) -> Vec<MockSplitQueue<'_, GuestMemoryMmap>> {
+        (0..n)
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(0x1_0000 * (i + 1)), 16))
+            .collect()
+    }
+
     fn active(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> (Balloon, EventFd) {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut b = Balloon::new();
@@ -340,9 +347,7 @@ mod tests {
     #[test]
     fn reported_ranges_are_dropped_and_others_refused() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
-        let queues: Vec<MockSplitQueue<_>> = (0..3)
-            .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x1_0000 * (i + 1)), 16))
-            .collect();
+        let queues = mock_queues(&mem, 3);
         fill(&mem, 2 * MIB, 2 * MIB);
         fill(&mem, 5 * MIB, PAGE);
         // One report of two ranges (2 MiB and 4 KiB at 6 MiB), then bad ranges: unaligned,
@@ -386,9 +391,7 @@ mod tests {
     #[test]
     fn inflated_frames_are_dropped_in_runs_and_deflate_returns_buffers() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
-        let queues: Vec<MockSplitQueue<_>> = (0..2)
-            .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x1_0000 * (i + 1)), 16))
-            .collect();
+        let queues = mock_queues(&mem, 2);
         fill(&mem, 0x40_0000, 4 * PAGE);
         // Frames 0x400, 0x401, 0x403 and one far outside guest RAM.
         let pfns: [u32; 4] = [0x400, 0x401, 0x403, 0xff_ffff];
@@ -429,9 +432,7 @@ mod tests {
     #[test]
     fn an_inflate_buffer_is_read_for_a_bounded_number_of_frames() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 * MIB as usize)]).unwrap();
-        let queues: Vec<MockSplitQueue<_>> = (0..2)
-            .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x1_0000 * (i + 1)), 16))
-            .collect();
+        let queues = mock_queues(&mem, 2);
         // Frame numbers 0x400, 0x402, 0x400, ... (no runs: one madvise each) from 0x10_0000
         // to the end of guest RAM: far more of them than the bound.
         let frames = (8 * MIB - 0x10_0000) / 4;
