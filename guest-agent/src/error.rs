@@ -42,6 +42,11 @@ pub enum AgentError {
         container_id: String,
         exec_id: String,
     },
+    #[error("process {exec_id} of container {container_id} is still running")]
+    ProcessRunning {
+        container_id: String,
+        exec_id: String,
+    },
     #[error("stdio stream {0:?} was not connected in time")]
     StdioTimeout(String),
     #[error("{0} is not supported")]
@@ -124,9 +129,9 @@ impl AgentError {
             | AgentError::InvalidRequest(_)
             | AgentError::MissingRootfs { .. }
             | AgentError::Network(_) => Code::INVALID_ARGUMENT,
-            AgentError::WrongState { .. } | AgentError::ProcessExited { .. } => {
-                Code::FAILED_PRECONDITION
-            }
+            AgentError::WrongState { .. }
+            | AgentError::ProcessExited { .. }
+            | AgentError::ProcessRunning { .. } => Code::FAILED_PRECONDITION,
             AgentError::StdioTimeout(_) => Code::DEADLINE_EXCEEDED,
             AgentError::Unsupported(_) => Code::UNIMPLEMENTED,
             AgentError::Runtime { .. }

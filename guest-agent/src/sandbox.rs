@@ -78,6 +78,17 @@ pub struct StdioRequest {
     pub terminal: bool,
 }
 
+impl StdioRequest {
+    /// The stream tokens the request names.
+    fn token_list(&self) -> Vec<String> {
+        [&self.stdin, &self.stdout, &self.stderr]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect()
+    }
+}
+
 /// The pod.
 pub struct Sandbox {
     state_root: PathBuf,
@@ -181,6 +192,21 @@ impl Sandbox {
 
     /// Creates a container from its OCI spec; its init process waits for `start`.
     pub fn create_container(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &str,
+        stdio: StdioRequest,
+    ) -> Result<i32> {
+        let tokens = stdio.token_list();
+        let created = self.create_container_with(id, spec_json, rootfs, stdio);
+        if created.is_err() {
+            self.streams.discard(&tokens);
+        }
+        created
+    }
+
+    fn create_container_with(
         &self,
         id: &str,
         spec_json: &[u8],
@@ -325,6 +351,21 @@ impl Sandbox {
         process_json: &[u8],
         stdio: StdioRequest,
     ) -> Result<i32> {
+        let tokens = stdio.token_list();
+        let started = self.exec_process_with(id, exec_id, process_json, stdio);
+        if started.is_err() {
+            self.streams.discard(&tokens);
+        }
+        started
+    }
+
+    fn exec_process_with(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: StdioRequest,
+    ) -> Result<i32> {
         validate_id(exec_id)?;
         let entry = self.entry(id)?;
         if entry
@@ -451,6 +492,34 @@ impl Sandbox {
     pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
         self.entry(id)?;
         Ok(cgroup::pids(&cgroup::dir(id)))
+    }
+
+    /// Forgets exec process `exec_id` of container `id` once it has exited: its record,
+    /// stdio and id go, so the id can be used again (a probe that reuses its exec id, as
+    /// `ctr task exec --exec-id` allows after a delete). The init process goes with the
+    /// container ([`Sandbox::remove`]).
+    pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(AgentError::InvalidRequest(format!(
+                "the init process of container {id} goes with the container (RemoveContainer)"
+            )));
+        }
+        let entry = self.entry(id)?;
+        let mut procs = entry.processes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(proc) = procs.get(exec_id) else {
+            return Err(AgentError::NoSuchProcess {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            });
+        };
+        if proc.exit_status().is_none() {
+            return Err(AgentError::ProcessRunning {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+            });
+        }
+        procs.remove(exec_id);
+        Ok(())
     }
 
     /// Deletes a container: its processes (when `force` or already stopped), cgroup, state and bundle.

@@ -177,6 +177,16 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.sandbox
+            .remove_process(&req.container_id, &req.exec_id)?;
+        Ok(Empty::new())
+    }
+
     async fn update_container(
         &self,
         _ctx: &TtrpcContext,

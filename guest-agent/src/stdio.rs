@@ -61,14 +61,21 @@ impl Write for Stream {
     }
 }
 
+/// Streams waiting to be claimed, by token, with when each arrived.
+type Waiting = HashMap<String, (Stream, Instant)>;
+
 /// Streams that connected and announced their token, waiting to be claimed.
 #[derive(Clone, Default)]
 pub struct StreamRegistry {
-    inner: Arc<(Mutex<HashMap<String, Stream>>, Condvar)>,
+    inner: Arc<(Mutex<Waiting>, Condvar)>,
 }
 
 /// How long a process request waits for its streams to connect.
 pub const STREAM_WAIT: Duration = Duration::from_secs(10);
+/// How long a stream nobody claims is kept: the host opens the streams before its process
+/// request, and a request that fails before claiming them (an exec id in use, a bad spec)
+/// leaves them; they are closed once they are this old, so the host's copies end too.
+const UNCLAIMED_LIMIT: Duration = Duration::from_secs(60);
 const MAX_TOKEN: usize = 256;
 const PUMP_STACK: usize = 64 * 1024;
 
@@ -92,9 +99,10 @@ impl StreamRegistry {
             return;
         };
         let (map, cv) = &*self.inner;
-        map.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token.to_string(), stream);
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        map.retain(|_, (_, since)| now.duration_since(*since) < UNCLAIMED_LIMIT);
+        map.insert(token.to_string(), (stream, now));
         cv.notify_all();
     }
 
@@ -104,7 +112,7 @@ impl StreamRegistry {
         let deadline = Instant::now() + timeout;
         let mut guard = map.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(s) = guard.remove(token) {
+            if let Some((s, _)) = guard.remove(token) {
                 return Ok(s);
             }
             let now = Instant::now();
@@ -115,6 +123,16 @@ impl StreamRegistry {
                 .wait_timeout(guard, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Closes the streams of `tokens` that arrived and were not claimed (their process
+    /// request failed): the host's copies see the end of them at once.
+    pub fn discard(&self, tokens: &[String]) {
+        let (map, _) = &*self.inner;
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tokens {
+            map.remove(t);
         }
     }
 

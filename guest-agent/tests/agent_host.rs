@@ -407,6 +407,55 @@ async fn agent_host_exec_signals_pause_and_processes() {
     );
     assert_eq!(reader.join().unwrap(), "exec works\n");
 
+    // The id is taken until the host removes the exec. A refused request closes the streams
+    // it named (the host's copies would wait on them for ever otherwise).
+    let refused_out = a.stream("exec1-refused");
+    std::thread::sleep(Duration::from_secs(1)); // the agent files the stream
+    let again = ExecProcessRequest {
+        stdio: Some(stdio("exec1-refused", "")).into(),
+        ..req.clone()
+    };
+    let e = a.client.exec_process(ctx(), &again).await.unwrap_err();
+    assert_eq!(code_of(&e), ttrpc::Code::ALREADY_EXISTS, "{e}");
+    refused_out
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        read_all(refused_out),
+        "",
+        "the refused exec's stream is closed"
+    );
+    let e = a
+        .client
+        .remove_process(ctx(), &preq(id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), ttrpc::Code::INVALID_ARGUMENT, "{e}");
+    let e = a
+        .client
+        .remove_process(ctx(), &preq(id, "nosuch"))
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e), ttrpc::Code::NOT_FOUND, "{e}");
+    a.client
+        .remove_process(ctx(), &preq(id, "exec1"))
+        .await
+        .unwrap();
+    let out = a.stream("exec1-reused");
+    let reused = ExecProcessRequest {
+        stdio: Some(stdio("exec1-reused", "")).into(),
+        ..req.clone()
+    };
+    a.client.exec_process(ctx(), &reused).await.unwrap();
+    let reader = std::thread::spawn(move || read_all(out));
+    let status = a.client.wait_process(ctx(), &preq(id, "exec1")).await;
+    assert_eq!(status.unwrap().exit_status, 0);
+    assert_eq!(
+        reader.join().unwrap(),
+        "exec works\n",
+        "the id is used again"
+    );
+
     // the process list and stats see the container's processes
     let pids = a
         .client

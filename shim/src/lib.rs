@@ -2,6 +2,7 @@
 //! micro-VM in-process and serves containerd's Task API against the guest agent.
 //!
 //! - [`admission`]: whether the host has memory for one more sandbox start;
+//! - [`crashes`]: the flight recorder, reports of VMs that ended unasked;
 //! - [`service`]: the shim's `start`/`delete` actions and the Task service;
 //! - [`sandbox`]: the VM, its agent connection and state directory;
 //! - [`mounts`]: rootfs and volumes under the virtio-fs shared tree;
@@ -14,6 +15,7 @@
 //! - [`template`]: VM templates, restored instead of booted when configured.
 pub mod admission;
 pub mod config;
+pub mod crashes;
 pub mod host_cgroups;
 pub mod io;
 pub mod limits;

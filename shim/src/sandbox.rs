@@ -3,7 +3,8 @@
 //! the guest console log).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,6 +54,13 @@ pub enum SandboxError {
     AgentLost(String),
     #[error("the guest agent refused to set up the sandbox: {0}")]
     Agent(ttrpc::Error),
+    /// The agent took the connection but did not answer `step` in time.
+    #[error("the guest agent did not answer {step} within {secs} s (the sandbox VM still runs); the guest console's last lines:\n{console}")]
+    SetupTimeout {
+        step: &'static str,
+        secs: u64,
+        console: String,
+    },
     #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
     Cgroup(#[from] PoolError),
     #[error("cannot carry the pod's network into the VM: {0}")]
@@ -93,6 +101,28 @@ fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> O
         "the connection to the guest agent broke ({e}); {vm}; the guest console's last lines:\n{}",
         console_tail(console, CONSOLE_TAIL_LINES)
     ))
+}
+
+/// Whether an agent call failed because its deadline passed (ttrpc reports that only in
+/// its message).
+fn is_timeout(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::Others(m) if m.starts_with("Receive packet timeout"))
+}
+
+/// A sandbox VM that ended without the shim asking: a report in the flight recorder
+/// ([`crate::crashes`]) and a log line naming it, with the console's last lines.
+fn record_crash(state_dir: &Path, id: &str, reason: &ExitReason, console: &Path) {
+    let tail = console_tail(console, crate::crashes::CONSOLE_LINES);
+    let kept = match crate::crashes::record(state_dir, id, &reason.to_string(), &tail) {
+        Ok(path) => format!("report {}", path.display()),
+        Err(e) => format!("no report kept ({e})"),
+    };
+    let lines: Vec<&str> = tail.lines().collect();
+    let last = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n");
+    tracing::warn!(
+        "sandbox {id}: the VM ended unasked: {reason}; {kept}; the guest console's last lines:\n{}",
+        crate::crashes::printable(&last)
+    );
 }
 
 /// How much of the guest console an agent timeout reports.
@@ -292,6 +322,8 @@ pub struct Sandbox {
     pub shared: PathBuf,
     pub uds: PathBuf,
     pub agent: AgentClient,
+    /// Set before the shim ends the VM: an end without it is a crash, recorded.
+    ending: Arc<AtomicBool>,
     stopper: Stopper,
     vm_thread: Mutex<Option<JoinHandle<()>>>,
     cgroup: Mutex<Option<HostCgroup>>,
@@ -425,15 +457,27 @@ impl Sandbox {
         mark("vm_created");
         let stopper = vm.stopper();
         let (tx, exited) = watch::channel(None);
-        let vm_thread = std::thread::Builder::new()
-            .name("shoal-vm-wait".into())
-            .spawn(move || {
-                let reason = vm.wait();
-                tracing::info!("sandbox VM ended: {reason:?}");
-                let _ = tx.send(Some(reason));
-            })
-            .expect("spawning the VM wait thread");
+        let ending = Arc::new(AtomicBool::new(false));
+        let vm_thread = {
+            let (ending, state_dir, console) =
+                (ending.clone(), config.state_dir.clone(), console.clone());
+            let id = id.to_string();
+            std::thread::Builder::new()
+                .name("shoal-vm-wait".into())
+                .spawn(move || {
+                    let reason = vm.wait();
+                    if ending.load(Ordering::Acquire) {
+                        tracing::info!("sandbox VM ended: {reason:?}");
+                    } else {
+                        // Read before anything removes the sandbox's directory.
+                        record_crash(&state_dir, &id, &reason, &console);
+                    }
+                    let _ = tx.send(Some(reason));
+                })
+                .expect("spawning the VM wait thread")
+        };
         let mut sandbox = SandboxParts {
+            ending: ending.clone(),
             stopper,
             vm_thread: Some(vm_thread),
             dir: dir.clone(),
@@ -490,7 +534,10 @@ impl Sandbox {
             }
         };
         let setup = async {
-            agent.check(ctx(timeout), &CheckRequest::new()).await?;
+            agent
+                .check(ctx(timeout), &CheckRequest::new())
+                .await
+                .map_err(|e| ("Check", e))?;
             let req = CreateSandboxRequest {
                 hostname: hostname.into(),
                 sandbox_id: id.into(),
@@ -504,15 +551,24 @@ impl Sandbox {
                 entropy: host_entropy(),
                 ..Default::default()
             };
-            agent.create_sandbox(ctx(timeout), &req).await
+            agent
+                .create_sandbox(ctx(timeout), &req)
+                .await
+                .map_err(|e| ("CreateSandbox", e))
         };
-        if let Err(e) = setup.await {
+        if let Err((step, e)) = setup.await {
             let lost = lost_agent(&e, exited.borrow().as_ref(), &console);
-            sandbox.stop();
-            return Err(match lost {
+            let error = match lost {
                 Some(message) => SandboxError::AgentLost(message),
+                None if is_timeout(&e) => SandboxError::SetupTimeout {
+                    step,
+                    secs: config.agent_timeout_secs,
+                    console: console_tail(&console, CONSOLE_TAIL_LINES),
+                },
                 None => SandboxError::Agent(e),
-            });
+            };
+            sandbox.stop();
+            return Err(error);
         }
         mark("agent_ready");
         let (stopper, vm_thread, cgroup, connected) = sandbox.disarm();
@@ -522,6 +578,7 @@ impl Sandbox {
             shared,
             uds,
             agent,
+            ending,
             stopper,
             vm_thread: Mutex::new(vm_thread),
             cgroup: Mutex::new(cgroup),
@@ -599,6 +656,7 @@ impl Sandbox {
 
     /// Asks the guest to power off, stops the VM if it does not, and removes the state dir.
     pub async fn shut_down(&self) {
+        self.ending.store(true, Ordering::Release);
         // The agent may power off before its answer leaves the guest: wait for whichever of
         // the answer and the VM's end comes first, then for the VM's end.
         let mut exited = self.exited.clone();
@@ -642,6 +700,7 @@ impl Sandbox {
 
 /// The VM while the sandbox is still being set up: stopped and cleaned if setup fails.
 struct SandboxParts {
+    ending: Arc<AtomicBool>,
     stopper: Stopper,
     vm_thread: Option<JoinHandle<()>>,
     dir: PathBuf,
@@ -651,6 +710,7 @@ struct SandboxParts {
 
 impl SandboxParts {
     fn stop(&mut self) {
+        self.ending.store(true, Ordering::Release);
         self.stopper.stop();
         if let Some(h) = self.vm_thread.take() {
             let _ = h.join();

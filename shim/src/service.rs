@@ -78,6 +78,9 @@ struct Process {
     exit: watch::Receiver<Exit>,
     exit_tx: Arc<watch::Sender<Exit>>,
     io: Arc<std::sync::Mutex<Option<ProcessIo>>>,
+    /// Whether a waiter records this process's exit (from its start, or from a signal to a
+    /// container not started yet).
+    watched: bool,
 }
 
 impl Process {
@@ -91,6 +94,7 @@ impl Process {
             exit: rx,
             exit_tx: Arc::new(tx),
             io: Arc::new(std::sync::Mutex::new(None)),
+            watched: false,
         }
     }
 
@@ -112,7 +116,7 @@ impl Process {
     /// Ends the process's stdio copies.
     fn stop_io(&self) {
         if let Some(io) = self.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            io.shut_down(&self.fifos);
+            io.shut_down();
         }
     }
 }
@@ -383,6 +387,15 @@ impl Service {
         });
     }
 
+    /// Stops the sandbox and ends the shim when it serves no container.
+    async fn exit_if_idle(&self) {
+        let mut inner = self.state.inner.lock().await;
+        if inner.containers.is_empty() {
+            self.release_sandbox_if_empty(&mut inner).await;
+            self.state.exit.signal();
+        }
+    }
+
     /// Shuts the sandbox down once no container is left in it.
     async fn release_sandbox_if_empty(&self, inner: &mut Inner) {
         if !inner.containers.is_empty() {
@@ -598,6 +611,282 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        let me = self.clone();
+        let what = format!("create of {}", req.id);
+        to_completion(me.clone(), what, async move { me.create_whole(req).await }).await
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let me = self.clone();
+        let what = format!("start of {}", req.id);
+        to_completion(me.clone(), what, async move { me.start_whole(req).await }).await
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let me = self.clone();
+        let what = format!("delete of {}", req.id);
+        to_completion(me.clone(), what, async move { me.delete_whole(req).await }).await
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("exec of {}", req.id);
+        to_completion(me.clone(), what, async move { me.exec_whole(req).await }).await
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let inner = self.state.inner.lock().await;
+        let (c, p) = inner.process(&req.id, &req.exec_id)?;
+        let (code, at) = p
+            .exited()
+            .map(|(c, t)| (c, MessageField::some(t)))
+            .unwrap_or((0, MessageField::none()));
+        Ok(api::StateResponse {
+            id: req.id,
+            bundle: c.bundle.clone(),
+            pid: std::process::id(),
+            status: EnumOrUnknown::new(p.status),
+            stdin: p.fifos.stdin.clone(),
+            stdout: p.fifos.stdout.clone(),
+            stderr: p.fifos.stderr.clone(),
+            terminal: p.fifos.terminal,
+            exit_status: code,
+            exited_at: at,
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let sb = self.sandbox().await?;
+        let r = sb
+            .agent
+            .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id))
+            .await?;
+        Ok(api::PidsResponse {
+            processes: r
+                .pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("kill of {}", req.id);
+        to_completion(me.clone(), what, async move { me.kill_whole(req).await }).await
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let mut rx = {
+            let inner = self.state.inner.lock().await;
+            let (_, p) = inner.process(&req.id, &req.exec_id)?;
+            p.exit.clone()
+        };
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| status(ttrpc::Code::ABORTED, "the shim is shutting down"))?
+            .clone()
+            .expect("waited for Some");
+        Ok(api::WaitResponse {
+            exit_status: exit.0,
+            exited_at: MessageField::some(exit.1),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("pause of {}", req.id);
+        to_completion(me.clone(), what, async move { me.pause_whole(req).await }).await
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("resume of {}", req.id);
+        to_completion(me.clone(), what, async move { me.resume_whole(req).await }).await
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("update of {}", req.id);
+        to_completion(me.clone(), what, async move { me.update_whole(req).await }).await
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let sb = self.sandbox().await?;
+        let s = sb
+            .agent
+            .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
+            .await?;
+        let metrics = v2::Metrics {
+            pids: MessageField::some(v2::PidsStat {
+                current: s.pids_current,
+                limit: s.pids_max,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(v2::CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                ..Default::default()
+            }),
+            memory: MessageField::some(v2::MemoryStat {
+                usage: s.memory_current,
+                usage_limit: s.memory_max,
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(v2::MemoryEvents {
+                oom_kill: s.memory_oom_kills,
+                ..Default::default()
+            }),
+            io: MessageField::some(v2::IOStat {
+                usage: vec![v2::IOEntry {
+                    rbytes: s.io_read_bytes,
+                    wbytes: s.io_write_bytes,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let sb = self.sandbox().await?;
+        sb.agent
+            .resize_pty(
+                ctx(RPC_TIMEOUT),
+                &ag::ResizePtyRequest {
+                    container_id: req.id,
+                    exec_id: req.exec_id,
+                    width: req.width,
+                    height: req.height,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("close io of {}", req.id);
+        to_completion(
+            me.clone(),
+            what,
+            async move { me.close_io_whole(req).await },
+        )
+        .await
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(status(
+            ttrpc::Code::UNIMPLEMENTED,
+            format!("checkpoint of {}: not supported by shoal", req.id),
+        ))
+    }
+
+    /// containerd's question, on start, whether this shim still serves task `id`: a
+    /// containerd that restarted asks it of every bundle it finds, within 5 s, and cleans up
+    /// (runs `shim delete`) after any error. So it never fails, and never waits long: a
+    /// sandbox booting holds the registry for up to the agent timeout, and the task it is
+    /// creating is this shim's all the same. Whether the task exists is for `state` to say.
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let me = self.clone();
+        let what = format!("shutdown of {}", req.id);
+        to_completion(
+            me.clone(),
+            what,
+            async move { me.shutdown_whole(req).await },
+        )
+        .await
+    }
+}
+
+/// The Task requests that change state, run whole (see [`to_completion`]).
+impl Service {
+    async fn create_whole(
+        &self,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
         let cid = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let mut spec = load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
@@ -740,11 +1029,7 @@ impl Task for Service {
         })
     }
 
-    async fn start(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StartRequest,
-    ) -> TtrpcResult<api::StartResponse> {
+    async fn start_whole(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let sb = self.sandbox().await?;
         let mut inner = self.state.inner.lock().await;
         let c = inner
@@ -764,13 +1049,16 @@ impl Task for Service {
                 .await?;
             c.init.status = Status::RUNNING;
             crate::sandbox::mark("container_started");
-            self.spawn_waiter(
-                sb.clone(),
-                req.id.clone(),
-                String::new(),
-                c.init.exit_tx.clone(),
-                c.init.io.clone(),
-            );
+            if !c.init.watched {
+                c.init.watched = true;
+                self.spawn_waiter(
+                    sb.clone(),
+                    req.id.clone(),
+                    String::new(),
+                    c.init.exit_tx.clone(),
+                    c.init.io.clone(),
+                );
+            }
             drop(inner);
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
@@ -840,11 +1128,7 @@ impl Task for Service {
         })
     }
 
-    async fn delete(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
+    async fn delete_whole(&self, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
         let mut inner = self.state.inner.lock().await;
         let c = inner
             .containers
@@ -863,7 +1147,31 @@ impl Task for Service {
                 ));
             }
             let (code, at) = p.exited().unwrap_or((0, now()));
-            c.execs.remove(&req.exec_id);
+            if let Some(p) = c.execs.remove(&req.exec_id) {
+                p.stop_io();
+            }
+            let sb = inner.sandbox.clone();
+            drop(inner);
+            if let Some(sb) = sb {
+                // The agent forgets the process too, so its id can be used again.
+                let forget = ag::ProcessRequest {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    ..Default::default()
+                };
+                let forgot = sb.agent.remove_process(ctx(RPC_TIMEOUT), &forget).await;
+                match forgot {
+                    Ok(_) => {}
+                    // Never started in the guest, or the VM is gone.
+                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::NOT_FOUND => {}
+                    Err(_) if sb.exited.borrow().is_some() => {}
+                    Err(e) => tracing::warn!(
+                        "{}/{}: the agent could not forget the process: {e}",
+                        req.id,
+                        req.exec_id
+                    ),
+                }
+            }
             return Ok(api::DeleteResponse {
                 pid,
                 exit_status: code,
@@ -927,11 +1235,7 @@ impl Task for Service {
         })
     }
 
-    async fn exec(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ExecProcessRequest,
-    ) -> TtrpcResult<api::Empty> {
+    async fn exec_whole(&self, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         let mut inner = self.state.inner.lock().await;
         let c = inner
             .containers
@@ -981,65 +1285,17 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn state(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StateRequest,
-    ) -> TtrpcResult<api::StateResponse> {
-        let inner = self.state.inner.lock().await;
-        let (c, p) = inner.process(&req.id, &req.exec_id)?;
-        let (code, at) = p
-            .exited()
-            .map(|(c, t)| (c, MessageField::some(t)))
-            .unwrap_or((0, MessageField::none()));
-        Ok(api::StateResponse {
-            id: req.id,
-            bundle: c.bundle.clone(),
-            pid: std::process::id(),
-            status: EnumOrUnknown::new(p.status),
-            stdin: p.fifos.stdin.clone(),
-            stdout: p.fifos.stdout.clone(),
-            stderr: p.fifos.stderr.clone(),
-            terminal: p.fifos.terminal,
-            exit_status: code,
-            exited_at: at,
-            exec_id: req.exec_id,
-            ..Default::default()
-        })
-    }
-
-    async fn pids(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::PidsRequest,
-    ) -> TtrpcResult<api::PidsResponse> {
+    async fn kill_whole(&self, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let sb = self.sandbox().await?;
-        let r = sb
-            .agent
-            .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id))
-            .await?;
-        Ok(api::PidsResponse {
-            processes: r
-                .pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-    }
-
-    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let sb = self.sandbox().await?;
-        {
+        let created = {
             let inner = self.state.inner.lock().await;
             let (_, p) = inner.process(&req.id, &req.exec_id)?;
             if p.status == Status::STOPPED {
                 return Err(status(ttrpc::Code::NOT_FOUND, "process already finished"));
             }
-        }
+            req.exec_id.is_empty() && p.status == Status::CREATED
+        };
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
         sb.agent
             .signal_process(
                 ctx(RPC_TIMEOUT),
@@ -1052,49 +1308,30 @@ impl Task for Service {
                 },
             )
             .await?;
+        if created {
+            // A container killed before its start ends without one: watch it from here,
+            // so that it reads STOPPED and its exit is announced, as runc's does.
+            let mut inner = self.state.inner.lock().await;
+            if let Some(c) = inner.containers.get_mut(&id) {
+                if !c.init.watched {
+                    c.init.watched = true;
+                    let (tx, io) = (c.init.exit_tx.clone(), c.init.io.clone());
+                    self.spawn_waiter(sb, id, exec_id, tx, io);
+                }
+            }
+        }
         Ok(api::Empty::new())
     }
 
-    async fn wait(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::WaitRequest,
-    ) -> TtrpcResult<api::WaitResponse> {
-        let mut rx = {
-            let inner = self.state.inner.lock().await;
-            let (_, p) = inner.process(&req.id, &req.exec_id)?;
-            p.exit.clone()
-        };
-        let exit = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| status(ttrpc::Code::ABORTED, "the shim is shutting down"))?
-            .clone()
-            .expect("waited for Some");
-        Ok(api::WaitResponse {
-            exit_status: exit.0,
-            exited_at: MessageField::some(exit.1),
-            ..Default::default()
-        })
-    }
-
-    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+    async fn pause_whole(&self, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         self.freeze(req.id, true).await
     }
 
-    async fn resume(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ResumeRequest,
-    ) -> TtrpcResult<api::Empty> {
+    async fn resume_whole(&self, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         self.freeze(req.id, false).await
     }
 
-    async fn update(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::UpdateTaskRequest,
-    ) -> TtrpcResult<api::Empty> {
+    async fn update_whole(&self, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
         let sb = self.sandbox().await?;
         let resources = req
             .resources
@@ -1124,81 +1361,7 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn stats(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::StatsRequest,
-    ) -> TtrpcResult<api::StatsResponse> {
-        let sb = self.sandbox().await?;
-        let s = sb
-            .agent
-            .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
-            .await?;
-        let metrics = v2::Metrics {
-            pids: MessageField::some(v2::PidsStat {
-                current: s.pids_current,
-                limit: s.pids_max,
-                ..Default::default()
-            }),
-            cpu: MessageField::some(v2::CPUStat {
-                usage_usec: s.cpu_usage_usec,
-                user_usec: s.cpu_user_usec,
-                system_usec: s.cpu_system_usec,
-                ..Default::default()
-            }),
-            memory: MessageField::some(v2::MemoryStat {
-                usage: s.memory_current,
-                usage_limit: s.memory_max,
-                ..Default::default()
-            }),
-            memory_events: MessageField::some(v2::MemoryEvents {
-                oom_kill: s.memory_oom_kills,
-                ..Default::default()
-            }),
-            io: MessageField::some(v2::IOStat {
-                usage: vec![v2::IOEntry {
-                    rbytes: s.io_read_bytes,
-                    wbytes: s.io_write_bytes,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
-            .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
-        Ok(api::StatsResponse {
-            stats: MessageField::some(any),
-            ..Default::default()
-        })
-    }
-
-    async fn resize_pty(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ResizePtyRequest,
-    ) -> TtrpcResult<api::Empty> {
-        let sb = self.sandbox().await?;
-        sb.agent
-            .resize_pty(
-                ctx(RPC_TIMEOUT),
-                &ag::ResizePtyRequest {
-                    container_id: req.id,
-                    exec_id: req.exec_id,
-                    width: req.width,
-                    height: req.height,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        Ok(api::Empty::new())
-    }
-
-    async fn close_io(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CloseIORequest,
-    ) -> TtrpcResult<api::Empty> {
+    async fn close_io_whole(&self, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let io = {
             let inner = self.state.inner.lock().await;
             let (_, p) = inner.process(&req.id, &req.exec_id)?;
@@ -1214,40 +1377,7 @@ impl Task for Service {
         Ok(api::Empty::new())
     }
 
-    async fn checkpoint(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::CheckpointTaskRequest,
-    ) -> TtrpcResult<api::Empty> {
-        Err(status(
-            ttrpc::Code::UNIMPLEMENTED,
-            format!("checkpoint of {}: not supported by shoal", req.id),
-        ))
-    }
-
-    /// containerd's question, on start, whether this shim still serves task `id`: a
-    /// containerd that restarted asks it of every bundle it finds, within 5 s, and cleans up
-    /// (runs `shim delete`) after any error. So it never fails, and never waits long: a
-    /// sandbox booting holds the registry for up to the agent timeout, and the task it is
-    /// creating is this shim's all the same. Whether the task exists is for `state` to say.
-    async fn connect(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        })
-    }
-
-    async fn shutdown(
-        &self,
-        _ctx: &TtrpcContext,
-        _req: api::ShutdownRequest,
-    ) -> TtrpcResult<api::Empty> {
+    async fn shutdown_whole(&self, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         let mut inner = self.state.inner.lock().await;
         if !inner.containers.is_empty() {
             return Ok(api::Empty::new());
@@ -1256,6 +1386,84 @@ impl Task for Service {
         self.state.exit.signal();
         Ok(api::Empty::new())
     }
+}
+
+/// What a ttrpc error says, for a log line: a status's message alone.
+fn error_text(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs a request's work on a task of its own and waits for it. ttrpc drops the future of
+/// every request in flight on a connection that closes, and containerd's closes when it
+/// stops (a restart, a crash): a create cut off while its VM boots, or a delete half-way,
+/// would leave a VM, mounts and a cgroup claim that no task owns. On its own task the work
+/// goes on to its end, and a restarted containerd finds the result. A request that ends
+/// after its caller left has nobody to tell: a failure is logged, and a shim left with no
+/// container exits (its VM stopped first), as containerd's clean-up would have had it (a
+/// containerd going down deletes the task whose create it gave up on, and shuts the shim
+/// down after the last delete).
+async fn to_completion<T: Send + 'static>(
+    service: Service,
+    what: String,
+    work: impl std::future::Future<Output = TtrpcResult<T>> + Send + 'static,
+) -> TtrpcResult<T> {
+    finish_alone(
+        what,
+        work,
+        move || async move { service.exit_if_idle().await },
+    )
+    .await
+}
+
+/// [`to_completion`]'s mechanism: `work` on a task of its own; `abandoned` runs after it
+/// when the caller's future was dropped first.
+async fn finish_alone<T, A>(
+    what: String,
+    work: impl std::future::Future<Output = TtrpcResult<T>> + Send + 'static,
+    abandoned: impl FnOnce() -> A + Send + 'static,
+) -> TtrpcResult<T>
+where
+    T: Send + 'static,
+    A: std::future::Future<Output = ()> + Send,
+{
+    use std::sync::atomic::{AtomicU8, Ordering};
+    const RUNNING: u8 = 0;
+    const DONE: u8 = 1;
+    const LEFT: u8 = 2;
+    /// Dropped with the request's future: when it returns, or when ttrpc drops it.
+    struct Caller(Arc<AtomicU8>, String);
+    impl Drop for Caller {
+        fn drop(&mut self) {
+            if self.0.swap(LEFT, Ordering::AcqRel) == RUNNING {
+                tracing::info!("{}: containerd's connection closed; finishing it", self.1);
+            }
+        }
+    }
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    let _caller = Caller(state.clone(), what.clone());
+    let run = tokio::spawn(async move {
+        let result = work.await;
+        if state.swap(DONE, Ordering::AcqRel) == LEFT {
+            match &result {
+                Ok(_) => tracing::info!("{what}: done, after its caller left"),
+                Err(e) => tracing::warn!(
+                    "{what} failed after containerd's connection closed: {}",
+                    error_text(e)
+                ),
+            }
+            abandoned().await;
+        }
+        result
+    });
+    run.await.unwrap_or_else(|e| {
+        Err(status(
+            ttrpc::Code::INTERNAL,
+            format!("the request's work failed: {e}"),
+        ))
+    })
 }
 
 /// Writes `dir/address` as containerd reads it (the socket address, no newline), through a
@@ -1270,6 +1478,49 @@ fn write_address(dir: &Path, address: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What ttrpc does to a request in flight when containerd's connection closes: drops
+    /// its future. The work goes on to its end all the same, and only then does the
+    /// clean-up for an abandoned request run; a request whose caller stays runs none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_caller_leaves_is_finished_and_then_cleaned_up_after() {
+        let (finished_tx, finished) = tokio::sync::oneshot::channel();
+        let (cleaned_tx, cleaned) = tokio::sync::oneshot::channel();
+        let request = finish_alone(
+            "create of t".into(),
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = finished_tx.send(());
+                Ok(())
+            },
+            move || async move {
+                let _ = cleaned_tx.send(());
+            },
+        );
+        // The caller gives up after 50 ms: its future is dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(50), request)
+            .await
+            .is_err());
+        let limit = Duration::from_secs(5);
+        tokio::time::timeout(limit, finished)
+            .await
+            .expect("the work was cut off with its caller")
+            .unwrap();
+        tokio::time::timeout(limit, cleaned)
+            .await
+            .expect("no clean-up after the abandoned request")
+            .unwrap();
+
+        let cleaned_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cleaned_up.clone();
+        let answer = finish_alone("start of t".into(), async { Ok(7) }, move || async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+        assert_eq!(answer.unwrap(), 7);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!cleaned_up.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     #[test]
     fn bundle_specs_are_checked_and_errors_name_the_file() {

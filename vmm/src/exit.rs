@@ -6,8 +6,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Why a VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest asked for a reset (`reboot`, with `reboot=k` through the i8042, or a triple fault).
+    /// The guest asked for a reset (`reboot`, with `reboot=k` through the i8042).
     Reboot,
+    /// A vCPU triple-faulted (a guest kernel that broke beyond reporting it); the text says
+    /// which vCPU and where.
+    TripleFault(String),
     /// The guest powered off or halted for good.
     PowerOff,
     /// The host asked the VM to stop.
@@ -22,6 +25,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Reboot => {
                 f.write_str("the guest reset itself, as it does after a kernel panic")
             }
+            ExitReason::TripleFault(at) => write!(f, "the guest triple-faulted ({at})"),
             ExitReason::PowerOff => f.write_str("the guest powered off"),
             ExitReason::Stopped => f.write_str("stopped by the host"),
             ExitReason::Error(e) => write!(f, "VMM error: {e}"),

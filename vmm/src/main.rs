@@ -110,6 +110,7 @@ fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
             eprintln!("shoal-vmm: stopped by signal");
             ExitCode::from(130)
         }
+        ExitReason::TripleFault(at) => anyhow::bail!("guest triple fault: {at}"),
         ExitReason::Error(e) => anyhow::bail!("VM failed: {e}"),
     })
 }

@@ -520,14 +520,15 @@ impl Vcpu {
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault: shoal's guests reboot through the keyboard controller, so
                 // this is a guest that broke; say where, for whoever reads the log.
-                match (self.fd.get_regs(), self.fd.get_sregs()) {
-                    (Ok(r), Ok(s)) => tracing::warn!(
-                        "vCPU {}: guest triple fault at rip {:#x} (rsp {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x})",
+                let at = match (self.fd.get_regs(), self.fd.get_sregs()) {
+                    (Ok(r), Ok(s)) => format!(
+                        "vCPU {} at rip {:#x}, rsp {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}",
                         self.index, r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
                     ),
-                    _ => tracing::warn!("vCPU {}: guest triple fault", self.index),
-                }
-                exit.signal(ExitReason::Reboot)
+                    _ => format!("vCPU {}", self.index),
+                };
+                tracing::warn!("guest triple fault: {at}");
+                exit.signal(ExitReason::TripleFault(at))
             }
             Ok(VcpuExit::Hlt) => exit.signal(ExitReason::PowerOff),
             Ok(VcpuExit::SystemEvent(kind, _)) => exit.signal(match kind {

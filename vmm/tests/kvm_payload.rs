@@ -123,6 +123,25 @@ fn serial_output_and_i8042_reset() {
     );
 }
 
+/// A guest whose CPU triple-faults (an exception it cannot deliver: an empty IDT) ends
+/// the VM with the fault and where it happened, not as an ordinary reset.
+#[test]
+fn a_triple_fault_is_told_from_a_reset() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("triple");
+    let mut code = print(b"breaking\n");
+    // xor eax, eax; push rax; push rax; lidt [rsp] (limit 0); ud2
+    code.extend_from_slice(&[0x31, 0xc0, 0x50, 0x50, 0x0f, 0x01, 0x1c, 0x24, 0x0f, 0x0b]);
+    let vm = Vm::boot(&config(&dir, &code)).expect("boot");
+    match wait_with_timeout(vm, Duration::from_secs(20)) {
+        ExitReason::TripleFault(at) => assert!(at.contains("vCPU 0 at rip 0x"), "{at}"),
+        other => panic!("ended with {other:?}"),
+    }
+}
+
 #[test]
 fn mmio_exits_reach_the_virtio_transport() {
     let _serial = serial();

@@ -184,8 +184,14 @@ impl Containerd {
     /// Stops containerd as a node does before an upgrade (SIGTERM, then waits for it to
     /// exit); the shims it started are left running.
     pub fn stop(&mut self) {
+        self.stop_with(nix::sys::signal::SIGTERM);
+    }
+
+    /// Stops containerd with `signal` (SIGKILL: as a crash or the OOM killer does, with no
+    /// clean-up of its own) and waits for it to exit.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).expect("SIGTERM containerd");
+        nix::sys::signal::kill(pid, signal).expect("signal containerd");
         self.child.wait().expect("wait for containerd");
     }
 
@@ -399,8 +405,14 @@ impl Containerd {
         if !shims.is_empty() {
             left.push(format!("shims {shims:?}"));
         }
+        // The flight recorder's reports stay by design.
         let dirs: Vec<_> = std::fs::read_dir(self.shoal_state())
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| !p.ends_with(".crashes"))
+                    .collect()
+            })
             .unwrap_or_default();
         if !dirs.is_empty() {
             left.push(format!("sandbox dirs {dirs:?}"));
