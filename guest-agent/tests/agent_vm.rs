@@ -377,7 +377,20 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
                 "options": ["rbind", "ro"],
             }));
         let spec_json = serde_json::to_vec(&with_share).unwrap();
-        let (status, text) = run_container(&agent, &uds, "c", spec_json).await;
+        // Within the agent calls' own limit, so that a copy that stops answering is
+        // reported with where its devices stand.
+        let ran = tokio::time::timeout(
+            Duration::from_secs(50),
+            run_container(&agent, &uds, "c", spec_json),
+        )
+        .await;
+        let (status, text) = ran.unwrap_or_else(|_| {
+            panic!(
+                "copy {i}: the container did not run within 50 s\ndevices:\n{}\nconsole:\n{}",
+                vms[i as usize].ring_report(),
+                console()
+            )
+        });
         assert_eq!(status, 0, "{text}\nconsole:\n{}", console());
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(

@@ -54,11 +54,13 @@ pub enum SandboxError {
     AgentLost(String),
     #[error("the guest agent refused to set up the sandbox: {0}")]
     Agent(ttrpc::Error),
-    /// The agent took the connection but did not answer `step` in time.
-    #[error("the guest agent did not answer {step} within {secs} s (the sandbox VM still runs); the guest console's last lines:\n{console}")]
+    /// The agent took the connection but did not answer `step` in time. `devices` says
+    /// where each virtio device stood (`Vm::ring_report`).
+    #[error("the guest agent did not answer {step} within {secs} s (the sandbox VM still runs); its devices:\n{devices}\nthe guest console's last lines:\n{console}")]
     SetupTimeout {
         step: &'static str,
         secs: u64,
+        devices: String,
         console: String,
     },
     #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
@@ -456,6 +458,7 @@ impl Sandbox {
         };
         mark("vm_created");
         let stopper = vm.stopper();
+        let rings = vm.ring_reporter();
         let (tx, exited) = watch::channel(None);
         let ending = Arc::new(AtomicBool::new(false));
         let vm_thread = {
@@ -563,6 +566,7 @@ impl Sandbox {
                 None if is_timeout(&e) => SandboxError::SetupTimeout {
                     step,
                     secs: config.agent_timeout_secs,
+                    devices: rings.report(),
                     console: console_tail(&console, CONSOLE_TAIL_LINES),
                 },
                 None => SandboxError::Agent(e),

@@ -223,6 +223,20 @@ impl Stopper {
     }
 }
 
+/// Reads where a VM's virtio devices stand ([`Vm::ring_report`]) from anywhere, without
+/// keeping the VM's devices alive.
+#[derive(Clone)]
+pub struct RingReporter(std::sync::Weak<Bus>);
+
+impl RingReporter {
+    pub fn report(&self) -> String {
+        match self.0.upgrade() {
+            Some(bus) => bus.ring_report(),
+            None => "(the VM has ended)".into(),
+        }
+    }
+}
+
 /// A running VM. Dropping it stops it; [`Vm::wait`] waits for the guest to end it.
 pub struct Vm {
     exit: Arc<exit::ExitSignal>,
@@ -530,6 +544,12 @@ impl Vm {
         })
     }
 
+    /// Where each virtio device stands (interrupt status, ring indexes), a line each: for
+    /// a report on a guest that stopped answering.
+    pub fn ring_report(&self) -> String {
+        self.bus.ring_report()
+    }
+
     /// Parks every vCPU between two KVM_RUN calls; the VM stays paused until
     /// [`Vm::resume`]. Pausing a paused VM does nothing.
     pub fn pause(&self) -> std::result::Result<(), snapshot::SnapshotError> {
@@ -632,6 +652,11 @@ impl Vm {
     /// A handle that stops this VM from another thread.
     pub fn stopper(&self) -> Stopper {
         Stopper(self.exit.clone())
+    }
+
+    /// A [`RingReporter`] for this VM.
+    pub fn ring_reporter(&self) -> RingReporter {
+        RingReporter(Arc::downgrade(&self.bus))
     }
 
     /// When vCPU 0 first entered KVM_RUN, once it has.

@@ -32,6 +32,20 @@ impl Bus {
         }
     }
 
+    /// Each virtio device's ring report (`MmioTransport::ring_report`), a line each.
+    pub fn ring_report(&self) -> String {
+        self.mmio
+            .iter()
+            .map(|slot| {
+                slot.transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ring_report()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// COM1's state, for a snapshot.
     pub fn serial_state(&self) -> vm_superio::serial::SerialState {
         self.legacy

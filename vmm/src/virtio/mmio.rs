@@ -63,6 +63,8 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
+    /// Where each active queue's avail and used rings are (for [`MmioTransport::ring_report`]).
+    rings: Vec<(u64, u64)>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
@@ -84,6 +86,7 @@ impl MmioTransport {
             mem,
             interrupt,
             queues,
+            rings: Vec::new(),
             queue_select: 0,
             device_features_select: 0,
             driver_features_select: 0,
@@ -300,6 +303,33 @@ impl MmioTransport {
         self.interrupt.signal_config();
     }
 
+    /// One line on where the device stands, for a report on a guest that stopped
+    /// answering: its interrupt status and, per active queue, the avail and used ring
+    /// indexes as guest memory holds them (avail ahead of used: requests not answered yet).
+    pub fn ring_report(&self) -> String {
+        use vm_memory::{Bytes, GuestAddress};
+        let idx = |ring: u64| {
+            self.mem
+                .read_obj::<u16>(GuestAddress(ring.wrapping_add(2)))
+                .map(|i| u16::from_le(i).to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        let queues: Vec<String> = self
+            .rings
+            .iter()
+            .enumerate()
+            .map(|(i, (avail, used))| format!("q{i} avail {} used {}", idx(*avail), idx(*used)))
+            .collect();
+        format!(
+            "{}: {}, interrupt status {:#x}{}{}",
+            self.device.name(),
+            if self.active { "active" } else { "not active" },
+            self.interrupt.status(),
+            if queues.is_empty() { "" } else { "; " },
+            queues.join(", ")
+        )
+    }
+
     /// The transport's registers and every queue's position, for a snapshot. The queues of
     /// an active device are the device's own; a device that cannot be saved says why.
     pub fn save_state(&self) -> Result<TransportState, VirtioError> {
@@ -376,6 +406,10 @@ impl MmioTransport {
     /// Keeps the driver's view of the queue registers it reads back (size, ready) once the
     /// queues themselves are the device's.
     fn keep_queue_registers(&mut self, queues: &[Queue]) {
+        self.rings = queues
+            .iter()
+            .map(|q| (q.avail_ring(), q.used_ring()))
+            .collect();
         for (kept, q) in self.queues.iter_mut().zip(queues) {
             kept.set_size(q.size());
             kept.set_ready(q.ready());
@@ -387,6 +421,7 @@ impl MmioTransport {
             self.device.reset();
         }
         self.active = false;
+        self.rings.clear();
         self.queues = Self::fresh_queues(self.device.as_ref());
         self.status = 0;
         self.driver_features = 0;
@@ -503,6 +538,40 @@ mod tests {
         let mut cfg = [0u8; 2];
         t.read(REG_CONFIG + 6, &mut cfg);
         assert_eq!(cfg, [7, 8]);
+    }
+
+    /// The report on a stalled guest reads each ring's indexes from guest memory: a request
+    /// the device has not answered shows as avail ahead of used.
+    #[test]
+    fn the_ring_report_shows_requests_not_answered() {
+        let (mut t, _, mem) = setup();
+        assert_eq!(
+            t.ring_report(),
+            "recorder: not active, interrupt status 0x0"
+        );
+        let q0 = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let q1 = MockSplitQueue::create(&mem, GuestAddress(0x8000), 8);
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        set_queue(&mut t, 0, &q0, 16);
+        set_queue(&mut t, 1, &q1, 8);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.is_active());
+        q0.avail().idx().store(3);
+        q0.used().idx().store(2);
+        assert_eq!(
+            t.ring_report(),
+            "recorder: active, interrupt status 0x0; q0 avail 3 used 2, q1 avail 0 used 0"
+        );
     }
 
     #[test]
