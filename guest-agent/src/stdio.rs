@@ -74,7 +74,8 @@ pub struct StreamRegistry {
 pub const STREAM_WAIT: Duration = Duration::from_secs(10);
 /// How long a stream nobody claims is kept: the host opens the streams before its process
 /// request, and a request that fails before claiming them (an exec id in use, a bad spec)
-/// leaves them; they are closed once they are this old, so the host's copies end too.
+/// leaves them; they are closed once they are this old (looked at whenever a stream arrives
+/// or is claimed), so the host's copies end too.
 const UNCLAIMED_LIMIT: Duration = Duration::from_secs(60);
 const MAX_TOKEN: usize = 256;
 const PUMP_STACK: usize = 64 * 1024;
@@ -111,6 +112,8 @@ impl StreamRegistry {
         let (map, cv) = &*self.inner;
         let deadline = Instant::now() + timeout;
         let mut guard = map.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        guard.retain(|_, (_, since)| now.duration_since(*since) < UNCLAIMED_LIMIT);
         loop {
             if let Some((s, _)) = guard.remove(token) {
                 return Ok(s);

@@ -51,18 +51,19 @@ impl Agent {
             .arg(dir.join("state"))
             .spawn()
             .unwrap();
+        // The socket file appears at bind, a moment before the agent listens on it.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "agent did not create {}",
-                sock.display()
-            );
+        let c = loop {
+            match ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display())).await {
+                Ok(c) => break c,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "agent does not listen on {}: {e}",
+                    sock.display()
+                ),
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", sock.display()))
-            .await
-            .unwrap();
+        };
         let client = AgentClient::new(c);
         let info = client.check(ctx(), &CheckRequest::new()).await.unwrap();
         assert_eq!(info.pid, child.id());

@@ -16,12 +16,22 @@ pub const DIR: &str = ".crashes";
 /// How many console lines a report holds.
 pub const CONSOLE_LINES: usize = 200;
 
-/// `text` with every control character but newline and tab shown as `?`.
+/// `text` with every control character but newline and tab, and every invisible
+/// formatting character (bidi overrides and isolates, zero-width marks), shown as `?`: the
+/// guest writes its console, and reading it must not drive a terminal nor reorder the text.
 pub fn printable(text: &str) -> String {
     text.chars()
         .map(|c| match c {
             '\n' | '\t' => c,
             c if c.is_control() => '?',
+            '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}' => '?',
             c => c,
         })
         .collect()
@@ -132,6 +142,7 @@ mod tests {
             text.contains("?[2Jcleared") && !text.contains('\u{1b}'),
             "{text}"
         );
+        assert_eq!(printable("a\u{202E}b\u{200B}c\td\n"), "a?b?c\td\n");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -218,6 +218,13 @@ impl ProcessIo {
             let cancel = cancel.clone();
             io.outputs.push(spawn("shoal-stdout", move || {
                 if let Some(mut to_client) = open_writer(&fifo, &cancel) {
+                    // A read end of our own, never read: when containerd's reader goes (a
+                    // containerd restart), writes wait for the next reader instead of
+                    // failing, and the output goes on once containerd opens the fifo again.
+                    let _keep = OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                        .open(format!("/proc/self/fd/{}", to_client.as_raw_fd()));
                     copy(&mut from_guest, &mut to_client, &cancel);
                 }
             }));
@@ -464,6 +471,36 @@ mod tests {
         let (_, end) = read_to_end_within(&mut err, Duration::from_secs(2));
         assert!(end, "the client still waits for stderr");
         drop(guest);
+    }
+
+    /// containerd restarting closes its reader of an output fifo and opens a new one: the
+    /// output waits for it rather than ending (the copy's writes used to fail with EPIPE).
+    #[test]
+    fn output_goes_on_when_the_client_reopens_the_fifo() {
+        let dir = scratch("reopen");
+        let (uds, rx) = fake_agent(&dir);
+        let fifos = Fifos {
+            stdout: fifo(&dir, "out").to_string_lossy().into(),
+            ..Default::default()
+        };
+        let mut out = client_reader(Path::new(&fifos.stdout));
+        let (stdio, io) = ProcessIo::connect(&uds, &fifos).unwrap();
+        let mut guest_out = streams(&rx, 1).remove(&stdio.stdout).unwrap();
+        guest_out.write_all(b"before").unwrap();
+        let (got, _) = read_to_end_within(&mut out, Duration::from_millis(300));
+        assert_eq!(got, b"before");
+        drop(out); // containerd goes away
+        guest_out.write_all(b"meanwhile").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!io.ended(), "the copy ended with the reader");
+        let mut out = client_reader(Path::new(&fifos.stdout)); // and comes back
+        guest_out.write_all(b" after").unwrap();
+        drop(guest_out);
+        let (got, end) = read_to_end_within(&mut out, Duration::from_secs(5));
+        assert_eq!(
+            (String::from_utf8_lossy(&got).as_ref(), end),
+            ("meanwhile after", true)
+        );
     }
 
     /// A stdin fifo that is not there is a clear error, naming it.

@@ -122,8 +122,7 @@ fn record_crash(state_dir: &Path, id: &str, reason: &ExitReason, console: &Path)
     let lines: Vec<&str> = tail.lines().collect();
     let last = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n");
     tracing::warn!(
-        "sandbox {id}: the VM ended unasked: {reason}; {kept}; the guest console's last lines:\n{}",
-        crate::crashes::printable(&last)
+        "sandbox {id}: the VM ended unasked: {reason}; {kept}; the guest console's last lines:\n{last}"
     );
 }
 
@@ -160,8 +159,9 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
             let text = String::from_utf8_lossy(&bytes);
             let all: Vec<&str> = text.lines().collect();
             let tail = &all[all.len().saturating_sub(lines)..];
+            // The guest writes it: shown safely wherever it goes (errors, logs, reports).
             tail.iter()
-                .map(|l| format!("  {l}"))
+                .map(|l| format!("  {}", crate::crashes::printable(l)))
                 .collect::<Vec<_>>()
                 .join("\n")
         }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
@@ -131,6 +131,8 @@ struct Container {
 struct Inner {
     sandbox: Option<Arc<Sandbox>>,
     containers: HashMap<String, Container>,
+    /// The shim is exiting (it served nothing after its caller left): no new container.
+    closing: bool,
 }
 
 impl Inner {
@@ -391,6 +393,7 @@ impl Service {
     async fn exit_if_idle(&self) {
         let mut inner = self.state.inner.lock().await;
         if inner.containers.is_empty() {
+            inner.closing = true;
             self.release_sandbox_if_empty(&mut inner).await;
             self.state.exit.signal();
         }
@@ -455,8 +458,9 @@ impl Service {
                         p.status = Status::STOPPED;
                     }
                 }
+                // Under the lock with the status: a delete sees both or neither.
+                let _ = tx.send(Some((code, at.clone())));
             }
-            let _ = tx.send(Some((code, at.clone())));
             me.publish(
                 topics::TASK_EXIT_EVENT_TOPIC,
                 Box::new(ev::TaskExit {
@@ -613,7 +617,10 @@ impl Task for Service {
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let me = self.clone();
         let what = format!("create of {}", req.id);
-        to_completion(me.clone(), what, async move { me.create_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.create_whole(req).await
+        })
+        .await
     }
 
     async fn start(
@@ -623,7 +630,10 @@ impl Task for Service {
     ) -> TtrpcResult<api::StartResponse> {
         let me = self.clone();
         let what = format!("start of {}", req.id);
-        to_completion(me.clone(), what, async move { me.start_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.start_whole(req).await
+        })
+        .await
     }
 
     async fn delete(
@@ -633,7 +643,10 @@ impl Task for Service {
     ) -> TtrpcResult<api::DeleteResponse> {
         let me = self.clone();
         let what = format!("delete of {}", req.id);
-        to_completion(me.clone(), what, async move { me.delete_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.delete_whole(req).await
+        })
+        .await
     }
 
     async fn exec(
@@ -643,7 +656,10 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("exec of {}", req.id);
-        to_completion(me.clone(), what, async move { me.exec_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.exec_whole(req).await
+        })
+        .await
     }
 
     async fn state(
@@ -699,7 +715,10 @@ impl Task for Service {
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("kill of {}", req.id);
-        to_completion(me.clone(), what, async move { me.kill_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.kill_whole(req).await
+        })
+        .await
     }
 
     async fn wait(
@@ -728,7 +747,10 @@ impl Task for Service {
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("pause of {}", req.id);
-        to_completion(me.clone(), what, async move { me.pause_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.pause_whole(req).await
+        })
+        .await
     }
 
     async fn resume(
@@ -738,7 +760,10 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("resume of {}", req.id);
-        to_completion(me.clone(), what, async move { me.resume_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.resume_whole(req).await
+        })
+        .await
     }
 
     async fn update(
@@ -748,7 +773,10 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("update of {}", req.id);
-        to_completion(me.clone(), what, async move { me.update_whole(req).await }).await
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.update_whole(req).await
+        })
+        .await
     }
 
     async fn stats(
@@ -828,11 +856,9 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("close io of {}", req.id);
-        to_completion(
-            me.clone(),
-            what,
-            async move { me.close_io_whole(req).await },
-        )
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.close_io_whole(req).await
+        })
         .await
     }
 
@@ -872,11 +898,9 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let me = self.clone();
         let what = format!("shutdown of {}", req.id);
-        to_completion(
-            me.clone(),
-            what,
-            async move { me.shutdown_whole(req).await },
-        )
+        to_completion(me.clone(), what, deadline_of(_ctx), async move {
+            me.shutdown_whole(req).await
+        })
         .await
     }
 }
@@ -897,6 +921,12 @@ impl Service {
             ));
         }
         let mut inner = self.state.inner.lock().await;
+        if inner.closing {
+            return Err(status(
+                ttrpc::Code::UNAVAILABLE,
+                format!("cannot create {cid}: this shim is exiting"),
+            ));
+        }
         if inner.containers.contains_key(&cid) {
             return Err(status(
                 ttrpc::Code::ALREADY_EXISTS,
@@ -1179,7 +1209,9 @@ impl Service {
                 ..Default::default()
             });
         }
-        if matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+        // Killed before it started, its end is on its way (the waiter records it).
+        let ending = c.init.watched && c.init.exited().is_none();
+        if ending || matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
             return Err(status(
                 ttrpc::Code::FAILED_PRECONDITION,
                 format!("container {} is still running; kill it first", req.id),
@@ -1408,20 +1440,27 @@ fn error_text(e: &ttrpc::Error) -> String {
 async fn to_completion<T: Send + 'static>(
     service: Service,
     what: String,
+    deadline: Option<Instant>,
     work: impl std::future::Future<Output = TtrpcResult<T>> + Send + 'static,
 ) -> TtrpcResult<T> {
-    finish_alone(
-        what,
-        work,
-        move || async move { service.exit_if_idle().await },
-    )
+    finish_alone(what, deadline, work, move || async move {
+        service.exit_if_idle().await
+    })
     .await
 }
 
+/// When the caller's own deadline for a request passes (ttrpc drops the request's future
+/// then too, with the caller still there).
+fn deadline_of(call: &TtrpcContext) -> Option<Instant> {
+    (call.timeout_nano > 0).then(|| Instant::now() + Duration::from_nanos(call.timeout_nano as u64))
+}
+
 /// [`to_completion`]'s mechanism: `work` on a task of its own; `abandoned` runs after it
-/// when the caller's future was dropped first.
+/// when the caller's future was dropped first, unless its `deadline` had passed by then
+/// (the caller gave up waiting but is still there, and cleans up itself).
 async fn finish_alone<T, A>(
     what: String,
+    deadline: Option<Instant>,
     work: impl std::future::Future<Output = TtrpcResult<T>> + Send + 'static,
     abandoned: impl FnOnce() -> A + Send + 'static,
 ) -> TtrpcResult<T>
@@ -1438,7 +1477,7 @@ where
     impl Drop for Caller {
         fn drop(&mut self) {
             if self.0.swap(LEFT, Ordering::AcqRel) == RUNNING {
-                tracing::info!("{}: containerd's connection closed; finishing it", self.1);
+                tracing::info!("{}: its caller left; finishing it", self.1);
             }
         }
     }
@@ -1447,14 +1486,18 @@ where
     let run = tokio::spawn(async move {
         let result = work.await;
         if state.swap(DONE, Ordering::AcqRel) == LEFT {
+            let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+            let why = match timed_out {
+                true => "its caller's deadline passed",
+                false => "containerd's connection closed",
+            };
             match &result {
-                Ok(_) => tracing::info!("{what}: done, after its caller left"),
-                Err(e) => tracing::warn!(
-                    "{what} failed after containerd's connection closed: {}",
-                    error_text(e)
-                ),
+                Ok(_) => tracing::info!("{what}: done, after {why}"),
+                Err(e) => tracing::warn!("{what} failed after {why}: {}", error_text(e)),
             }
-            abandoned().await;
+            if !timed_out {
+                abandoned().await;
+            }
         }
         result
     });
@@ -1488,6 +1531,7 @@ mod tests {
         let (cleaned_tx, cleaned) = tokio::sync::oneshot::channel();
         let request = finish_alone(
             "create of t".into(),
+            None,
             async move {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let _ = finished_tx.send(());
@@ -1513,11 +1557,37 @@ mod tests {
 
         let cleaned_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = cleaned_up.clone();
-        let answer = finish_alone("start of t".into(), async { Ok(7) }, move || async move {
-            flag.store(true, std::sync::atomic::Ordering::SeqCst)
-        })
+        let answer = finish_alone(
+            "start of t".into(),
+            None,
+            async { Ok(7) },
+            move || async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) },
+        )
         .await;
         assert_eq!(answer.unwrap(), 7);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!cleaned_up.load(std::sync::atomic::Ordering::SeqCst));
+
+        // A caller whose own deadline passed is still there: no clean-up on its behalf.
+        let flag = cleaned_up.clone();
+        let (finished_tx, finished) = tokio::sync::oneshot::channel();
+        let request = finish_alone(
+            "delete of t".into(),
+            Some(Instant::now() + Duration::from_millis(50)),
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = finished_tx.send(());
+                Ok(())
+            },
+            move || async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) },
+        );
+        assert!(tokio::time::timeout(Duration::from_millis(50), request)
+            .await
+            .is_err());
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!cleaned_up.load(std::sync::atomic::Ordering::SeqCst));
     }

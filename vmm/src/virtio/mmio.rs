@@ -276,6 +276,7 @@ impl MmioTransport {
         self.keep_queue_registers(&queues);
         // Queues a feature the driver did not take would add stay unused.
         queues.truncate(self.device.queues_in_use(self.driver_features));
+        self.rings.truncate(queues.len());
         self.device.set_driver_features(self.driver_features);
         if let Some(i) = queues.iter().position(|q| !q.is_valid(&self.mem)) {
             crate::guest_warn!(
