@@ -54,6 +54,23 @@ pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 pub const MAX_QUEUED_RW: usize = 4;
 /// First local port for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Each muxer starts its host-initiated connections at a random port this far above
+/// [`FIRST_LOCAL_PORT`]. A VM restored from a template carries the guest's sockets of the
+/// template's own connections (closing, their timers running); a muxer that numbered its
+/// connections from the same port as the template's would give the restored sandbox's
+/// first connections those very addresses, and the guest's late reset of an old socket
+/// would close a new connection.
+const LOCAL_PORT_SPREAD: u32 = 1 << 29;
+
+/// Where a new muxer starts numbering its host-initiated connections.
+fn first_local_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's hasher keys are random per process and differ between instances.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    FIRST_LOCAL_PORT + (random % u64::from(LOCAL_PORT_SPREAD)) as u32
+}
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 /// Host→guest bytes read from a socket at a time.
@@ -265,7 +282,7 @@ impl Muxer {
             ports: HashMap::new(),
             to_guest: VecDeque::new(),
             queued_rsts: 0,
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: first_local_port(),
             max_connections: limits.vsock_max_connections,
             max_pending_rsts: limits.vsock_max_pending_rsts,
             shutdown_timeout: limits.vsock_shutdown_timeout,
@@ -962,6 +979,23 @@ mod tests {
         assert_eq!(parse_connect(b"CONNECT -1"), None);
         assert_eq!(parse_connect(b"connect 1"), None);
         assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
+    }
+
+    /// A template's muxer and its restored copy's: their first connections must not have
+    /// the same addresses, or the guest's late reset of the template's socket closes the
+    /// copy's connection (seen as "early eof" on a restored sandbox's agent connection).
+    #[test]
+    fn each_muxer_numbers_its_connections_from_its_own_port() {
+        let dir = Dir::new("ports");
+        let firsts: Vec<u32> = (0..2)
+            .map(|i| {
+                let path = dir.0.join(format!("v{i}.sock"));
+                let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
+                connected(&mut m, &path).2
+            })
+            .collect();
+        assert!(firsts.iter().all(|p| *p >= FIRST_LOCAL_PORT), "{firsts:?}");
+        assert_ne!(firsts[0], firsts[1]);
     }
 
     #[test]
