@@ -200,10 +200,15 @@ impl Sandbox {
     ) -> Result<i32> {
         let tokens = stdio.token_list();
         let created = self.create_container_with(id, spec_json, rootfs, stdio);
-        if created.is_err() {
-            self.streams.discard(&tokens);
+        self.discard_streams_if_failed(&tokens, created)
+    }
+
+    /// Closes the streams of a process request that failed (see [`StreamRegistry::discard`]).
+    fn discard_streams_if_failed<T>(&self, tokens: &[String], result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            self.streams.discard(tokens);
         }
-        created
+        result
     }
 
     fn create_container_with(
@@ -353,10 +358,7 @@ impl Sandbox {
     ) -> Result<i32> {
         let tokens = stdio.token_list();
         let started = self.exec_process_with(id, exec_id, process_json, stdio);
-        if started.is_err() {
-            self.streams.discard(&tokens);
-        }
-        started
+        self.discard_streams_if_failed(&tokens, started)
     }
 
     fn exec_process_with(

@@ -64,6 +64,12 @@ impl Write for Stream {
 /// Streams waiting to be claimed, by token, with when each arrived.
 type Waiting = HashMap<String, (Stream, Instant)>;
 
+/// Closes the waiting streams nobody claimed within [`UNCLAIMED_LIMIT`].
+fn drop_unclaimed(waiting: &mut Waiting) {
+    let now = Instant::now();
+    waiting.retain(|_, (_, since)| now.duration_since(*since) < UNCLAIMED_LIMIT);
+}
+
 /// Streams that connected and announced their token, waiting to be claimed.
 #[derive(Clone, Default)]
 pub struct StreamRegistry {
@@ -101,9 +107,8 @@ impl StreamRegistry {
         };
         let (map, cv) = &*self.inner;
         let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        map.retain(|_, (_, since)| now.duration_since(*since) < UNCLAIMED_LIMIT);
-        map.insert(token.to_string(), (stream, now));
+        drop_unclaimed(&mut map);
+        map.insert(token.to_string(), (stream, Instant::now()));
         cv.notify_all();
     }
 
@@ -112,8 +117,7 @@ impl StreamRegistry {
         let (map, cv) = &*self.inner;
         let deadline = Instant::now() + timeout;
         let mut guard = map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        guard.retain(|_, (_, since)| now.duration_since(*since) < UNCLAIMED_LIMIT);
+        drop_unclaimed(&mut guard);
         loop {
             if let Some((s, _)) = guard.remove(token) {
                 return Ok(s);
