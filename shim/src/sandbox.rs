@@ -13,7 +13,8 @@ use shoal_agent_api::agent_ttrpc::AgentClient;
 use shoal_agent_api::client::connect_agent;
 use shoal_agent_api::AGENT_PORT;
 use shoal_vmm::{
-    CacheMode, Console, ExitReason, FsConfig, NetConfig, Stopper, Vm, VmConfig, VsockConfig,
+    CacheMode, Console, ExitReason, FsConfig, NetConfig, RingReporter, Stopper, Vm, VmConfig,
+    VsockConfig,
 };
 use tokio::sync::watch;
 
@@ -88,19 +89,32 @@ fn host_entropy() -> Vec<u8> {
     }
 }
 
-/// For an agent call that failed with `e`: when the connection broke (the agent died, or
-/// the VM with it), a message saying so, whether the VM has ended, and the console's last
-/// lines; None for any other error.
-fn lost_agent(e: &ttrpc::Error, ended: Option<&ExitReason>, console: &Path) -> Option<String> {
-    if !matches!(e, ttrpc::Error::Socket(_)) {
+/// For agent call `call` that failed with `e`: when the connection broke (the agent died,
+/// or the VM with it, or the connection was reset), a message saying so, whether the VM
+/// has ended, where its devices stood (`rings`: the vsock device's report tells what
+/// happened to each connection) and the console's last lines; None for any other error.
+fn lost_agent(
+    call: &str,
+    e: &ttrpc::Error,
+    ended: Option<&ExitReason>,
+    rings: &RingReporter,
+    console: &Path,
+) -> Option<String> {
+    // LocalClosed: the connection had already broken when the call was made.
+    if !matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed) {
         return None;
     }
     let vm = match ended {
         Some(reason) => format!("the sandbox VM has ended ({reason})"),
         None => "the sandbox VM is still running".into(),
     };
+    let when = match e {
+        ttrpc::Error::LocalClosed => format!("before {call} was sent"),
+        e => format!("during {call} ({e})"),
+    };
     Some(format!(
-        "the connection to the guest agent broke ({e}); {vm}; the guest console's last lines:\n{}",
+        "the connection to the guest agent broke {when}; {vm}; its devices:\n{}\nthe guest console's last lines:\n{}",
+        rings.report(),
         console_tail(console, CONSOLE_TAIL_LINES)
     ))
 }
@@ -124,6 +138,19 @@ fn record_crash(state_dir: &Path, id: &str, reason: &ExitReason, console: &Path)
     tracing::warn!(
         "sandbox {id}: the VM ended unasked: {reason}; {kept}; the guest console's last lines:\n{last}"
     );
+}
+
+/// A sandbox whose guest agent never got ready (it did not answer, or its connection
+/// broke): a report in the flight recorder, as for a crash, kept before the VM is stopped
+/// and its directory, console log included, removed. `what` says what failed, `devices`
+/// where the VM's devices stood ([`RingReporter::report`]).
+fn record_failed_start(state_dir: &Path, id: &str, what: &str, devices: &str, console: &Path) {
+    let tail = console_tail(console, crate::crashes::CONSOLE_LINES);
+    let reason = format!("the sandbox did not start: {what}; its devices:\n{devices}");
+    match crate::crashes::record(state_dir, id, &reason, &tail) {
+        Ok(path) => tracing::warn!("sandbox {id}: {what}; report {}", path.display()),
+        Err(e) => tracing::warn!("sandbox {id}: {what}; no report kept ({e})"),
+    }
 }
 
 /// How much of the guest console an agent timeout reports.
@@ -333,6 +360,8 @@ pub struct Sandbox {
     cpu_quotas: Mutex<HashMap<String, Option<u64>>>,
     network: Mutex<Option<Connected>>,
     pub exited: VmExit,
+    /// Where the VM's devices stand, for an error on a broken agent connection.
+    rings: RingReporter,
 }
 
 /// CLOCK_BOOTTIME in milliseconds: one clock for the shim's phase marks and for benchmarks
@@ -519,8 +548,12 @@ impl Sandbox {
             Ok(agent) => agent,
             Err(message) => {
                 // Read before stop() removes the directory the log is in.
-                let console = console_tail(&console, CONSOLE_TAIL_LINES);
                 let ended = exited.borrow().clone();
+                if ended.is_none() {
+                    let what = format!("the guest agent did not answer: {message}");
+                    record_failed_start(&config.state_dir, id, &what, &rings.report(), &console);
+                }
+                let console = console_tail(&console, CONSOLE_TAIL_LINES);
                 sandbox.stop();
                 tracing::error!("guest agent never answered; guest console:\n{console}");
                 return Err(match ended {
@@ -560,7 +593,12 @@ impl Sandbox {
                 .map_err(|e| ("CreateSandbox", e))
         };
         if let Err((step, e)) = setup.await {
-            let lost = lost_agent(&e, exited.borrow().as_ref(), &console);
+            let broken = matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed);
+            if exited.borrow().is_none() && (is_timeout(&e) || broken) {
+                let what = format!("the guest agent's {step} failed: {e}");
+                record_failed_start(&config.state_dir, id, &what, &rings.report(), &console);
+            }
+            let lost = lost_agent(step, &e, exited.borrow().as_ref(), &rings, &console);
             let error = match lost {
                 Some(message) => SandboxError::AgentLost(message),
                 None if is_timeout(&e) => SandboxError::SetupTimeout {
@@ -592,6 +630,7 @@ impl Sandbox {
             )])),
             network: Mutex::new(connected),
             exited,
+            rings,
         })
     }
 
@@ -643,13 +682,15 @@ impl Sandbox {
         mounts::remove_container(&self.dir, cid)
     }
 
-    /// For an agent call that failed: a broken connection (the guest agent died, or the VM
-    /// with it) becomes an error that says whether the VM still runs and what its console
-    /// last showed; any other error is returned as it is.
-    pub fn explain_agent_error(&self, e: ttrpc::Error) -> ttrpc::Error {
+    /// For agent call `call` that failed: a broken connection (the guest agent died, or
+    /// the VM with it) becomes an error that says whether the VM still runs, where its
+    /// devices stood and what its console last showed; any other error is returned as it is.
+    pub fn explain_agent_error(&self, call: &str, e: ttrpc::Error) -> ttrpc::Error {
         let Some(message) = lost_agent(
+            call,
             &e,
             self.exited.borrow().as_ref(),
+            &self.rings,
             &self.dir.join("console.log"),
         ) else {
             return e;
@@ -850,16 +891,22 @@ mod tests {
 
         std::fs::write(&log, "booting\nKernel panic - not syncing: test\n").unwrap();
         let e = ttrpc::Error::Socket("early eof".into());
-        let msg = lost_agent(&e, Some(&ExitReason::Reboot), &log).unwrap();
+        let gone = RingReporter::default();
+        let msg = lost_agent("Check", &e, Some(&ExitReason::Reboot), &gone, &log).unwrap();
         assert!(
-            msg.contains("broke (")
+            msg.contains("broke during Check (")
+                && msg.contains("its devices:\n(the VM has ended)")
                 && msg.contains("early eof")
                 && msg.contains("has ended (the guest reset itself"),
             "{msg}"
         );
         assert!(msg.ends_with("  Kernel panic - not syncing: test"), "{msg}");
-        let msg = lost_agent(&e, None, &log).unwrap();
+        let msg = lost_agent("Check", &e, None, &gone, &log).unwrap();
         assert!(msg.contains("the sandbox VM is still running"), "{msg}");
+        let msg = lost_agent("Start", &ttrpc::Error::LocalClosed, None, &gone, &log).unwrap();
+        assert!(msg.contains("broke before Start was sent;"), "{msg}");
+        let refused = ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no"));
+        assert!(lost_agent("Start", &refused, None, &gone, &log).is_none());
 
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = console_tail(&log, 20);

@@ -1,6 +1,6 @@
 //! The shim: containerd's `start`/`delete` actions and the Task service, served against the
 //! sandbox's guest agent.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -125,6 +125,9 @@ struct Container {
     bundle: String,
     init: Process,
     execs: HashMap<String, Process>,
+    /// Exec ids deleted here whose process the agent has not forgotten yet: taken again
+    /// before it has, the new exec would meet the old one in the guest.
+    forgetting: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -481,9 +484,15 @@ impl Service {
         let sb = self.sandbox().await?;
         let req = container_request(&id);
         if pause {
-            sb.agent.pause_container(ctx(RPC_TIMEOUT), &req).await?;
+            sb.agent
+                .pause_container(ctx(RPC_TIMEOUT), &req)
+                .await
+                .map_err(|e| sb.explain_agent_error("PauseContainer", e))?;
         } else {
-            sb.agent.resume_container(ctx(RPC_TIMEOUT), &req).await?;
+            sb.agent
+                .resume_container(ctx(RPC_TIMEOUT), &req)
+                .await
+                .map_err(|e| sb.explain_agent_error("ResumeContainer", e))?;
         }
         if let Some(c) = self.state.inner.lock().await.containers.get_mut(&id) {
             match (pause, c.init.status) {
@@ -698,7 +707,8 @@ impl Task for Service {
         let r = sb
             .agent
             .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id))
-            .await?;
+            .await
+            .map_err(|e| sb.explain_agent_error("ListProcesses", e))?;
         Ok(api::PidsResponse {
             processes: r
                 .pids
@@ -788,7 +798,8 @@ impl Task for Service {
         let s = sb
             .agent
             .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
-            .await?;
+            .await
+            .map_err(|e| sb.explain_agent_error("StatsContainer", e))?;
         let metrics = v2::Metrics {
             pids: MessageField::some(v2::PidsStat {
                 current: s.pids_current,
@@ -845,7 +856,8 @@ impl Task for Service {
                     ..Default::default()
                 },
             )
-            .await?;
+            .await
+            .map_err(|e| sb.explain_agent_error("ResizePty", e))?;
         Ok(api::Empty::new())
     }
 
@@ -989,7 +1001,7 @@ impl Service {
                 Ok(r) => r,
                 Err(e) => {
                     init.stop_io();
-                    return Err(sb.explain_agent_error(e));
+                    return Err(sb.explain_agent_error("CreateContainer", e));
                 }
             };
             init.guest_pid = created.pid;
@@ -1032,6 +1044,7 @@ impl Service {
                 bundle: req.bundle.clone(),
                 init,
                 execs: HashMap::new(),
+                forgetting: HashSet::new(),
             },
         );
         drop(inner);
@@ -1076,7 +1089,8 @@ impl Service {
             }
             sb.agent
                 .start_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
-                .await?;
+                .await
+                .map_err(|e| sb.explain_agent_error("StartContainer", e))?;
             c.init.status = Status::RUNNING;
             crate::sandbox::mark("container_started");
             if !c.init.watched {
@@ -1128,7 +1142,7 @@ impl Service {
                 Ok(r) => r,
                 Err(e) => {
                     p.stop_io();
-                    return Err(e);
+                    return Err(sb.explain_agent_error("ExecProcess", e));
                 }
             };
             p.guest_pid = r.pid;
@@ -1180,6 +1194,7 @@ impl Service {
             if let Some(p) = c.execs.remove(&req.exec_id) {
                 p.stop_io();
             }
+            c.forgetting.insert(req.exec_id.clone());
             let sb = inner.sandbox.clone();
             drop(inner);
             if let Some(sb) = sb {
@@ -1201,6 +1216,10 @@ impl Service {
                         req.exec_id
                     ),
                 }
+            }
+            let mut inner = self.state.inner.lock().await;
+            if let Some(c) = inner.containers.get_mut(&req.id) {
+                c.forgetting.remove(&req.exec_id);
             }
             return Ok(api::DeleteResponse {
                 pid,
@@ -1279,6 +1298,15 @@ impl Service {
                 format!("exec {} already exists", req.exec_id),
             ));
         }
+        if c.forgetting.contains(&req.exec_id) {
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!(
+                    "exec {} is still being deleted; use the id again once its delete returns",
+                    req.exec_id
+                ),
+            ));
+        }
         if c.init.status != Status::RUNNING {
             return Err(status(
                 ttrpc::Code::FAILED_PRECONDITION,
@@ -1339,7 +1367,8 @@ impl Service {
                     ..Default::default()
                 },
             )
-            .await?;
+            .await
+            .map_err(|e| sb.explain_agent_error("SignalProcess", e))?;
         if created {
             // A container killed before its start ends without one: watch it from here,
             // so that it reads STOPPED and its exit is announced, as runc's does.
@@ -1385,7 +1414,8 @@ impl Service {
                     ..Default::default()
                 },
             )
-            .await?;
+            .await
+            .map_err(|e| sb.explain_agent_error("UpdateContainer", e))?;
         // The host cgroup follows the container's new CPU quota.
         if let Some((quota, period)) = cpu {
             Self::resize_host_cgroup(&sb, &req.id, quota_per_period(quota, period), false);

@@ -796,6 +796,21 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
         err.contains("idle init: up"),
         "the console is in the error: {err}"
     );
+    // The flight recorder kept it too, with what the vsock device saw: the guest took
+    // the shim's connection requests and refused them, nothing listening on the port.
+    let reports: Vec<_> = std::fs::read_dir(c.shoal_state().join(".crashes"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(reports.len(), 1, "{reports:?}\n{}", c.log());
+    let report = std::fs::read_to_string(&reports[0]).unwrap();
+    assert!(
+        report.contains("sandbox: noagent\n")
+            && report.contains("reason: the sandbox did not start: the guest agent did not answer")
+            && report.contains("REQUEST handed to the guest")
+            && report.contains("->1024 guest refused the connection (RST)")
+            && report.contains("idle init: up"),
+        "{report}"
+    );
     let _ = c.ctr(&["container", "delete", "noagent"]);
     c.assert_clean();
     let _ = std::fs::remove_dir_all(&tmp);
@@ -991,12 +1006,14 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
         c.run(&["-d"], &format!("o{i}"), &["sleep", "600"])
     });
     let ok = outs.iter().filter(|o| o.status.success()).count();
-    assert_eq!(ok, 3, "{:?}", outs.iter().map(text).collect::<Vec<_>>());
+    let all = || outs.iter().map(text).collect::<Vec<_>>();
+    assert_eq!(ok, 3, "{:?}\n{}", all(), c.log());
     for o in outs.iter().filter(|o| !o.status.success()) {
         assert!(
             text(o).contains("all 3 pooled cgroups are claimed"),
-            "{}",
-            text(o)
+            "{}\n{}",
+            text(o),
+            c.log()
         );
     }
     for i in 0..5 {
@@ -1032,9 +1049,19 @@ fn ctr_storm_beyond_what_fits_fails_cleanly() {
     let outs = in_flight(5, 5, |i| c.run(&flags, &format!("m{i}"), &["sleep", "600"]));
     let ok = outs.iter().filter(|o| o.status.success()).count();
     let all = || outs.iter().map(text).collect::<Vec<_>>();
-    assert!((1..5).contains(&ok), "{ok} of 5 started: {:?}", all());
+    assert!(
+        (1..5).contains(&ok),
+        "{ok} of 5 started: {:?}\n{}",
+        all(),
+        c.log()
+    );
     for o in outs.iter().filter(|o| !o.status.success()) {
-        assert!(text(o).contains("host memory is low"), "{}", text(o));
+        assert!(
+            text(o).contains("host memory is low"),
+            "{}\n{}",
+            text(o),
+            c.log()
+        );
     }
     for i in 0..5 {
         c.remove(&format!("m{i}"));

@@ -250,6 +250,12 @@ pub fn vsock_muxer(data: &[u8]) {
             muxer.queued_for_guest()
         );
     }
+    // The report holds the open connections and a bounded event log, whatever the guest did.
+    let report = muxer.report();
+    assert!(
+        report.lines().count() <= 1 + crate::virtio::vsock::muxer::EVENT_LOG_LEN,
+        "{report}"
+    );
 }
 
 /// FUSE opcodes the session harness names (the kernel's `fuse.h`).

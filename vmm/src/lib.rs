@@ -225,7 +225,9 @@ impl Stopper {
 
 /// Reads where a VM's virtio devices stand ([`Vm::ring_report`]) from anywhere, without
 /// keeping the VM's devices alive.
-#[derive(Clone)]
+///
+/// A default one reports on no VM, as for one that has ended.
+#[derive(Clone, Default)]
 pub struct RingReporter(std::sync::Weak<Bus>);
 
 impl RingReporter {

@@ -306,7 +306,8 @@ impl MmioTransport {
 
     /// One line on where the device stands, for a report on a guest that stopped
     /// answering: its interrupt status and, per active queue, the avail and used ring
-    /// indexes as guest memory holds them (avail ahead of used: requests not answered yet).
+    /// indexes as guest memory holds them (avail ahead of used: requests not answered yet);
+    /// then, indented, whatever more the device tells ([`VirtioDevice::report`]).
     pub fn ring_report(&self) -> String {
         use vm_memory::{Bytes, GuestAddress};
         let idx = |ring: u64| {
@@ -321,8 +322,13 @@ impl MmioTransport {
             .enumerate()
             .map(|(i, (avail, used))| format!("q{i} avail {} used {}", idx(*avail), idx(*used)))
             .collect();
+        let more = self
+            .device
+            .report()
+            .map(|r| format!("\n  {r}"))
+            .unwrap_or_default();
         format!(
-            "{}: {}, interrupt status {:#x}{}{}",
+            "{}: {}, interrupt status {:#x}{}{}{more}",
             self.device.name(),
             if self.active { "active" } else { "not active" },
             self.interrupt.status(),

@@ -150,6 +150,11 @@ pub trait VirtioDevice: Send {
     fn changed_since_save(&self) -> bool {
         false
     }
+    /// More on where the device stands than its rings show (its backend's connections,
+    /// what waits for the guest), for a report on a guest that stopped answering.
+    fn report(&self) -> Option<String> {
+        None
+    }
     /// A restore is about to activate the device with a snapshot's queues.
     fn prepare_restore(&mut self) {}
     /// The device was activated from a snapshot's queues (in a new VM): tell the driver

@@ -225,6 +225,15 @@ impl VirtioDevice for Vsock {
         Some(self.muxer.epoll_fd())
     }
 
+    fn report(&self) -> Option<String> {
+        let waiting = if self.awaiting_reset {
+            "; packets for the guest wait for it to take the transport reset"
+        } else {
+            ""
+        };
+        Some(format!("{}{waiting}", self.muxer.report()))
+    }
+
     /// Host connections are not saved: a restored guest is told its transport was reset
     /// (see `restored`), which closes every connection it had.
     fn save_queues(&self) -> Result<Vec<QueueState>, VirtioError> {

@@ -71,6 +71,22 @@ fn first_local_port() -> u32 {
         .finish();
     FIRST_LOCAL_PORT + (random % u64::from(LOCAL_PORT_SPREAD)) as u32
 }
+/// Connection events the muxer remembers for [`Muxer::report`] (the oldest go first).
+pub const EVENT_LOG_LEN: usize = 48;
+
+/// One thing that happened to a connection, kept for the report on a connection that
+/// broke. Fixed strings only: the guest can make events happen as fast as it sends
+/// packets, so noting one costs no allocation and the log no more than its length.
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    at: Instant,
+    local_port: u32,
+    peer_port: u32,
+    what: &'static str,
+    /// The packet's op, where a packet made it happen.
+    op: Option<u16>,
+}
+
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 /// Host→guest bytes read from a socket at a time.
@@ -238,6 +254,10 @@ pub struct Muxer {
     timer: TimerFd,
     /// When `timer` is set to fire; `None` while it is not set.
     timer_deadline: Option<Instant>,
+    /// The last [`EVENT_LOG_LEN`] connection events, for [`Muxer::report`].
+    events: VecDeque<Event>,
+    /// When the muxer was made: events are reported as seconds since.
+    born: Instant,
 }
 
 impl Muxer {
@@ -288,6 +308,8 @@ impl Muxer {
             shutdown_timeout: limits.vsock_shutdown_timeout,
             timer,
             timer_deadline: None,
+            events: VecDeque::with_capacity(EVENT_LOG_LEN),
+            born: Instant::now(),
         })
     }
 
@@ -299,6 +321,93 @@ impl Muxer {
     /// Number of open connections (for tests and stats).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Where the muxer stands, for a report on a guest connection that broke or stopped
+    /// answering: each open connection (ports, state, bytes held, packets queued, the
+    /// guest's credit), what waits for the guest, and the last connection events with the
+    /// seconds since the muxer was made.
+    pub fn report(&self) -> String {
+        let mut conns: Vec<&Conn> = self.conns.values().collect();
+        conns.sort_by_key(|c| (c.local_port, c.peer_port));
+        let open: Vec<String> = conns
+            .iter()
+            .map(|c| {
+                let state = match c.state {
+                    State::AwaitConnect(_) => "awaiting CONNECT",
+                    State::Connecting => "connecting",
+                    State::Established if c.peer_gone => "guest gone, draining",
+                    State::Established if c.host_eof => "host closed",
+                    State::Established => "established",
+                };
+                format!(
+                    "{}->{} {state}: {} B for the host, {} packets queued, guest credit {}",
+                    c.local_port,
+                    c.peer_port,
+                    c.pending.len(),
+                    c.queued,
+                    c.peer_credit()
+                )
+            })
+            .collect();
+        let events: Vec<String> = self
+            .events
+            .iter()
+            .map(|e| {
+                let op = e.op.map(|op| format!(" (op {op})")).unwrap_or_default();
+                format!(
+                    "{:.3} {}->{} {}{op}",
+                    e.at.saturating_duration_since(self.born).as_secs_f64(),
+                    e.local_port,
+                    e.peer_port,
+                    e.what
+                )
+            })
+            .collect();
+        format!(
+            "vsock connections: {}; {} packets wait for the guest ({} of them RSTs); \
+             last events (s since the device was made, host port->guest port):\n    {}",
+            if open.is_empty() {
+                "none".to_string()
+            } else {
+                open.join("; ")
+            },
+            self.to_guest.len(),
+            self.queued_rsts,
+            if events.is_empty() {
+                "none".to_string()
+            } else {
+                events.join("\n    ")
+            }
+        )
+    }
+
+    /// Keeps `what` happening to the connection between `local_port` and `peer_port` in
+    /// the event log.
+    fn note(&mut self, local_port: u32, peer_port: u32, what: &'static str, op: Option<u16>) {
+        if self.events.len() == EVENT_LOG_LEN {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
+            at: Instant::now(),
+            local_port,
+            peer_port,
+            what,
+            op,
+        });
+    }
+
+    /// [`Muxer::note`] for connection `fd`.
+    fn note_conn(&mut self, fd: RawFd, what: &'static str) {
+        if let Some(c) = self.conns.get(&fd) {
+            let (l, p) = (c.local_port, c.peer_port);
+            self.note(l, p, what, None);
+        }
+    }
+
+    /// [`Muxer::note`] for a packet from the guest (its host port first).
+    fn note_packet(&mut self, h: &Header, what: &'static str) {
+        self.note(h.dst_port, h.src_port, what, Some(h.op));
     }
 
     /// Packets waiting for the guest, RSTs included (for tests and stats).
@@ -352,6 +461,15 @@ impl Muxer {
             // order set: a timer already set fires first, and then sets itself for the next.
             if shutdown_deadline.is_some() && self.timer_deadline.is_none() {
                 self.set_timer(shutdown_deadline);
+            }
+            let handed = match pkt.hdr.op {
+                OP_REQUEST => Some("REQUEST handed to the guest"),
+                OP_RESPONSE => Some("RESPONSE handed to the guest"),
+                OP_SHUTDOWN => Some("SHUTDOWN handed to the guest"),
+                _ => None,
+            };
+            if let Some(what) = handed {
+                self.note(pkt.hdr.src_port, pkt.hdr.dst_port, what, None);
             }
         }
         Some(pkt)
@@ -486,6 +604,7 @@ impl Muxer {
                 if events.contains(EventSet::OUT) {
                     if let Err(e) = conn.flush() {
                         tracing::debug!("vsock: host socket write failed: {e}");
+                        self.note_conn(fd, "host socket write failed; reset");
                         return self.reset(fd);
                     }
                     if conn.peer_gone && conn.pending.is_empty() {
@@ -536,6 +655,12 @@ impl Muxer {
         self.ports.insert((local_port, port), fd);
         let pkt = self.packet_for(fd, OP_REQUEST);
         self.push_for_conn(fd, pkt);
+        self.note(
+            local_port,
+            port,
+            "host client asked to connect; REQUEST queued",
+            None,
+        );
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -565,6 +690,7 @@ impl Muxer {
                 let mut pkt = self.packet_for(fd, OP_SHUTDOWN);
                 pkt.hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
                 self.push_for_conn(fd, pkt);
+                self.note_conn(fd, "host client closed; SHUTDOWN queued");
             }
             Ok(n) => {
                 buf.truncate(n);
@@ -576,6 +702,7 @@ impl Muxer {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
             Err(e) => {
                 tracing::debug!("vsock: host socket read failed: {e}");
+                self.note_conn(fd, "host socket read failed; reset");
                 self.reset(fd);
             }
         }
@@ -620,6 +747,7 @@ impl Muxer {
             .collect();
         for fd in expired {
             tracing::debug!("vsock: guest did not answer SHUTDOWN in time; resetting");
+            self.note_conn(fd, "guest did not answer SHUTDOWN in time; reset");
             self.reset(fd);
         }
         let next = self
@@ -691,6 +819,7 @@ impl Muxer {
 
     /// Ends a connection both sides shut: the guest may free its socket.
     fn finish(&mut self, fd: RawFd) {
+        self.note_conn(fd, "both sides shut; RST queued, connection ended");
         let pkt = self.packet_for(fd, OP_RST);
         self.close(fd);
         self.push_rst(pkt);
@@ -736,6 +865,7 @@ impl Muxer {
         let h = pkt.hdr;
         if h.dst_cid != HOST_CID || h.src_cid != self.guest_cid || h.type_ != TYPE_STREAM {
             tracing::debug!(?h, "vsock: packet with wrong address or type");
+            self.note_packet(&h, "packet with a wrong CID or type");
             if h.op != OP_RST {
                 self.push_rst(Packet::reply_to(&h, OP_RST));
             }
@@ -744,8 +874,11 @@ impl Muxer {
         let Some(&fd) = self.ports.get(&(h.dst_port, h.src_port)) else {
             match h.op {
                 OP_REQUEST => self.guest_connect(&h),
-                OP_RST => {}
-                _ => self.push_rst(Packet::reply_to(&h, OP_RST)),
+                OP_RST => self.note_packet(&h, "RST for no connection"),
+                _ => {
+                    self.note_packet(&h, "packet for no connection; RST queued");
+                    self.push_rst(Packet::reply_to(&h, OP_RST))
+                }
             }
             return;
         };
@@ -762,16 +895,20 @@ impl Muxer {
                 // line whole; a failure here means the client is gone.
                 if let Err(e) = conn.stream.write_all(reply.as_bytes()) {
                     tracing::debug!("vsock: cannot answer CONNECT: {e}");
+                    self.note_packet(&h, "guest accepted, host client gone; reset");
                     return self.reset(fd);
                 }
+                self.note_packet(&h, "guest accepted; OK sent to the host client");
             }
             (OP_RW, State::Established) => {
                 if conn.pending.len() + pkt.data.len() > CONN_BUF_ALLOC as usize {
                     crate::guest_warn!("vsock: guest overran its credit on port {}", h.src_port);
+                    self.note_packet(&h, "guest overran its credit; reset");
                     return self.reset(fd);
                 }
                 conn.pending.extend(&pkt.data);
                 if conn.flush().is_err() {
+                    self.note_packet(&h, "host socket write failed; reset");
                     return self.reset(fd);
                 }
                 self.maybe_credit_update(fd);
@@ -779,6 +916,16 @@ impl Muxer {
             (OP_CREDIT_UPDATE, _) => {}
             (OP_CREDIT_REQUEST, State::Established) => self.queue_credit_update(fd),
             (OP_SHUTDOWN, State::Established) => {
+                self.note_packet(
+                    &h,
+                    match h.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) {
+                        SHUTDOWN_SEND => "guest shut its sending side",
+                        SHUTDOWN_RCV => "guest shut its receiving side",
+                        0 => "guest SHUTDOWN without flags",
+                        _ => "guest shut both sides",
+                    },
+                );
+                let conn = self.conns.get_mut(&fd).expect("looked up above");
                 if h.flags & SHUTDOWN_SEND != 0 {
                     conn.peer_done_sending = true;
                     let _ = conn.flush();
@@ -794,9 +941,17 @@ impl Muxer {
                     conn.peer_gone = true;
                 }
             }
-            (OP_RST, _) => return self.close(fd),
+            (OP_RST, State::Connecting) => {
+                self.note_packet(&h, "guest refused the connection (RST)");
+                return self.close(fd);
+            }
+            (OP_RST, _) => {
+                self.note_packet(&h, "guest reset the connection");
+                return self.close(fd);
+            }
             (op, state) => {
                 tracing::debug!(op, ?state, "vsock: unexpected packet for connection state");
+                self.note_packet(&h, "packet unexpected in the connection's state; reset");
                 return self.reset(fd);
             }
         }
@@ -809,6 +964,7 @@ impl Muxer {
                 "vsock: {} connections open, the most a VM may have; refusing the guest's",
                 self.conns.len()
             );
+            self.note_packet(h, "guest connection past the limit; RST queued");
             return self.push_rst(Packet::reply_to(h, OP_RST));
         }
         let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
@@ -816,6 +972,7 @@ impl Muxer {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("vsock: guest connect to {} failed: {e}", target.display());
+                self.note_packet(h, "guest connected to a host port nobody takes; RST queued");
                 return self.push_rst(Packet::reply_to(h, OP_RST));
             }
         };
@@ -826,6 +983,7 @@ impl Muxer {
         self.ports.insert((h.dst_port, h.src_port), fd);
         let pkt = self.packet_for(fd, OP_RESPONSE);
         self.push_for_conn(fd, pkt);
+        self.note_packet(h, "guest connected to a host port; RESPONSE queued");
         self.rearm(fd);
     }
 }
@@ -1222,6 +1380,64 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(c.read(&mut buf).unwrap(), 0);
         assert_eq!(m.connection_count(), 0);
+    }
+
+    /// The report names each open connection and tells, in order, what happened to the
+    /// ones that ended: here one the guest refused, one it accepted and then reset, and
+    /// one still open; a flood of stray packets keeps no more events than the log holds.
+    #[test]
+    fn the_report_tells_what_happened_to_each_connection() {
+        let dir = Dir::new("report");
+        let path = dir.0.join("v.sock");
+        let mut m = Muxer::new(&path, CID, &GuestLimits::default()).unwrap();
+        assert!(
+            m.report().starts_with("vsock connections: none;"),
+            "{}",
+            m.report()
+        );
+
+        let mut refused = UnixStream::connect(&path).unwrap();
+        refused.write_all(b"CONNECT 77\n").unwrap();
+        let req = next_packet(&mut m);
+        m.from_guest(guest_pkt(OP_RST, 77, req.hdr.src_port));
+        let (_reset, _, reset_port) = connected(&mut m, &path);
+        m.from_guest(guest_pkt(OP_RST, 1024, reset_port));
+        let (_open, _, open_port) = connected(&mut m, &path);
+
+        let report = m.report();
+        let refused_port = req.hdr.src_port;
+        assert!(
+            report.contains(&format!("{open_port}->1024 established")),
+            "{report}"
+        );
+        assert!(!report.contains(&format!("{reset_port}->1024 established")));
+        let order = [
+            format!("{refused_port}->77 host client asked to connect; REQUEST queued"),
+            format!("{refused_port}->77 REQUEST handed to the guest"),
+            format!("{refused_port}->77 guest refused the connection (RST) (op {OP_RST})"),
+            format!("{reset_port}->1024 guest accepted; OK sent to the host client"),
+            format!("{reset_port}->1024 guest reset the connection (op {OP_RST})"),
+            format!("{open_port}->1024 guest accepted; OK sent to the host client"),
+        ];
+        let mut at = 0;
+        for line in &order {
+            let found = report[at..].find(line.as_str());
+            assert!(
+                found.is_some(),
+                "{line:?} not after byte {at} of:\n{report}"
+            );
+            at += found.unwrap() + line.len();
+        }
+
+        for i in 0..1000 {
+            m.from_guest(guest_pkt(OP_RW, 5000 + i, 6000));
+        }
+        let report = m.report();
+        let events = report.lines().skip(1).count();
+        assert_eq!(events, EVENT_LOG_LEN, "{report}");
+        assert!(report.ends_with(&format!(
+            "6000->5999 packet for no connection; RST queued (op {OP_RW})"
+        )));
     }
 
     #[test]
