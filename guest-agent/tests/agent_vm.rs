@@ -386,8 +386,9 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
         .await;
         let (status, text) = ran.unwrap_or_else(|_| {
             panic!(
-                "copy {i}: the container did not run within 50 s\ndevices:\n{}\nconsole:\n{}",
+                "copy {i}: the container did not run within 50 s\ndevices:\n{}\n{}\nconsole:\n{}",
                 vms[i as usize].ring_report(),
+                vms[i as usize].cpu_report(),
                 console()
             )
         });

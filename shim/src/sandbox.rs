@@ -13,8 +13,8 @@ use shoal_agent_api::agent_ttrpc::AgentClient;
 use shoal_agent_api::client::connect_agent;
 use shoal_agent_api::AGENT_PORT;
 use shoal_vmm::{
-    CacheMode, Console, ExitReason, FsConfig, NetConfig, RingReporter, Stopper, Vm, VmConfig,
-    VsockConfig,
+    CacheMode, Console, CpuReporter, ExitReason, FsConfig, NetConfig, RingReporter, Stopper, Vm,
+    VmConfig, VsockConfig,
 };
 use tokio::sync::watch;
 
@@ -151,6 +151,16 @@ fn record_failed_start(state_dir: &Path, id: &str, what: &str, devices: &str, co
         Ok(path) => tracing::warn!("sandbox {id}: {what}; report {}", path.display()),
         Err(e) => tracing::warn!("sandbox {id}: {what}; no report kept ({e})"),
     }
+}
+
+/// Where the VM's devices ([`RingReporter`]) and vCPUs ([`CpuReporter`]: running or
+/// halted, where, and their timers) stand, for a report on a guest that stopped answering.
+async fn vm_report(rings: &RingReporter, cpus: &CpuReporter) -> String {
+    let cpus = cpus.clone();
+    let cpu = tokio::task::spawn_blocking(move || cpus.report(Duration::from_secs(10)))
+        .await
+        .unwrap_or_else(|e| format!("vCPUs: (no report: {e})"));
+    format!("{}\n{cpu}", rings.report())
 }
 
 /// How much of the guest console an agent timeout reports.
@@ -488,6 +498,7 @@ impl Sandbox {
         mark("vm_created");
         let stopper = vm.stopper();
         let rings = vm.ring_reporter();
+        let cpus = vm.cpu_reporter();
         let (tx, exited) = watch::channel(None);
         let ending = Arc::new(AtomicBool::new(false));
         let vm_thread = {
@@ -551,7 +562,8 @@ impl Sandbox {
                 let ended = exited.borrow().clone();
                 if ended.is_none() {
                     let what = format!("the guest agent did not answer: {message}");
-                    record_failed_start(&config.state_dir, id, &what, &rings.report(), &console);
+                    let report = vm_report(&rings, &cpus).await;
+                    record_failed_start(&config.state_dir, id, &what, &report, &console);
                 }
                 let console = console_tail(&console, CONSOLE_TAIL_LINES);
                 sandbox.stop();
@@ -594,9 +606,15 @@ impl Sandbox {
         };
         if let Err((step, e)) = setup.await {
             let broken = matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed);
-            if exited.borrow().is_none() && (is_timeout(&e) || broken) {
+            // Read while the VM still runs, before it is stopped.
+            let running = exited.borrow().is_none();
+            let report = match running && (is_timeout(&e) || broken) {
+                true => Some(vm_report(&rings, &cpus).await),
+                false => None,
+            };
+            if let Some(report) = &report {
                 let what = format!("the guest agent's {step} failed: {e}");
-                record_failed_start(&config.state_dir, id, &what, &rings.report(), &console);
+                record_failed_start(&config.state_dir, id, &what, report, &console);
             }
             let lost = lost_agent(step, &e, exited.borrow().as_ref(), &rings, &console);
             let error = match lost {
@@ -604,7 +622,7 @@ impl Sandbox {
                 None if is_timeout(&e) => SandboxError::SetupTimeout {
                     step,
                     secs: config.agent_timeout_secs,
-                    devices: rings.report(),
+                    devices: report.unwrap_or_else(|| rings.report()),
                     console: console_tail(&console, CONSOLE_TAIL_LINES),
                 },
                 None => SandboxError::Agent(e),

@@ -239,6 +239,36 @@ impl RingReporter {
     }
 }
 
+/// Asks a VM for its vCPU report ([`Vm::cpu_report`]) from any thread, without keeping the
+/// VM alive: the VM's [`Vm::wait`] loop answers. A default one reports on no VM.
+#[derive(Clone, Default)]
+pub struct CpuReporter(std::sync::Weak<ReportDesk>);
+
+/// Where [`CpuReporter`]s leave their requests for [`Vm::wait`].
+struct ReportDesk {
+    wake: EventFd,
+    waiting: Mutex<Vec<std::sync::mpsc::Sender<String>>>,
+}
+
+impl CpuReporter {
+    /// The VM's [`Vm::cpu_report`], or why there is none after waiting `limit` for it.
+    pub fn report(&self, limit: Duration) -> String {
+        let Some(desk) = self.0.upgrade() else {
+            return "vCPUs: (the VM has ended)".into();
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        desk.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        let _ = desk.wake.write(1);
+        drop(desk);
+        rx.recv_timeout(limit).unwrap_or_else(|_| {
+            format!("vCPUs: (no report within {limit:?}: nothing waits on the VM, or it ended)")
+        })
+    }
+}
+
 /// A running VM. Dropping it stops it; [`Vm::wait`] waits for the guest to end it.
 pub struct Vm {
     exit: Arc<exit::ExitSignal>,
@@ -251,6 +281,8 @@ pub struct Vm {
     pause: Arc<vcpu::Pause>,
     /// Whether the vCPUs are parked (between `pause` and `resume`).
     paused: Mutex<bool>,
+    /// Requests for a vCPU report, answered by [`Vm::wait`].
+    desk: Arc<ReportDesk>,
     // Dropped last, after every thread using them has been joined.
     bus: Arc<Bus>,
     kvm_vm: vm::KvmVm,
@@ -436,6 +468,15 @@ impl Vm {
             balloon,
             pause: Arc::new(vcpu::Pause::default()),
             paused: Mutex::new(false),
+            desk: Arc::new(ReportDesk {
+                wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+                    Error::Setup {
+                        what: "create the report eventfd",
+                        source,
+                    }
+                })?,
+                waiting: Mutex::new(Vec::new()),
+            }),
             bus: Arc::new(bus),
             kvm_vm,
             mem,
@@ -656,6 +697,38 @@ impl Vm {
         Stopper(self.exit.clone())
     }
 
+    /// A [`CpuReporter`] for this VM (answered while something waits in [`Vm::wait`]).
+    pub fn cpu_reporter(&self) -> CpuReporter {
+        CpuReporter(Arc::downgrade(&self.desk))
+    }
+
+    /// One line per vCPU on where it stands, for a report on a guest that stopped
+    /// answering: running or halted, where (rip, cr3, whether interrupts are on), and its
+    /// local APIC timer (mode, masked or not, counts; in TSC-deadline mode the deadline
+    /// against the TSC, in ms). A halted vCPU whose timer is neither counting nor armed
+    /// waits for a device interrupt alone. The vCPUs are paused to be read, then resumed
+    /// (a VM already paused stays so).
+    pub fn cpu_report(&self) -> String {
+        let was_paused = *self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = self.pause() {
+            return format!("vCPUs: cannot pause them to look ({e})");
+        }
+        let states = self.pause.save(self.vcpu_threads.len(), PAUSE_LIMIT);
+        if !was_paused {
+            self.resume();
+        }
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| match state {
+                Some(Ok(state)) => format!("vCPU {i}: {}", vcpu::describe(state)),
+                Some(Err(e)) => format!("vCPU {i}: cannot read its state ({e})"),
+                None => format!("vCPU {i}: did not park within {PAUSE_LIMIT:?}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// A [`RingReporter`] for this VM.
     pub fn ring_reporter(&self) -> RingReporter {
         RingReporter(Arc::downgrade(&self.bus))
@@ -677,15 +750,18 @@ impl Vm {
         use std::os::unix::io::AsRawFd;
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let evt_fd = self.exit.eventfd().as_raw_fd();
+        let desk_fd = self.desk.wake.as_raw_fd();
         let epoll = Epoll::new().and_then(|e| {
-            e.ctl(
-                ControlOperation::Add,
-                evt_fd,
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .map(|_| e)
+            for (fd, data) in [(evt_fd, 0), (desk_fd, 1)] {
+                e.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )?;
+            }
+            Ok(e)
         });
-        let mut events = [EpollEvent::default(); 1];
+        let mut events = [EpollEvent::default(); 2];
         while !self.exit.is_signalled() {
             match &epoll {
                 Ok(epoll) => {
@@ -694,9 +770,24 @@ impl Vm {
                 // Without an epoll set, poll the flag; slower to notice, never stuck.
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
+            self.answer_reports();
         }
         self.shutdown();
         self.exit.reason().expect("signalled")
+    }
+
+    /// Answers the [`CpuReporter`]s waiting, if any.
+    fn answer_reports(&self) {
+        let _ = self.desk.wake.read();
+        let waiting =
+            std::mem::take(&mut *self.desk.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        if waiting.is_empty() {
+            return;
+        }
+        let report = self.cpu_report();
+        for tx in waiting {
+            let _ = tx.send(report.clone());
+        }
     }
 
     fn shutdown(&mut self) {

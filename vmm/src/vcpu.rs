@@ -17,6 +17,81 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout::*;
 
+/// Said of a triple fault whose vCPU was in the state KVM gives a vCPU it resets. No
+/// running guest kernel is there, and shoal loads a vCPU's state only at boot and restore
+/// (long mode): something under the guest reset it, as nested labs (emulated AMD-V) have
+/// done. `scripts/test` knows a lab test that failed this way by this text.
+pub const POWER_ON_NOTE: &str = "; the vCPU was at the reset vector with cr0 0x10, the state KVM gives a vCPU it resets: it was reset under the guest";
+
+/// Whether a vCPU at `rip` with `cr0` is where a KVM reset leaves it: the reset vector,
+/// protection and paging off, cr0 holding only ET.
+pub fn in_power_on_state(rip: u64, cr0: u64) -> bool {
+    rip == 0xfff0 && cr0 == 0x10
+}
+
+/// MSR of the TSC-deadline timer.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// MSR of the time-stamp counter.
+const MSR_TSC: u32 = 0x10;
+
+/// A local APIC register (at `offset` in the register page) of a saved state.
+fn lapic_reg(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
+    let b = |i: usize| lapic.regs[offset + i] as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+/// What a vCPU's saved state says about where it stands (see [`crate::Vm::cpu_report`]).
+pub fn describe(state: &VcpuState) -> String {
+    let run = match state.mp_state.mp_state {
+        0 => "running".to_string(),
+        3 => "halted".to_string(),
+        1 => "not started".to_string(),
+        other => format!("MP state {other}"),
+    };
+    let interrupts = if state.regs.rflags & (1 << 9) != 0 {
+        "on"
+    } else {
+        "off"
+    };
+    let lvtt = lapic_reg(&state.lapic, 0x320);
+    let masked = if lvtt & (1 << 16) != 0 {
+        ", masked"
+    } else {
+        ""
+    };
+    let msr = |index| state.msrs.iter().find(|m| m.index == index).map(|m| m.data);
+    let timer = match (lvtt >> 17) & 3 {
+        2 => {
+            let khz = u64::from(state.tsc_khz.max(1));
+            match (msr(MSR_TSC_DEADLINE), msr(MSR_TSC)) {
+                (Some(0), _) => "TSC-deadline, not armed".to_string(),
+                (Some(deadline), Some(tsc)) if deadline >= tsc => {
+                    format!("TSC-deadline in {} ms", (deadline - tsc) / khz)
+                }
+                (Some(deadline), Some(tsc)) => {
+                    format!(
+                        "TSC-deadline passed {} ms ago, not fired",
+                        (tsc - deadline) / khz
+                    )
+                }
+                _ => "TSC-deadline, deadline not read".to_string(),
+            }
+        }
+        mode => format!(
+            "{}, initial count {}, current count {}",
+            if mode == 1 { "periodic" } else { "one-shot" },
+            lapic_reg(&state.lapic, 0x380),
+            lapic_reg(&state.lapic, 0x390)
+        ),
+    };
+    format!(
+        "{run} at rip {:#x} (cr3 {:#x}, interrupts {interrupts}); LAPIC timer vector {}{masked}: {timer}",
+        state.regs.rip,
+        state.sregs.cr3,
+        lvtt & 0xff
+    )
+}
+
 /// Errors from creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -522,8 +597,19 @@ impl Vcpu {
                 // this is a guest that broke; say where, for whoever reads the log.
                 let at = match (self.fd.get_regs(), self.fd.get_sregs()) {
                     (Ok(r), Ok(s)) => format!(
-                        "vCPU {} at rip {:#x}, rsp {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}",
-                        self.index, r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                        "vCPU {} at rip {:#x}, rsp {:#x}, cr0 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}{}",
+                        self.index,
+                        r.rip,
+                        r.rsp,
+                        s.cr0,
+                        s.cr3,
+                        s.cr4,
+                        s.efer,
+                        if in_power_on_state(r.rip, s.cr0) {
+                            POWER_ON_NOTE
+                        } else {
+                            ""
+                        }
                     ),
                     _ => format!("vCPU {}", self.index),
                 };
@@ -590,6 +676,18 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_reset_state_is_told_from_a_guest_that_broke() {
+        assert!(super::in_power_on_state(0xfff0, 0x10));
+        // A guest kernel that broke: long mode, paging on.
+        assert!(!super::in_power_on_state(
+            0xffff_ffff_8100_0000,
+            0x8005_0033
+        ));
+        // Linux restarting through the BIOS clears paging but keeps CD and NW.
+        assert!(!super::in_power_on_state(0xfff0, 0x6000_0010));
+    }
+
     use super::*;
 
     #[test]

@@ -142,6 +142,50 @@ fn a_triple_fault_is_told_from_a_reset() {
     }
 }
 
+/// The vCPU report reads a running guest where it stands, from another thread, while the
+/// VM is waited on: a guest spinning is running, with its LAPIC timer read; the VM is
+/// resumed after each report (a second one reads it the same), and one that ended says so.
+#[test]
+fn the_cpu_report_tells_where_a_running_guest_stands() {
+    let _serial = serial();
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("cpureport");
+    let mut code = print(b"spinning\n");
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    let vm = Vm::boot(&config(&dir, &code)).expect("boot");
+    let (reporter, stopper) = (vm.cpu_reporter(), vm.stopper());
+    let console = dir.path("console");
+    let asker = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(&console).unwrap_or_default() != "spinning\n" {
+            assert!(std::time::Instant::now() < deadline, "the guest never spun");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let first = reporter.report(Duration::from_secs(10));
+        let second = reporter.report(Duration::from_secs(10));
+        stopper.stop();
+        (first, second, reporter)
+    });
+    let reason = vm.wait();
+    let (first, second, reporter) = asker.join().unwrap();
+    assert_eq!(reason, ExitReason::Stopped);
+    for report in [&first, &second] {
+        assert!(
+            report.starts_with("vCPU 0: running at rip 0x") && report.contains("LAPIC timer"),
+            "{report}"
+        );
+    }
+    // Both caught the guest on its two-byte spin loop.
+    assert_eq!(first, second);
+    println!("{first}");
+    assert_eq!(
+        reporter.report(Duration::from_secs(1)),
+        "vCPUs: (the VM has ended)"
+    );
+}
+
 #[test]
 fn mmio_exits_reach_the_virtio_transport() {
     let _serial = serial();

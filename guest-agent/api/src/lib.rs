@@ -46,10 +46,21 @@ pub mod client {
     use std::time::{Duration, Instant};
 
     /// Connects to guest vsock `port` through the VM's hybrid-vsock unix socket: writes
-    /// `CONNECT <port>\n` and reads the `OK <n>\n` answer. The stream then reaches the guest.
+    /// `CONNECT <port>\n` and reads the `OK <n>\n` answer, waiting at most 10 s for the
+    /// guest to answer. The stream then reaches the guest.
     pub fn hybrid_vsock_connect(uds: &Path, port: u32) -> io::Result<UnixStream> {
+        hybrid_vsock_connect_within(uds, port, Duration::from_secs(10))
+    }
+
+    /// [`hybrid_vsock_connect`], waiting at most `wait` for the guest's answer (a refusal,
+    /// nothing listening, comes back as soon as the guest sends it).
+    pub fn hybrid_vsock_connect_within(
+        uds: &Path,
+        port: u32,
+        wait: Duration,
+    ) -> io::Result<UnixStream> {
         let mut s = UnixStream::connect(uds)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
         s.write_all(format!("CONNECT {port}\n").as_bytes())?;
         // Byte by byte: anything after the newline belongs to the stream.
         let mut line = Vec::new();
@@ -87,7 +98,18 @@ pub mod client {
     ) -> io::Result<super::agent_ttrpc::AgentClient> {
         let deadline = Instant::now() + timeout;
         loop {
-            match hybrid_vsock_connect(uds, port) {
+            // One request at a time, waiting for the guest's answer as long as the whole
+            // wait allows: a request given up on while the guest boots slowly would still
+            // be answered later, holding a connection in the guest and on the host.
+            let (path, wait) = (
+                uds.to_path_buf(),
+                deadline.saturating_duration_since(Instant::now()),
+            );
+            let attempt =
+                tokio::task::spawn_blocking(move || hybrid_vsock_connect_within(&path, port, wait))
+                    .await
+                    .map_err(io::Error::other)?;
+            match attempt {
                 Ok(s) => {
                     s.set_nonblocking(true)?;
                     let stream = tokio::net::UnixStream::from_std(s)?;
