@@ -349,7 +349,14 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
                 },
             )
             .await
-            .unwrap_or_else(|e| panic!("copy {i}: {e:?}\nconsole:\n{}", console()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "copy {i}: {e:?}\ndevices:\n{}\n{}\nconsole:\n{}",
+                    vms[i as usize].ring_report(),
+                    vms[i as usize].cpu_report(),
+                    console()
+                )
+            });
         let who = agent.check(ctx(), &CheckRequest::new()).await.unwrap();
         assert_eq!(
             (who.hostname.as_str(), who.sandbox_id.as_str(), who.pid),

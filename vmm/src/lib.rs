@@ -597,6 +597,11 @@ impl Vm {
     /// [`Vm::resume`]. Pausing a paused VM does nothing.
     pub fn pause(&self) -> std::result::Result<(), snapshot::SnapshotError> {
         let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        self.pause_locked(&mut paused)
+    }
+
+    /// [`Vm::pause`] with the `paused` lock held by the caller.
+    fn pause_locked(&self, paused: &mut bool) -> std::result::Result<(), snapshot::SnapshotError> {
         if *paused {
             return Ok(());
         }
@@ -707,16 +712,22 @@ impl Vm {
     /// local APIC timer (mode, masked or not, counts; in TSC-deadline mode the deadline
     /// against the TSC, in ms). A halted vCPU whose timer is neither counting nor armed
     /// waits for a device interrupt alone. The vCPUs are paused to be read, then resumed
-    /// (a VM already paused stays so).
+    /// (a VM already paused stays so). Kicking a vCPU out of KVM_RUN can deliver a timer
+    /// interrupt that was due: the report can set going the guest it describes.
     pub fn cpu_report(&self) -> String {
-        let was_paused = *self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = self.pause() {
+        // The lock is held throughout, as `snapshot` holds it: the two never read the
+        // vCPUs' states at once, and a VM paused by someone else stays paused.
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let was_paused = *paused;
+        if let Err(e) = self.pause_locked(&mut paused) {
             return format!("vCPUs: cannot pause them to look ({e})");
         }
         let states = self.pause.save(self.vcpu_threads.len(), PAUSE_LIMIT);
         if !was_paused {
-            self.resume();
+            *paused = false;
+            self.pause.resume();
         }
+        drop(paused);
         states
             .iter()
             .enumerate()

@@ -17,15 +17,16 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout::*;
 
-/// Said of a triple fault whose vCPU was in the state KVM gives a vCPU it resets. No
-/// running guest kernel is there, and shoal loads a vCPU's state only at boot and restore
-/// (long mode): something under the guest reset it, as nested labs (emulated AMD-V) have
-/// done. `scripts/test` knows a lab test that failed this way by this text.
-pub const POWER_ON_NOTE: &str = "; the vCPU was at the reset vector with cr0 0x10, the state KVM gives a vCPU it resets: it was reset under the guest";
+/// Said of a triple fault whose vCPU reads as just INITed. KVM on AMD (SVM) re-initialises
+/// a vCPU that triple-faults before it reports the fault, so the registers are then the
+/// INIT state's (the reset vector; cr0 keeps only ET, as a running Linux has CD and NW
+/// clear), not where the guest faulted. `scripts/lab-tests` knows a lab test that failed
+/// on such a fault by this text.
+pub const INIT_STATE_NOTE: &str = "; these are the vCPU's INIT state: KVM on AMD re-initialises a vCPU that triple-faults, so where it faulted is lost";
 
-/// Whether a vCPU at `rip` with `cr0` is where a KVM reset leaves it: the reset vector,
-/// protection and paging off, cr0 holding only ET.
-pub fn in_power_on_state(rip: u64, cr0: u64) -> bool {
+/// Whether a vCPU at `rip` with `cr0` reads as KVM leaves it after an INIT that found
+/// caching enabled: the reset vector, cr0 holding only ET.
+pub fn in_init_state(rip: u64, cr0: u64) -> bool {
     rip == 0xfff0 && cr0 == 0x10
 }
 
@@ -60,23 +61,28 @@ pub fn describe(state: &VcpuState) -> String {
         ""
     };
     let msr = |index| state.msrs.iter().find(|m| m.index == index).map(|m| m.data);
+    // TSC ticks as ms, or as ticks where the frequency is unknown.
+    let ms = |ticks: u64| match state.tsc_khz {
+        0 => format!("{ticks} TSC ticks (frequency unknown)"),
+        khz => format!("{} ms", ticks / u64::from(khz)),
+    };
     let timer = match (lvtt >> 17) & 3 {
-        2 => {
-            let khz = u64::from(state.tsc_khz.max(1));
-            match (msr(MSR_TSC_DEADLINE), msr(MSR_TSC)) {
-                (Some(0), _) => "TSC-deadline, not armed".to_string(),
-                (Some(deadline), Some(tsc)) if deadline >= tsc => {
-                    format!("TSC-deadline in {} ms", (deadline - tsc) / khz)
-                }
-                (Some(deadline), Some(tsc)) => {
-                    format!(
-                        "TSC-deadline passed {} ms ago, not fired",
-                        (tsc - deadline) / khz
-                    )
-                }
-                _ => "TSC-deadline, deadline not read".to_string(),
+        2 => match (msr(MSR_TSC_DEADLINE), msr(MSR_TSC)) {
+            (Some(0), _) => "TSC-deadline, not armed".to_string(),
+            (Some(deadline), Some(tsc)) if deadline >= tsc => {
+                format!("TSC-deadline in {}", ms(deadline - tsc))
             }
-        }
+            // KVM clears the deadline when it delivers the interrupt: one that passed
+            // long before the pause was never delivered.
+            (Some(deadline), Some(tsc)) => {
+                format!(
+                    "TSC-deadline passed {} ago, not delivered yet",
+                    ms(tsc - deadline)
+                )
+            }
+            _ => "TSC-deadline, deadline not read".to_string(),
+        },
+        3 => "reserved mode 3".to_string(),
         mode => format!(
             "{}, initial count {}, current count {}",
             if mode == 1 { "periodic" } else { "one-shot" },
@@ -605,8 +611,8 @@ impl Vcpu {
                         s.cr3,
                         s.cr4,
                         s.efer,
-                        if in_power_on_state(r.rip, s.cr0) {
-                            POWER_ON_NOTE
+                        if in_init_state(r.rip, s.cr0) {
+                            INIT_STATE_NOTE
                         } else {
                             ""
                         }
@@ -677,15 +683,12 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_reset_state_is_told_from_a_guest_that_broke() {
-        assert!(super::in_power_on_state(0xfff0, 0x10));
-        // A guest kernel that broke: long mode, paging on.
-        assert!(!super::in_power_on_state(
-            0xffff_ffff_8100_0000,
-            0x8005_0033
-        ));
-        // Linux restarting through the BIOS clears paging but keeps CD and NW.
-        assert!(!super::in_power_on_state(0xfff0, 0x6000_0010));
+    fn the_init_state_is_told_from_where_a_guest_broke() {
+        assert!(super::in_init_state(0xfff0, 0x10));
+        // Where a guest kernel breaks: long mode, paging on (what KVM on Intel reports).
+        assert!(!super::in_init_state(0xffff_ffff_8100_0000, 0x8005_0033));
+        // A vCPU reset rather than INITed has CD and NW set.
+        assert!(!super::in_init_state(0xfff0, 0x6000_0010));
     }
 
     use super::*;

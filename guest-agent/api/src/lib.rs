@@ -97,6 +97,7 @@ pub mod client {
         timeout: Duration,
     ) -> io::Result<super::agent_ttrpc::AgentClient> {
         let deadline = Instant::now() + timeout;
+        let mut last: Option<io::Error> = None;
         loop {
             // One request at a time, waiting for the guest's answer as long as the whole
             // wait allows: a request given up on while the guest boots slowly would still
@@ -105,6 +106,13 @@ pub mod client {
                 uds.to_path_buf(),
                 deadline.saturating_duration_since(Instant::now()),
             );
+            if wait.is_zero() {
+                let why = last.map(|e| format!(": {e}")).unwrap_or_default();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("agent did not answer on vsock port {port} within {timeout:?}{why}"),
+                ));
+            }
             let attempt =
                 tokio::task::spawn_blocking(move || hybrid_vsock_connect_within(&path, port, wait))
                     .await
@@ -117,15 +125,23 @@ pub mod client {
                         ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
                     return Ok(super::agent_ttrpc::AgentClient::new(client));
                 }
-                Err(e) if Instant::now() >= deadline => {
+                // The read timed out: the whole wait is over.
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     return Err(io::Error::new(
-                        e.kind(),
+                        io::ErrorKind::TimedOut,
                         format!(
-                            "agent did not answer on vsock port {port} within {timeout:?}: {e}"
+                            "agent did not answer on vsock port {port} within {timeout:?}: the guest answered no connection request"
                         ),
                     ))
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                // Refused (nothing listens yet) or the socket is not there yet: again soon,
+                // if the wait allows.
+                Err(e) => {
+                    last = Some(e);
+                    let pause = Duration::from_millis(100)
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await
+                }
             }
         }
     }

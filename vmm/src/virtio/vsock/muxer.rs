@@ -76,16 +76,23 @@ pub const EVENT_LOG_LEN: usize = 48;
 
 /// One thing that happened to a connection, kept for the report on a connection that
 /// broke. Fixed strings only: the guest can make events happen as fast as it sends
-/// packets, so noting one costs no allocation and the log no more than its length.
+/// packets, so noting one costs no allocation and the log no more than its length. The
+/// same event again, right after itself, is counted rather than kept twice.
 #[derive(Clone, Copy, Debug)]
 struct Event {
+    /// When it last happened.
     at: Instant,
     local_port: u32,
     peer_port: u32,
     what: &'static str,
     /// The packet's op, where a packet made it happen.
     op: Option<u16>,
+    /// How many times more it happened, in a row.
+    again: u32,
 }
+
+/// Open connections [`Muxer::report`] lists (the rest are counted).
+const REPORT_CONNECTIONS: usize = 16;
 
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
@@ -330,8 +337,9 @@ impl Muxer {
     pub fn report(&self) -> String {
         let mut conns: Vec<&Conn> = self.conns.values().collect();
         conns.sort_by_key(|c| (c.local_port, c.peer_port));
-        let open: Vec<String> = conns
+        let mut open: Vec<String> = conns
             .iter()
+            .take(REPORT_CONNECTIONS)
             .map(|c| {
                 let state = match c.state {
                     State::AwaitConnect(_) => "awaiting CONNECT",
@@ -350,13 +358,20 @@ impl Muxer {
                 )
             })
             .collect();
+        if conns.len() > REPORT_CONNECTIONS {
+            open.push(format!("and {} more", conns.len() - REPORT_CONNECTIONS));
+        }
         let events: Vec<String> = self
             .events
             .iter()
             .map(|e| {
                 let op = e.op.map(|op| format!(" (op {op})")).unwrap_or_default();
+                let again = match e.again {
+                    0 => String::new(),
+                    n => format!(", {} times in a row, the last at that time", n + 1),
+                };
                 format!(
-                    "{:.3} {}->{} {}{op}",
+                    "{:.3} {}->{} {}{op}{again}",
                     e.at.saturating_duration_since(self.born).as_secs_f64(),
                     e.local_port,
                     e.peer_port,
@@ -385,6 +400,15 @@ impl Muxer {
     /// Keeps `what` happening to the connection between `local_port` and `peer_port` in
     /// the event log.
     fn note(&mut self, local_port: u32, peer_port: u32, what: &'static str, op: Option<u16>) {
+        if let Some(last) = self.events.back_mut() {
+            if (last.local_port, last.peer_port, last.what, last.op)
+                == (local_port, peer_port, what, op)
+            {
+                last.again = last.again.saturating_add(1);
+                last.at = Instant::now();
+                return;
+            }
+        }
         if self.events.len() == EVENT_LOG_LEN {
             self.events.pop_front();
         }
@@ -394,6 +418,7 @@ impl Muxer {
             peer_port,
             what,
             op,
+            again: 0,
         });
     }
 
@@ -496,6 +521,15 @@ impl Muxer {
                 // stale timer finds nothing expired and sets itself for the next deadline.)
                 OP_SHUTDOWN => conn.shutdown_deadline = None,
                 _ => {}
+            }
+            if matches!(pkt.hdr.op, OP_REQUEST | OP_RESPONSE | OP_SHUTDOWN) {
+                let (l, p) = (pkt.hdr.src_port, pkt.hdr.dst_port);
+                self.note(
+                    l,
+                    p,
+                    "not handed after all: put back in the queue",
+                    Some(pkt.hdr.op),
+                );
             }
         }
         self.to_guest.push_front(pkt);
@@ -1438,6 +1472,18 @@ mod tests {
         assert!(report.ends_with(&format!(
             "6000->5999 packet for no connection; RST queued (op {OP_RW})"
         )));
+        // The same packet again and again is one event, counted.
+        for _ in 0..100 {
+            m.from_guest(guest_pkt(OP_RW, 7000, 6000));
+        }
+        let report = m.report();
+        assert!(
+            report.ends_with(&format!(
+                "6000->7000 packet for no connection; RST queued (op {OP_RW}), 100 times in a row, the last at that time"
+            )),
+            "{report}"
+        );
+        assert!(report.contains("6000->5999 packet for no connection"));
     }
 
     #[test]
