@@ -572,6 +572,8 @@ impl Vm {
             vcpu.restore_state(state, xsave_size)?;
             vcpus.push(vcpu);
         }
+        // Last, when a tick it fires at once reaches loaded controllers (see restore_pit).
+        kvm_vm.restore_pit(&snap.vm)?;
         step("vCPUs");
         let (mmio_slots, loop_devices, _) =
             attach_devices(&kvm_vm, &mem, devices, Some(&snap.devices))?;
@@ -728,7 +730,7 @@ impl Vm {
             self.pause.resume();
         }
         drop(paused);
-        states
+        let mut lines: Vec<String> = states
             .iter()
             .enumerate()
             .map(|(i, state)| match state {
@@ -736,8 +738,19 @@ impl Vm {
                 Some(Err(e)) => format!("vCPU {i}: cannot read its state ({e})"),
                 None => format!("vCPU {i}: did not park within {PAUSE_LIMIT:?}"),
             })
-            .collect::<Vec<_>>()
-            .join("\n")
+            .collect();
+        // The other timer a guest may tick from.
+        lines.push(match self.kvm_vm.fd.get_pit2() {
+            Ok(pit) => {
+                let c = &pit.channels[0];
+                format!(
+                    "PIT channel 0: mode {}, count {}, gate {}",
+                    c.mode, c.count, c.gate
+                )
+            }
+            Err(e) => format!("PIT: cannot read it ({e})"),
+        });
+        lines.join("\n")
     }
 
     /// A [`RingReporter`] for this VM.
