@@ -331,7 +331,14 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
         let console = || std::fs::read_to_string(dir.join(format!("console-{i}"))).unwrap();
         let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(60))
             .await
-            .unwrap_or_else(|e| panic!("copy {i}: {e}\nconsole:\n{}", console()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "copy {i}: {e}\ndevices:\n{}\n{}\nconsole:\n{}",
+                    vms[i as usize].ring_report(),
+                    vms[i as usize].cpu_report(),
+                    console()
+                )
+            });
         let entropy: Vec<u8> = (0..64).map(|b| (b * 7 + i * 131) as u8).collect();
         agent
             .create_sandbox(

@@ -721,6 +721,9 @@ impl Vm {
         // vCPUs' states at once, and a VM paused by someone else stays paused.
         let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         let was_paused = *paused;
+        if let Some(reason) = self.exit.reason() {
+            return format!("vCPUs: none to look at, the VM has ended: {reason}");
+        }
         if let Err(e) = self.pause_locked(&mut paused) {
             return format!("vCPUs: cannot pause them to look ({e})");
         }

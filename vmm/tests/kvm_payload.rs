@@ -136,6 +136,19 @@ fn a_triple_fault_is_told_from_a_reset() {
     // xor eax, eax; push rax; push rax; lidt [rsp] (limit 0); ud2
     code.extend_from_slice(&[0x31, 0xc0, 0x50, 0x50, 0x0f, 0x01, 0x1c, 0x24, 0x0f, 0x0b]);
     let vm = Vm::boot(&config(&dir, &code)).expect("boot");
+    // A report asked for once the VM has ended says how it ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let report = vm.cpu_report();
+        if report.starts_with("vCPUs: none to look at") || std::time::Instant::now() > deadline {
+            break report;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        report.starts_with("vCPUs: none to look at, the VM has ended: the guest triple-faulted"),
+        "{report}"
+    );
     match wait_with_timeout(vm, Duration::from_secs(20)) {
         ExitReason::TripleFault(at) => assert!(at.contains("vCPU 0 at rip 0x"), "{at}"),
         other => panic!("ended with {other:?}"),
