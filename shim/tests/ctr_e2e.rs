@@ -1363,7 +1363,7 @@ fn ctr_guest_racing_the_share_reaches_nothing_on_the_host() {
     let Some(env) = env() else { return };
     let n = support::containerd::env_usize("SHOAL_RACE_N", 200);
     if n == 0 {
-        println!("\nSKIP: share race e2e: SHOAL_RACE_N=0 (scripts/test leaves it out unless SHOAL_RACE_N is set: in two-vCPU labs its churn of nested VMs brings out the lab's own faults, nested guest resets and once a stalled lab; docs/lab.md)");
+        println!("\nSKIP: share race e2e: SHOAL_RACE_N=0 (scripts/test leaves it out unless SHOAL_RACE_N is set: in two-vCPU labs its churn of nested VMs brings out the lab's faults, guest triple faults and once a stalled lab; docs/lab.md)");
         return;
     }
     let c = Containerd::start(&env, "race", "");
