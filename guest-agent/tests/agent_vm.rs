@@ -329,16 +329,18 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
     for i in 0..2 {
         let uds = dir.join(format!("copy-{i}.sock"));
         let console = || std::fs::read_to_string(dir.join(format!("console-{i}"))).unwrap();
+        // Where a copy that stopped answering stands: its devices, vCPUs and console.
+        let stalled = || {
+            format!(
+                "devices:\n{}\n{}\nconsole:\n{}",
+                vms[i as usize].ring_report(),
+                vms[i as usize].cpu_report(),
+                console()
+            )
+        };
         let agent = connect_agent(&uds, AGENT_PORT, Duration::from_secs(60))
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "copy {i}: {e}\ndevices:\n{}\n{}\nconsole:\n{}",
-                    vms[i as usize].ring_report(),
-                    vms[i as usize].cpu_report(),
-                    console()
-                )
-            });
+            .unwrap_or_else(|e| panic!("copy {i}: {e}\n{}", stalled()));
         let entropy: Vec<u8> = (0..64).map(|b| (b * 7 + i * 131) as u8).collect();
         agent
             .create_sandbox(
@@ -356,14 +358,7 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
                 },
             )
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "copy {i}: {e:?}\ndevices:\n{}\n{}\nconsole:\n{}",
-                    vms[i as usize].ring_report(),
-                    vms[i as usize].cpu_report(),
-                    console()
-                )
-            });
+            .unwrap_or_else(|e| panic!("copy {i}: {e:?}\n{}", stalled()));
         let who = agent.check(ctx(), &CheckRequest::new()).await.unwrap();
         assert_eq!(
             (who.hostname.as_str(), who.sandbox_id.as_str(), who.pid),
@@ -400,10 +395,8 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
         .await;
         let (status, text) = ran.unwrap_or_else(|_| {
             panic!(
-                "copy {i}: the container did not run within 50 s\ndevices:\n{}\n{}\nconsole:\n{}",
-                vms[i as usize].ring_report(),
-                vms[i as usize].cpu_report(),
-                console()
+                "copy {i}: the container did not run within 50 s\n{}",
+                stalled()
             )
         });
         assert_eq!(status, 0, "{text}\nconsole:\n{}", console());

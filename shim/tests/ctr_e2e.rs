@@ -421,11 +421,7 @@ fn ctr_vm_dying_under_a_container_ends_the_task() {
     assert_eq!(out.status.code(), Some(255), "{}\n{}", text(&out), c.log());
     // The flight recorder kept what the guest said before it went, after the sandbox's
     // directory was removed.
-    let reports: Vec<_> = std::fs::read_dir(c.shoal_state().join(".crashes"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert_eq!(reports.len(), 1, "{reports:?}\n{}", c.log());
-    let report = std::fs::read_to_string(&reports[0]).unwrap();
+    let report = the_crash_report(&c);
     assert!(
         report.contains("sandbox: crash\n")
             && report.contains("reason: the guest reset itself")
@@ -438,6 +434,15 @@ fn ctr_vm_dying_under_a_container_ends_the_task() {
         c.log()
     );
     c.assert_clean();
+}
+
+/// The one report in the flight recorder of `c`'s shoal (`<state_dir>/.crashes`).
+fn the_crash_report(c: &Containerd) -> String {
+    let reports: Vec<_> = std::fs::read_dir(c.shoal_state().join(".crashes"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(reports.len(), 1, "{reports:?}\n{}", c.log());
+    std::fs::read_to_string(&reports[0]).unwrap()
 }
 
 #[test]
@@ -798,11 +803,7 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     );
     // The flight recorder kept it too, with what the vsock device saw: the guest took
     // the shim's connection requests and refused them, nothing listening on the port.
-    let reports: Vec<_> = std::fs::read_dir(c.shoal_state().join(".crashes"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert_eq!(reports.len(), 1, "{reports:?}\n{}", c.log());
-    let report = std::fs::read_to_string(&reports[0]).unwrap();
+    let report = the_crash_report(&c);
     assert!(
         report.contains("sandbox: noagent\n")
             && report.contains("reason: the sandbox did not start: the guest agent did not answer")
