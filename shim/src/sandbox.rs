@@ -119,6 +119,45 @@ fn lost_agent(
     ))
 }
 
+/// For agent call `call` that timed out in a running VM: a message saying so, with where
+/// the VM's devices and vCPUs stood (`report`, from [`vm_report`]) and the console's last
+/// lines. With `record` (the state directory and the sandbox's id), a report is also left in
+/// the flight recorder and the message names it.
+fn stalled_agent(
+    call: &str,
+    report: &str,
+    console: &Path,
+    record: Option<(&Path, &str)>,
+) -> String {
+    let what = format!("the guest agent did not answer {call} within its deadline");
+    let kept = match record {
+        None => String::new(),
+        Some((state_dir, id)) => {
+            let tail = console_tail(console, crate::crashes::CONSOLE_LINES);
+            let reason = format!("{what}; its devices:\n{report}");
+            match crate::crashes::record(state_dir, id, &reason, &tail) {
+                Ok(path) => format!(" (report {})", path.display()),
+                Err(e) => format!(" (no report kept: {e})"),
+            }
+        }
+    };
+    format!(
+        "{what}; the sandbox VM is still running{kept}; its devices:\n{report}\nthe guest console's last lines:\n{}",
+        console_tail(console, CONSOLE_TAIL_LINES)
+    )
+}
+
+/// Whether a VM's end with `reason` is one the shim asked for (`ending`: it had begun to end
+/// the VM): it stops a VM, or asks its guest to power off. Any other end is a crash, even
+/// while the shim was ending the VM: a guest that triple-faults as it is told to power off
+/// has failed too, and the flight recorder keeps it.
+fn asked_end(ending: bool, reason: &ExitReason) -> bool {
+    ending && matches!(reason, ExitReason::Stopped | ExitReason::PowerOff)
+}
+
+/// How long an agent call whose connection broke waits to learn whether the VM has ended.
+const EXIT_KNOWN_WAIT: Duration = Duration::from_secs(2);
+
 /// Whether an agent call failed because its deadline passed (ttrpc reports that only in
 /// its message).
 fn is_timeout(e: &ttrpc::Error) -> bool {
@@ -372,6 +411,11 @@ pub struct Sandbox {
     pub exited: VmExit,
     /// Where the VM's devices stand, for an error on a broken agent connection.
     rings: RingReporter,
+    /// Where the VM's vCPUs stand, for an error on an agent call that timed out.
+    cpus: CpuReporter,
+    /// Set once a timed-out agent call has left a report in the flight recorder: one per
+    /// sandbox, so that a guest that never answers cannot push other sandboxes' reports out.
+    stall_recorded: AtomicBool,
 }
 
 /// CLOCK_BOOTTIME in milliseconds: one clock for the shim's phase marks and for benchmarks
@@ -509,7 +553,7 @@ impl Sandbox {
                 .name("shoal-vm-wait".into())
                 .spawn(move || {
                     let reason = vm.wait();
-                    if ending.load(Ordering::Acquire) {
+                    if asked_end(ending.load(Ordering::Acquire), &reason) {
                         tracing::info!("sandbox VM ended: {reason:?}");
                     } else {
                         // Read before anything removes the sandbox's directory.
@@ -606,6 +650,12 @@ impl Sandbox {
         };
         if let Err((step, e)) = setup.await {
             let broken = matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed);
+            if broken {
+                // A VM that ended broke the connection a moment before its end is known.
+                let mut ended = exited.clone();
+                let known = ended.wait_for(Option::is_some);
+                let _ = tokio::time::timeout(EXIT_KNOWN_WAIT, known).await;
+            }
             // Read while the VM still runs, before it is stopped.
             let running = exited.borrow().is_none();
             let report = match running && (is_timeout(&e) || broken) {
@@ -649,6 +699,8 @@ impl Sandbox {
             network: Mutex::new(connected),
             exited,
             rings,
+            cpus,
+            stall_recorded: AtomicBool::new(false),
         })
     }
 
@@ -701,20 +753,56 @@ impl Sandbox {
     }
 
     /// For agent call `call` that failed: a broken connection (the guest agent died, or
-    /// the VM with it) becomes an error that says whether the VM still runs, where its
-    /// devices stood and what its console last showed; any other error is returned as it is.
-    pub fn explain_agent_error(&self, call: &str, e: ttrpc::Error) -> ttrpc::Error {
-        let Some(message) = lost_agent(
-            call,
-            &e,
-            self.exited.borrow().as_ref(),
-            &self.rings,
-            &self.dir.join("console.log"),
-        ) else {
+    /// the VM with it) becomes an UNAVAILABLE error that says whether the VM still runs,
+    /// where its devices stood and what its console last showed; a call that timed out
+    /// becomes a DEADLINE_EXCEEDED error with where the VM's devices and vCPUs stood and the
+    /// console's last lines, and the first such in a sandbox leaves a report in the flight
+    /// recorder. Any other error is returned as it is.
+    pub async fn explain_agent_error(&self, call: &str, e: ttrpc::Error) -> ttrpc::Error {
+        let console = self.dir.join("console.log");
+        if matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed) {
+            // A VM that ended broke the connection a moment before its end is known here
+            // (the VMM first takes its devices down): wait for it, briefly.
+            let mut exited = self.exited.clone();
+            let known = exited.wait_for(Option::is_some);
+            let _ = tokio::time::timeout(EXIT_KNOWN_WAIT, known).await;
+        }
+        let ended = self.exited.borrow().clone();
+        if ended.is_none() && is_timeout(&e) {
+            let report = vm_report(&self.rings, &self.cpus).await;
+            // The sandbox's directory is `<state_dir>/<id>`.
+            let state_dir = self.dir.parent().unwrap_or(&self.dir);
+            let first = !self.stall_recorded.swap(true, Ordering::AcqRel);
+            let message = stalled_agent(
+                call,
+                &report,
+                &console,
+                first.then_some((state_dir, &self.id)),
+            );
+            tracing::error!("sandbox {}: {message}", self.id);
+            return ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::DEADLINE_EXCEEDED,
+                message,
+            ));
+        }
+        let Some(message) = lost_agent(call, &e, ended.as_ref(), &self.rings, &console) else {
             return e;
         };
         tracing::error!("{message}");
         ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, message))
+    }
+
+    /// Awaits agent call `call` (`reply`), its error explained as
+    /// [`Self::explain_agent_error`] does.
+    pub async fn agent_call<T>(
+        &self,
+        call: &str,
+        reply: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> ttrpc::Result<T> {
+        match reply.await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.explain_agent_error(call, e).await),
+        }
     }
 
     /// Asks the guest to power off, stops the VM if it does not, and removes the state dir.
@@ -870,6 +958,16 @@ mod tests {
     }
 
     #[test]
+    fn only_a_stop_or_power_off_the_shim_asked_for_is_not_a_crash() {
+        assert!(asked_end(true, &ExitReason::Stopped));
+        assert!(asked_end(true, &ExitReason::PowerOff));
+        assert!(!asked_end(false, &ExitReason::PowerOff));
+        assert!(!asked_end(true, &ExitReason::Reboot));
+        assert!(!asked_end(true, &ExitReason::TripleFault("vCPU 0".into())));
+        assert!(!asked_end(true, &ExitReason::Error("KVM_RUN".into())));
+    }
+
+    #[test]
     fn console_tail_keeps_the_last_lines_and_says_when_there_are_none() {
         let dir = std::env::temp_dir().join(format!("shoal-console-tail-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -925,6 +1023,42 @@ mod tests {
         assert!(msg.contains("broke before Start was sent;"), "{msg}");
         let refused = ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no"));
         assert!(lost_agent("Start", &refused, None, &gone, &log).is_none());
+
+        // A call that timed out: the first leaves a report in the flight recorder.
+        let report = "vsock: 1 connection\nvCPU 0: running at rip 0xffffffff81000000";
+        let state = dir.join("state");
+        let msg = stalled_agent("CreateContainer", report, &log, Some((&state, "pod")));
+        assert!(
+            msg.starts_with("the guest agent did not answer CreateContainer within its deadline; the sandbox VM is still running (report ")
+                && msg.contains(&format!("its devices:\n{report}\n"))
+                && msg.ends_with("  Kernel panic - not syncing: test"),
+            "{msg}"
+        );
+        let kept: Vec<_> = std::fs::read_dir(state.join(crate::crashes::DIR))
+            .unwrap()
+            .collect();
+        assert_eq!(kept.len(), 1);
+        let text = std::fs::read_to_string(kept[0].as_ref().unwrap().path()).unwrap();
+        assert!(
+            text.contains("sandbox: pod\n")
+                && text.contains("did not answer CreateContainer")
+                && text.contains("vCPU 0: running")
+                && text.contains("Kernel panic - not syncing: test"),
+            "{text}"
+        );
+        let msg = stalled_agent("StartContainer", report, &log, None);
+        assert!(
+            msg.contains(
+                "StartContainer within its deadline; the sandbox VM is still running; its devices:"
+            ),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_dir(state.join(crate::crashes::DIR))
+                .unwrap()
+                .count(),
+            1
+        );
 
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = console_tail(&log, 20);

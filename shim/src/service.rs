@@ -484,15 +484,17 @@ impl Service {
         let sb = self.sandbox().await?;
         let req = container_request(&id);
         if pause {
-            sb.agent
-                .pause_container(ctx(RPC_TIMEOUT), &req)
-                .await
-                .map_err(|e| sb.explain_agent_error("PauseContainer", e))?;
+            sb.agent_call(
+                "PauseContainer",
+                sb.agent.pause_container(ctx(RPC_TIMEOUT), &req),
+            )
+            .await?;
         } else {
-            sb.agent
-                .resume_container(ctx(RPC_TIMEOUT), &req)
-                .await
-                .map_err(|e| sb.explain_agent_error("ResumeContainer", e))?;
+            sb.agent_call(
+                "ResumeContainer",
+                sb.agent.resume_container(ctx(RPC_TIMEOUT), &req),
+            )
+            .await?;
         }
         if let Some(c) = self.state.inner.lock().await.containers.get_mut(&id) {
             match (pause, c.init.status) {
@@ -705,10 +707,12 @@ impl Task for Service {
     ) -> TtrpcResult<api::PidsResponse> {
         let sb = self.sandbox().await?;
         let r = sb
-            .agent
-            .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id))
-            .await
-            .map_err(|e| sb.explain_agent_error("ListProcesses", e))?;
+            .agent_call(
+                "ListProcesses",
+                sb.agent
+                    .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id)),
+            )
+            .await?;
         Ok(api::PidsResponse {
             processes: r
                 .pids
@@ -796,10 +800,12 @@ impl Task for Service {
     ) -> TtrpcResult<api::StatsResponse> {
         let sb = self.sandbox().await?;
         let s = sb
-            .agent
-            .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
-            .await
-            .map_err(|e| sb.explain_agent_error("StatsContainer", e))?;
+            .agent_call(
+                "StatsContainer",
+                sb.agent
+                    .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id)),
+            )
+            .await?;
         let metrics = v2::Metrics {
             pids: MessageField::some(v2::PidsStat {
                 current: s.pids_current,
@@ -845,8 +851,9 @@ impl Task for Service {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
         let sb = self.sandbox().await?;
-        sb.agent
-            .resize_pty(
+        sb.agent_call(
+            "ResizePty",
+            sb.agent.resize_pty(
                 ctx(RPC_TIMEOUT),
                 &ag::ResizePtyRequest {
                     container_id: req.id,
@@ -855,9 +862,9 @@ impl Task for Service {
                     height: req.height,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(|e| sb.explain_agent_error("ResizePty", e))?;
+            ),
+        )
+        .await?;
         Ok(api::Empty::new())
     }
 
@@ -1001,7 +1008,7 @@ impl Service {
                 Ok(r) => r,
                 Err(e) => {
                     init.stop_io();
-                    return Err(sb.explain_agent_error("CreateContainer", e));
+                    return Err(sb.explain_agent_error("CreateContainer", e).await);
                 }
             };
             init.guest_pid = created.pid;
@@ -1087,10 +1094,12 @@ impl Service {
                     format!("container {} was already started", req.id),
                 ));
             }
-            sb.agent
-                .start_container(ctx(RPC_TIMEOUT), &container_request(&req.id))
-                .await
-                .map_err(|e| sb.explain_agent_error("StartContainer", e))?;
+            sb.agent_call(
+                "StartContainer",
+                sb.agent
+                    .start_container(ctx(RPC_TIMEOUT), &container_request(&req.id)),
+            )
+            .await?;
             c.init.status = Status::RUNNING;
             crate::sandbox::mark("container_started");
             if !c.init.watched {
@@ -1142,7 +1151,7 @@ impl Service {
                 Ok(r) => r,
                 Err(e) => {
                     p.stop_io();
-                    return Err(sb.explain_agent_error("ExecProcess", e));
+                    return Err(sb.explain_agent_error("ExecProcess", e).await);
                 }
             };
             p.guest_pid = r.pid;
@@ -1356,8 +1365,9 @@ impl Service {
             req.exec_id.is_empty() && p.status == Status::CREATED
         };
         let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-        sb.agent
-            .signal_process(
+        sb.agent_call(
+            "SignalProcess",
+            sb.agent.signal_process(
                 ctx(RPC_TIMEOUT),
                 &ag::SignalProcessRequest {
                     container_id: req.id,
@@ -1366,9 +1376,9 @@ impl Service {
                     all: req.all,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(|e| sb.explain_agent_error("SignalProcess", e))?;
+            ),
+        )
+        .await?;
         if created {
             // A container killed before its start ends without one: watch it from here,
             // so that it reads STOPPED and its exit is announced, as runc's does.
@@ -1405,17 +1415,18 @@ impl Service {
             .ok()
             .filter(|r| r.cpu().as_ref().is_some_and(|c| c.quota().is_some()))
             .map(|r| cpu_quota_of(Some(&r)));
-        sb.agent
-            .update_container(
+        sb.agent_call(
+            "UpdateContainer",
+            sb.agent.update_container(
                 ctx(RPC_TIMEOUT),
                 &ag::UpdateContainerRequest {
                     container_id: req.id.clone(),
                     resources_json: resources,
                     ..Default::default()
                 },
-            )
-            .await
-            .map_err(|e| sb.explain_agent_error("UpdateContainer", e))?;
+            ),
+        )
+        .await?;
         // The host cgroup follows the container's new CPU quota.
         if let Some((quota, period)) = cpu {
             Self::resize_host_cgroup(&sb, &req.id, quota_per_period(quota, period), false);
