@@ -68,6 +68,10 @@ pub enum AgentError {
     Sys { what: String, source: nix::Error },
     #[error("network set-up: {0}")]
     Network(String),
+    /// What the helper that makes container processes reported ([`crate::spawn`]): its
+    /// message names the container and the step.
+    #[error("{0}")]
+    Helper(String),
     #[error("network set-up: {0}")]
     Netlink(#[from] shoal_netlink::NetlinkError),
 }
@@ -135,6 +139,7 @@ impl AgentError {
             AgentError::StdioTimeout(_) => Code::DEADLINE_EXCEEDED,
             AgentError::Unsupported(_) => Code::UNIMPLEMENTED,
             AgentError::Runtime { .. }
+            | AgentError::Helper(_)
             | AgentError::Io { .. }
             | AgentError::Sys { .. }
             | AgentError::Netlink(_) => Code::INTERNAL,

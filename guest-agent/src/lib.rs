@@ -3,7 +3,7 @@
 //!
 //! Modules: `service` (ttrpc requests → `sandbox`), `sandbox` (containers and processes),
 //! `stdio` (process streams over separate connections), `reaper` (child exits),
-//! `cgroup` (stats, updates, OOM), `init` (PID 1 set-up), `network` (the pod's interfaces
+//! `spawn` (the helper that makes container processes), `cgroup` (stats, updates, OOM), `init` (PID 1 set-up), `network` (the pod's interfaces
 //! and routes in the guest), `error`.
 pub mod cgroup;
 pub mod error;
@@ -12,4 +12,5 @@ pub mod network;
 pub mod reaper;
 pub mod sandbox;
 pub mod service;
+pub mod spawn;
 pub mod stdio;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use shoal_agent::{
-    init, reaper::Reaper, sandbox::Sandbox, service::AgentService, stdio::StreamRegistry,
+    init, reaper::Reaper, sandbox::Sandbox, service::AgentService, spawn, stdio::StreamRegistry,
 };
 use tokio::sync::Notify;
 
@@ -48,6 +48,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(spawn::HELPER_ARG)) {
+        spawn::helper_main();
+    }
     let pid1 = std::process::id() == 1;
     if let Err(e) = run(Args::parse(), pid1) {
         eprintln!("shoal-agent: {e:#}");

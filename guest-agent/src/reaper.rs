@@ -2,9 +2,10 @@
 //! every container process ends up as its child. One thread waits for SIGCHLD and reaps;
 //! processes the agent tracks get their exit status through a watch channel.
 //!
-//! libcontainer waits for its own short-lived helper processes with waitpid(pid); reaping
-//! those first would break it. Container operations therefore hold the *fork lock*, and the
-//! reaper only reaps while holding it too.
+//! Some children are waited for by pid by whoever started them: the helper that makes a
+//! container's process ([`crate::spawn`]) and libcontainer's hook processes. Reaping those
+//! first would break their waits. Container operations therefore hold the *fork lock*, and
+//! the reaper only reaps while holding it too.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 

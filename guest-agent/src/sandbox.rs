@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
-use libcontainer::syscall::syscall::SyscallType;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use tokio::sync::watch;
 
@@ -179,17 +177,6 @@ impl Sandbox {
         c.status()
     }
 
-    fn builder(&self, id: &str, stdio: crate::stdio::ChildStdio) -> Result<ContainerBuilder> {
-        ContainerBuilder::new(id.to_string(), SyscallType::default())
-            .with_root_path(&self.state_root)
-            .map_err(AgentError::runtime(id, "prepare"))
-            .map(|b| {
-                b.with_stdin(stdio.stdin)
-                    .with_stdout(stdio.stdout)
-                    .with_stderr(stdio.stderr)
-            })
-    }
-
     /// Creates a container from its OCI spec; its init process waits for `start`.
     pub fn create_container(
         &self,
@@ -291,22 +278,22 @@ impl Sandbox {
                     n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
                 })
             });
+        let job = crate::spawn::Job {
+            id: id.into(),
+            state_root: self.state_root.clone(),
+            console_socket: console_path,
+            kind: crate::spawn::JobKind::Create {
+                bundle: bundle.clone(),
+                no_pivot: self.no_pivot,
+            },
+        };
         let container = {
             let _fork = self.reaper.fork_lock();
-            self.builder(id, child)
-                .map(|b| b.with_console_socket(console_path.as_ref()))
-                .and_then(|b| {
-                    b.validate_id()
-                        .map_err(AgentError::runtime(id, "create"))?
-                        .as_init(&bundle)
-                        .with_no_pivot(self.no_pivot)
-                        .with_systemd(false)
-                        .with_detach(true)
-                        .build()
-                        .map_err(AgentError::runtime(id, "create"))
-                })
-                .map_err(cleanup_bundle)?
-        };
+            crate::spawn::make(&job, child).and_then(|_| {
+                Container::load(self.state_root.join(id)).map_err(AgentError::runtime(id, "load"))
+            })
+        }
+        .map_err(cleanup_bundle)?;
         let mut container = container;
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
         let exit = self.reaper.watch(pid);
@@ -402,27 +389,28 @@ impl Sandbox {
             .transpose()?;
         let console_path = console.as_ref().map(|c| c.path().to_path_buf());
         let (mut io, child, outputs) = ProcessIo::prepare(&self.streams, tokens(&stdio), console)?;
+        let job = crate::spawn::Job {
+            id: id.into(),
+            state_root: self.state_root.clone(),
+            console_socket: console_path,
+            kind: crate::spawn::JobKind::Exec {
+                process: path.clone(),
+            },
+        };
         let built = {
             let _fork = self.reaper.fork_lock();
-            self.builder(id, child).and_then(|b| {
-                b.with_console_socket(console_path.as_ref())
-                    .as_tenant()
-                    .with_process(Some(&path))
-                    .with_detach(true)
-                    .build()
-                    .map_err(AgentError::runtime(id, "exec"))
-            })
+            crate::spawn::make(&job, child)
         };
         let _ = std::fs::remove_file(&path);
         let pid = built?;
-        let exit = self.reaper.watch(pid.as_raw());
+        let exit = self.reaper.watch(pid);
         if let Err(e) = io.start(outputs) {
-            let pid = nix::unistd::Pid::from_raw(pid.as_raw());
+            let pid = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             return Err(e);
         }
         let proc = Arc::new(Process {
-            pid: pid.as_raw(),
+            pid,
             exit,
             io: Mutex::new(io),
         });
@@ -431,7 +419,7 @@ impl Sandbox {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(exec_id.into(), proc);
-        Ok(pid.as_raw())
+        Ok(pid)
     }
 
     /// Sends `signal` to one process, or to every process of the container with `all`.

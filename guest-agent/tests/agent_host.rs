@@ -882,3 +882,129 @@ async fn agent_host_pod_containers_share_the_sandbox_namespaces() {
             .unwrap();
     }
 }
+
+/// What the agent's children are doing (state, where they wait, kernel stack), for a test
+/// whose request got no answer.
+fn children_report(agent: u32) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return "(no /proc)".into();
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The fields after the command's closing parenthesis: state, then the parent's pid.
+        let after: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+        if after.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(agent) {
+            continue;
+        }
+        let read =
+            |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+        out += &format!(
+            "{pid} {} state {} wchan {}\n{}",
+            read("comm").trim(),
+            after.first().unwrap_or(&"?"),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    out
+}
+
+/// Many containers and execs made at once. libcontainer makes their processes with raw
+/// clone3 calls; made from the agent's own process of many threads, a copy could start with
+/// a lock held by a thread it does not have, and wait forever: under this load an
+/// intermediate process hung that way within about a minute, and with it every later
+/// request. The agent now has a helper of one thread make them (`spawn`), and every
+/// request here must be answered within 60 s (it takes a few seconds at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_host_many_creates_and_execs_at_once_all_finish() {
+    if !can_run() {
+        return;
+    }
+    const TASKS: usize = 24;
+    const ROUNDS: usize = 12;
+    let a = std::sync::Arc::new(Agent::start("many").await);
+    // One root file system for all: each container mounts in a mount namespace of its own.
+    let rootfs = std::sync::Arc::new(a.rootfs("rootfs"));
+    create(
+        &a,
+        "sleeper",
+        &spec(&["sleep", "1000"]),
+        &rootfs,
+        stdio("", ""),
+    )
+    .await
+    .unwrap();
+    a.client
+        .start_container(ctx(), &creq("sleeper"))
+        .await
+        .unwrap();
+    let deadline = Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (a, rootfs) = (a.clone(), rootfs.clone());
+        tasks.push(tokio::spawn(async move {
+            for r in 0..ROUNDS {
+                let id = format!("many{t}-{r}");
+                let args: &[&str] = match t % 2 {
+                    0 => &[
+                        "sh",
+                        "-c",
+                        "i=0; while [ $i -lt 500 ]; do echo line $i; i=$((i+1)); done",
+                    ],
+                    _ => &["true"],
+                };
+                let container = async {
+                    let out = a.stream(&format!("{id}-out"));
+                    let (spec, io) = (spec(args), stdio(&format!("{id}-out"), ""));
+                    create(&a, &id, &spec, &rootfs, io).await.unwrap();
+                    a.client.start_container(ctx(), &creq(&id)).await.unwrap();
+                    let reader = std::thread::spawn(move || read_all(out));
+                    let waited = a.client.wait_process(ctx(), &preq(&id, "")).await;
+                    assert_eq!(waited.unwrap().exit_status, 0, "{id}");
+                    let lines = reader.join().unwrap().lines().count();
+                    assert_eq!(lines, if t % 2 == 0 { 500 } else { 0 }, "{id}");
+                    let remove = RemoveContainerRequest {
+                        container_id: id.clone(),
+                        ..Default::default()
+                    };
+                    a.client.remove_container(ctx(), &remove).await.unwrap();
+                };
+                tokio::time::timeout(deadline, container)
+                    .await
+                    .map_err(|_| format!("{id} got no answer"))?;
+                let exec = ExecProcessRequest {
+                    container_id: "sleeper".into(),
+                    exec_id: id.clone(),
+                    process_json: serde_json::to_vec(spec(&["true"]).process().as_ref().unwrap())
+                        .unwrap(),
+                    ..Default::default()
+                };
+                let req = async {
+                    a.client.exec_process(ctx(), &exec).await.unwrap();
+                    let waited = a.client.wait_process(ctx(), &preq("sleeper", &id)).await;
+                    assert_eq!(waited.unwrap().exit_status, 0, "exec {id}");
+                    a.client
+                        .remove_process(ctx(), &preq("sleeper", &id))
+                        .await
+                        .unwrap();
+                };
+                tokio::time::timeout(deadline, req)
+                    .await
+                    .map_err(|_| format!("exec {id} got no answer"))?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for task in tasks {
+        if let Err(e) = task.await.unwrap() {
+            panic!(
+                "{e}; the agent's children:\n{}",
+                children_report(a.child.id())
+            );
+        }
+    }
+}
