@@ -165,6 +165,15 @@ pub const MIN_PIDS_MAX: u64 = 64;
 /// Smallest `limits.max_open_files` accepted: the shim's own sockets, fifos and files.
 pub const MIN_OPEN_FILES: u64 = 256;
 
+/// Smallest VM RAM accepted (config, annotation), in MiB.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Largest VM RAM accepted (config, annotation, a container's memory limit), in MiB: 1 TiB.
+/// The VMM refuses more than the host has; this bound keeps the shim's own arithmetic on it
+/// (host cgroup limits in bytes) far from overflow whatever a pod asks.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Largest `cgroups.overhead_mib` accepted.
+pub const MAX_OVERHEAD_MIB: u64 = 1 << 20;
+
 /// Smallest `overhead_mib` accepted: an idle shim with its VMM already needs about this much.
 pub const MIN_OVERHEAD_MIB: u64 = 16;
 
@@ -246,22 +255,31 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and checks the config file's text; `path` is what errors name.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.to_string(),
         })?;
-        if config.vcpus == 0 || config.memory_mib < 64 {
-            return Err(ConfigError::Parse {
-                path: path.into(),
-                message: "vcpus must be at least 1 and memory_mib at least 64".into(),
-            });
-        }
-        let cg = &config.cgroups;
-        if cg.enabled && (cg.pool_size == 0 || cg.overhead_mib < MIN_OVERHEAD_MIB) {
+        if config.vcpus == 0 || !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
             return Err(ConfigError::Parse {
                 path: path.into(),
                 message: format!(
-                    "cgroups.pool_size must be at least 1 and cgroups.overhead_mib at least {MIN_OVERHEAD_MIB} (got {} and {})",
+                    "vcpus must be at least 1 and memory_mib from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (got {} and {})",
+                    config.vcpus, config.memory_mib
+                ),
+            });
+        }
+        let cg = &config.cgroups;
+        let overhead = MIN_OVERHEAD_MIB..=MAX_OVERHEAD_MIB;
+        if cg.enabled && (cg.pool_size == 0 || !overhead.contains(&cg.overhead_mib)) {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!(
+                    "cgroups.pool_size must be at least 1 and cgroups.overhead_mib from {MIN_OVERHEAD_MIB} to {MAX_OVERHEAD_MIB} (got {} and {})",
                     cg.pool_size, cg.overhead_mib
                 ),
             });
@@ -310,8 +328,12 @@ impl Config {
                     self.memory_mib = value
                         .parse()
                         .ok()
-                        .filter(|v| *v >= 64)
-                        .ok_or_else(|| bad("expected MiB, at least 64"))?;
+                        .filter(|v| (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(v))
+                        .ok_or_else(|| {
+                            bad(&format!(
+                                "expected MiB, from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB}"
+                            ))
+                        })?;
                 }
                 _ => return Err(ConfigError::UnknownAnnotation(key.clone())),
             }

@@ -12,10 +12,13 @@
 //! - [`host_cgroups`]: a pool of pre-created sandbox cgroups;
 //! - [`limits`]: the serving shim's own process limits (open files);
 //! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects);
-//! - [`template`]: VM templates, restored instead of booted when configured.
+//! - [`template`]: VM templates, restored instead of booted when configured;
+//! - `fuzz` (tests and the `fuzzing` feature): harnesses for agent replies and the config.
 pub mod admission;
 pub mod config;
 pub mod crashes;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod host_cgroups;
 pub mod io;
 pub mod limits;

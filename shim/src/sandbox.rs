@@ -384,7 +384,13 @@ pub fn host_limits(
     cpu_period_us: Option<u64>,
 ) -> Limits {
     Limits {
-        memory_max: Some((config.memory_mib + config.cgroups.overhead_mib) << 20),
+        // Both are bounded by the config's checks (1 TiB each); saturating all the same.
+        memory_max: Some(
+            config
+                .memory_mib
+                .saturating_add(config.cgroups.overhead_mib)
+                .saturating_mul(1 << 20),
+        ),
         cpu_quota_us,
         cpu_period_us,
         pids_max: Some(config.limits.pids_max),

@@ -156,6 +156,71 @@ impl Inner {
     }
 }
 
+/// The most processes a container's list may hold. The guest writes the list, up to ttrpc's
+/// message size (4 MiB, about a million pids); each becomes a `ProcessInfo` here, and no
+/// container of a sandbox VM has this many.
+pub const MAX_LISTED_PIDS: usize = 65536;
+
+/// containerd's answer to Pids from the agent's process list; a list longer than
+/// [`MAX_LISTED_PIDS`] is refused rather than copied.
+pub fn pids_response(list: ag::ListProcessesResponse) -> TtrpcResult<api::PidsResponse> {
+    if list.pids.len() > MAX_LISTED_PIDS {
+        return Err(status(
+            ttrpc::Code::INTERNAL,
+            format!(
+                "the guest agent listed {} processes; more than {MAX_LISTED_PIDS} is not taken",
+                list.pids.len()
+            ),
+        ));
+    }
+    Ok(api::PidsResponse {
+        processes: list
+            .pids
+            .into_iter()
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// containerd's cgroup v2 metrics from the agent's container stats.
+pub fn metrics(s: &ag::StatsContainerResponse) -> v2::Metrics {
+    v2::Metrics {
+        pids: MessageField::some(v2::PidsStat {
+            current: s.pids_current,
+            limit: s.pids_max,
+            ..Default::default()
+        }),
+        cpu: MessageField::some(v2::CPUStat {
+            usage_usec: s.cpu_usage_usec,
+            user_usec: s.cpu_user_usec,
+            system_usec: s.cpu_system_usec,
+            ..Default::default()
+        }),
+        memory: MessageField::some(v2::MemoryStat {
+            usage: s.memory_current,
+            usage_limit: s.memory_max,
+            ..Default::default()
+        }),
+        memory_events: MessageField::some(v2::MemoryEvents {
+            oom_kill: s.memory_oom_kills,
+            ..Default::default()
+        }),
+        io: MessageField::some(v2::IOStat {
+            usage: vec![v2::IOEntry {
+                rbytes: s.io_read_bytes,
+                wbytes: s.io_write_bytes,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn container_request(id: &str) -> ag::ContainerRequest {
     ag::ContainerRequest {
         container_id: id.to_string(),
@@ -285,6 +350,15 @@ impl Service {
             .and_then(|r| r.memory().as_ref().and_then(|m| m.limit()))
             .filter(|l| *l > 0)
             .map(|l| (l as u64).div_ceil(1 << 20));
+        if let Some(mib) = memory_limit.filter(|mib| *mib > crate::config::MAX_MEMORY_MIB) {
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!(
+                    "the container's memory limit of {mib} MiB is more than a sandbox VM may have ({} MiB)",
+                    crate::config::MAX_MEMORY_MIB
+                ),
+            ));
+        }
         if let Some(mib) = memory_limit.filter(|mib| *mib > config.memory_mib) {
             tracing::info!(
                 "container memory limit {mib} MiB: VM RAM grows from {} MiB",
@@ -713,17 +787,7 @@ impl Task for Service {
                     .list_processes(ctx(RPC_TIMEOUT), &container_request(&req.id)),
             )
             .await?;
-        Ok(api::PidsResponse {
-            processes: r
-                .pids
-                .into_iter()
-                .map(|pid| ProcessInfo {
-                    pid,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
+        pids_response(r)
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
@@ -806,37 +870,7 @@ impl Task for Service {
                     .stats_container(ctx(RPC_TIMEOUT), &container_request(&req.id)),
             )
             .await?;
-        let metrics = v2::Metrics {
-            pids: MessageField::some(v2::PidsStat {
-                current: s.pids_current,
-                limit: s.pids_max,
-                ..Default::default()
-            }),
-            cpu: MessageField::some(v2::CPUStat {
-                usage_usec: s.cpu_usage_usec,
-                user_usec: s.cpu_user_usec,
-                system_usec: s.cpu_system_usec,
-                ..Default::default()
-            }),
-            memory: MessageField::some(v2::MemoryStat {
-                usage: s.memory_current,
-                usage_limit: s.memory_max,
-                ..Default::default()
-            }),
-            memory_events: MessageField::some(v2::MemoryEvents {
-                oom_kill: s.memory_oom_kills,
-                ..Default::default()
-            }),
-            io: MessageField::some(v2::IOStat {
-                usage: vec![v2::IOEntry {
-                    rbytes: s.io_read_bytes,
-                    wbytes: s.io_write_bytes,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let metrics = metrics(&s);
         let any = containerd_shim::util::convert_to_any(Box::new(metrics))
             .map_err(|e| status(ttrpc::Code::INTERNAL, e.to_string()))?;
         Ok(api::StatsResponse {

@@ -700,6 +700,30 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     let _ = c.ctr(&["container", "delete", "typo"]);
     c.assert_clean();
 
+    // RAM past what a sandbox VM may have, by annotation and by a container's memory
+    // limit (2 TiB): refused before anything is made, naming the bound.
+    let out = c.run(
+        &["--rm", "--annotation", "io.shoal.vm.memory_mib=4000000"],
+        "hugeram",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("from 64 to 1048576"), "{}", text(&out));
+    let _ = c.ctr(&["container", "delete", "hugeram"]);
+    let out = c.run(
+        &["--rm", "--memory-limit", "2199023255552"],
+        "hugelimit",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("more than a sandbox VM may have (1048576 MiB)"),
+        "{}",
+        text(&out)
+    );
+    let _ = c.ctr(&["container", "delete", "hugelimit"]);
+    c.assert_clean();
+
     // A spec without a process, and a volume whose host path does not exist.
     let spec = c.root.join("no-process.json");
     std::fs::write(&spec, r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#).unwrap();

@@ -1,0 +1,3 @@
+#![no_main]
+//! See `containerd_shim_shoal_v2::fuzz::shim_config`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| containerd_shim_shoal_v2::fuzz::shim_config(data));
