@@ -266,6 +266,11 @@ impl Containerd {
         }
     }
 
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `ctr run --rm --runtime shoal IMAGE ID CMD...` with extra flags before the image.
     pub fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
         let mut args = vec!["run", "--runtime", RUNTIME];
