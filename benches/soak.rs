@@ -166,7 +166,7 @@ fn main() {
                 Err((Class::Hang, format!("soak-{i}: {first}")))
             });
         let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        if k % 25 == 0 {
+        if k.is_multiple_of(25) {
             eprintln!("soak: {k}/{n} cycles done");
         }
         r

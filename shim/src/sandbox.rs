@@ -91,17 +91,17 @@ fn host_entropy() -> Vec<u8> {
 
 /// For agent call `call` that failed with `e`: when the connection broke (the agent died,
 /// or the VM with it, or the connection was reset), a message saying so, whether the VM
-/// has ended, where its devices stood (`rings`: the vsock device's report tells what
-/// happened to each connection) and the console's last lines; None for any other error.
+/// has ended, where its devices stood (`devices`, a [`RingReporter::report`]: the vsock
+/// device's part tells what happened to each connection) and the console's last lines;
+/// None for any other error.
 fn lost_agent(
     call: &str,
     e: &ttrpc::Error,
     ended: Option<&ExitReason>,
-    rings: &RingReporter,
+    devices: &str,
     console: &Path,
 ) -> Option<String> {
-    // LocalClosed: the connection had already broken when the call was made.
-    if !matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed) {
+    if !broke(e) {
         return None;
     }
     let vm = match ended {
@@ -113,8 +113,7 @@ fn lost_agent(
         e => format!("during {call} ({e})"),
     };
     Some(format!(
-        "the connection to the guest agent broke {when}; {vm}; its devices:\n{}\nthe guest console's last lines:\n{}",
-        rings.report(),
+        "the connection to the guest agent broke {when}; {vm}; its devices:\n{devices}\nthe guest console's last lines:\n{}",
         console_tail(console, CONSOLE_TAIL_LINES)
     ))
 }
@@ -157,6 +156,12 @@ fn asked_end(ending: bool, reason: &ExitReason) -> bool {
 
 /// How long an agent call whose connection broke waits to learn whether the VM has ended.
 const EXIT_KNOWN_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether an agent call failed because its connection broke (LocalClosed: it had already
+/// broken when the call was made).
+fn broke(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed)
+}
 
 /// Whether an agent call failed because its deadline passed (ttrpc reports that only in
 /// its message).
@@ -655,7 +660,7 @@ impl Sandbox {
                 .map_err(|e| ("CreateSandbox", e))
         };
         if let Err((step, e)) = setup.await {
-            let broken = matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed);
+            let broken = broke(&e);
             if broken {
                 // A VM that ended broke the connection a moment before its end is known.
                 let mut ended = exited.clone();
@@ -672,13 +677,15 @@ impl Sandbox {
                 let what = format!("the guest agent's {step} failed: {e}");
                 record_failed_start(&config.state_dir, id, &what, report, &console);
             }
-            let lost = lost_agent(step, &e, exited.borrow().as_ref(), &rings, &console);
+            // Read once: the report taken while the VM ran, or where the devices stand now.
+            let devices = report.unwrap_or_else(|| rings.report());
+            let lost = lost_agent(step, &e, exited.borrow().as_ref(), &devices, &console);
             let error = match lost {
                 Some(message) => SandboxError::AgentLost(message),
                 None if is_timeout(&e) => SandboxError::SetupTimeout {
                     step,
                     secs: config.agent_timeout_secs,
-                    devices: report.unwrap_or_else(|| rings.report()),
+                    devices,
                     console: console_tail(&console, CONSOLE_TAIL_LINES),
                 },
                 None => SandboxError::Agent(e),
@@ -766,7 +773,7 @@ impl Sandbox {
     /// recorder. Any other error is returned as it is.
     pub async fn explain_agent_error(&self, call: &str, e: ttrpc::Error) -> ttrpc::Error {
         let console = self.dir.join("console.log");
-        if matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed) {
+        if broke(&e) {
             // A VM that ended broke the connection a moment before its end is known here
             // (the VMM first takes its devices down): wait for it, briefly.
             let mut exited = self.exited.clone();
@@ -791,7 +798,11 @@ impl Sandbox {
                 message,
             ));
         }
-        let Some(message) = lost_agent(call, &e, ended.as_ref(), &self.rings, &console) else {
+        if !broke(&e) {
+            return e;
+        }
+        let devices = self.rings.report();
+        let Some(message) = lost_agent(call, &e, ended.as_ref(), &devices, &console) else {
             return e;
         };
         tracing::error!("{message}");
@@ -1013,7 +1024,7 @@ mod tests {
 
         std::fs::write(&log, "booting\nKernel panic - not syncing: test\n").unwrap();
         let e = ttrpc::Error::Socket("early eof".into());
-        let gone = RingReporter::default();
+        let gone = RingReporter::default().report();
         let msg = lost_agent("Check", &e, Some(&ExitReason::Reboot), &gone, &log).unwrap();
         assert!(
             msg.contains("broke during Check (")
