@@ -12,6 +12,12 @@
 //!    of `/bin/sh -c LINE` (busybox) and `exit=N`; `reboot` → step 4.
 //! 4. Prints `SHOAL-TEST-INIT: rebooting`, syncs and reboots (the VMM then exits cleanly).
 //!
+//! With `shoal.test=churn:N` it does neither 2 nor 3: it runs N short-lived shells, each in
+//! new mount, UTS, IPC and PID namespaces with a tmpfs mounted (what a container start does
+//! to a guest kernel), printing `SHOAL-TEST-INIT: churn I` every 20 and `SHOAL-TEST-INIT:
+//! churn done` at the end, then goes to step 4: the control experiment's workload
+//! (`scripts/lab-control`), the same under any VMM.
+//!
 //! With `shoal.test=count` on the kernel command line it does neither 2 nor 3: it prints
 //! `SHOAL-TEST-INIT: count N uptime_ms=T` every 100 ms for ever (N from 1; T from
 //! CLOCK_BOOTTIME), so snapshot tests can see a guest go on counting, with timers and its
@@ -75,15 +81,22 @@ fn main() {
     if cmdline.split_whitespace().any(|w| w == "shoal.test=count") {
         count(&mut out);
     }
-
-    match send_hello() {
-        Ok(()) => {}
-        Err(e) => {
-            let _ = writeln!(out, "SHOAL-TEST-INIT: vsock connect to host failed: {e}");
+    let churn = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("shoal.test=churn:"))
+        .and_then(|n| n.parse::<u32>().ok());
+    if let Some(n) = churn {
+        run_churn(&mut out, n);
+    } else {
+        match send_hello() {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = writeln!(out, "SHOAL-TEST-INIT: vsock connect to host failed: {e}");
+            }
         }
-    }
-    if let Err(e) = serve(&mut out) {
-        let _ = writeln!(out, "SHOAL-TEST-INIT: vsock server failed: {e}");
+        if let Err(e) = serve(&mut out) {
+            let _ = writeln!(out, "SHOAL-TEST-INIT: vsock server failed: {e}");
+        }
     }
     let _ = writeln!(out, "SHOAL-TEST-INIT: rebooting");
     // Let the line leave the serial port before the kernel prints its own reboot message,
@@ -91,6 +104,24 @@ fn main() {
     let _ = nix::sys::termios::tcdrain(&out);
     nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+}
+
+/// Runs `n` shells in new namespaces, each mounting a tmpfs (see the module comment).
+fn run_churn(out: &mut File, n: u32) {
+    let script =
+        "mount -t tmpfs t /tmp && echo $$ > /tmp/a && cat /tmp/a > /dev/null && hostname c";
+    for i in 1..=n {
+        let status = std::process::Command::new("/bin/unshare")
+            .args(["-m", "-u", "-i", "-p", "-f", "/bin/sh", "-c", script])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            let _ = writeln!(out, "SHOAL-TEST-INIT: churn {i} failed: {status:?}");
+        }
+        if i % 20 == 0 {
+            let _ = writeln!(out, "SHOAL-TEST-INIT: churn {i}");
+        }
+    }
+    let _ = writeln!(out, "SHOAL-TEST-INIT: churn done");
 }
 
 /// Counts on the console every 100 ms, for ever.
