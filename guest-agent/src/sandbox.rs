@@ -289,8 +289,16 @@ impl Sandbox {
         };
         let container = {
             let _fork = self.reaper.fork_lock();
-            crate::spawn::make(&job, child).and_then(|_| {
-                Container::load(self.state_root.join(id)).map_err(AgentError::runtime(id, "load"))
+            crate::spawn::make(&job, child).and_then(|pid| {
+                Container::load(self.state_root.join(id)).map_err(|e| {
+                    // Made but not loadable: take it down, so that the id can be used again.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = std::fs::remove_dir_all(self.state_root.join(id));
+                    AgentError::runtime(id, "load")(e)
+                })
             })
         }
         .map_err(cleanup_bundle)?;

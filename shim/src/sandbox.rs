@@ -147,11 +147,15 @@ fn stalled_agent(
 }
 
 /// Whether a VM's end with `reason` is one the shim asked for (`ending`: it had begun to end
-/// the VM): it stops a VM, or asks its guest to power off. Any other end is a crash, even
-/// while the shim was ending the VM: a guest that triple-faults as it is told to power off
-/// has failed too, and the flight recorder keeps it.
+/// the VM). The shim stops a VM, or asks its guest to power off, which the agent does by
+/// rebooting (the VMM ends the VM on the guest's reset: `Reboot`). A triple fault or a VMM
+/// error is a crash even while the shim was ending the VM, and the flight recorder keeps it.
 fn asked_end(ending: bool, reason: &ExitReason) -> bool {
-    ending && matches!(reason, ExitReason::Stopped | ExitReason::PowerOff)
+    ending
+        && matches!(
+            reason,
+            ExitReason::Stopped | ExitReason::PowerOff | ExitReason::Reboot
+        )
 }
 
 /// How long an agent call whose connection broke waits to learn whether the VM has ended.
@@ -424,8 +428,9 @@ pub struct Sandbox {
     rings: RingReporter,
     /// Where the VM's vCPUs stand, for an error on an agent call that timed out.
     cpus: CpuReporter,
-    /// Set once a timed-out agent call has left a report in the flight recorder: one per
-    /// sandbox, so that a guest that never answers cannot push other sandboxes' reports out.
+    /// Set once a timed-out agent call has read the vCPUs and left a report in the flight
+    /// recorder: once per sandbox, so that a guest that never answers cannot push other
+    /// sandboxes' reports out nor have its vCPUs paused on every call.
     stall_recorded: AtomicBool,
 }
 
@@ -782,10 +787,19 @@ impl Sandbox {
         }
         let ended = self.exited.borrow().clone();
         if ended.is_none() && is_timeout(&e) {
-            let report = vm_report(&self.rings, &self.cpus).await;
+            // The vCPUs are paused to read them, so only the first stall in a sandbox reads
+            // them (with a report kept): a guest that never answers costs each later call
+            // no more than its devices' report.
+            let first = !self.stall_recorded.swap(true, Ordering::AcqRel);
+            let report = match first {
+                true => vm_report(&self.rings, &self.cpus).await,
+                false => format!(
+                    "{}\nvCPUs: read at this sandbox's first stall (its report)",
+                    self.rings.report()
+                ),
+            };
             // The sandbox's directory is `<state_dir>/<id>`.
             let state_dir = self.dir.parent().unwrap_or(&self.dir);
-            let first = !self.stall_recorded.swap(true, Ordering::AcqRel);
             let message = stalled_agent(
                 call,
                 &report,
@@ -975,11 +989,13 @@ mod tests {
     }
 
     #[test]
-    fn only_a_stop_or_power_off_the_shim_asked_for_is_not_a_crash() {
+    fn only_an_end_the_shim_asked_for_is_not_a_crash() {
         assert!(asked_end(true, &ExitReason::Stopped));
         assert!(asked_end(true, &ExitReason::PowerOff));
+        // The agent powers off by rebooting: how every pod stop ends.
+        assert!(asked_end(true, &ExitReason::Reboot));
         assert!(!asked_end(false, &ExitReason::PowerOff));
-        assert!(!asked_end(true, &ExitReason::Reboot));
+        assert!(!asked_end(false, &ExitReason::Reboot));
         assert!(!asked_end(true, &ExitReason::TripleFault("vCPU 0".into())));
         assert!(!asked_end(true, &ExitReason::Error("KVM_RUN".into())));
     }

@@ -515,6 +515,15 @@ fn ctr_detached_task_lifecycle_and_events() {
         "/tasks/delete",
     ];
     assert_eq!(topics, expected, "events:\n{}", lines.join("\n"));
+    // A pod stopped as asked (the agent powers the guest off by rebooting it) is no crash:
+    // the flight recorder keeps nothing.
+    let reports: Vec<_> = std::fs::read_dir(c.shoal_state().join(".crashes"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        reports.is_empty(),
+        "crash reports of a clean stop: {reports:?}"
+    );
 }
 
 /// The shim's stdio copy threads of shim `pid`, by name.
