@@ -167,6 +167,15 @@ fn broke(e: &ttrpc::Error) -> bool {
     matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed)
 }
 
+/// After an agent connection broke: waits up to [`EXIT_KNOWN_WAIT`] for the VM's end to
+/// be known. A VM that ended broke the connection a moment before that (the VMM first takes
+/// its devices down), and the error should say it ended.
+async fn learn_end(exited: &VmExit) {
+    let mut exited = exited.clone();
+    let known = exited.wait_for(Option::is_some);
+    let _ = tokio::time::timeout(EXIT_KNOWN_WAIT, known).await;
+}
+
 /// Whether an agent call failed because its deadline passed (ttrpc reports that only in
 /// its message).
 fn is_timeout(e: &ttrpc::Error) -> bool {
@@ -667,10 +676,7 @@ impl Sandbox {
         if let Err((step, e)) = setup.await {
             let broken = broke(&e);
             if broken {
-                // A VM that ended broke the connection a moment before its end is known.
-                let mut ended = exited.clone();
-                let known = ended.wait_for(Option::is_some);
-                let _ = tokio::time::timeout(EXIT_KNOWN_WAIT, known).await;
+                learn_end(&exited).await;
             }
             // Read while the VM still runs, before it is stopped.
             let running = exited.borrow().is_none();
@@ -779,11 +785,7 @@ impl Sandbox {
     pub async fn explain_agent_error(&self, call: &str, e: ttrpc::Error) -> ttrpc::Error {
         let console = self.dir.join("console.log");
         if broke(&e) {
-            // A VM that ended broke the connection a moment before its end is known here
-            // (the VMM first takes its devices down): wait for it, briefly.
-            let mut exited = self.exited.clone();
-            let known = exited.wait_for(Option::is_some);
-            let _ = tokio::time::timeout(EXIT_KNOWN_WAIT, known).await;
+            learn_end(&self.exited).await;
         }
         let ended = self.exited.borrow().clone();
         if ended.is_none() && is_timeout(&e) {
