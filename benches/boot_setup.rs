@@ -293,14 +293,70 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
         free_page_reporting: true,
         limits: Default::default(),
     };
-    let mut restore_ms = Vec::new();
+    // Confined (the default) and not, alternating in one run: what the VMM threads'
+    // seccomp filters, capability drops, chroots and Landlock add to a start.
+    use shoal_vmm::confine::{set_mode, Mode};
+    let (mut restore_ms, mut unconfined_ms) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let t0 = Instant::now();
-        let vm = Vm::restore(&restore).expect("restore");
-        restore_ms.push(until_first_run(&vm, t0));
+        for (mode, out) in [
+            (Mode::Enforce, &mut restore_ms),
+            (Mode::Off, &mut unconfined_ms),
+        ] {
+            set_mode(mode);
+            let t0 = Instant::now();
+            let vm = Vm::restore(&restore).expect("restore");
+            out.push(until_first_run(&vm, t0));
+        }
+    }
+    set_mode(Mode::Enforce);
+    // Each thread class alone: starting a thread that confines itself, to its confirmation.
+    for (name, class) in [
+        (
+            "vCPU",
+            shoal_vmm::confine::ThreadClass::Vcpu {
+                jail: Some(dir.clone()),
+            },
+        ),
+        (
+            "device",
+            shoal_vmm::confine::ThreadClass::Devices {
+                jail: Some(dir.clone()),
+            },
+        ),
+        (
+            "fs worker",
+            shoal_vmm::confine::ThreadClass::FsWorker {
+                share: dir.join("share"),
+            },
+        ),
+    ] {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            for (mode, out) in [(Mode::Enforce, &mut on), (Mode::Off, &mut off)] {
+                set_mode(mode);
+                let t0 = Instant::now();
+                let handle = shoal_vmm::confine::spawn("bench", 256 * 1024, class.clone(), || {})
+                    .expect("confine");
+                out.push(t0.elapsed().as_secs_f64() * 1e3);
+                handle.join().unwrap();
+            }
+        }
+        set_mode(Mode::Enforce);
+        println!(
+            "{name} thread's seccomp program: {} BPF instructions ({} bytes in the kernel)",
+            shoal_vmm::confine::program_len(&class),
+            8 * shoal_vmm::confine::program_len(&class)
+        );
+        report(&format!("{name} thread start, confined"), "ms", on);
+        report(&format!("{name} thread start, not confined"), "ms", off);
     }
     report("Vm::boot to first KVM_RUN", "ms", boot_ms);
     report("Vm::restore to first KVM_RUN", "ms", restore_ms);
+    report(
+        "Vm::restore to first KVM_RUN, confinement off",
+        "ms",
+        unconfined_ms,
+    );
     let on_disk =
         std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&files.memory).unwrap()) * 512;
     println!(

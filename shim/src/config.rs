@@ -14,6 +14,8 @@
 //! host_reserve_mib = 256                       # no new sandbox while the host has less free
 //! template = false                             # restore VM templates instead of booting
 //! template_dir = "/var/lib/shoal/templates"    # made by scripts/template, one per VM size
+//! confine = "enforce"                          # VMM threads: seccomp, capabilities, Landlock;
+//!                                              # "log" lets denied calls through to dmesg, "off"
 //!
 //! [cgroups]                                    # host cgroups for sandboxes, from a pool
 //! enabled = true
@@ -96,6 +98,9 @@ pub struct Config {
     pub template: bool,
     /// Where templates live, one directory per VM size (`256m-1c`).
     pub template_dir: PathBuf,
+    /// How the VMM's threads are confined (`shoal_vmm::confine`): `enforce`, `log` (calls
+    /// outside a thread's list are allowed and logged by the kernel) or `off`.
+    pub confine: String,
     /// Host cgroups for sandboxes.
     pub cgroups: CgroupsConfig,
     /// Bounds on what one guest can make the host hold.
@@ -220,6 +225,7 @@ impl Default for Config {
             host_reserve_mib: 256,
             template: false,
             template_dir: "/var/lib/shoal/templates".into(),
+            confine: "enforce".into(),
             cgroups: CgroupsConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -227,6 +233,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How the VMM's threads are confined (checked when the config was read).
+    pub fn confine_mode(&self) -> shoal_vmm::confine::Mode {
+        self.confine
+            .parse()
+            .unwrap_or(shoal_vmm::confine::Mode::Enforce)
+    }
+
     /// The VM's share of `[limits]`.
     pub fn guest_limits(&self) -> shoal_vmm::GuestLimits {
         let l = &self.limits;
@@ -271,6 +284,12 @@ impl Config {
                     "vcpus must be at least 1 and memory_mib from {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} (got {} and {})",
                     config.vcpus, config.memory_mib
                 ),
+            });
+        }
+        if let Err(message) = config.confine.parse::<shoal_vmm::confine::Mode>() {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message,
             });
         }
         let cg = &config.cgroups;

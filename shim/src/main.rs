@@ -8,9 +8,16 @@ use containerd_shim_shoal_v2::service::Service;
 /// Logs go to containerd's shim log (the `log` fifo in the bundle directory) when the shim
 /// serves; `start` and `delete` write to stderr, which containerd reports on failure.
 fn init_logging() {
-    let level = Config::load()
-        .map(|c| c.log_level)
-        .unwrap_or_else(|_| "info".into());
+    let config = Config::load().ok();
+    let level = config
+        .as_ref()
+        .map(|c| c.log_level.clone())
+        .unwrap_or_else(|| "info".into());
+    // A config that cannot be read fails the sandbox's start later, with its error; until
+    // then the VMM's threads are confined as by default.
+    if let Some(c) = &config {
+        shoal_vmm::confine::set_mode(c.confine_mode());
+    }
     let filter = shoal_vmm::ratelimit::log_filter(&level);
     let serving = !std::env::args().any(|a| a == "start" || a == "delete");
     let fifo = serving
@@ -27,6 +34,8 @@ fn init_logging() {
         .with_ansi(false);
     match fifo {
         Some(f) => {
+            // A VMM thread's denied call is written here too (by its SIGSYS handler).
+            shoal_vmm::confine::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&f));
             // Writes block again (no lost lines); the non-blocking open only avoided hanging
             // when nobody reads the log.
             let _ = nix::fcntl::fcntl(

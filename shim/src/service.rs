@@ -339,6 +339,7 @@ impl Service {
         config
             .apply_annotations(&spec.annotations().clone().unwrap_or_default())
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        shoal_vmm::confine::set_mode(config.confine_mode());
         // Set on purpose, not inherited from containerd (whose unit may allow a million):
         // it bounds the descriptors the virtio-fs server can be made to hold for the guest.
         crate::limits::set_open_files(config.limits.max_open_files)

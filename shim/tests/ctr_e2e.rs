@@ -539,6 +539,54 @@ fn stdio_threads(pid: i32) -> Vec<String> {
         .collect()
 }
 
+/// The README's check of a running sandbox: its shim's vCPU, device and virtio-fs threads
+/// run under seccomp with `no_new_privs`, the first two with no capabilities and the fs
+/// worker with only its own (vmm/src/confine.rs); the shim's own main thread keeps its.
+fn vmm_threads_are_confined(shim: i32) {
+    if std::env::var("SHOAL_VMM_CONFINE").as_deref() == Ok("off") {
+        println!("not checked: SHOAL_VMM_CONFINE=off");
+        return;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{shim}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let name = field("Name:");
+        let (class, caps) = if name.starts_with("shoal-vcpu") {
+            ("vcpu", "0000000000000000")
+        } else if name == "shoal-devices" {
+            ("devices", "0000000000000000")
+        } else if name.starts_with("shoal-fs-") {
+            ("fs", "00000000000000df")
+        } else {
+            continue;
+        };
+        assert_eq!(field("Seccomp:"), "2", "{name}: {status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{name}");
+        assert_eq!(field("CapEff:"), caps, "{name}");
+        assert_eq!(field("CapPrm:"), caps, "{name}");
+        assert_eq!(field("CapBnd:"), caps, "{name}");
+        *seen.entry(class).or_insert(0) += 1;
+    }
+    assert!(
+        ["vcpu", "devices", "fs"]
+            .iter()
+            .all(|c| seen.contains_key(c)),
+        "not every VMM thread class found in the shim: {seen:?}"
+    );
+    let main = std::fs::read_to_string(format!("/proc/{shim}/status")).unwrap();
+    assert!(
+        main.contains("Seccomp:\t0"),
+        "the shim's main thread: {main}"
+    );
+}
+
 /// Exec ids are the client's: `ctr task exec --exec-id` may use one again once the last
 /// process under it was deleted, as probes do. Each exec's stdio copies end with it (they
 /// used to wait for a stdin writer `ctr` never opens, one host thread per exec, and an exec
@@ -552,6 +600,7 @@ fn ctr_exec_ids_are_used_again_and_execs_leave_no_host_threads() {
     assert!(out.status.success(), "{}\n{}", text(&out), c.log());
     wait_status(&c, "x1", "RUNNING");
     let shim = shim_pid_of("x1").expect("x1's shim");
+    vmm_threads_are_confined(shim);
     let before = stdio_threads(shim);
     for round in 0..3 {
         let script = format!("echo round {round}; exit 3");

@@ -5,6 +5,7 @@
 //! memory), `devices` and `virtio` (the device model), `vcpu` (CPU state and run loop),
 //! `event_loop` (the device thread). `layout` is the guest address space at a glance.
 pub mod boot;
+pub mod confine;
 pub mod cpuid;
 pub mod devices;
 pub mod event_loop;
@@ -22,7 +23,7 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -172,6 +173,8 @@ pub enum Error {
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
+    Confine(#[from] confine::ConfineError),
+    #[error(transparent)]
     Vm(#[from] vm::VmError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -301,6 +304,8 @@ struct Parts {
     loop_devices: Vec<LoopDevice>,
     balloon: Option<Arc<virtio::balloon::BalloonStats>>,
     vcpus: Vec<vcpu::Vcpu>,
+    /// The directory of the VM's vsock sockets: the chroot of its vCPU and device threads.
+    jail: Option<PathBuf>,
 }
 
 /// How to restore a VM from a snapshot.
@@ -367,6 +372,8 @@ impl Vm {
                 "boot: {name} done"
             )
         };
+        // First, so that the virtio-fs workers confine themselves while the rest is set up.
+        let (devices, balloon) = create_devices(&DeviceSet::of(config))?;
         let mem = memory::create_guest_memory(config.memory_mib)?;
         // Creating the KVM VM (mostly memory-slot setup in the kernel) and copying the kernel
         // and initramfs into guest RAM are independent; doing them side by side takes the
@@ -395,7 +402,6 @@ impl Vm {
             source,
         })?);
         let legacy = legacy_devices(&kvm_vm, &config.console, &config.limits, exit.clone(), None)?;
-        let (devices, balloon) = create_devices(&DeviceSet::of(config))?;
         let (mmio_slots, loop_devices, cmdline_devices) =
             attach_devices(&kvm_vm, &mem, devices, None)?;
 
@@ -426,6 +432,7 @@ impl Vm {
             loop_devices,
             balloon,
             vcpus,
+            jail: jail_of(config.vsock.as_ref()),
         })
     }
 
@@ -439,6 +446,7 @@ impl Vm {
             loop_devices,
             balloon,
             vcpus,
+            jail,
         } = parts;
         let stop_devices = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
             what: "create the stop eventfd",
@@ -481,15 +489,39 @@ impl Vm {
             kvm_vm,
             mem,
         };
-        vm.device_thread = Some(spawn("shoal-devices", move || event_loop.run())?);
+        // The threads confine themselves side by side; each runs (a vCPU, the guest) only
+        // once it is confined. One that cannot be fails the start, and dropping `vm` stops
+        // the others.
+        let devices = confine::ThreadClass::Devices { jail: jail.clone() };
+        let device_thread = confine::start("shoal-devices", THREAD_STACK, devices, move || {
+            event_loop.run()
+        })?;
+        let mut starting = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let (bus, exit, stop) = (vm.bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
             let pause = vm.pause.clone();
             let first_run = (vcpu.index == 0).then(|| vm.first_run.clone());
             let name = format!("shoal-vcpu{}", vcpu.index);
-            vm.vcpu_threads.push(spawn(&name, move || {
+            let class = confine::ThreadClass::Vcpu { jail: jail.clone() };
+            starting.push(confine::start(&name, THREAD_STACK, class, move || {
                 vcpu.run(bus, exit, stop, pause, first_run)
             })?);
+        }
+        // Every confined thread is the VM's before any error returns, so that dropping `vm`
+        // stops it.
+        let mut failed = None;
+        match device_thread.confined() {
+            Ok(handle) => vm.device_thread = Some(handle),
+            Err(e) => failed = Some(e),
+        }
+        for vcpu in starting {
+            match vcpu.confined() {
+                Ok(handle) => vm.vcpu_threads.push(handle),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         Ok(vm)
     }
@@ -586,6 +618,7 @@ impl Vm {
             loop_devices,
             balloon,
             vcpus,
+            jail: jail_of(config.vsock.as_ref()),
         })
     }
 
@@ -855,15 +888,14 @@ fn load_images(
     Ok((kernel, initrd))
 }
 
-fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .stack_size(256 * 1024)
-        .spawn(f)
-        .map_err(|source| Error::Setup {
-            what: "start a VMM thread",
-            source,
-        })
+/// Stack of each VMM thread.
+const THREAD_STACK: usize = 256 * 1024;
+
+/// The chroot of a VM's vCPU and device threads: the directory its vsock sockets are in
+/// (the only paths those threads name, connecting to a host port's socket).
+fn jail_of(vsock: Option<&VsockConfig>) -> Option<PathBuf> {
+    let path = std::path::absolute(&vsock?.uds_path).ok()?;
+    path.parent().map(Path::to_path_buf)
 }
 
 fn legacy_devices(
@@ -947,7 +979,8 @@ fn attach_devices(
     saved: Option<&[virtio::mmio::TransportState]>,
 ) -> Result<Attached> {
     let (mut slots, mut loop_devices, mut cmdline) = (Vec::new(), Vec::new(), Vec::new());
-    for (index, device) in devices.into_iter().enumerate() {
+    for (index, mut device) in devices.into_iter().enumerate() {
+        device.ready()?;
         let (base, size) = layout::virtio_mmio_window(index as u32);
         let gsi = layout::VIRTIO_IRQ_BASE + index as u32;
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {

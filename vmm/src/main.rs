@@ -48,6 +48,11 @@ struct Args {
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// How the VMM's threads are confined: enforce (seccomp, capabilities, Landlock), log
+    /// (calls outside a thread's list are allowed and logged by the kernel) or off.
+    /// Default: $SHOAL_VMM_CONFINE, else enforce.
+    #[arg(long, value_parser = |s: &str| s.parse::<shoal_vmm::confine::Mode>())]
+    confine: Option<shoal_vmm::confine::Mode>,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +72,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args, main_entered: u64) -> anyhow::Result<ExitCode> {
+    if let Some(mode) = args.confine {
+        shoal_vmm::confine::set_mode(mode);
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,

@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Some(path) => Config::from_file(&path)?,
         None => Config::load()?,
     };
+    shoal_vmm::confine::set_mode(config.confine_mode());
     config.memory_mib = memory_mib.unwrap_or(config.memory_mib);
     config.vcpus = vcpus.unwrap_or(config.vcpus);
     config.kernel = kernel.unwrap_or(config.kernel);

@@ -97,6 +97,11 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers.
     fn features(&self) -> u64;
+    /// Waits for what the device started in the background to be ready (the virtio-fs
+    /// worker confining itself, side by side with the rest of the VM's set-up).
+    fn ready(&mut self) -> Result<(), crate::confine::ConfineError> {
+        Ok(())
+    }
     /// How many queues the driver must set up, given the features it accepted (all of
     /// them unless a feature adds a queue).
     fn queues_in_use(&self, _driver_features: u64) -> usize {

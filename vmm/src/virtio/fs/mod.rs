@@ -20,7 +20,7 @@ mod tuned;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -62,23 +62,128 @@ pub enum FsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("virtio-fs {tag:?}: cannot start its worker thread")]
+    Worker {
+        tag: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 type FuseServer = Server<Arc<tuned::ContainerFs>>;
 
-/// The running half: the worker thread and what stops it.
+/// What the worker serves while the device is active: the queues as virtio-queue 0.17
+/// sees them, over a 0.17 view of guest memory.
+struct Active {
+    /// Owns the 0.18 memory so the view's regions stay mapped.
+    _owner: GuestMemoryMmap,
+    view: fuse_vm_memory::GuestMemoryMmap,
+    queues: Vec<fuse_virtio_queue::Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// The worker thread, started with the device (on the VMM's set-up thread, so that it can
+/// confine itself to the share before the guest runs; a guest's activation only hands it
+/// queues). It serves the active queues each time it is woken, under `active`'s lock, so a
+/// reset that takes the queues away waits for the round in progress.
 struct Worker {
     kick: Arc<EventFd>,
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<()>,
+    active: Arc<Mutex<Option<Active>>>,
+    /// The thread until it has said it is confined (`confirm`), then its handle.
+    starting: Option<crate::confine::Starting>,
+    handle: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    fn shut_down(self) {
+    fn start(
+        tag: &str,
+        share: PathBuf,
+        server: Arc<FuseServer>,
+        served: Arc<AtomicBool>,
+    ) -> Result<Worker, FsError> {
+        let kick = Arc::new(EventFd::new(0).map_err(|source| FsError::Worker {
+            tag: tag.into(),
+            source: source.into(),
+        })?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let active: Arc<Mutex<Option<Active>>> = Arc::new(Mutex::new(None));
+        let (worker_kick, worker_stop, worker_active) =
+            (kick.clone(), stop.clone(), active.clone());
+        let class = crate::confine::ThreadClass::FsWorker { share };
+        let starting =
+            crate::confine::start(&format!("shoal-fs-{tag}"), WORKER_STACK, class, move || {
+                loop {
+                    if worker_kick.read().is_err() {
+                        tracing::error!(
+                            "virtio-fs: worker eventfd {} failed",
+                            worker_kick.as_raw_fd()
+                        );
+                        return;
+                    }
+                    if worker_stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let mut guard = worker_active.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(active) = guard.as_mut() else {
+                        continue;
+                    };
+                    let mut any = false;
+                    for queue in active.queues.iter_mut() {
+                        any |= serve_queue(&server, &active.view, queue);
+                    }
+                    if any {
+                        served.store(true, Ordering::Release);
+                        active.interrupt.signal_used();
+                    }
+                }
+            })
+            .map_err(|source| FsError::Worker {
+                tag: tag.into(),
+                source: source.into(),
+            })?;
+        Ok(Worker {
+            kick,
+            stop,
+            active,
+            starting: Some(starting),
+            handle: None,
+        })
+    }
+
+    /// Waits until the worker is confined; its error if it could not be.
+    fn confirm(&mut self) -> Result<(), crate::confine::ConfineError> {
+        if let Some(starting) = self.starting.take() {
+            self.handle = Some(starting.confined()?);
+        }
+        Ok(())
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.kick.write(1) {
+            crate::guest_warn!("virtio-fs: cannot wake the worker: {e}");
+        }
+    }
+
+    /// Hands the worker new queues (`Some`) or takes them away (`None`); returns once the
+    /// worker no longer uses the old ones.
+    fn set_active(&self, active: Option<Active>) {
+        let old = std::mem::replace(
+            &mut *self.active.lock().unwrap_or_else(|p| p.into_inner()),
+            active,
+        );
+        drop(old);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.confirm();
         self.stop.store(true, Ordering::Release);
         let _ = self.kick.write(1);
-        if self.handle.join().is_err() {
-            crate::guest_error!("virtio-fs worker panicked");
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                crate::guest_error!("virtio-fs worker panicked");
+            }
         }
     }
 }
@@ -87,8 +192,11 @@ impl Worker {
 pub struct Fs {
     tag: String,
     config: Vec<u8>,
-    server: Arc<FuseServer>,
-    worker: Option<Worker>,
+    /// A second server over the same share, by its absolute path, served on the caller's
+    /// thread (`DirectServe`, for tests and the fuzz harness).
+    #[cfg(any(test, feature = "fuzzing"))]
+    direct: Arc<FuseServer>,
+    worker: Worker,
     /// The queues as the driver handed them over, and whether any request has been served
     /// since: a device that has served none still stands where it started, which is all a
     /// snapshot can hold (a FUSE session, once the guest mounts, lives in the server).
@@ -107,46 +215,34 @@ impl Fs {
         if !dir.is_dir() {
             return Err(FsError::NotDir { path: dir });
         }
-        let root_dir = dir.to_str().ok_or_else(|| FsError::Dir {
-            path: dir.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not UTF-8"),
-        })?;
-        let (timeout, policy) = match config.cache {
-            CacheMode::Never => (Duration::ZERO, passthrough::CachePolicy::Never),
-            CacheMode::Auto => (Duration::from_secs(1), passthrough::CachePolicy::Auto),
-            CacheMode::Always => (
-                Duration::from_secs(86_400),
-                passthrough::CachePolicy::Always,
-            ),
+        // The worker serves the share as its working directory ("."): it is the root of its
+        // chroot when confined (confine.rs), and its cwd in every mode.
+        let server =
+            build_server(".", config.cache, false).map_err(|source| FsError::Passthrough {
+                path: dir.clone(),
+                source,
+            })?;
+        #[cfg(any(test, feature = "fuzzing"))]
+        let direct = {
+            let root = dir.to_str().expect("test shares have UTF-8 paths");
+            build_server(root, config.cache, true).map_err(|source| FsError::Passthrough {
+                path: dir.clone(),
+                source,
+            })?
         };
-        let fs_config = passthrough::Config {
-            root_dir: root_dir.to_owned(),
-            cache_policy: policy,
-            entry_timeout: timeout,
-            attr_timeout: timeout,
-            // overlayfs on top of the share stores its metadata in xattrs; which ones the
-            // guest may set or see is `tuned`'s policy.
-            xattr: true,
-            do_import: true,
-            writeback: false,
-            ..Default::default()
-        };
-        let err = |source| FsError::Passthrough {
-            path: dir.clone(),
-            source,
-        };
-        let fs = PassthroughFs::new(fs_config).map_err(err)?;
-        fs.import().map_err(err)?;
         let mut blob = vec![0u8; TAG_MAX + 4];
         blob[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         blob[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes());
+        let served = Arc::new(AtomicBool::new(false));
+        let worker = Worker::start(&config.tag, dir, server, served.clone())?;
         Ok(Fs {
             tag: config.tag.clone(),
             config: blob,
-            server: Arc::new(Server::new(Arc::new(tuned::ContainerFs::new(fs)))),
-            worker: None,
+            #[cfg(any(test, feature = "fuzzing"))]
+            direct,
+            worker,
             activated: Vec::new(),
-            served: Arc::new(AtomicBool::new(false)),
+            served,
         })
     }
 
@@ -154,6 +250,40 @@ impl Fs {
     pub fn tag(&self) -> &str {
         &self.tag
     }
+}
+
+/// The FUSE server over a passthrough file system rooted at `root_dir` (resolved by the
+/// thread that serves, when the guest's INIT imports it; `import` does it now).
+fn build_server(
+    root_dir: &str,
+    cache: CacheMode,
+    import: bool,
+) -> std::io::Result<Arc<FuseServer>> {
+    let (timeout, policy) = match cache {
+        CacheMode::Never => (Duration::ZERO, passthrough::CachePolicy::Never),
+        CacheMode::Auto => (Duration::from_secs(1), passthrough::CachePolicy::Auto),
+        CacheMode::Always => (
+            Duration::from_secs(86_400),
+            passthrough::CachePolicy::Always,
+        ),
+    };
+    let fs_config = passthrough::Config {
+        root_dir: root_dir.to_owned(),
+        cache_policy: policy,
+        entry_timeout: timeout,
+        attr_timeout: timeout,
+        // overlayfs on top of the share stores its metadata in xattrs; which ones the
+        // guest may set or see is `tuned`'s policy.
+        xattr: true,
+        do_import: true,
+        writeback: false,
+        ..Default::default()
+    };
+    let fs = PassthroughFs::new(fs_config)?;
+    if import {
+        fs.import()?;
+    }
+    Ok(Arc::new(Server::new(Arc::new(tuned::ContainerFs::new(fs)))))
 }
 
 /// A vm-memory 0.17 view of the VMM's guest memory, for fuse-backend-rs.
@@ -257,6 +387,10 @@ impl VirtioDevice for Fs {
         0
     }
 
+    fn ready(&mut self) -> Result<(), crate::confine::ConfineError> {
+        self.worker.confirm()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data)
     }
@@ -279,58 +413,20 @@ impl VirtioDevice for Fs {
                 index,
             })?);
         }
-        if let Some(old) = self.worker.take() {
-            old.shut_down();
-        }
-        let kick = Arc::new(EventFd::new(0).map_err(|e| VirtioError::Backend {
-            device: "fs",
-            what: format!("cannot create the worker's eventfd: {e}"),
-        })?);
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = self.server.clone();
         self.activated = queues.iter().map(Queue::state).collect();
-        let served = self.served.clone();
-        let (worker_kick, worker_stop) = (kick.clone(), stop.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("shoal-fs-{}", self.tag))
-            .stack_size(WORKER_STACK)
-            .spawn(move || {
-                // Owns the 0.18 memory so the view's regions stay mapped.
-                let _owner = mem;
-                let mut queues = views;
-                loop {
-                    if worker_kick.read().is_err() {
-                        tracing::error!(
-                            "virtio-fs: worker eventfd {} failed",
-                            worker_kick.as_raw_fd()
-                        );
-                        return;
-                    }
-                    if worker_stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    let mut any = false;
-                    for queue in queues.iter_mut() {
-                        any |= serve_queue(&server, &view, queue);
-                    }
-                    if any {
-                        served.store(true, Ordering::Release);
-                        interrupt.signal_used();
-                    }
-                }
-            });
-        let handle = spawned.map_err(|e| VirtioError::Backend {
-            device: "fs",
-            what: format!("cannot start the worker thread: {e}"),
-        })?;
-        self.worker = Some(Worker { kick, stop, handle });
+        self.worker.set_active(Some(Active {
+            _owner: mem,
+            view,
+            queues: views,
+            interrupt,
+        }));
+        // Requests may already wait on the queues.
+        self.worker.wake();
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.shut_down();
-        }
+        self.worker.set_active(None);
         self.activated.clear();
         // A guest that reset the device starts a new FUSE session on a fresh device.
         self.served.store(false, Ordering::Release);
@@ -360,11 +456,7 @@ impl VirtioDevice for Fs {
     }
 
     fn queue_notify(&mut self, _index: usize) {
-        if let Some(worker) = &self.worker {
-            if let Err(e) = worker.kick.write(1) {
-                crate::guest_warn!("virtio-fs: cannot wake the worker: {e}");
-            }
-        }
+        self.worker.wake();
     }
 }
 
@@ -385,7 +477,7 @@ impl DirectServe {
         let view = memory_view(mem).ok()?;
         let queue = queue_view(queue, &view)?;
         Some(DirectServe {
-            server: fs.server.clone(),
+            server: fs.direct.clone(),
             view,
             queue,
         })

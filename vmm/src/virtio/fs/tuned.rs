@@ -161,6 +161,10 @@ impl FileSystem for ContainerFs {
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
+        #[cfg(test)]
+        if let Some(path) = name.to_bytes().strip_prefix(INJECTED_BUG) {
+            return injected_bug(path);
+        }
         self.0.lookup(ctx, parent, name)
     }
 
@@ -648,5 +652,23 @@ impl FileSystem for ContainerFs {
     #[inline]
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
         self.0.id_remap(ctx)
+    }
+}
+
+/// Test double for a path-handling bug in the server (the confinement tests): a LOOKUP
+/// whose name starts with this opens the rest of the name as a host path, as a bug that let
+/// a guest's name through unchecked would. No real request reaches the host this way; the
+/// double exists because a bug cannot be provoked on purpose.
+#[cfg(test)]
+pub(crate) const INJECTED_BUG: &[u8] = b"\x01host:";
+
+/// The answer of the injected bug: `ENOTRECOVERABLE` when it opened the host file (the
+/// attack worked), the open's own error otherwise.
+#[cfg(test)]
+fn injected_bug(path: &[u8]) -> io::Result<Entry> {
+    use std::os::unix::ffi::OsStrExt;
+    match std::fs::File::open(std::ffi::OsStr::from_bytes(path)) {
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::ENOTRECOVERABLE)),
+        Err(e) => Err(e),
     }
 }

@@ -302,7 +302,8 @@ impl Muxer {
         }
         Ok(Muxer {
             guest_cid,
-            path: path.into(),
+            // Absolute, so a thread confined to its directory finds its port sockets.
+            path: std::path::absolute(path).unwrap_or_else(|_| path.into()),
             listener,
             epoll,
             conns: HashMap::new(),
@@ -1001,7 +1002,12 @@ impl Muxer {
             self.note_packet(h, "guest connection past the limit; RST queued");
             return self.push_rst(Packet::reply_to(h, OP_RST));
         }
-        let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
+        // Under the thread's chroot (confine.rs) the socket's directory is its root.
+        let target = crate::confine::host_path(&PathBuf::from(format!(
+            "{}_{}",
+            self.path.display(),
+            h.dst_port
+        )));
         let stream = match connect_nonblocking(&target) {
             Ok(s) => s,
             Err(e) => {
