@@ -20,6 +20,16 @@ fn main() {
             "seed-driver-setup",
             shoal_vmm::fuzz::mmio_seed(2),
         ),
+        (
+            "mmio_vsock",
+            "seed-driver-setup",
+            shoal_vmm::fuzz::mmio_seed(3),
+        ),
+        (
+            "mmio_fs",
+            "seed-driver-setup",
+            shoal_vmm::fuzz::mmio_seed(2),
+        ),
         ("fuse_session", "seed-session", shoal_vmm::fuzz::fuse_seed()),
         (
             "snapshot_state",

@@ -36,6 +36,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vsock_muxer", vsock_muxer),
     ("fuse_session", fuse_session),
     ("mmio_net", mmio_net),
+    ("mmio_vsock", mmio_vsock),
+    ("mmio_fs", mmio_fs),
 ];
 
 /// Reads the input front to back; past its end every read is zero.
@@ -675,6 +677,33 @@ pub fn mmio_net(data: &[u8]) {
     };
     let net = crate::virtio::net::Net::with_tap(tap, [2, 0, 0, 0, 0, 2], 1500);
     mmio(Box::new(net), data);
+}
+
+/// Hybrid vsock behind MMIO, its host socket in this thread's scratch directory (no host
+/// client connects: the guest's own packets, connects to ports nobody takes, and RSTs).
+pub fn mmio_vsock(data: &[u8]) {
+    let path = scratch("vsock").join("v.sock");
+    let _ = std::fs::remove_file(&path);
+    let vsock =
+        crate::virtio::vsock::Vsock::new(3, &path, &Default::default()).expect("fuzz vsock device");
+    mmio(Box::new(vsock), data);
+}
+
+/// virtio-fs behind MMIO over a small shared tree: the queues as a guest sets them up,
+/// served by the device's own (confined) worker thread, as in a VM.
+pub fn mmio_fs(data: &[u8]) {
+    let share = scratch("mmio-fs").join("share");
+    if !share.join("hello").exists() {
+        let _ = std::fs::create_dir_all(&share);
+        let _ = std::fs::write(share.join("hello"), "hi");
+    }
+    let fs = crate::virtio::fs::Fs::new(&crate::virtio::fs::FsConfig {
+        tag: "fuzz".into(),
+        dir: share,
+        cache: crate::virtio::fs::CacheMode::Auto,
+    })
+    .expect("fuzz virtio-fs device");
+    mmio(Box::new(fs), data);
 }
 
 /// Why [`mmio_net`] cannot run here, if it cannot.
