@@ -14,7 +14,7 @@
 //! one line of JSON with the new pid or the error on stdout and exits. The process it made
 //! outlives it and is re-parented to the agent (PID 1 in the guest, a child subreaper on a
 //! host), whose reaper collects its exit as before.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -32,6 +32,12 @@ pub const HELPER_ARG: &str = "--container-process-helper";
 
 /// The descriptor numbers the process's stdin, stdout and stderr have in the helper.
 const STDIO_FDS: [i32; 3] = [3, 4, 5];
+
+/// How long a helper may take to answer: under the shim's 30 s for a CreateContainer, so
+/// that a helper stuck (in a hook, or on a lock as in the module comment) is killed and the
+/// request answered with an error naming it, and the reaper's lock is released, before the
+/// shim gives up on the call.
+pub const HELPER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// What the helper makes.
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,7 +95,8 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: between fork and exec the closure calls only dup2, which is async-signal-safe,
+    // SAFETY: between fork and exec the closure calls only dup2 and setpgid, which are
+    // async-signal-safe,
     // on descriptors the parent keeps open until spawn returns; it allocates nothing.
     unsafe {
         command.pre_exec(move || {
@@ -97,6 +104,10 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
                 if libc::dup2(*from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // A process group of its own, which a helper past its deadline is killed by.
+            if libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
@@ -106,11 +117,28 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
     let sent = serde_json::to_vec(job)
         .map_err(std::io::Error::other)
         .and_then(|json| child.stdin.take().expect("piped").write_all(&json));
-    let mut line = String::new();
-    let read = sent
-        .and_then(|()| BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line));
+    let mut out = child.stdout.take().expect("piped");
+    let read = sent.and_then(|()| read_answer(&mut out, HELPER_DEADLINE));
+    let line = match read {
+        Ok(Some(line)) => line,
+        Ok(None) => {
+            // Its whole process group: the helper and what it made so far.
+            // SAFETY: kill(2) on the helper's own process group (set in pre_exec).
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(AgentError::Helper(format!(
+                "container {}: the {action} helper did not answer within {} s and was killed",
+                job.id,
+                HELPER_DEADLINE.as_secs()
+            )));
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed("talk to it", e));
+        }
+    };
     let status = child.wait().map_err(|e| failed("wait", e))?;
-    read.map_err(|e| failed("talk to it", e))?;
     match serde_json::from_str::<Outcome>(&line) {
         Ok(Outcome::Made(pid)) => Ok(pid),
         Ok(Outcome::Failed(message)) => Err(AgentError::Helper(message)),
@@ -118,6 +146,52 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
             "container {}: the {action} helper ended ({status}) without an answer",
             job.id
         ))),
+    }
+}
+
+/// Reads the helper's one line from `out` until `deadline` has passed: `None` when it has
+/// not answered by then.
+fn read_answer(
+    out: &mut std::process::ChildStdout,
+    deadline: std::time::Duration,
+) -> std::io::Result<Option<String>> {
+    let end = std::time::Instant::now() + deadline;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let mut fds = [libc::pollfd {
+            fd: out.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one pollfd for a descriptor `out` keeps open.
+        let ready = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                1,
+                left.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if ready == 0 {
+            continue;
+        }
+        let n = out.read(&mut buf)?;
+        bytes.extend_from_slice(&buf[..n]);
+        if n == 0 || bytes.contains(&b'\n') || bytes.len() > 1 << 20 {
+            let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+            return Ok(Some(String::from_utf8_lossy(line).into_owned()));
+        }
     }
 }
 

@@ -1008,3 +1008,50 @@ async fn agent_host_many_creates_and_execs_at_once_all_finish() {
         }
     }
 }
+
+/// A create whose helper never answers (here: a createRuntime hook that sleeps, run by the
+/// helper; before, a libc lock copied into a forked process did the same) fails at the
+/// helper's deadline with an error that says so, before the shim's 30 s would end the call,
+/// and the agent goes on: the next create runs. Without the deadline the call would wait as
+/// long as the hook (60 s), holding the lock every create and exec needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_a_stuck_create_is_killed_at_its_deadline_and_the_next_runs() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("stuck").await;
+    let rootfs = a.rootfs("rootfs-stuck");
+    let mut stuck = spec(&["true"]);
+    let hook = oci_spec::runtime::HookBuilder::default()
+        .path("/bin/sleep")
+        .args(vec!["sleep".to_string(), "60".to_string()])
+        .build()
+        .unwrap();
+    stuck.set_hooks(Some(
+        oci_spec::runtime::HooksBuilder::default()
+            .create_runtime(vec![hook])
+            .build()
+            .unwrap(),
+    ));
+    let started = Instant::now();
+    let long = context::with_timeout(90_000_000_000);
+    let req = CreateContainerRequest {
+        container_id: "stuck".into(),
+        spec_json: spec_json(&stuck),
+        rootfs: rootfs.display().to_string(),
+        stdio: Some(stdio("", "")).into(),
+        ..Default::default()
+    };
+    let err = a.client.create_container(long, &req).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        format!("{err:?}").contains("did not answer within 25 s"),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(25) && took < Duration::from_secs(30),
+        "answered after {took:?}"
+    );
+    let (out, status) = run(&a, "after", &["echo", "next"]).await;
+    assert_eq!((out.as_str(), status), ("next\n", 0));
+}
