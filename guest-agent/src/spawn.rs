@@ -126,6 +126,11 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
             // SAFETY: kill(2) on the helper's own process group (set in pre_exec).
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
+            if let JobKind::Create { .. } = job.kind {
+                // What it made so far (an init that left the group with setsid, its cgroup,
+                // its state): gone, so that the id can be used again.
+                remove_half_made(&job.state_root.join(&job.id));
+            }
             return Err(AgentError::Helper(format!(
                 "container {}: the {action} helper did not answer within {} s and was killed",
                 job.id,
@@ -133,7 +138,8 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
             )));
         }
         Err(e) => {
-            let _ = child.kill();
+            // SAFETY: kill(2) on the helper's own process group (set in pre_exec).
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
             return Err(failed("talk to it", e));
         }
@@ -147,6 +153,21 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
             job.id
         ))),
     }
+}
+
+/// Takes down a container a killed create helper left half made: its processes and cgroup
+/// through libcontainer's forced delete where its state can be read, its state directory in
+/// any case.
+fn remove_half_made(state: &std::path::Path) {
+    if let Ok(mut container) = libcontainer::container::Container::load(state.to_path_buf()) {
+        if let Err(e) = container.delete(true) {
+            tracing::warn!(
+                "cannot delete the half-made container {}: {e}",
+                state.display()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(state);
 }
 
 /// Reads the helper's one line from `out` until `deadline` has passed: `None` when it has

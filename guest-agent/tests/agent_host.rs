@@ -1012,7 +1012,7 @@ async fn agent_host_many_creates_and_execs_at_once_all_finish() {
 /// A create whose helper never answers (here: a createRuntime hook that sleeps, run by the
 /// helper; before, a libc lock copied into a forked process did the same) fails at the
 /// helper's deadline with an error that says so, before the shim's 30 s would end the call,
-/// and the agent goes on: the next create runs. Without the deadline the call would wait as
+/// and the agent goes on: the next create runs, and the id can be used again. Without the deadline the call would wait as
 /// long as the hook (60 s), holding the lock every create and exec needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_host_a_stuck_create_is_killed_at_its_deadline_and_the_next_runs() {
@@ -1054,4 +1054,8 @@ async fn agent_host_a_stuck_create_is_killed_at_its_deadline_and_the_next_runs()
     );
     let (out, status) = run(&a, "after", &["echo", "next"]).await;
     assert_eq!((out.as_str(), status), ("next\n", 0));
+    // Nothing of the killed create is left to hold its id.
+    create(&a, "stuck", &spec(&["true"]), &rootfs, stdio("", ""))
+        .await
+        .expect("the id of the killed create can be used again");
 }

@@ -468,6 +468,20 @@ pub fn mark_at(phase: &str, ms: f64) {
 }
 
 /// A ttrpc context with a deadline (0: none).
+/// The VM's hybrid-vsock socket, `<dir>/vsock/vsock.sock`, in a directory of its own (made
+/// here, root-only): the VMM's vCPU and device threads are chrooted to it, so the sockets
+/// they can connect to are this VM's vsock port sockets and nothing else of the sandbox's.
+pub fn vsock_socket(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let sockets = dir.join("vsock");
+    match std::fs::DirBuilder::new().mode(0o700).create(&sockets) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    Ok(sockets.join("vsock.sock"))
+}
+
 pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(timeout.as_nanos() as i64)
 }
@@ -510,7 +524,17 @@ impl Sandbox {
             return Err(SandboxError::Share(e));
         }
         let shared = dir.join(mounts::SHARED_DIR);
-        let uds = dir.join("vsock.sock");
+        let uds = match vsock_socket(&dir) {
+            Ok(uds) => uds,
+            Err(e) => {
+                let _ = mounts::remove_tree(&dir);
+                return Err(SandboxError::Share(mounts::MountError::Io {
+                    what: "cannot make the vsock directory in",
+                    path: dir.clone(),
+                    source: e,
+                }));
+            }
+        };
         let console = dir.join("console.log");
         // Before the VM exists, so that its guest RAM is charged to the sandbox's cgroup.
         let cgroup = match config.cgroups.enabled {

@@ -256,7 +256,7 @@ pub async fn create(config: &Config) -> Result<PathBuf> {
     let result = boot_and_save(config, &work, &shared).await;
     // Only the snapshot, the manifest and the console log stay.
     let _ = std::fs::remove_dir_all(&shared);
-    let _ = std::fs::remove_file(work.join("vsock.sock"));
+    let _ = std::fs::remove_dir_all(work.join("vsock"));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&work);
         return Err(e);
@@ -272,7 +272,8 @@ pub async fn create(config: &Config) -> Result<PathBuf> {
 }
 
 async fn boot_and_save(config: &Config, work: &Path, shared: &Path) -> Result<()> {
-    let uds = work.join("vsock.sock");
+    let uds =
+        crate::sandbox::vsock_socket(work).map_err(io("make the vsock directory in", work))?;
     let console = work.join("console.log");
     let vm_config = vm_config(config, &uds, TEMPLATE_CID, shared, &console, Vec::new());
     let vm = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))

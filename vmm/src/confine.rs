@@ -3,18 +3,20 @@
 //! Every thread the VMM starts that touches guest input confines itself before it runs guest
 //! code or reads a queue, and keeps that for the rest of its life:
 //!
-//! | thread                | seccomp list | capabilities kept            | file system           |
-//! |-----------------------|--------------|------------------------------|-----------------------|
-//! | `shoal-vcpuN`         | [`VCPU`]     | none                         | chroot to the vsock directory |
-//! | `shoal-devices`       | [`DEVICES`]  | none                         | chroot to the vsock directory |
-//! | `shoal-fs-TAG` worker | [`FS_WORKER`]| [`FS_WORKER_CAPS`]           | chroot + Landlock to its share |
+//! | thread                | seccomp list | capabilities kept  | file system                             |
+//! |-----------------------|--------------|--------------------|-----------------------------------------|
+//! | `shoal-vcpuN`         | [`VCPU`]     | none               | chroot to the vsock socket's directory; Landlock: no path access |
+//! | `shoal-devices`       | [`DEVICES`]  | none               | the same                                |
+//! | `shoal-fs-TAG` worker | [`FS_WORKER`]| [`FS_WORKER_CAPS`] | Landlock: every access beneath its share, none elsewhere |
 //!
-//! The steps, in order (each needs what the next one takes away): the thread gets a file
-//! system context of its own (`unshare(CLONE_FS)`) and `chroot`s; the virtio-fs worker adds a
-//! Landlock ruleset that allows nothing outside its share; the thread's capability bounding
-//! set is cut to its class's, its inheritable and ambient sets emptied and its permitted and
-//! effective sets cut to its class's; `no_new_privs` is set and the seccomp filter installed. All of it is per
-//! thread: the shim's own threads (mounts, cgroups, netlink, containerd's socket) keep theirs.
+//! The steps, in order (each needs what the next one takes away): vCPU and device threads
+//! get a file system context of their own (`unshare(CLONE_FS)`) and `chroot` to the vsock
+//! socket's directory; every thread takes a Landlock ruleset (which also keeps it from
+//! abstract unix sockets and from signalling other processes, where the kernel has Landlock
+//! ABI 6); its capability bounding set is cut to its class's, its inheritable and ambient
+//! sets emptied and its permitted and effective sets cut to its class's; `no_new_privs` is
+//! set and the seccomp filter installed. All of it is per thread: the shim's own threads
+//! (mounts, cgroups, netlink, containerd's socket) keep theirs.
 //!
 //! A call outside the list raises SIGSYS; the handler writes one line naming the thread and
 //! the call number to stderr and to the shim's log, and ends the process (`exit_group`), so
@@ -49,7 +51,7 @@ pub enum ConfineError {
     },
     #[error("thread {thread}: cannot build its seccomp filter: {reason}")]
     Filter { thread: String, reason: String },
-    #[error("thread {thread}: cannot set up Landlock for {}: {reason}", share.display())]
+    #[error("thread {thread}: cannot confine it with Landlock{}: {reason} (a kernel without Landlock ABI 2, Linux 5.19, cannot confine virtio-fs; confine = \"log\" runs without)", if share.as_os_str().is_empty() { String::new() } else { format!(" to {}", share.display()) })]
     Landlock {
         thread: String,
         share: PathBuf,
@@ -186,7 +188,6 @@ const COMMON: &[i64] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_restart_syscall,
-    libc::SYS_fcntl,
     libc::SYS_poll,
     libc::SYS_ppoll,
 ];
@@ -198,7 +199,6 @@ pub const DEVICES: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_accept4,
-    libc::SYS_connect,
     libc::SYS_shutdown,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
@@ -224,7 +224,8 @@ pub const DEVICES: &[i64] = &[
 pub const VCPU: &[i64] = &[libc::SYS_ioctl];
 
 /// The virtio-fs worker: the passthrough file system's calls, all relative to descriptors of
-/// the share (Landlock and the chroot keep them there), and the per-request switch of its
+/// the share (Landlock keeps path access there; it has no chroot, as the passthrough names
+/// `/proc/self/fd/N` for xattrs), and the per-request switch of its
 /// file-system uid and gid and of `CAP_FSETID`.
 pub const FS_WORKER: &[i64] = &[
     libc::SYS_openat,
@@ -291,7 +292,7 @@ pub const FS_WORKER: &[i64] = &[
 ///   creates a file, so the file gets the right owner and the caller's permissions apply.
 ///
 /// Not kept, among others: `CAP_MKNOD` (device nodes are refused, `tuned.rs`),
-/// `CAP_SYS_ADMIN` (`trusted.*` xattrs are refused), `CAP_SYS_CHROOT` (used, then dropped).
+/// `CAP_SYS_ADMIN` (`trusted.*` xattrs are refused).
 pub const FS_WORKER_CAPS: &[caps::Capability] = &[
     caps::Capability::CAP_CHOWN,
     caps::Capability::CAP_DAC_OVERRIDE,
@@ -350,6 +351,61 @@ fn unix_socket_rule() -> SeccompRule {
     .expect("valid rule")
 }
 
+/// `fcntl` only to read and set descriptor and status flags (never `O_ASYNC`, whose
+/// `F_SETOWN`/`F_SETSIG` would let a thread have the kernel signal any process) and to copy a
+/// descriptor close-on-exec.
+fn fcntl_rules() -> Vec<SeccompRule> {
+    let cmd = |c: i32| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, c as u64)
+            .expect("valid condition")
+    };
+    let mut rules: Vec<SeccompRule> = [
+        libc::F_GETFD,
+        libc::F_SETFD,
+        libc::F_GETFL,
+        libc::F_DUPFD_CLOEXEC,
+    ]
+    .into_iter()
+    .map(|c| SeccompRule::new(vec![cmd(c)]).expect("valid rule"))
+    .collect();
+    rules.push(
+        SeccompRule::new(vec![
+            cmd(libc::F_SETFL),
+            SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(libc::O_ASYNC as u64),
+                0,
+            )
+            .expect("valid condition"),
+        ])
+        .expect("valid rule"),
+    );
+    rules
+}
+
+/// `tgkill` only to send `SIGABRT` to a thread of this process (`abort()`, a panic while
+/// panicking), so that such an end reads as itself and not as a denied call.
+fn abort_rule() -> SeccompRule {
+    SeccompRule::new(vec![
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            std::process::id() as u64,
+        )
+        .expect("valid condition"),
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::SIGABRT as u64,
+        )
+        .expect("valid condition"),
+    ])
+    .expect("valid rule")
+}
+
 /// The syscalls (with their argument rules; empty means any arguments) a class may make.
 pub fn allowlist(class: &ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -369,16 +425,25 @@ pub fn allowlist(class: &ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
     }
     rules.insert(libc::SYS_mmap, vec![no_exec_rule()]);
     rules.insert(libc::SYS_mprotect, vec![no_exec_rule()]);
+    rules.insert(libc::SYS_fcntl, fcntl_rules());
+    rules.insert(libc::SYS_tgkill, vec![abort_rule()]);
     match class {
         ThreadClass::Vcpu { .. } => {
             rules.insert(libc::SYS_ioctl, vcpu_ioctl_rules());
-            rules.insert(libc::SYS_socket, vec![unix_socket_rule()]);
         }
         ThreadClass::Devices { .. } => {
             rules.insert(libc::SYS_ioctl, devices_ioctl_rules());
-            rules.insert(libc::SYS_socket, vec![unix_socket_rule()]);
         }
         ThreadClass::FsWorker { .. } => {}
+    }
+    // Connecting to a vsock port's host socket, only for a VM that has vsock (and then a
+    // chroot to its socket directory).
+    if matches!(
+        class,
+        ThreadClass::Vcpu { jail: Some(_) } | ThreadClass::Devices { jail: Some(_) }
+    ) {
+        rules.insert(libc::SYS_socket, vec![unix_socket_rule()]);
+        rules.insert(libc::SYS_connect, Vec::new());
     }
     rules
 }
@@ -407,14 +472,26 @@ pub fn program_len(class: &ThreadClass) -> usize {
 /// Each class's filter, compiled once per process and mode (the lists do not change).
 fn cached_program(class: &ThreadClass, mode: Mode) -> Result<&'static BpfProgram, String> {
     type Slot = OnceLock<Result<BpfProgram, String>>;
-    static PROGRAMS: [[Slot; 3]; 2] = [
-        [OnceLock::new(), OnceLock::new(), OnceLock::new()],
-        [OnceLock::new(), OnceLock::new(), OnceLock::new()],
+    static PROGRAMS: [[Slot; 5]; 2] = [
+        [
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+        ],
+        [
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+        ],
     ];
     let kind = match class {
-        ThreadClass::Vcpu { .. } => 0,
-        ThreadClass::Devices { .. } => 1,
-        ThreadClass::FsWorker { .. } => 2,
+        ThreadClass::Vcpu { jail } => usize::from(jail.is_some()),
+        ThreadClass::Devices { jail } => 2 + usize::from(jail.is_some()),
+        ThreadClass::FsWorker { .. } => 4,
     };
     let slot = &PROGRAMS[usize::from(mode == Mode::Log)][kind];
     slot.get_or_init(|| program(class, mode))
@@ -468,9 +545,6 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
         source,
     };
 
-    if let ThreadClass::FsWorker { share } = class {
-        landlock_share(&thread, share)?;
-    }
     if let Some(dir) = class.jail() {
         settle_in(dir).map_err(|(what, e)| sys(what, e))?;
         // SAFETY: chroot only changes this thread's root (its fs context is its own, from
@@ -480,6 +554,7 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
         }
         JAIL.with(|j| *j.borrow_mut() = Some(dir.to_path_buf()));
     }
+    landlock(&thread, class, mode)?;
     drop_capabilities(class).map_err(|e| sys("drop capabilities", e))?;
     let prog = cached_program(class, mode).map_err(|reason| ConfineError::Filter {
         thread: thread.clone(),
@@ -612,33 +687,59 @@ fn drop_capabilities(class: &ThreadClass) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Landlock: this thread may reach, by path, only what is under `share`.
-fn landlock_share(thread: &str, share: &Path) -> Result<(), ConfineError> {
+/// Landlock for this thread: no path access at all for vCPU and device threads (they open
+/// nothing; their `connect` by path is held by the chroot), every access beneath the share
+/// and none elsewhere for the virtio-fs worker; for both, no abstract unix sockets and no
+/// signals outside the process where the kernel can scope them (Landlock ABI 6, Linux 6.12).
+/// In `Enforce` mode the worker's ruleset must be enforced in full (ABI 2: renames and
+/// links across directories, which ABI 1 refuses): a kernel without it fails the start.
+fn landlock(thread: &str, class: &ThreadClass, mode: Mode) -> Result<(), ConfineError> {
     use landlock::{
-        Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus, ABI,
+        Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    };
+    let share = match class {
+        ThreadClass::FsWorker { share } => Some(share.as_path()),
+        _ => None,
     };
     let err = |reason: String| ConfineError::Landlock {
         thread: thread.to_string(),
-        share: share.to_path_buf(),
+        share: share.map(Path::to_path_buf).unwrap_or_default(),
         reason,
     };
+    let required = share.is_some() && mode == Mode::Enforce;
     let abi = ABI::V2;
-    let dir = PathFd::new(share).map_err(|e| err(e.to_string()))?;
-    let status = Ruleset::default()
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(if required {
+            CompatLevel::HardRequirement
+        } else {
+            CompatLevel::BestEffort
+        })
         .handle_access(AccessFs::from_all(abi))
         .map_err(|e| err(e.to_string()))?
+        .set_compatibility(CompatLevel::BestEffort)
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)
+        .map_err(|e| err(e.to_string()))?
         .create()
-        .map_err(|e| err(e.to_string()))?
-        .add_rule(PathBeneath::new(dir, AccessFs::from_all(abi)))
-        .map_err(|e| err(e.to_string()))?
-        .restrict_self()
         .map_err(|e| err(e.to_string()))?;
-    if status.ruleset == RulesetStatus::NotEnforced {
+    if let Some(share) = share {
+        let dir = PathFd::new(share).map_err(|e| err(e.to_string()))?;
+        ruleset = ruleset
+            .set_compatibility(if required {
+                CompatLevel::HardRequirement
+            } else {
+                CompatLevel::BestEffort
+            })
+            .add_rule(PathBeneath::new(dir, AccessFs::from_all(abi)))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let status = ruleset.restrict_self().map_err(|e| err(e.to_string()))?;
+    if share.is_some() && status.ruleset != RulesetStatus::FullyEnforced {
         static ONCE: Once = Once::new();
         ONCE.call_once(|| {
             tracing::warn!(
-                "this kernel has no Landlock: virtio-fs workers are held to their share by chroot only"
+                "this kernel's Landlock does not hold virtio-fs workers to their share ({:?}); confinement is in log mode, so they run anyway",
+                status.ruleset
             )
         });
     }

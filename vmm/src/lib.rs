@@ -493,9 +493,12 @@ impl Vm {
         // once it is confined. One that cannot be fails the start, and dropping `vm` stops
         // the others.
         let devices = confine::ThreadClass::Devices { jail: jail.clone() };
+        // Every thread started is the VM's before any error returns, so that dropping `vm`
+        // stops and joins it.
+        let mut failed = None;
         let device_thread = confine::start("shoal-devices", THREAD_STACK, devices, move || {
             event_loop.run()
-        })?;
+        });
         let mut starting = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let (bus, exit, stop) = (vm.bus.clone(), vm.exit.clone(), vm.stop_vcpus.clone());
@@ -503,16 +506,19 @@ impl Vm {
             let first_run = (vcpu.index == 0).then(|| vm.first_run.clone());
             let name = format!("shoal-vcpu{}", vcpu.index);
             let class = confine::ThreadClass::Vcpu { jail: jail.clone() };
-            starting.push(confine::start(&name, THREAD_STACK, class, move || {
+            match confine::start(&name, THREAD_STACK, class, move || {
                 vcpu.run(bus, exit, stop, pause, first_run)
-            })?);
+            }) {
+                Ok(thread) => starting.push(thread),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        // Every confined thread is the VM's before any error returns, so that dropping `vm`
-        // stops it.
-        let mut failed = None;
-        match device_thread.confined() {
+        match device_thread.and_then(confine::Starting::confined) {
             Ok(handle) => vm.device_thread = Some(handle),
-            Err(e) => failed = Some(e),
+            Err(e) => failed = failed.or(Some(e)),
         }
         for vcpu in starting {
             match vcpu.confined() {

@@ -20,6 +20,11 @@ enum Attempt {
     /// confined (the fs worker's case: chroot alone does not stop this, Landlock does).
     OpenThroughHeldRoot,
     Ptrace,
+    /// `O_ASYNC` on a socket, after which the kernel would signal its owner (`F_SETOWN`, any
+    /// process) on every write.
+    AsyncSignal,
+    /// Connecting to an abstract unix socket of the host (outside any chroot).
+    AbstractSocket,
 }
 
 fn class_named(name: &str, dir: &Path) -> ThreadClass {
@@ -56,6 +61,8 @@ fn child() {
         "open" => Attempt::OpenHostFile,
         "held-root" => Attempt::OpenThroughHeldRoot,
         "ptrace" => Attempt::Ptrace,
+        "async" => Attempt::AsyncSignal,
+        "abstract" => Attempt::AbstractSocket,
         other => panic!("no attempt {other}"),
     };
     let root = std::fs::File::open("/").unwrap();
@@ -68,6 +75,14 @@ fn child() {
         .unwrap();
     let target_pid = target.id() as i32;
     let root_fd = root.as_raw_fd();
+    let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sock_fd = sock.as_raw_fd();
+    let abstract_name = format!("shoal-confine-test-{}", std::process::id());
+    let _listener = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&abstract_name).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
+    };
     let handle = spawn("shoal-test", 256 * 1024, class, move || {
         let outcome: std::io::Result<()> = match attempt {
             Attempt::Exec => {
@@ -94,6 +109,21 @@ fn child() {
                     Ok(())
                 }
             }
+            Attempt::AsyncSignal => {
+                // SAFETY: fcntl on a socket this process holds.
+                let rc = unsafe { libc::fcntl(sock_fd, libc::F_SETFL, libc::O_ASYNC) };
+                if rc != 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            }
+            Attempt::AbstractSocket => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr =
+                    std::os::unix::net::SocketAddr::from_abstract_name(&abstract_name).unwrap();
+                std::os::unix::net::UnixStream::connect_addr(&addr).map(drop)
+            }
             Attempt::Ptrace => {
                 // SAFETY: PTRACE_ATTACH to a process this one started; detached at once.
                 let rc = unsafe { libc::ptrace(libc::PTRACE_ATTACH, target_pid, 0usize, 0usize) };
@@ -112,6 +142,7 @@ fn child() {
     })
     .expect("confining the test thread");
     handle.join().unwrap();
+    drop(sock);
     let _ = target.kill();
     let _ = target.wait();
     drop(root);
@@ -227,6 +258,24 @@ attempts! {
     fs_worker_cannot_open_host_files: "fs", "open", None;
     fs_worker_cannot_open_through_a_held_host_descriptor: "fs", "held-root", None;
     fs_worker_cannot_ptrace: "fs", "ptrace", Some(libc::SYS_ptrace);
+    device_thread_cannot_arm_a_signal_to_any_process: "devices", "async", Some(libc::SYS_fcntl);
+    fs_worker_cannot_arm_a_signal_to_any_process: "fs", "async", Some(libc::SYS_fcntl);
+}
+
+/// Abstract unix sockets are outside every chroot; Landlock scopes them (ABI 6, Linux 6.12).
+#[test]
+fn device_thread_cannot_reach_an_abstract_socket_where_landlock_scopes_them() {
+    if !root() {
+        eprintln!("skipped: chroot and the capability sets need root");
+        return;
+    }
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the ABI version.
+    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
+    if abi < 6 {
+        println!("SKIP: this kernel's Landlock (ABI {abi}) cannot scope abstract unix sockets (6.12 can); the device thread reaches them here, as docs/architecture.md says");
+        return;
+    }
+    check("devices", "abstract", None);
 }
 
 /// What each class's thread holds after confinement, as `/proc/self/task/TID/status` shows
@@ -250,6 +299,7 @@ fn confined_threads_show_seccomp_and_their_capabilities_in_proc() {
         ("fs", "00000000000000df"),
     ] {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
         let handle = spawn(
             "shoal-test",
             256 * 1024,
@@ -258,12 +308,14 @@ fn confined_threads_show_seccomp_and_their_capabilities_in_proc() {
                 // SAFETY: gettid has no preconditions.
                 let tid = unsafe { libc::gettid() };
                 tx.send(tid).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(300));
+                // Alive until its status has been read.
+                let _ = done.recv();
             },
         )
         .unwrap();
         let tid = rx.recv().unwrap();
         let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        done_tx.send(()).unwrap();
         handle.join().unwrap();
         let field = |name: &str| {
             status
@@ -289,10 +341,23 @@ fn every_list_compiles_to_a_filter_and_denies_what_no_class_needs() {
     for class in [
         ThreadClass::Vcpu { jail: None },
         ThreadClass::Devices { jail: None },
+        ThreadClass::Vcpu {
+            jail: Some(dir.clone()),
+        },
+        ThreadClass::Devices {
+            jail: Some(dir.clone()),
+        },
         ThreadClass::FsWorker { share: dir.clone() },
     ] {
         program(&class, Mode::Enforce).unwrap();
         let list = allowlist(&class);
+        // `connect` only for a thread chrooted to a vsock socket directory.
+        let jailed = matches!(
+            class,
+            ThreadClass::Vcpu { jail: Some(_) } | ThreadClass::Devices { jail: Some(_) }
+        );
+        assert_eq!(list.contains_key(&libc::SYS_connect), jailed, "{class:?}");
+        assert_eq!(list.contains_key(&libc::SYS_socket), jailed, "{class:?}");
         for nr in [
             libc::SYS_execve,
             libc::SYS_execveat,
@@ -308,9 +373,23 @@ fn every_list_compiles_to_a_filter_and_denies_what_no_class_needs() {
             libc::SYS_unshare,
             libc::SYS_chroot,
             libc::SYS_kill,
-            libc::SYS_tgkill,
+            libc::SYS_tkill,
+            libc::SYS_rt_sigqueueinfo,
+            libc::SYS_pidfd_send_signal,
         ] {
             assert!(!list.contains_key(&nr), "{class:?} allows syscall {nr}");
+        }
+        // Allowed only with the arguments their rules name.
+        for nr in [
+            libc::SYS_fcntl,
+            libc::SYS_tgkill,
+            libc::SYS_mmap,
+            libc::SYS_mprotect,
+        ] {
+            assert!(
+                list.get(&nr).is_some_and(|rules| !rules.is_empty()),
+                "{class:?} allows syscall {nr} with any arguments"
+            );
         }
     }
 }

@@ -113,12 +113,16 @@ impl Worker {
         let starting =
             crate::confine::start(&format!("shoal-fs-{tag}"), WORKER_STACK, class, move || {
                 loop {
-                    if worker_kick.read().is_err() {
-                        tracing::error!(
-                            "virtio-fs: worker eventfd {} failed",
-                            worker_kick.as_raw_fd()
-                        );
-                        return;
+                    match worker_kick.read() {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::error!(
+                                "virtio-fs: worker eventfd {} failed: {e}",
+                                worker_kick.as_raw_fd()
+                            );
+                            return;
+                        }
                     }
                     if worker_stop.load(Ordering::Acquire) {
                         return;
@@ -215,8 +219,8 @@ impl Fs {
         if !dir.is_dir() {
             return Err(FsError::NotDir { path: dir });
         }
-        // The worker serves the share as its working directory ("."): it is the root of its
-        // chroot when confined (confine.rs), and its cwd in every mode.
+        // The worker serves the share as its working directory (".", where confine.rs puts its
+        // thread in every mode), so the guest's INIT imports the share there.
         let server =
             build_server(".", config.cache, false).map_err(|source| FsError::Passthrough {
                 path: dir.clone(),

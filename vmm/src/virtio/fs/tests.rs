@@ -71,6 +71,9 @@ impl Harness {
             cache: CacheMode::Auto,
         })
         .unwrap();
+        // Its worker confined (as attach_devices waits for in a VM), or the reason it is not.
+        fs.ready()
+            .expect("the virtio-fs worker could not be confined");
         fs.activate(
             mem.clone(),
             vec![
@@ -699,15 +702,17 @@ fn path_bug_child() {
     let share = t.0.display().to_string();
     let attempts = [
         ("absolute", "/etc/passwd".to_string()),
-        ("dotdot", format!("{share}/../../../../etc/passwd")),
+        // Relative: the worker's working directory is the share.
+        ("dotdot", "../../../../../../etc/passwd".to_string()),
         ("symlink", format!("{share}/link/passwd")),
     ];
     for (what, path) in &attempts {
         let errno = h.lookup(1, &bug(path)).err().unwrap_or(0);
         println!("ATTEMPT {what} {errno}");
     }
-    // A guest swapping a directory of the share for a symlink to /etc while the bug opens
-    // paths under it: the worst answer of 100 tries counts (the harness queue holds 128 calls).
+    // A guest swapping a directory of the share for a symlink to /etc (nine tenths of the
+    // time) while the bug opens paths under it: the worst answer of 100 tries counts (the
+    // harness queue holds 128 calls).
     let flip = t.0.join("flip");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flipper = {
@@ -716,10 +721,10 @@ fn path_bug_child() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let _ = std::fs::remove_dir(&flip);
                 let _ = std::os::unix::fs::symlink("/etc", &flip);
-                std::thread::sleep(Duration::from_micros(300));
+                std::thread::sleep(Duration::from_micros(900));
                 let _ = std::fs::remove_file(&flip);
                 let _ = std::fs::create_dir(&flip);
-                std::thread::sleep(Duration::from_micros(300));
+                std::thread::sleep(Duration::from_micros(100));
             }
         })
     };
