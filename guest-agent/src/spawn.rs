@@ -96,8 +96,8 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     // SAFETY: between fork and exec the closure calls only dup2 and setpgid, which are
-    // async-signal-safe,
-    // on descriptors the parent keeps open until spawn returns; it allocates nothing.
+    // async-signal-safe, on descriptors the parent keeps open until spawn returns; it
+    // allocates nothing.
     unsafe {
         command.pre_exec(move || {
             for (from, to) in raw.iter().zip(STDIO_FDS) {
@@ -122,10 +122,7 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
     let line = match read {
         Ok(Some(line)) => line,
         Ok(None) => {
-            // Its whole process group: the helper and what it made so far.
-            // SAFETY: kill(2) on the helper's own process group (set in pre_exec).
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
+            end_group(&mut child);
             if let JobKind::Create { .. } = job.kind {
                 // What it made so far (an init that left the group with setsid, its cgroup,
                 // its state): gone, so that the id can be used again.
@@ -138,9 +135,7 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
             )));
         }
         Err(e) => {
-            // SAFETY: kill(2) on the helper's own process group (set in pre_exec).
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
+            end_group(&mut child);
             return Err(failed("talk to it", e));
         }
     };
@@ -153,6 +148,15 @@ pub fn make(job: &Job, stdio: ChildStdio) -> Result<i32> {
             job.id
         ))),
     }
+}
+
+/// Kills the helper's whole process group (the helper and what it made so far) and reaps the
+/// helper.
+fn end_group(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the helper's own process group (set in pre_exec); the unreaped
+    // helper keeps its pid, and so the group's id, from being used again.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
 }
 
 /// Takes down a container a killed create helper left half made: its processes and cgroup

@@ -1034,15 +1034,10 @@ async fn agent_host_a_stuck_create_is_killed_at_its_deadline_and_the_next_runs()
             .unwrap(),
     ));
     let started = Instant::now();
-    let long = context::with_timeout(90_000_000_000);
-    let req = CreateContainerRequest {
-        container_id: "stuck".into(),
-        spec_json: spec_json(&stuck),
-        rootfs: rootfs.display().to_string(),
-        stdio: Some(stdio("", "")).into(),
-        ..Default::default()
-    };
-    let err = a.client.create_container(long, &req).await.unwrap_err();
+    // The client's 30 s deadline is the shim's: the agent must answer before it.
+    let err = create(&a, "stuck", &stuck, &rootfs, stdio("", ""))
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert!(
         format!("{err:?}").contains("did not answer within 25 s"),

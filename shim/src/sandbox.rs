@@ -467,7 +467,6 @@ pub fn mark_at(phase: &str, ms: f64) {
     tracing::info!("shoal-phase {phase} sandbox={id} boottime_ms={ms:.1}");
 }
 
-/// A ttrpc context with a deadline (0: none).
 /// The VM's hybrid-vsock socket, `<dir>/vsock/vsock.sock`, in a directory of its own (made
 /// here, root-only): the VMM's vCPU and device threads are chrooted to it, so the sockets
 /// they can connect to are this VM's vsock port sockets and nothing else of the sandbox's.
@@ -482,6 +481,7 @@ pub fn vsock_socket(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(sockets.join("vsock.sock"))
 }
 
+/// A ttrpc context with a deadline (0: none).
 pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(timeout.as_nanos() as i64)
 }

@@ -4,39 +4,29 @@
 //! payload, which a fuzzer starting from nothing would take long to find. `scripts/fuzz`
 //! runs it; the seeds are also committed.
 fn main() {
-    let seeds = [
+    // The MMIO targets, each with the queues its device has.
+    let mmio = [
+        ("mmio_balloon", 2),
+        ("mmio_block", 1),
+        ("mmio_net", 2),
+        ("mmio_vsock", 3),
+        ("mmio_fs", 2),
+    ]
+    .map(|(target, queues)| {
         (
-            "mmio_balloon",
+            target,
             "seed-driver-setup",
-            shoal_vmm::fuzz::mmio_seed(2),
-        ),
-        (
-            "mmio_block",
-            "seed-driver-setup",
-            shoal_vmm::fuzz::mmio_seed(1),
-        ),
-        (
-            "mmio_net",
-            "seed-driver-setup",
-            shoal_vmm::fuzz::mmio_seed(2),
-        ),
-        (
-            "mmio_vsock",
-            "seed-driver-setup",
-            shoal_vmm::fuzz::mmio_seed(3),
-        ),
-        (
-            "mmio_fs",
-            "seed-driver-setup",
-            shoal_vmm::fuzz::mmio_seed(2),
-        ),
+            shoal_vmm::fuzz::mmio_seed(queues),
+        )
+    });
+    let seeds = mmio.into_iter().chain([
         ("fuse_session", "seed-session", shoal_vmm::fuzz::fuse_seed()),
         (
             "snapshot_state",
             "seed-whole-state",
             shoal_vmm::fuzz::snapshot_seed(),
         ),
-    ];
+    ]);
     for (target, name, seed) in seeds {
         let dir = shoal_vmm::fuzz::corpus_dir(target);
         std::fs::create_dir_all(&dir).expect("corpus directory");

@@ -30,6 +30,8 @@
 //! reset, a queue notification the ioeventfd did not catch) on the vCPU thread.
 use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::{Once, OnceLock};
@@ -192,8 +194,24 @@ const COMMON: &[i64] = &[
     libc::SYS_ppoll,
 ];
 
-/// The device thread: its epoll, the backends (vsock sockets, disk files, taps, eventfds,
-/// timers), and giving guest pages back (`madvise`, in `COMMON`).
+/// Reading and writing file data by descriptor, and syncing it: the device thread's disks
+/// and the virtio-fs worker's open files.
+const FILE_IO: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+];
+
+/// The device thread: its epoll, the backends (vsock sockets, disk files, with
+/// [`FILE_IO`], taps, eventfds, timers), and giving guest pages back (`madvise`, in
+/// `COMMON`).
 pub const DEVICES: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -205,28 +223,18 @@ pub const DEVICES: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_getsockopt,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_lseek,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_fallocate,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
 ];
 
-/// A vCPU thread: `KVM_RUN` and the other KVM calls on its vCPU (see `kvm_ioctl_rule`), and
-/// everything in [`DEVICES`].
+/// A vCPU thread: `KVM_RUN` and the other KVM calls on its vCPU (see `vcpu_ioctl_rules`),
+/// and everything in [`DEVICES`].
 pub const VCPU: &[i64] = &[libc::SYS_ioctl];
 
 /// The virtio-fs worker: the passthrough file system's calls, all relative to descriptors of
 /// the share (Landlock keeps path access there; it has no chroot, as the passthrough names
-/// `/proc/self/fd/N` for xattrs), and the per-request switch of its
-/// file-system uid and gid and of `CAP_FSETID`.
+/// `/proc/self/fd/N` for xattrs), [`FILE_IO`] on its open files, and the per-request switch
+/// of its file-system uid and gid and of `CAP_FSETID`.
 pub const FS_WORKER: &[i64] = &[
     libc::SYS_openat,
     libc::SYS_newfstatat,
@@ -248,16 +256,6 @@ pub const FS_WORKER: &[i64] = &[
     libc::SYS_fchownat,
     libc::SYS_utimensat,
     libc::SYS_ftruncate,
-    libc::SYS_fallocate,
-    libc::SYS_lseek,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
     libc::SYS_copy_file_range,
     libc::SYS_fgetxattr,
     libc::SYS_fsetxattr,
@@ -415,6 +413,7 @@ pub fn allowlist(class: &ThreadClass) -> BTreeMap<i64, Vec<SeccompRule>> {
         }
     };
     add(COMMON);
+    add(FILE_IO);
     match class {
         ThreadClass::Vcpu { .. } => {
             add(DEVICES);
@@ -522,14 +521,18 @@ pub fn host_path(path: &Path) -> PathBuf {
 /// the thread, before it touches guest memory or queues.
 pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
     let mode = mode();
-    if let ThreadClass::FsWorker { share } = class {
-        // In every mode the worker serves its share as its working directory.
-        settle_in(share).map_err(|(what, source)| ConfineError::Sys {
-            thread: thread_name(class),
-            what,
-            source,
-        })?;
-    }
+    // In every mode the worker serves its share as its working directory.
+    let share_dir =
+        match class {
+            ThreadClass::FsWorker { share } => Some(settle_in(share).map_err(
+                |(what, source)| ConfineError::Sys {
+                    thread: thread_name(class),
+                    what,
+                    source,
+                },
+            )?),
+            _ => None,
+        };
     if mode == Mode::Off {
         return Ok(());
     }
@@ -554,7 +557,7 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
         }
         JAIL.with(|j| *j.borrow_mut() = Some(dir.to_path_buf()));
     }
-    landlock(&thread, class, mode)?;
+    landlock(&thread, class, share_dir.as_ref(), mode)?;
     drop_capabilities(class).map_err(|e| sys("drop capabilities", e))?;
     let prog = cached_program(class, mode).map_err(|reason| ConfineError::Filter {
         thread: thread.clone(),
@@ -648,13 +651,23 @@ fn thread_name(class: &ThreadClass) -> String {
 }
 
 /// Gives this thread a root and working directory of its own (`unshare(CLONE_FS)`), and
-/// makes `dir` its working directory.
-fn settle_in(dir: &Path) -> Result<(), (&'static str, std::io::Error)> {
+/// makes `dir` its working directory; returns the descriptor `dir` was resolved to, once,
+/// for what else is set up on it.
+fn settle_in(dir: &Path) -> Result<OwnedFd, (&'static str, std::io::Error)> {
+    let dir = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| ("open its directory", e))?;
     // SAFETY: unshare(2) with CLONE_FS only gives this thread its own root and cwd.
     if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
         return Err(("unshare its file system context", last_error()));
     }
-    std::env::set_current_dir(dir).map_err(|e| ("enter its directory", e))
+    // SAFETY: fchdir(2) on a directory descriptor this function holds.
+    if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
+        return Err(("enter its directory", last_error()));
+    }
+    Ok(dir.into())
 }
 
 fn last_error() -> std::io::Error {
@@ -693,9 +706,14 @@ fn drop_capabilities(class: &ThreadClass) -> std::io::Result<()> {
 /// signals outside the process where the kernel can scope them (Landlock ABI 6, Linux 6.12).
 /// In `Enforce` mode the worker's ruleset must be enforced in full (ABI 2: renames and
 /// links across directories, which ABI 1 refuses): a kernel without it fails the start.
-fn landlock(thread: &str, class: &ThreadClass, mode: Mode) -> Result<(), ConfineError> {
+fn landlock(
+    thread: &str,
+    class: &ThreadClass,
+    share_dir: Option<&OwnedFd>,
+    mode: Mode,
+) -> Result<(), ConfineError> {
     use landlock::{
-        Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        Access, AccessFs, CompatLevel, Compatible, PathBeneath, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
     let share = match class {
@@ -722,15 +740,14 @@ fn landlock(thread: &str, class: &ThreadClass, mode: Mode) -> Result<(), Confine
         .map_err(|e| err(e.to_string()))?
         .create()
         .map_err(|e| err(e.to_string()))?;
-    if let Some(share) = share {
-        let dir = PathFd::new(share).map_err(|e| err(e.to_string()))?;
+    if let Some(dir) = share_dir {
         ruleset = ruleset
             .set_compatibility(if required {
                 CompatLevel::HardRequirement
             } else {
                 CompatLevel::BestEffort
             })
-            .add_rule(PathBeneath::new(dir, AccessFs::from_all(abi)))
+            .add_rule(PathBeneath::new(dir.as_fd(), AccessFs::from_all(abi)))
             .map_err(|e| err(e.to_string()))?;
     }
     let status = ruleset.restrict_self().map_err(|e| err(e.to_string()))?;

@@ -490,11 +490,9 @@ impl Vm {
             mem,
         };
         // The threads confine themselves side by side; each runs (a vCPU, the guest) only
-        // once it is confined. One that cannot be fails the start, and dropping `vm` stops
-        // the others.
+        // once it is confined. One that cannot be fails the start; every thread started is
+        // the VM's before that error returns, so that dropping `vm` stops and joins it.
         let devices = confine::ThreadClass::Devices { jail: jail.clone() };
-        // Every thread started is the VM's before any error returns, so that dropping `vm`
-        // stops and joins it.
         let mut failed = None;
         let device_thread = confine::start("shoal-devices", THREAD_STACK, devices, move || {
             event_loop.run()
