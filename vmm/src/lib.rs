@@ -16,6 +16,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod ratelimit;
+pub mod report;
 pub mod snapshot;
 #[cfg(test)]
 mod test_support;

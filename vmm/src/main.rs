@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     match run(Args::parse(), main_entered) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shoal-vmm: {e:#}");
+            eprintln!("shoal-vmm: {}", shoal_vmm::report::one_line(e.as_ref()));
             ExitCode::from(1)
         }
     }

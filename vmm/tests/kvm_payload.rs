@@ -418,6 +418,11 @@ fn cli_exit_status_follows_the_guest() {
         err.contains("cannot open kernel image") && err.contains("nope"),
         "{err}"
     );
+    assert_eq!(
+        err.matches("No such file").count(),
+        1,
+        "cause printed once: {err}"
+    );
 }
 
 #[test]

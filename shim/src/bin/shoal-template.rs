@@ -16,11 +16,24 @@ use anyhow::{bail, Context};
 use containerd_shim_shoal_v2::config::Config;
 use containerd_shim_shoal_v2::template;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(shoal_vmm::ratelimit::log_filter("warn"))
         .with_writer(std::io::stderr)
         .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "shoal-template: {}",
+                shoal_vmm::report::one_line(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut config_path, mut memory_mib, mut vcpus, mut dir) = (None, None, None, None);
     let (mut kernel, mut image) = (None, None);
