@@ -92,14 +92,14 @@ fn host_entropy() -> Vec<u8> {
 /// For agent call `call` that failed with `e`: when the connection broke (the agent died,
 /// or the VM with it, or the connection was reset), a message saying so, whether the VM
 /// has ended, where its devices stood (`devices`, a [`RingReporter::report`]: the vsock
-/// device's part tells what happened to each connection) and the console's last lines;
-/// None for any other error.
+/// device's part tells what happened to each connection) and the console's last lines
+/// (`console`, a [`console_tail`]); None for any other error.
 fn lost_agent(
     call: &str,
     e: &ttrpc::Error,
     ended: Option<&ExitReason>,
     devices: &str,
-    console: &Path,
+    console: &str,
 ) -> Option<String> {
     if !broke(e) {
         return None;
@@ -113,8 +113,7 @@ fn lost_agent(
         e => format!("during {call} ({e})"),
     };
     Some(format!(
-        "the connection to the guest agent broke {when}; {vm}; its devices:\n{devices}\nthe guest console's last lines:\n{}",
-        console_tail(console, CONSOLE_TAIL_LINES)
+        "the connection to the guest agent broke {when}; {vm}; its devices:\n{devices}\nthe guest console's last lines:\n{console}"
     ))
 }
 
@@ -129,10 +128,10 @@ fn stalled_agent(
     record: Option<(&Path, &str)>,
 ) -> String {
     let what = format!("the guest agent did not answer {call} within its deadline");
+    let tail = console_tail(console, crate::crashes::CONSOLE_LINES);
     let kept = match record {
         None => String::new(),
         Some((state_dir, id)) => {
-            let tail = console_tail(console, crate::crashes::CONSOLE_LINES);
             let reason = format!("{what}; its devices:\n{report}");
             match crate::crashes::record(state_dir, id, &reason, &tail) {
                 Ok(path) => format!(" (report {})", path.display()),
@@ -142,7 +141,7 @@ fn stalled_agent(
     };
     format!(
         "{what}; the sandbox VM is still running{kept}; its devices:\n{report}\nthe guest console's last lines:\n{}",
-        console_tail(console, CONSOLE_TAIL_LINES)
+        last_lines(&tail, CONSOLE_TAIL_LINES)
     )
 }
 
@@ -190,8 +189,7 @@ fn record_crash(state_dir: &Path, id: &str, reason: &ExitReason, console: &Path)
         Ok(path) => format!("report {}", path.display()),
         Err(e) => format!("no report kept ({e})"),
     };
-    let lines: Vec<&str> = tail.lines().collect();
-    let last = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n");
+    let last = last_lines(&tail, CONSOLE_TAIL_LINES);
     tracing::warn!(
         "sandbox {id}: the VM ended unasked: {reason}; {kept}; the guest console's last lines:\n{last}"
     );
@@ -200,11 +198,11 @@ fn record_crash(state_dir: &Path, id: &str, reason: &ExitReason, console: &Path)
 /// A sandbox whose guest agent never got ready (it did not answer, or its connection
 /// broke): a report in the flight recorder, as for a crash, kept before the VM is stopped
 /// and its directory, console log included, removed. `what` says what failed, `devices`
-/// where the VM's devices stood ([`RingReporter::report`]).
-fn record_failed_start(state_dir: &Path, id: &str, what: &str, devices: &str, console: &Path) {
-    let tail = console_tail(console, crate::crashes::CONSOLE_LINES);
+/// where the VM's devices stood ([`RingReporter::report`]), `tail` the console's last
+/// [`crate::crashes::CONSOLE_LINES`] lines ([`console_tail`]).
+fn record_failed_start(state_dir: &Path, id: &str, what: &str, devices: &str, tail: &str) {
     let reason = format!("the sandbox did not start: {what}; its devices:\n{devices}");
-    match crate::crashes::record(state_dir, id, &reason, &tail) {
+    match crate::crashes::record(state_dir, id, &reason, tail) {
         Ok(path) => tracing::warn!("sandbox {id}: {what}; report {}", path.display()),
         Err(e) => tracing::warn!("sandbox {id}: {what}; no report kept ({e})"),
     }
@@ -261,6 +259,13 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
         }
         Err(e) => format!("  (cannot read {}: {e})", path.display()),
     }
+}
+
+/// The last `lines` lines of `tail`, a [`console_tail`] of more lines: what [`console_tail`]
+/// gives for `lines`, without reading the log again.
+fn last_lines(tail: &str, lines: usize) -> String {
+    let all: Vec<&str> = tail.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A sandbox's VM: the configured kernel, image, size and command line; vsock on `uds` with
@@ -653,12 +658,17 @@ impl Sandbox {
             Err(message) => {
                 // Read before stop() removes the directory the log is in.
                 let ended = exited.borrow().clone();
-                if ended.is_none() {
+                let report = match ended {
+                    None => Some(vm_report(&rings, &cpus).await),
+                    Some(_) => None,
+                };
+                // Read once, after the report: the flight recorder's lines and the error's.
+                let tail = console_tail(&console, crate::crashes::CONSOLE_LINES);
+                if let Some(report) = report {
                     let what = format!("the guest agent did not answer: {message}");
-                    let report = vm_report(&rings, &cpus).await;
-                    record_failed_start(&config.state_dir, id, &what, &report, &console);
+                    record_failed_start(&config.state_dir, id, &what, &report, &tail);
                 }
-                let console = console_tail(&console, CONSOLE_TAIL_LINES);
+                let console = last_lines(&tail, CONSOLE_TAIL_LINES);
                 sandbox.stop();
                 tracing::error!("guest agent never answered; guest console:\n{console}");
                 return Err(match ended {
@@ -708,12 +718,19 @@ impl Sandbox {
                 true => Some(vm_report(&rings, &cpus).await),
                 false => None,
             };
+            // Read once, where the error shows it (a broken connection or a timeout, which
+            // every report is for): the flight recorder's lines and the error's.
+            let tail = match broken || is_timeout(&e) {
+                true => console_tail(&console, crate::crashes::CONSOLE_LINES),
+                false => String::new(),
+            };
             if let Some(report) = &report {
                 let what = format!("the guest agent's {step} failed: {e}");
-                record_failed_start(&config.state_dir, id, &what, report, &console);
+                record_failed_start(&config.state_dir, id, &what, report, &tail);
             }
             // Read once: the report taken while the VM ran, or where the devices stand now.
             let devices = report.unwrap_or_else(|| rings.report());
+            let console = last_lines(&tail, CONSOLE_TAIL_LINES);
             let lost = lost_agent(step, &e, exited.borrow().as_ref(), &devices, &console);
             let error = match lost {
                 Some(message) => SandboxError::AgentLost(message),
@@ -721,7 +738,7 @@ impl Sandbox {
                     step,
                     secs: config.agent_timeout_secs,
                     devices,
-                    console: console_tail(&console, CONSOLE_TAIL_LINES),
+                    console,
                 },
                 None => SandboxError::Agent(e),
             };
@@ -842,7 +859,8 @@ impl Sandbox {
             return e;
         }
         let devices = self.rings.report();
-        let Some(message) = lost_agent(call, &e, ended.as_ref(), &devices, &console) else {
+        let tail = console_tail(&console, CONSOLE_TAIL_LINES);
+        let Some(message) = lost_agent(call, &e, ended.as_ref(), &devices, &tail) else {
             return e;
         };
         tracing::error!("{message}");
@@ -1052,6 +1070,9 @@ mod tests {
         let tail = console_tail(&log, 20);
         assert!(tail.starts_with("  line 9981\n"), "{tail}");
         assert!(tail.ends_with("  line 10000"), "{tail}");
+        // What is read once for a report gives the error's lines as a read of its own does.
+        let long = console_tail(&log, crate::crashes::CONSOLE_LINES);
+        assert_eq!(last_lines(&long, 20), tail);
         let mut big = vec![b'x'; 100_000];
         big.extend_from_slice(b"\na\nb\n");
         std::fs::write(&log, &big).unwrap();
@@ -1067,7 +1088,8 @@ mod tests {
         std::fs::write(&log, "booting\nKernel panic - not syncing: test\n").unwrap();
         let e = ttrpc::Error::Socket("early eof".into());
         let gone = RingReporter::default().report();
-        let msg = lost_agent("Check", &e, Some(&ExitReason::Reboot), &gone, &log).unwrap();
+        let tail = console_tail(&log, CONSOLE_TAIL_LINES);
+        let msg = lost_agent("Check", &e, Some(&ExitReason::Reboot), &gone, &tail).unwrap();
         assert!(
             msg.contains("broke during Check (")
                 && msg.contains("its devices:\n(the VM has ended)")
@@ -1076,12 +1098,12 @@ mod tests {
             "{msg}"
         );
         assert!(msg.ends_with("  Kernel panic - not syncing: test"), "{msg}");
-        let msg = lost_agent("Check", &e, None, &gone, &log).unwrap();
+        let msg = lost_agent("Check", &e, None, &gone, &tail).unwrap();
         assert!(msg.contains("the sandbox VM is still running"), "{msg}");
-        let msg = lost_agent("Start", &ttrpc::Error::LocalClosed, None, &gone, &log).unwrap();
+        let msg = lost_agent("Start", &ttrpc::Error::LocalClosed, None, &gone, &tail).unwrap();
         assert!(msg.contains("broke before Start was sent;"), "{msg}");
         let refused = ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, "no"));
-        assert!(lost_agent("Start", &refused, None, &gone, &log).is_none());
+        assert!(lost_agent("Start", &refused, None, &gone, &tail).is_none());
 
         // A call that timed out: the first leaves a report in the flight recorder.
         let report = "vsock: 1 connection\nvCPU 0: running at rip 0xffffffff81000000";
