@@ -34,6 +34,10 @@ pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// Exit status reported when the VM dies under a process (as if killed by SIGKILL).
 const VM_GONE_STATUS: u32 = 255;
+/// How long a process whose agent connection broke waits for its VM to end by itself
+/// before it is reported gone (a guest kernel panic reboots after one second, `panic=1`;
+/// three leave room for a loaded host).
+const LOST_PROCESS_GRACE: Duration = Duration::from_secs(3);
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -504,16 +508,38 @@ impl Service {
                 ..Default::default()
             };
             let mut vm_exited = sb.exited.clone();
-            let (code, at) = tokio::select! {
-                r = sb.agent.wait_process(ctx(Duration::ZERO), &req) => match r {
-                    Ok(r) => (r.exit_status, timestamp_from_nanos(r.exited_at_unix_nanos)),
-                    Err(e) => {
-                        tracing::warn!("{cid}/{exec_id}: lost the process: {e}");
-                        (VM_GONE_STATUS, now())
+            // Ok: the agent's answer; Err(Some): the connection broke; Err(None): the VM
+            // ended first.
+            let answer = tokio::select! {
+                r = sb.agent.wait_process(ctx(Duration::ZERO), &req) => r.map_err(|e| Some(e.to_string())),
+                _ = vm_exited.wait_for(Option::is_some) => Err(None),
+            };
+            let (code, at) = match answer {
+                Ok(r) => (r.exit_status, timestamp_from_nanos(r.exited_at_unix_nanos)),
+                Err(lost) => {
+                    // A connection that breaks under a running VM is most often a guest
+                    // going down (a panic reboots it a second later, `panic=1`): a moment
+                    // for the VM to end on its own, so that it is recorded as the crash it
+                    // is and not taken for the stop the client asks next.
+                    let ended = match lost {
+                        None => true,
+                        Some(_) => {
+                            let waited = tokio::time::timeout(
+                                LOST_PROCESS_GRACE,
+                                vm_exited.wait_for(Option::is_some),
+                            )
+                            .await;
+                            matches!(waited, Ok(Ok(_)))
+                        }
+                    };
+                    match lost {
+                        Some(e) if !ended => {
+                            tracing::warn!("{cid}/{exec_id}: lost the process: {e}")
+                        }
+                        _ => tracing::warn!(
+                            "{cid}/{exec_id}: the sandbox VM ended under the process"
+                        ),
                     }
-                },
-                _ = vm_exited.wait_for(Option::is_some) => {
-                    tracing::warn!("{cid}/{exec_id}: the sandbox VM ended under the process");
                     (VM_GONE_STATUS, now())
                 }
             };
