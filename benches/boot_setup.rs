@@ -252,6 +252,7 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
         tag: "shoal".into(),
         dir: dir.join("share"),
         cache: CacheMode::Auto,
+        root: None,
     };
     std::fs::create_dir_all(&share.dir).unwrap();
     let mut config = VmConfig::new(kernel.to_path_buf());
@@ -327,6 +328,7 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
             "fs worker",
             shoal_vmm::confine::ThreadClass::FsWorker {
                 share: dir.join("share"),
+                root: None,
             },
         ),
     ] {

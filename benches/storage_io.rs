@@ -175,6 +175,7 @@ fn main() {
             tag: "bench".into(),
             dir: dir.clone(),
             cache: shoal_vmm::CacheMode::Auto,
+            root: None,
         }],
         nets: Vec::new(),
         free_page_reporting: false,

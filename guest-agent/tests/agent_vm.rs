@@ -274,6 +274,7 @@ async fn boot_guest_agent_vm_restored_twice_answers_as_two_sandboxes() {
             tag: "shoal".into(),
             dir: d,
             cache: shoal_vmm::CacheMode::Auto,
+            root: None,
         }
     };
     let uds = dir.join("template.sock");

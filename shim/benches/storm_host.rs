@@ -89,6 +89,7 @@ fn share(sdir: &Path) -> FsConfig {
         tag: "shoal".into(),
         dir: sdir.join("shared"),
         cache: CacheMode::Auto,
+        root: None,
     }
 }
 

@@ -61,8 +61,12 @@ pub struct RootfsMount {
 
 /// Where the host builds a sandbox's container files (a directory the guest never sees).
 pub const PRIVATE_DIR: &str = "private";
+/// The root the VMM's virtio-fs worker `chroot`s to: read-only, holding only [`SHARED_DIR`]
+/// and `proc/self/fd` (a bind of this process's `/proc/self/fd`, which the passthrough
+/// names for xattr calls).
+pub const FS_ROOT_DIR: &str = "fs-root";
 /// What the guest is served over virtio-fs: a read-only bind of [`PRIVATE_DIR`].
-pub const SHARED_DIR: &str = "shared";
+pub const SHARED_DIR: &str = "fs-root/share";
 
 /// Prepares the state directory that holds the sandbox directories: root-only (made 0700,
 /// or made so again), and a private mount, bound onto itself the first time, so that no
@@ -123,11 +127,15 @@ fn is_mount_root(path: &Path) -> Result<bool, MountError> {
 ///
 /// - `dir/private` is where the host creates each container's directory, its mount points
 ///   and volume placeholders, and where it mounts each rootfs and volume first (the stage);
-/// - `dir/shared`, which the VM's virtio-fs server serves, is a bind of `private` made
+/// - `dir/fs-root/share` ([`SHARED_DIR`], "the share"), which the VM's virtio-fs server
+///   serves, is a bind of `private` made
 ///   read-only, `nosuid`, `nodev` and `noexec` on the host. The guest can read the tree
 ///   but cannot create, rename, replace or remove any entry of it; it writes only inside
 ///   the rootfs and volume mounts the host moves onto it, which are themselves `nosuid`
-///   and `nodev` on the host (and read-only where the spec says so).
+///   and `nodev` on the host (and read-only where the spec says so);
+/// - `dir/fs-root` ([`FS_ROOT_DIR`]), a read-only bind of itself, holds the share and
+///   `proc/self/fd` (a read-only bind of this process's): the virtio-fs worker's root, in
+///   which nothing else of the host has a name.
 ///
 /// `dir` must not exist (the caller removes what a dead shim left).
 pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
@@ -137,8 +145,17 @@ pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
         .create(dir)
         .map_err(io("create", dir))?;
     let private = dir.join(PRIVATE_DIR);
+    let root = dir.join(FS_ROOT_DIR);
     let shared = dir.join(SHARED_DIR);
-    for d in [&private, &shared] {
+    let fd_dir = root.join("proc/self/fd");
+    for d in [
+        &private,
+        &root,
+        &shared,
+        &root.join("proc"),
+        &root.join("proc/self"),
+        &fd_dir,
+    ] {
         std::fs::DirBuilder::new()
             .mode(0o755)
             .create(d)
@@ -153,15 +170,25 @@ pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
         }
     };
     let none = None::<&str>;
-    mount(Some(&private), &shared, none, MsFlags::MS_BIND, none).map_err(fail("bind", &shared))?;
-    mount(none, &shared, none, MsFlags::MS_PRIVATE, none).map_err(fail("make private", &shared))?;
     let read_only = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_RDONLY
         | MsFlags::MS_NOSUID
         | MsFlags::MS_NODEV
         | MsFlags::MS_NOEXEC;
-    mount(none, &shared, none, read_only, none).map_err(fail("make read-only", &shared))?;
+    // The root first (mounts on its directories then sit on the read-only bind), then the
+    // share and the descriptor directory.
+    let binds = [
+        (root.as_path(), root.as_path()),
+        (private.as_path(), shared.as_path()),
+        (Path::new("/proc/self/fd"), fd_dir.as_path()),
+    ];
+    for (source, target) in binds {
+        mount(Some(source), target, none, MsFlags::MS_BIND, none).map_err(fail("bind", target))?;
+        mount(none, target, none, MsFlags::MS_PRIVATE, none)
+            .map_err(fail("make private", target))?;
+        mount(none, target, none, read_only, none).map_err(fail("make read-only", target))?;
+    }
     Ok(())
 }
 
@@ -522,6 +549,18 @@ const MAX_DEPTH: usize = 32;
 /// On kernels whose statx does not tell mount roots (before 5.8) the table is read once to
 /// know them, and the same walk detaches them.
 pub fn remove_tree(dir: &Path) -> Result<(), MountError> {
+    // A mount on one name of a directory holds its other names busy (a sandbox's share is
+    // a bind of its private tree, so a container's rootfs mounted in the share pins the
+    // private directory under it until the share is detached). Whatever the order the walk
+    // meets them in, a second walk, after the first has detached every mount, removes what
+    // the first could not.
+    match remove_tree_once(dir) {
+        Err(_) if std::fs::symlink_metadata(dir).is_ok() => remove_tree_once(dir),
+        done => done,
+    }
+}
+
+fn remove_tree_once(dir: &Path) -> Result<(), MountError> {
     let mut walk = Walk {
         listed: (!statx_knows_mount_roots()).then(|| mounts_under(dir).into_iter().collect()),
         first: None,
@@ -690,6 +729,18 @@ mod tests {
     use super::*;
 
     /// Binds `source` on `target` (a directory or file, made if missing).
+    /// The mounts of a sandbox directory with no container: its fs root, the share and the
+    /// descriptor directory (sorted).
+    fn sandbox_mounts(dir: &Path) -> Vec<PathBuf> {
+        let root = dir.join(FS_ROOT_DIR);
+        sorted(vec![root.join("proc/self/fd"), dir.join(SHARED_DIR), root])
+    }
+
+    fn sorted(mut paths: Vec<PathBuf>) -> Vec<PathBuf> {
+        paths.sort();
+        paths
+    }
+
     fn bind(source: &Path, target: &Path) {
         if source.is_dir() {
             std::fs::create_dir_all(target).unwrap();
@@ -1021,7 +1072,7 @@ mod tests {
         remove_container(&dir, "c1").unwrap();
         assert!(!c1.exists());
         assert!(!dir.join(PRIVATE_DIR).join("c1").exists());
-        assert_eq!(mounts_under(&dir), [dir.join(SHARED_DIR)]);
+        assert_eq!(sorted(mounts_under(&dir)), sandbox_mounts(&dir));
         assert_eq!(std::fs::read(data.join("ro/precious")).unwrap(), b"mine");
         assert!(bundle.join("rootfs/etc/hostname").exists());
         remove_container(&dir, "c1").unwrap();
@@ -1033,7 +1084,7 @@ mod tests {
             &dir.join(PRIVATE_DIR).join("c2/rootfs"),
         );
         remove_container(&dir, "c2").unwrap();
-        assert_eq!(mounts_under(&dir), [dir.join(SHARED_DIR)]);
+        assert_eq!(sorted(mounts_under(&dir)), sandbox_mounts(&dir));
         assert!(matches!(
             ContainerFiles::create(&dir, "../x"),
             Err(MountError::BadId(_))

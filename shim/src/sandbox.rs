@@ -269,7 +269,8 @@ fn last_lines(tail: &str, lines: usize) -> String {
 }
 
 /// A sandbox's VM: the configured kernel, image, size and command line; vsock on `uds` with
-/// guest CID `cid`; the shared tree at `shared` (virtio-fs tag [`SHARE_TAG`]); the pod's
+/// guest CID `cid`; the shared tree at `shared` (virtio-fs tag [`SHARE_TAG`]), its worker
+/// held in `root` where there is one (a sandbox directory's `fs-root`); the pod's
 /// network cards; the balloon if configured; the console to a file. Templates are made
 /// with the same, so that a restored sandbox has what a booted one has.
 pub fn vm_config(
@@ -277,6 +278,7 @@ pub fn vm_config(
     uds: &Path,
     cid: u64,
     shared: &Path,
+    root: Option<&Path>,
     console: &Path,
     nets: Vec<NetConfig>,
 ) -> VmConfig {
@@ -295,6 +297,7 @@ pub fn vm_config(
             tag: SHARE_TAG.into(),
             dir: shared.into(),
             cache: CacheMode::Auto,
+            root: root.map(Path::to_path_buf),
         }],
         nets,
         free_page_reporting: config.free_page_reporting,
@@ -574,7 +577,8 @@ impl Sandbox {
             }
             (false, _) => None,
         };
-        let vm_config = vm_config(config, &uds, cid, &shared, &console, nets);
+        let fs_root = dir.join(mounts::FS_ROOT_DIR);
+        let vm_config = vm_config(config, &uds, cid, &shared, Some(&fs_root), &console, nets);
         let started = match template {
             Some(t) => {
                 tracing::info!(

@@ -275,7 +275,16 @@ async fn boot_and_save(config: &Config, work: &Path, shared: &Path) -> Result<()
     let uds =
         crate::sandbox::vsock_socket(work).map_err(io("make the vsock directory in", work))?;
     let console = work.join("console.log");
-    let vm_config = vm_config(config, &uds, TEMPLATE_CID, shared, &console, Vec::new());
+    // The template's own boot serves a scratch directory with nothing in it, and no root.
+    let vm_config = vm_config(
+        config,
+        &uds,
+        TEMPLATE_CID,
+        shared,
+        None,
+        &console,
+        Vec::new(),
+    );
     let vm = tokio::task::spawn_blocking(move || Vm::boot(&vm_config))
         .await
         .expect("VM boot task")

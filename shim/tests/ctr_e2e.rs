@@ -541,7 +541,8 @@ fn stdio_threads(pid: i32) -> Vec<String> {
 
 /// The README's check of a running sandbox: its shim's vCPU, device and virtio-fs threads
 /// run under seccomp with `no_new_privs`, the first two with no capabilities and the fs
-/// worker with only its own (vmm/src/confine.rs); the shim's own main thread keeps its.
+/// worker with only its own, chrooted to its sandbox's `fs-root` (vmm/src/confine.rs); the
+/// shim's own main thread keeps its.
 fn vmm_threads_are_confined(shim: i32) {
     if std::env::var("SHOAL_VMM_CONFINE").as_deref() == Ok("off") {
         println!("not checked: SHOAL_VMM_CONFINE=off");
@@ -549,7 +550,8 @@ fn vmm_threads_are_confined(shim: i32) {
     }
     let mut seen = std::collections::BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{shim}/task")).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
         let field = |name: &str| {
             status
                 .lines()
@@ -572,6 +574,11 @@ fn vmm_threads_are_confined(shim: i32) {
         assert_eq!(field("CapEff:"), caps, "{name}");
         assert_eq!(field("CapPrm:"), caps, "{name}");
         assert_eq!(field("CapBnd:"), caps, "{name}");
+        // The fs worker's root is its sandbox's fs-root (the share and proc/self/fd only).
+        let root = std::fs::read_link(task.join("root")).unwrap();
+        if class == "fs" {
+            assert!(root.ends_with("fs-root"), "{name}: root {}", root.display());
+        }
         *seen.entry(class).or_insert(0) += 1;
     }
     assert!(

@@ -7,15 +7,16 @@
 //! |-----------------------|--------------|--------------------|-----------------------------------------|
 //! | `shoal-vcpuN`         | [`VCPU`]     | none               | chroot to the vsock socket's directory; Landlock: no path access |
 //! | `shoal-devices`       | [`DEVICES`]  | none               | the same                                |
-//! | `shoal-fs-TAG` worker | [`FS_WORKER`]| [`FS_WORKER_CAPS`] | Landlock: every access beneath its share, none elsewhere |
+//! | `shoal-fs-TAG` worker | [`FS_WORKER`]| [`FS_WORKER_CAPS`] | chroot to its root (holding only the share and `proc/self/fd`), where it has one; Landlock: every access beneath its share, none elsewhere |
 //!
 //! The steps, in order (each needs what the next one takes away): vCPU and device threads
 //! get a file system context of their own (`unshare(CLONE_FS)`) and `chroot` to the vsock
-//! socket's directory; every thread takes a Landlock ruleset (which also keeps it from
-//! abstract unix sockets and from signalling other processes, where the kernel has Landlock
-//! ABI 6); its capability bounding set is cut to its class's, its inheritable and ambient
-//! sets emptied and its permitted and effective sets cut to its class's; `no_new_privs` is
-//! set and the seccomp filter installed. All of it is per thread: the shim's own threads
+//! socket's directory, the fs worker to its root (`FsConfig::root`); every thread takes a
+//! Landlock ruleset (which also keeps it from abstract unix sockets and from signalling
+//! other processes, where the kernel has Landlock ABI 6); its capability bounding set is
+//! cut to its class's, its inheritable and ambient sets emptied and its permitted and
+//! effective sets cut to its class's; `no_new_privs` is set and the seccomp filter
+//! installed. All of it is per thread: the shim's own threads
 //! (mounts, cgroups, netlink, containerd's socket) keep theirs.
 //!
 //! A call outside the list raises SIGSYS; the handler writes one line naming the thread and
@@ -141,8 +142,12 @@ pub enum ThreadClass {
     Vcpu { jail: Option<PathBuf> },
     /// The device thread (epoll over queues and backends).
     Devices { jail: Option<PathBuf> },
-    /// A virtio-fs worker, confined to its share.
-    FsWorker { share: PathBuf },
+    /// A virtio-fs worker, confined to its share; `root` (canonical, above the share, with
+    /// nothing else in it but `proc/self/fd`) is where it `chroot`s, if it has one.
+    FsWorker {
+        share: PathBuf,
+        root: Option<PathBuf>,
+    },
 }
 
 impl ThreadClass {
@@ -157,7 +162,7 @@ impl ThreadClass {
     fn jail(&self) -> Option<&Path> {
         match self {
             ThreadClass::Vcpu { jail } | ThreadClass::Devices { jail } => jail.as_deref(),
-            // No chroot: the passthrough file system names `/proc/self/fd/N` for xattrs.
+            // Its root, if any, is entered with the share (`enter_root`).
             ThreadClass::FsWorker { .. } => None,
         }
     }
@@ -521,18 +526,22 @@ pub fn host_path(path: &Path) -> PathBuf {
 /// the thread, before it touches guest memory or queues.
 pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
     let mode = mode();
-    // In every mode the worker serves its share as its working directory.
-    let share_dir =
-        match class {
-            ThreadClass::FsWorker { share } => Some(settle_in(share).map_err(
-                |(what, source)| ConfineError::Sys {
-                    thread: thread_name(class),
-                    what,
-                    source,
-                },
-            )?),
-            _ => None,
-        };
+    // In every mode the worker serves its share as its working directory; confined, from
+    // inside its root where it has one.
+    let share_dir = match class {
+        ThreadClass::FsWorker { share, root } => Some(
+            match root {
+                Some(root) if mode != Mode::Off => enter_root(root, share),
+                _ => settle_in(share),
+            }
+            .map_err(|(what, source)| ConfineError::Sys {
+                thread: thread_name(class),
+                what,
+                source,
+            })?,
+        ),
+        _ => None,
+    };
     if mode == Mode::Off {
         return Ok(());
     }
@@ -670,6 +679,36 @@ fn settle_in(dir: &Path) -> Result<OwnedFd, (&'static str, std::io::Error)> {
     Ok(dir.into())
 }
 
+/// Gives this thread a file system context of its own, `chroot`s it to `root` and makes
+/// `share` (beneath `root`) its working directory; returns the share's descriptor as seen
+/// from there. In that root no host path but the share and `proc/self/fd` has a name: a
+/// bug in path handling, a symlink the guest planted or `..` reaches nothing else, for
+/// every call, including those Landlock does not cover (chmod, chown, xattrs, utimes).
+fn enter_root(root: &Path, share: &Path) -> Result<OwnedFd, (&'static str, std::io::Error)> {
+    let inside = share.strip_prefix(root).map_err(|_| {
+        (
+            "find its share in its root",
+            std::io::Error::other("not beneath"),
+        )
+    })?;
+    settle_in(root)?;
+    // SAFETY: chroot only changes this thread's root (its fs context is its own, from
+    // settle_in); "." is `root`, its working directory.
+    if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
+        return Err(("chroot to its root", last_error()));
+    }
+    let dir = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(Path::new("/").join(inside))
+        .map_err(|e| ("open its share in its root", e))?;
+    // SAFETY: fchdir(2) on a directory descriptor held here.
+    if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
+        return Err(("enter its share", last_error()));
+    }
+    Ok(dir.into())
+}
+
 fn last_error() -> std::io::Error {
     std::io::Error::last_os_error()
 }
@@ -717,7 +756,7 @@ fn landlock(
         RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
     let share = match class {
-        ThreadClass::FsWorker { share } => Some(share.as_path()),
+        ThreadClass::FsWorker { share, .. } => Some(share.as_path()),
         _ => None,
     };
     let err = |reason: String| ConfineError::Landlock {

@@ -354,6 +354,7 @@ pub fn fuse_session(data: &[u8]) {
         tag: "fuzz".into(),
         dir: share.clone(),
         cache: crate::virtio::fs::CacheMode::Auto,
+        root: None,
     })
     .expect("fuzz virtio-fs device");
     let q = MockSplitQueue::create(&mem, GuestAddress(QUEUE_AT), 2 * (STEPS + 1));
@@ -701,6 +702,7 @@ pub fn mmio_fs(data: &[u8]) {
         tag: "fuzz".into(),
         dir: share,
         cache: crate::virtio::fs::CacheMode::Auto,
+        root: None,
     })
     .expect("fuzz virtio-fs device");
     let mut fs = fs;

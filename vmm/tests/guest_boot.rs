@@ -609,6 +609,7 @@ fn boot_guest_virtio_fs_share_overlay_and_no_escape() {
         tag: "shared".into(),
         dir: share.clone(),
         cache: shoal_vmm::CacheMode::Auto,
+        root: None,
     }];
 
     let steps = [

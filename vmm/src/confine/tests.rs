@@ -35,7 +35,10 @@ fn class_named(name: &str, dir: &Path) -> ThreadClass {
         "devices" => ThreadClass::Devices {
             jail: Some(dir.into()),
         },
-        "fs" => ThreadClass::FsWorker { share: dir.into() },
+        "fs" => ThreadClass::FsWorker {
+            share: dir.into(),
+            root: None,
+        },
         other => panic!("no class {other}"),
     }
 }
@@ -347,7 +350,10 @@ fn every_list_compiles_to_a_filter_and_denies_what_no_class_needs() {
         ThreadClass::Devices {
             jail: Some(dir.clone()),
         },
-        ThreadClass::FsWorker { share: dir.clone() },
+        ThreadClass::FsWorker {
+            share: dir.clone(),
+            root: None,
+        },
     ] {
         program(&class, Mode::Enforce).unwrap();
         let list = allowlist(&class);

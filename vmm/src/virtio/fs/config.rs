@@ -1,4 +1,5 @@
-//! `--fs TAG=DIR[,cache=MODE]`: what a shared directory is and how the guest may cache it.
+//! `--fs TAG=DIR[,cache=MODE][,root=ROOT]`: what a shared directory is, how the guest may
+//! cache it, and the root its worker is held in.
 use std::path::PathBuf;
 
 use super::{FsError, TAG_MAX};
@@ -38,15 +39,26 @@ pub struct FsConfig {
     /// The host directory; only what is under it is reachable.
     pub dir: PathBuf,
     pub cache: CacheMode,
+    /// A directory above `dir` that holds nothing but it and `proc/self/fd` (a bind of this
+    /// process's `/proc/self/fd`, where the passthrough names files for their xattrs): the
+    /// confined worker `chroot`s there, so that no host path outside the share has a name
+    /// for it. The shim's sandbox directories have one (`fs-root`); without it the worker is
+    /// held by Landlock alone, which does not cover chmod, chown or xattrs.
+    pub root: Option<PathBuf>,
 }
 
 impl std::str::FromStr for FsConfig {
     type Err = String;
-    /// `TAG=DIR` or `TAG=DIR,cache=never|auto|always`.
+    /// `TAG=DIR`, then optionally `,cache=never|auto|always` and `,root=ROOT`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (tag, rest) = s
             .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected TAG=DIR[,cache=MODE]"))?;
+            .ok_or_else(|| format!("{s:?}: expected TAG=DIR[,cache=MODE][,root=ROOT]"))?;
+        let (rest, root) = match rest.rsplit_once(",root=") {
+            Some((_, "")) => return Err(format!("{s:?}: empty root")),
+            Some((rest, root)) => (rest, Some(PathBuf::from(root))),
+            None => (rest, None),
+        };
         let (dir, cache) = match rest.rsplit_once(",cache=") {
             Some((dir, mode)) => (dir, mode.parse()?),
             None => (rest, CacheMode::default()),
@@ -59,6 +71,7 @@ impl std::str::FromStr for FsConfig {
             tag: tag.into(),
             dir: dir.into(),
             cache,
+            root,
         })
     }
 }
@@ -100,6 +113,18 @@ mod tests {
             "t=/a,cache=always".parse::<FsConfig>().unwrap().cache,
             CacheMode::Always
         );
+        let c: FsConfig = "t=/s/fs-root/share,cache=never,root=/s/fs-root"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (c.dir, c.cache, c.root),
+            (
+                PathBuf::from("/s/fs-root/share"),
+                CacheMode::Never,
+                Some(PathBuf::from("/s/fs-root"))
+            )
+        );
+        assert_eq!("t=/a".parse::<FsConfig>().unwrap().root, None);
     }
 
     #[test]
@@ -111,5 +136,6 @@ mod tests {
         assert!(err(&format!("{}=/d", "x".repeat(37))).contains("36 bytes"));
         assert!(err("a b=/d").contains("white space"));
         assert!(err("t=/d,cache=sometimes").contains("sometimes"));
+        assert!(err("t=/d,root=").contains("empty root"));
     }
 }

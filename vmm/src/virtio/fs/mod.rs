@@ -18,7 +18,7 @@ pub mod config;
 mod tuned;
 
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -62,6 +62,12 @@ pub enum FsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("virtio-fs root {root} for {share}: {reason}")]
+    Root {
+        root: PathBuf,
+        share: PathBuf,
+        reason: String,
+    },
     #[error("virtio-fs {tag:?}: cannot start its worker thread")]
     Worker {
         tag: String,
@@ -98,6 +104,7 @@ impl Worker {
     fn start(
         tag: &str,
         share: PathBuf,
+        root: Option<PathBuf>,
         server: Arc<FuseServer>,
         served: Arc<AtomicBool>,
     ) -> Result<Worker, FsError> {
@@ -109,7 +116,7 @@ impl Worker {
         let active: Arc<Mutex<Option<Active>>> = Arc::new(Mutex::new(None));
         let (worker_kick, worker_stop, worker_active) =
             (kick.clone(), stop.clone(), active.clone());
-        let class = crate::confine::ThreadClass::FsWorker { share };
+        let class = crate::confine::ThreadClass::FsWorker { share, root };
         let starting =
             crate::confine::start(&format!("shoal-fs-{tag}"), WORKER_STACK, class, move || {
                 loop {
@@ -219,6 +226,11 @@ impl Fs {
         if !dir.is_dir() {
             return Err(FsError::NotDir { path: dir });
         }
+        let root = config
+            .root
+            .as_ref()
+            .map(|r| jail_root(r, &dir))
+            .transpose()?;
         // The worker serves the share as its working directory (".", where confine.rs puts its
         // thread in every mode), so the guest's INIT imports the share there.
         let server =
@@ -238,7 +250,7 @@ impl Fs {
         blob[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         blob[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes());
         let served = Arc::new(AtomicBool::new(false));
-        let worker = Worker::start(&config.tag, dir, server, served.clone())?;
+        let worker = Worker::start(&config.tag, dir, root, server, served.clone())?;
         Ok(Fs {
             tag: config.tag.clone(),
             config: blob,
@@ -254,6 +266,27 @@ impl Fs {
     pub fn tag(&self) -> &str {
         &self.tag
     }
+}
+
+/// Checks `root` for a worker serving `share` (canonical): a directory strictly above the
+/// share, with `proc/self/fd` in it. Returns it canonical.
+fn jail_root(root: &Path, share: &Path) -> Result<PathBuf, FsError> {
+    let fail = |reason: String| FsError::Root {
+        root: root.to_path_buf(),
+        share: share.to_path_buf(),
+        reason,
+    };
+    let canonical = std::fs::canonicalize(root).map_err(|e| fail(e.to_string()))?;
+    if canonical == share || !share.starts_with(&canonical) {
+        return Err(fail("the share must be beneath the root".into()));
+    }
+    if !canonical.join("proc/self/fd").is_dir() {
+        return Err(fail(
+            "it has no proc/self/fd (a bind of /proc/self/fd, for the passthrough's xattr calls)"
+                .into(),
+        ));
+    }
+    Ok(canonical)
 }
 
 /// The FUSE server over a passthrough file system rooted at `root_dir` (resolved by the

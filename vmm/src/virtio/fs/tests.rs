@@ -59,6 +59,11 @@ struct Harness {
 
 impl Harness {
     fn new(dir: &Path) -> Harness {
+        Harness::new_in(dir, None)
+    }
+
+    /// A device over `dir`, its worker held in `root` if given.
+    fn new_in(dir: &Path, root: Option<&Path>) -> Harness {
         // Leaked so the mock queue can borrow it for the test's life.
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
@@ -69,6 +74,7 @@ impl Harness {
             tag: "test".into(),
             dir: dir.into(),
             cache: CacheMode::Auto,
+            root: root.map(Path::to_path_buf),
         })
         .unwrap();
         // Its worker confined (as attach_devices waits for in a VM), or the reason it is not.
@@ -669,8 +675,10 @@ fn a_path_bug_in_the_confined_worker_reaches_nothing_outside_the_share() {
     };
     let off = run("off");
     let on = run("enforce");
-    assert_eq!(off.len(), 4, "{off:?}");
-    assert_eq!(on.len(), 4, "{on:?}");
+    let rooted = run("enforce,root");
+    for results in [&off, &on, &rooted] {
+        assert_eq!(results.len(), 5, "{results:?}");
+    }
     for (what, errno) in &off {
         assert_eq!(
             *errno,
@@ -679,7 +687,21 @@ fn a_path_bug_in_the_confined_worker_reaches_nothing_outside_the_share() {
         );
     }
     for (what, errno) in &on {
-        assert_eq!(*errno, -libc::EACCES, "confined, {what} should be refused");
+        // Landlock refuses every open outside the share, and does not cover chmod: the
+        // gap the worker's own root closes.
+        let expected = if what == "chmod" {
+            -libc::ENOTRECOVERABLE
+        } else {
+            -libc::EACCES
+        };
+        assert_eq!(*errno, expected, "confined without a root: {what}");
+    }
+    for (what, errno) in &rooted {
+        assert_eq!(
+            *errno,
+            -libc::ENOENT,
+            "confined in its root, {what} should find no such host file"
+        );
     }
 }
 
@@ -689,22 +711,48 @@ const BUG_ENV: &str = "SHOAL_FS_BUG_CHILD";
 #[ignore = "the child half of a_path_bug_in_the_confined_worker_reaches_nothing_outside_the_share"]
 fn path_bug_child() {
     let mode = std::env::var(BUG_ENV).expect("run by the parent test");
+    let (mode, rooted) = match mode.split_once(',') {
+        Some((mode, "root")) => (mode, true),
+        _ => (mode.as_str(), false),
+    };
     crate::confine::set_mode(mode.parse().unwrap());
     let t = tree("bug");
     std::fs::create_dir(t.0.join("flip")).unwrap();
-    let mut h = Harness::new(&t.0);
+    // A host file outside the share, for the chmod attempt.
+    let victim = t.0.with_extension("victim");
+    std::fs::write(&victim, b"host").unwrap();
+    let _victim = TempFile(victim.clone());
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // The root a shim's sandbox has (`fs-root`): the share and `proc/self/fd`, bound into
+    // it in a mount namespace of this test thread's own (the worker inherits it).
+    let root = t.0.with_extension("root");
+    let _root = rooted.then(|| jail_root_for_test(&t.0, &root));
+    let share = if rooted {
+        root.join("share")
+    } else {
+        t.0.clone()
+    };
+    let mut h = Harness::new_in(&share, rooted.then_some(root.as_path()));
     h.init();
+    if rooted {
+        // xattrs, which the passthrough reaches through /proc/self/fd, work in the root.
+        let (hello, _, _) = h.lookup(1, "hello").unwrap();
+        assert_eq!(h.setxattr(hello, "user.x", b"in the root"), 0);
+        assert_eq!(
+            h.getxattr(hello, "user.x", 64),
+            (0, b"in the root".to_vec())
+        );
+    }
     let bug = |path: &str| {
         let mut name = super::tuned::INJECTED_BUG.to_vec();
         name.extend_from_slice(path.as_bytes());
         String::from_utf8(name).unwrap()
     };
-    let share = t.0.display().to_string();
     let attempts = [
         ("absolute", "/etc/passwd".to_string()),
         // Relative: the worker's working directory is the share.
         ("dotdot", "../../../../../../etc/passwd".to_string()),
-        ("symlink", format!("{share}/link/passwd")),
+        ("symlink", "link/passwd".to_string()),
     ];
     for (what, path) in &attempts {
         let errno = h.lookup(1, &bug(path)).err().unwrap_or(0);
@@ -730,10 +778,7 @@ fn path_bug_child() {
     };
     let mut worst = -libc::ENOENT;
     for _ in 0..100 {
-        let errno = h
-            .lookup(1, &bug(&format!("{share}/flip/passwd")))
-            .err()
-            .unwrap_or(0);
+        let errno = h.lookup(1, &bug("flip/passwd")).err().unwrap_or(0);
         if errno == -libc::ENOTRECOVERABLE
             || (errno == -libc::EACCES && worst != -libc::ENOTRECOVERABLE)
         {
@@ -743,4 +788,51 @@ fn path_bug_child() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flipper.join().unwrap();
     println!("ATTEMPT rename-race {worst}");
+    let mut chmod = super::tuned::INJECTED_CHMOD_BUG.to_vec();
+    chmod.extend_from_slice(victim.as_os_str().as_encoded_bytes());
+    let errno = h
+        .lookup(1, std::str::from_utf8(&chmod).unwrap())
+        .err()
+        .unwrap_or(0);
+    let changed = std::fs::metadata(&victim).unwrap().permissions();
+    let changed = std::os::unix::fs::PermissionsExt::mode(&changed) & 0o777 != 0o600;
+    assert_eq!(changed, errno == -libc::ENOTRECOVERABLE, "{errno}");
+    println!("ATTEMPT chmod {errno}");
+}
+
+struct TempFile(PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Makes `root` as a shim makes a sandbox's `fs-root`: `share` (a bind of `share_source`)
+/// and `proc/self/fd` (a bind of this process's), in a mount namespace this thread takes
+/// for itself, so nothing is left on the host.
+fn jail_root_for_test(share_source: &Path, root: &Path) -> TestRoot {
+    use nix::mount::{mount, MsFlags};
+    let none = None::<&str>;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).unwrap();
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root.join("share")).unwrap();
+    std::fs::create_dir_all(root.join("proc/self/fd")).unwrap();
+    let bind = |source: &Path, target: &Path| {
+        mount(Some(source), target, none, MsFlags::MS_BIND, none).unwrap();
+    };
+    bind(share_source, &root.join("share"));
+    bind(Path::new("/proc/self/fd"), &root.join("proc/self/fd"));
+    TestRoot(root.to_path_buf())
+}
+
+/// A root made by [`jail_root_for_test`]: its mounts detached, then removed.
+struct TestRoot(PathBuf);
+impl Drop for TestRoot {
+    fn drop(&mut self) {
+        for inner in ["share", "proc/self/fd"] {
+            let _ = nix::mount::umount2(&self.0.join(inner), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -165,6 +165,10 @@ impl FileSystem for ContainerFs {
         if let Some(path) = name.to_bytes().strip_prefix(INJECTED_BUG) {
             return injected_bug(path);
         }
+        #[cfg(test)]
+        if let Some(path) = name.to_bytes().strip_prefix(INJECTED_CHMOD_BUG) {
+            return injected_chmod_bug(path);
+        }
         self.0.lookup(ctx, parent, name)
     }
 
@@ -670,5 +674,24 @@ fn injected_bug(path: &[u8]) -> io::Result<Entry> {
     match std::fs::File::open(std::ffi::OsStr::from_bytes(path)) {
         Ok(_) => Err(io::Error::from_raw_os_error(libc::ENOTRECOVERABLE)),
         Err(e) => Err(e),
+    }
+}
+
+/// Like [`INJECTED_BUG`], for the calls Landlock does not cover: a LOOKUP whose name starts
+/// with this makes the server `chmod` the rest of the name, a host path, to 0666.
+#[cfg(test)]
+pub(crate) const INJECTED_CHMOD_BUG: &[u8] = b"\x01chmod:";
+
+/// The answer of the injected chmod bug: `ENOTRECOVERABLE` when the mode of the host file
+/// changed (the attack worked), the call's own error otherwise. It calls `fchmodat`, as the
+/// passthrough does (plain `chmod` is not in the worker's seccomp list).
+#[cfg(test)]
+fn injected_chmod_bug(path: &[u8]) -> io::Result<Entry> {
+    let path =
+        std::ffi::CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fchmodat(2) with a NUL-terminated path; it touches no memory of ours after.
+    match unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), 0o666, 0) } {
+        0 => Err(io::Error::from_raw_os_error(libc::ENOTRECOVERABLE)),
+        _ => Err(io::Error::last_os_error()),
     }
 }
