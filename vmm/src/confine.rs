@@ -5,7 +5,7 @@
 //!
 //! | thread                | seccomp list | capabilities kept  | file system                             |
 //! |-----------------------|--------------|--------------------|-----------------------------------------|
-//! | `shoal-vcpuN`         | [`VCPU`]     | none               | chroot to the vsock socket's directory; Landlock: no path access |
+//! | `shoal-vcpuN`         | [`VCPU`]     | none               | chroot to the vsock socket's directory; an empty network namespace (`enter_empty_netns`); Landlock: no path access |
 //! | `shoal-devices`       | [`DEVICES`]  | none               | the same                                |
 //! | `shoal-fs-TAG` worker | [`FS_WORKER`]| [`FS_WORKER_CAPS`] | chroot to its root (holding only the share and `proc/self/fd`), where it has one; Landlock: every access beneath its share, none elsewhere |
 //!
@@ -559,6 +559,7 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
 
     if let Some(dir) = class.jail() {
         settle_in(dir).map_err(|(what, e)| sys(what, e))?;
+        enter_empty_netns().map_err(|(what, e)| sys(what, e))?;
         // SAFETY: chroot only changes this thread's root (its fs context is its own, from
         // settle_in); "." is the jail directory, its working directory.
         if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
@@ -707,6 +708,30 @@ fn enter_root(root: &Path, share: &Path) -> Result<OwnedFd, (&'static str, std::
         return Err(("enter its share", last_error()));
     }
     Ok(dir.into())
+}
+
+/// Moves this thread into the process's empty network namespace, made by the first thread
+/// that asks (`unshare(CLONE_NEWNET)`) and joined by the others (`setns`). A vCPU or device
+/// thread keeps `socket` and `connect` for the VM's vsock sockets, which are named by path
+/// (and reached across namespaces); abstract unix sockets belong to a network namespace,
+/// so the host's (containerd's, systemd's, D-Bus's) have no name in this one, on every
+/// kernel (Landlock scopes them only from ABI 6, Linux 6.12). One namespace per process,
+/// not per thread: it holds nothing, and each costs the kernel a network stack.
+fn enter_empty_netns() -> Result<(), (&'static str, std::io::Error)> {
+    static EMPTY: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+    let mut empty = EMPTY.lock().unwrap_or_else(|p| p.into_inner());
+    match &*empty {
+        Some(ns) => nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| ("join the empty network namespace", e.into())),
+        None => {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| ("make an empty network namespace", std::io::Error::from(e)))?;
+            let ns = std::fs::File::open("/proc/thread-self/ns/net")
+                .map_err(|e| ("open its network namespace", e))?;
+            *empty = Some(ns.into());
+            Ok(())
+        }
+    }
 }
 
 fn last_error() -> std::io::Error {

@@ -265,20 +265,67 @@ attempts! {
     fs_worker_cannot_arm_a_signal_to_any_process: "fs", "async", Some(libc::SYS_fcntl);
 }
 
-/// Abstract unix sockets are outside every chroot; Landlock scopes them (ABI 6, Linux 6.12).
+/// Abstract unix sockets are outside every chroot: vCPU and device threads live in an
+/// empty network namespace of the process's, where the host's have no name (and Landlock
+/// scopes them too, from ABI 6, Linux 6.12).
 #[test]
-fn device_thread_cannot_reach_an_abstract_socket_where_landlock_scopes_them() {
+fn device_thread_cannot_reach_an_abstract_socket_of_the_host() {
     if !root() {
         eprintln!("skipped: chroot and the capability sets need root");
         return;
     }
-    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns the ABI version.
-    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
-    if abi < 6 {
-        println!("SKIP: this kernel's Landlock (ABI {abi}) cannot scope abstract unix sockets (6.12 can); the device thread reaches them here, as docs/architecture.md says");
+    check("devices", "abstract", None);
+}
+
+/// The empty network namespace alone, whatever Landlock this kernel has: a thread in it
+/// finds no abstract socket of the host, a thread beside it does, and a second thread joins
+/// the same namespace rather than making another.
+#[test]
+fn the_empty_network_namespace_hides_the_hosts_abstract_sockets() {
+    if !root() {
+        eprintln!("skipped: network namespaces need root");
         return;
     }
-    check("devices", "abstract", None);
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("shoal-netns-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let inside = || {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            super::enter_empty_netns().unwrap();
+            let ns = std::fs::metadata("/proc/thread-self/ns/net").unwrap();
+            let reached = std::os::unix::net::UnixStream::connect_addr(&addr).is_ok();
+            (std::os::unix::fs::MetadataExt::ino(&ns), reached)
+        })
+        .join()
+        .unwrap()
+    };
+    let (first, reached_first) = inside();
+    let (second, reached_second) = inside();
+    assert!(
+        !reached_first && !reached_second,
+        "reached from the empty namespace"
+    );
+    assert_eq!(
+        first, second,
+        "the second thread made a namespace of its own"
+    );
+    let host = std::fs::metadata("/proc/thread-self/ns/net").unwrap();
+    assert_ne!(std::os::unix::fs::MetadataExt::ino(&host), first);
+    assert!(
+        std::os::unix::net::UnixStream::connect_addr(&addr).is_ok(),
+        "the host's own thread should reach it"
+    );
+}
+
+#[test]
+fn vcpu_thread_cannot_reach_an_abstract_socket_of_the_host() {
+    if !root() {
+        eprintln!("skipped: chroot and the capability sets need root");
+        return;
+    }
+    check("vcpu", "abstract", None);
 }
 
 /// What each class's thread holds after confinement, as `/proc/self/task/TID/status` shows
