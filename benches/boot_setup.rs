@@ -329,6 +329,7 @@ fn bench_restore(kernel: &Path, initrd: &Path, runs: usize) {
             shoal_vmm::confine::ThreadClass::FsWorker {
                 share: dir.join("share"),
                 root: None,
+                proc_fd: None,
             },
         ),
     ] {

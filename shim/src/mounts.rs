@@ -135,7 +135,7 @@ fn is_mount_root(path: &Path) -> Result<bool, MountError> {
 ///   and `nodev` on the host (and read-only where the spec says so);
 /// - `dir/fs-root` ([`FS_ROOT_DIR`]), a read-only bind of itself, holds the share and
 ///   `proc/self/fd` (a read-only bind of this process's): the virtio-fs worker's root, in
-///   which nothing else of the host has a name.
+///   which nothing else of the host has a name (but through this process's descriptors).
 ///
 /// `dir` must not exist (the caller removes what a dead shim left).
 pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {

@@ -162,7 +162,7 @@ const EXIT_KNOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether an agent call failed because its connection broke (LocalClosed: it had already
 /// broken when the call was made).
-fn broke(e: &ttrpc::Error) -> bool {
+pub(crate) fn broke(e: &ttrpc::Error) -> bool {
     matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed)
 }
 

@@ -508,10 +508,12 @@ impl Service {
                 ..Default::default()
             };
             let mut vm_exited = sb.exited.clone();
-            // Ok: the agent's answer; Err(Some): the connection broke; Err(None): the VM
-            // ended first.
+            // Ok: the agent's answer; Err(Some((error, broke))): the call failed, `broke` when
+            // its connection broke; Err(None): the VM ended first.
             let answer = tokio::select! {
-                r = sb.agent.wait_process(ctx(Duration::ZERO), &req) => r.map_err(|e| Some(e.to_string())),
+                r = sb.agent.wait_process(ctx(Duration::ZERO), &req) => {
+                    r.map_err(|e| Some((e.to_string(), crate::sandbox::broke(&e))))
+                }
                 _ = vm_exited.wait_for(Option::is_some) => Err(None),
             };
             let (code, at) = match answer {
@@ -523,7 +525,9 @@ impl Service {
                     // is and not taken for the stop the client asks next.
                     let ended = match lost {
                         None => true,
-                        Some(_) => {
+                        // An answer from a live agent: no reason to wait.
+                        Some((_, false)) => false,
+                        Some((_, true)) => {
                             let waited = tokio::time::timeout(
                                 LOST_PROCESS_GRACE,
                                 vm_exited.wait_for(Option::is_some),
@@ -533,7 +537,7 @@ impl Service {
                         }
                     };
                     match lost {
-                        Some(e) if !ended => {
+                        Some((e, _)) if !ended => {
                             tracing::warn!("{cid}/{exec_id}: lost the process: {e}")
                         }
                         _ => tracing::warn!(

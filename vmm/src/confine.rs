@@ -144,9 +144,13 @@ pub enum ThreadClass {
     Devices { jail: Option<PathBuf> },
     /// A virtio-fs worker, confined to its share; `root` (canonical, above the share, with
     /// nothing else in it but `proc/self/fd`) is where it `chroot`s, if it has one.
+    /// `proc_fd` is a descriptor of `/proc/self/fd` its code opened before (the
+    /// passthrough's): in the root it is pointed at the root's own `proc/self/fd`, so that
+    /// `..` from it stays inside.
     FsWorker {
         share: PathBuf,
         root: Option<PathBuf>,
+        proc_fd: Option<std::os::fd::RawFd>,
     },
 }
 
@@ -529,9 +533,13 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
     // In every mode the worker serves its share as its working directory; confined, from
     // inside its root where it has one.
     let share_dir = match class {
-        ThreadClass::FsWorker { share, root } => Some(
+        ThreadClass::FsWorker {
+            share,
+            root,
+            proc_fd,
+        } => Some(
             match root {
-                Some(root) if mode != Mode::Off => enter_root(root, share),
+                Some(root) if mode != Mode::Off => enter_root(root, share, *proc_fd),
                 _ => settle_in(share),
             }
             .map_err(|(what, source)| ConfineError::Sys {
@@ -682,10 +690,17 @@ fn settle_in(dir: &Path) -> Result<OwnedFd, (&'static str, std::io::Error)> {
 
 /// Gives this thread a file system context of its own, `chroot`s it to `root` and makes
 /// `share` (beneath `root`) its working directory; returns the share's descriptor as seen
-/// from there. In that root no host path but the share and `proc/self/fd` has a name: a
-/// bug in path handling, a symlink the guest planted or `..` reaches nothing else, for
-/// every call, including those Landlock does not cover (chmod, chown, xattrs, utimes).
-fn enter_root(root: &Path, share: &Path) -> Result<OwnedFd, (&'static str, std::io::Error)> {
+/// from there. `proc_fd`, a descriptor of the host's `/proc/self/fd`, is pointed at the
+/// root's. In that root no host path but the share and `proc/self/fd` has a name: a bug
+/// in path handling, a symlink the guest planted or `..` reaches nothing else, for every
+/// call, including those Landlock does not cover (chmod, chown, xattrs, utimes). What
+/// stays open is the process's other descriptors: `/proc/self/fd/N/..` from one of a
+/// directory outside the root walks out (docs/architecture.md, "Descriptors").
+fn enter_root(
+    root: &Path,
+    share: &Path,
+    proc_fd: Option<std::os::fd::RawFd>,
+) -> Result<OwnedFd, (&'static str, std::io::Error)> {
     let inside = share.strip_prefix(root).map_err(|_| {
         (
             "find its share in its root",
@@ -697,6 +712,18 @@ fn enter_root(root: &Path, share: &Path) -> Result<OwnedFd, (&'static str, std::
     // settle_in); "." is `root`, its working directory.
     if unsafe { libc::chroot(c".".as_ptr()) } != 0 {
         return Err(("chroot to its root", last_error()));
+    }
+    if let Some(old) = proc_fd {
+        let fds = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open("/proc/self/fd")
+            .map_err(|e| ("open its root's /proc/self/fd", e))?;
+        // SAFETY: dup3(2) onto a descriptor number the caller says is its own descriptor of
+        // /proc/self/fd; the number keeps its owner, and now names the root's.
+        if unsafe { libc::dup3(fds.as_raw_fd(), old, libc::O_CLOEXEC) } < 0 {
+            return Err(("point its /proc/self/fd at its root's", last_error()));
+        }
     }
     let dir = std::fs::File::options()
         .read(true)

@@ -38,6 +38,7 @@ fn class_named(name: &str, dir: &Path) -> ThreadClass {
         "fs" => ThreadClass::FsWorker {
             share: dir.into(),
             root: None,
+            proc_fd: None,
         },
         other => panic!("no class {other}"),
     }
@@ -400,6 +401,7 @@ fn every_list_compiles_to_a_filter_and_denies_what_no_class_needs() {
         ThreadClass::FsWorker {
             share: dir.clone(),
             root: None,
+            proc_fd: None,
         },
     ] {
         program(&class, Mode::Enforce).unwrap();

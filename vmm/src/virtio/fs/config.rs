@@ -42,7 +42,8 @@ pub struct FsConfig {
     /// A directory above `dir` that holds nothing but it and `proc/self/fd` (a bind of this
     /// process's `/proc/self/fd`, where the passthrough names files for their xattrs): the
     /// confined worker `chroot`s there, so that no host path outside the share has a name
-    /// for it. The shim's sandbox directories have one (`fs-root`); without it the worker is
+    /// for it (the process's descriptors aside: `/proc/self/fd/N/..` from one of a
+    /// directory outside still leads out; the passthrough's own is pointed inside). The shim's sandbox directories have one (`fs-root`); without it the worker is
     /// held by Landlock alone, which does not cover chmod, chown or xattrs.
     pub root: Option<PathBuf>,
 }

@@ -105,7 +105,7 @@ impl Worker {
         tag: &str,
         share: PathBuf,
         root: Option<PathBuf>,
-        server: Arc<FuseServer>,
+        (server, proc_fd): (Arc<FuseServer>, Option<std::os::fd::RawFd>),
         served: Arc<AtomicBool>,
     ) -> Result<Worker, FsError> {
         let kick = Arc::new(EventFd::new(0).map_err(|source| FsError::Worker {
@@ -116,7 +116,11 @@ impl Worker {
         let active: Arc<Mutex<Option<Active>>> = Arc::new(Mutex::new(None));
         let (worker_kick, worker_stop, worker_active) =
             (kick.clone(), stop.clone(), active.clone());
-        let class = crate::confine::ThreadClass::FsWorker { share, root };
+        let class = crate::confine::ThreadClass::FsWorker {
+            share,
+            root,
+            proc_fd,
+        };
         let starting =
             crate::confine::start(&format!("shoal-fs-{tag}"), WORKER_STACK, class, move || {
                 loop {
@@ -213,6 +217,10 @@ pub struct Fs {
     /// snapshot can hold (a FUSE session, once the guest mounts, lives in the server).
     activated: Vec<QueueState>,
     served: Arc<AtomicBool>,
+    /// The number of the worker's passthrough descriptor of `/proc/self/fd` (tests try `..`
+    /// from it).
+    #[cfg(test)]
+    proc_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Fs {
@@ -241,17 +249,23 @@ impl Fs {
         #[cfg(any(test, feature = "fuzzing"))]
         let direct = {
             let root = dir.to_str().expect("test shares have UTF-8 paths");
-            build_server(root, config.cache, true).map_err(|source| FsError::Passthrough {
-                path: dir.clone(),
-                source,
-            })?
+            build_server(root, config.cache, true)
+                .map_err(|source| FsError::Passthrough {
+                    path: dir.clone(),
+                    source,
+                })?
+                .0
         };
         let mut blob = vec![0u8; TAG_MAX + 4];
         blob[..config.tag.len()].copy_from_slice(config.tag.as_bytes());
         blob[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes());
         let served = Arc::new(AtomicBool::new(false));
+        #[cfg(test)]
+        let proc_fd = server.1;
         let worker = Worker::start(&config.tag, dir, root, server, served.clone())?;
         Ok(Fs {
+            #[cfg(test)]
+            proc_fd,
             tag: config.tag.clone(),
             config: blob,
             #[cfg(any(test, feature = "fuzzing"))]
@@ -290,12 +304,13 @@ fn jail_root(root: &Path, share: &Path) -> Result<PathBuf, FsError> {
 }
 
 /// The FUSE server over a passthrough file system rooted at `root_dir` (resolved by the
-/// thread that serves, when the guest's INIT imports it; `import` does it now).
+/// thread that serves, when the guest's INIT imports it; `import` does it now), and the
+/// number of the passthrough's descriptor of `/proc/self/fd`.
 fn build_server(
     root_dir: &str,
     cache: CacheMode,
     import: bool,
-) -> std::io::Result<Arc<FuseServer>> {
+) -> std::io::Result<(Arc<FuseServer>, Option<std::os::fd::RawFd>)> {
     let (timeout, policy) = match cache {
         CacheMode::Never => (Duration::ZERO, passthrough::CachePolicy::Never),
         CacheMode::Auto => (Duration::from_secs(1), passthrough::CachePolicy::Auto),
@@ -320,7 +335,10 @@ fn build_server(
     if import {
         fs.import()?;
     }
-    Ok(Arc::new(Server::new(Arc::new(tuned::ContainerFs::new(fs)))))
+    // Its one descriptor opened by path: `/proc/self/fd`, for reopening files by number.
+    let proc_fd = fs.keep_fds().first().copied();
+    let server = Arc::new(Server::new(Arc::new(tuned::ContainerFs::new(fs))));
+    Ok((server, proc_fd))
 }
 
 /// A vm-memory 0.17 view of the VMM's guest memory, for fuse-backend-rs.

@@ -677,7 +677,7 @@ fn a_path_bug_in_the_confined_worker_reaches_nothing_outside_the_share() {
     let on = run("enforce");
     let rooted = run("enforce,root");
     for results in [&off, &on, &rooted] {
-        assert_eq!(results.len(), 5, "{results:?}");
+        assert_eq!(results.len(), 6, "{results:?}");
     }
     for (what, errno) in &off {
         assert_eq!(
@@ -748,11 +748,17 @@ fn path_bug_child() {
         name.extend_from_slice(path.as_bytes());
         String::from_utf8(name).unwrap()
     };
+    let proc_fd = h.fs.proc_fd.expect("the passthrough holds /proc/self/fd");
     let attempts = [
         ("absolute", "/etc/passwd".to_string()),
         // Relative: the worker's working directory is the share.
         ("dotdot", "../../../../../../etc/passwd".to_string()),
         ("symlink", "link/passwd".to_string()),
+        // Up from the descriptor the passthrough itself holds of /proc/self/fd.
+        (
+            "proc-fd-dotdot",
+            format!("/proc/self/fd/{proc_fd}/../../../../../../etc/passwd"),
+        ),
     ];
     for (what, path) in &attempts {
         let errno = h.lookup(1, &bug(path)).err().unwrap_or(0);
