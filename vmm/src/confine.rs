@@ -737,6 +737,33 @@ fn enter_root(
     Ok(dir.into())
 }
 
+/// The process's empty network namespace, once made (see [`enter_empty_netns`]).
+static EMPTY_NETNS: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Makes the process's empty network namespace on a short-lived thread of its own, unless
+/// confinement is off or it exists: a VM's set-up calls it first, so that the 0.5-1 ms the
+/// kernel takes to build a network namespace passes while guest memory and the KVM VM are
+/// set up, and the vCPU and device threads only join it. Without it the first of them makes
+/// it. A failure here is left for that thread to meet and report.
+pub fn prepare_empty_netns() {
+    if mode() == Mode::Off {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("shoal-netns".into())
+        .spawn(|| {
+            let mut empty = EMPTY_NETNS.lock().unwrap_or_else(|p| p.into_inner());
+            if empty.is_some() {
+                return;
+            }
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                if let Ok(ns) = std::fs::File::open("/proc/thread-self/ns/net") {
+                    *empty = Some(ns.into());
+                }
+            }
+        });
+}
+
 /// Moves this thread into the process's empty network namespace, made by the first thread
 /// that asks (`unshare(CLONE_NEWNET)`) and joined by the others (`setns`). A vCPU or device
 /// thread keeps `socket` and `connect` for the VM's vsock sockets, which are named by path
@@ -745,8 +772,7 @@ fn enter_root(
 /// kernel (Landlock scopes them only from ABI 6, Linux 6.12). One namespace per process,
 /// not per thread: it holds nothing, and each costs the kernel a network stack.
 fn enter_empty_netns() -> Result<(), (&'static str, std::io::Error)> {
-    static EMPTY: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
-    let mut empty = EMPTY.lock().unwrap_or_else(|p| p.into_inner());
+    let mut empty = EMPTY_NETNS.lock().unwrap_or_else(|p| p.into_inner());
     match &*empty {
         Some(ns) => nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| ("join the empty network namespace", e.into())),

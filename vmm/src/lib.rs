@@ -373,7 +373,11 @@ impl Vm {
                 "boot: {name} done"
             )
         };
-        // First, so that the virtio-fs workers confine themselves while the rest is set up.
+        // First, so that the virtio-fs workers confine themselves (and the vCPU and device
+        // threads' network namespace is made) while the rest is set up.
+        if config.vsock.is_some() {
+            confine::prepare_empty_netns();
+        }
         let (devices, balloon) = create_devices(&DeviceSet::of(config))?;
         let mem = memory::create_guest_memory(config.memory_mib)?;
         // Creating the KVM VM (mostly memory-slot setup in the kernel) and copying the kernel
@@ -560,6 +564,9 @@ impl Vm {
                 wanted,
             }
             .into());
+        }
+        if config.vsock.is_some() {
+            confine::prepare_empty_netns();
         }
         let (devices, balloon) = create_devices(&DeviceSet {
             vsock: config.vsock.as_ref(),
