@@ -611,18 +611,20 @@ async fn agent_host_memory_limit_and_oom_event() {
     create(&a, id, &s, &rootfs, stdio("", "")).await.unwrap();
     let max = std::fs::read_to_string(format!("/sys/fs/cgroup/shoal/{id}/memory.max")).unwrap();
     assert_eq!(max.trim(), (32u64 << 20).to_string());
+    // Under the lab's emulation the hog can thrash against its limit for a while before
+    // the kernel kills it (a `scripts/test` run took over 30 s): the waits allow minutes.
     let oom = tokio::spawn({
         let client = a.client.clone();
         async move {
             client
-                .wait_oom_event(context::with_timeout(60_000_000_000), &Empty::new())
+                .wait_oom_event(context::with_timeout(180_000_000_000), &Empty::new())
                 .await
         }
     });
     a.client.start_container(ctx(), &creq(id)).await.unwrap();
     let status = a
         .client
-        .wait_process(ctx(), &preq(id, ""))
+        .wait_process(context::with_timeout(150_000_000_000), &preq(id, ""))
         .await
         .unwrap()
         .exit_status;
