@@ -669,21 +669,30 @@ fn thread_name(class: &ThreadClass) -> String {
 }
 
 /// Gives this thread a root and working directory of its own (`unshare(CLONE_FS)`), and
-/// makes `dir` its working directory; returns the descriptor `dir` was resolved to, once,
-/// for what else is set up on it.
+/// makes `dir` its working directory ([`enter_dir`]).
 fn settle_in(dir: &Path) -> Result<OwnedFd, (&'static str, std::io::Error)> {
-    let dir = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-        .open(dir)
-        .map_err(|e| ("open its directory", e))?;
     // SAFETY: unshare(2) with CLONE_FS only gives this thread its own root and cwd.
     if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
         return Err(("unshare its file system context", last_error()));
     }
+    enter_dir(dir, ("open its directory", "enter its directory"))
+}
+
+/// Makes `dir` (not a symlink) this thread's working directory; returns the descriptor it
+/// was resolved to, once, for what else is set up on it. `what` names the two steps in an
+/// error.
+fn enter_dir(
+    dir: &Path,
+    what: (&'static str, &'static str),
+) -> Result<OwnedFd, (&'static str, std::io::Error)> {
+    let dir = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| (what.0, e))?;
     // SAFETY: fchdir(2) on a directory descriptor this function holds.
     if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
-        return Err(("enter its directory", last_error()));
+        return Err((what.1, last_error()));
     }
     Ok(dir.into())
 }
@@ -725,16 +734,10 @@ fn enter_root(
             return Err(("point its /proc/self/fd at its root's", last_error()));
         }
     }
-    let dir = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(Path::new("/").join(inside))
-        .map_err(|e| ("open its share in its root", e))?;
-    // SAFETY: fchdir(2) on a directory descriptor held here.
-    if unsafe { libc::fchdir(dir.as_raw_fd()) } != 0 {
-        return Err(("enter its share", last_error()));
-    }
-    Ok(dir.into())
+    enter_dir(
+        &Path::new("/").join(inside),
+        ("open its share in its root", "enter its share"),
+    )
 }
 
 /// The process's empty network namespace, once made (see [`enter_empty_netns`]).
@@ -753,15 +756,20 @@ pub fn prepare_empty_netns() {
         .name("shoal-netns".into())
         .spawn(|| {
             let mut empty = EMPTY_NETNS.lock().unwrap_or_else(|p| p.into_inner());
-            if empty.is_some() {
-                return;
-            }
-            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
-                if let Ok(ns) = std::fs::File::open("/proc/thread-self/ns/net") {
-                    *empty = Some(ns.into());
-                }
+            if empty.is_none() {
+                let _ = make_empty_netns(&mut empty);
             }
         });
+}
+
+/// Moves the calling thread into a new, empty network namespace and keeps it in `slot`.
+fn make_empty_netns(slot: &mut Option<OwnedFd>) -> Result<(), (&'static str, std::io::Error)> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| ("make an empty network namespace", std::io::Error::from(e)))?;
+    let ns = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| ("open its network namespace", e))?;
+    *slot = Some(ns.into());
+    Ok(())
 }
 
 /// Moves this thread into the process's empty network namespace, made by the first thread
@@ -776,14 +784,7 @@ fn enter_empty_netns() -> Result<(), (&'static str, std::io::Error)> {
     match &*empty {
         Some(ns) => nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| ("join the empty network namespace", e.into())),
-        None => {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| ("make an empty network namespace", std::io::Error::from(e)))?;
-            let ns = std::fs::File::open("/proc/thread-self/ns/net")
-                .map_err(|e| ("open its network namespace", e))?;
-            *empty = Some(ns.into());
-            Ok(())
-        }
+        None => make_empty_netns(&mut empty),
     }
 }
 

@@ -264,18 +264,11 @@ attempts! {
     fs_worker_cannot_ptrace: "fs", "ptrace", Some(libc::SYS_ptrace);
     device_thread_cannot_arm_a_signal_to_any_process: "devices", "async", Some(libc::SYS_fcntl);
     fs_worker_cannot_arm_a_signal_to_any_process: "fs", "async", Some(libc::SYS_fcntl);
-}
-
-/// Abstract unix sockets are outside every chroot: vCPU and device threads live in an
-/// empty network namespace of the process's, where the host's have no name (and Landlock
-/// scopes them too, from ABI 6, Linux 6.12).
-#[test]
-fn device_thread_cannot_reach_an_abstract_socket_of_the_host() {
-    if !root() {
-        eprintln!("skipped: chroot and the capability sets need root");
-        return;
-    }
-    check("devices", "abstract", None);
+    // Abstract unix sockets are outside every chroot: vCPU and device threads live in an
+    // empty network namespace of the process's, where the host's have no name (Landlock
+    // also scopes them, from ABI 6, Linux 6.12).
+    device_thread_cannot_reach_an_abstract_socket_of_the_host: "devices", "abstract", None;
+    vcpu_thread_cannot_reach_an_abstract_socket_of_the_host: "vcpu", "abstract", None;
 }
 
 /// The empty network namespace alone, whatever Landlock this kernel has: a thread in it
@@ -318,15 +311,6 @@ fn the_empty_network_namespace_hides_the_hosts_abstract_sockets() {
         std::os::unix::net::UnixStream::connect_addr(&addr).is_ok(),
         "the host's own thread should reach it"
     );
-}
-
-#[test]
-fn vcpu_thread_cannot_reach_an_abstract_socket_of_the_host() {
-    if !root() {
-        eprintln!("skipped: chroot and the capability sets need root");
-        return;
-    }
-    check("vcpu", "abstract", None);
 }
 
 /// What each class's thread holds after confinement, as `/proc/self/task/TID/status` shows
