@@ -518,31 +518,29 @@ impl Service {
             };
             let (code, at) = match answer {
                 Ok(r) => (r.exit_status, timestamp_from_nanos(r.exited_at_unix_nanos)),
-                Err(lost) => {
+                Err(None) => {
+                    tracing::warn!("{cid}/{exec_id}: the sandbox VM ended under the process");
+                    (VM_GONE_STATUS, now())
+                }
+                Err(Some((e, broke))) => {
                     // A connection that breaks under a running VM is most often a guest
                     // going down (a panic reboots it a second later, `panic=1`): a moment
                     // for the VM to end on its own, so that it is recorded as the crash it
-                    // is and not taken for the stop the client asks next.
-                    let ended = match lost {
-                        None => true,
-                        // An answer from a live agent: no reason to wait.
-                        Some((_, false)) => false,
-                        Some((_, true)) => {
-                            let waited = tokio::time::timeout(
+                    // is and not taken for the stop the client asks next. An answer from a
+                    // live agent gets no wait.
+                    let ended = broke
+                        && matches!(
+                            tokio::time::timeout(
                                 LOST_PROCESS_GRACE,
                                 vm_exited.wait_for(Option::is_some),
                             )
-                            .await;
-                            matches!(waited, Ok(Ok(_)))
-                        }
-                    };
-                    match lost {
-                        Some((e, _)) if !ended => {
-                            tracing::warn!("{cid}/{exec_id}: lost the process: {e}")
-                        }
-                        _ => tracing::warn!(
-                            "{cid}/{exec_id}: the sandbox VM ended under the process"
-                        ),
+                            .await,
+                            Ok(Ok(_))
+                        );
+                    if ended {
+                        tracing::warn!("{cid}/{exec_id}: the sandbox VM ended under the process");
+                    } else {
+                        tracing::warn!("{cid}/{exec_id}: lost the process: {e}");
                     }
                     (VM_GONE_STATUS, now())
                 }
