@@ -177,7 +177,9 @@ pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
         | MsFlags::MS_NODEV
         | MsFlags::MS_NOEXEC;
     // The root first (mounts on its directories then sit on the read-only bind), then the
-    // share and the descriptor directory.
+    // share and the descriptor directory. By path: `dir` was made just now, root-only in a
+    // root-only state directory, and no VM serves any of it yet; the guest only ever sees
+    // the share, read-only, never `fs-root` itself.
     let binds = [
         (root.as_path(), root.as_path()),
         (private.as_path(), shared.as_path()),
@@ -934,6 +936,67 @@ mod tests {
     /// read-only on the host, and a setuid-root file it makes does not run as root on the
     /// host. The last is shown against a plain bind of the same tree (what the shim used
     /// to make), where the same file does run as root.
+    /// The virtio-fs worker's root, as a worker turned by a path bug would meet it: it holds
+    /// the share and this process's descriptor directory and nothing else, and no entry of
+    /// it can be made, swapped or removed (no `proc/self/fd` of the worker's own making,
+    /// no symlink out). The same calls in the sandbox directory beside it succeed.
+    #[test]
+    fn the_fs_root_holds_only_the_share_and_the_descriptors_and_is_read_only() {
+        let Some(scratch) = Scratch::for_root_test("fsroot", "fs root test") else {
+            return;
+        };
+        let base = scratch.0.clone();
+        prepare_state_dir(&base).unwrap();
+        let dir = base.join("sandbox");
+        prepare_sandbox_dir(&dir).unwrap();
+        let root = dir.join(FS_ROOT_DIR);
+        let names = |p: &Path| {
+            let mut n: Vec<_> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&root), ["proc", "share"]);
+        // This process's own descriptors, by number.
+        let held = std::fs::File::open("/").unwrap();
+        assert!(root
+            .join(format!(
+                "proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&held)
+            ))
+            .exists());
+        drop(held);
+        type Attack<'a> = (&'a str, &'a dyn Fn(&Path) -> std::io::Result<()>);
+        let attacks: [Attack; 4] = [
+            ("create a file", &|r| std::fs::write(r.join("etc"), b"x")),
+            ("plant a symlink", &|r| {
+                std::os::unix::fs::symlink("/etc", r.join("host"))
+            }),
+            ("remove proc/self/fd's place", &|r| {
+                std::fs::remove_dir(r.join("proc/self"))
+            }),
+            ("swap proc", &|r| {
+                std::fs::rename(r.join("proc"), r.join("p"))
+            }),
+        ];
+        for (what, attack) in attacks {
+            let err = attack(&root).expect_err(what);
+            assert!(refused(err), "{what}");
+        }
+        assert_eq!(names(&root), ["proc", "share"]);
+        // Beside it, in the sandbox directory, the same calls work: the refusals above are
+        // the root's read-only bind, not a lack of permission.
+        let beside = dir.join("beside");
+        std::fs::create_dir_all(beside.join("proc/self")).unwrap();
+        for (what, attack) in attacks {
+            attack(&beside).unwrap_or_else(|e| panic!("{what} beside the root: {e}"));
+        }
+        remove_tree(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+
     #[test]
     fn the_share_is_read_only_to_the_guest_except_inside_its_mounts() {
         let Some(scratch) = Scratch::for_root_test("share", "share layout test") else {
