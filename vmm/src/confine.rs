@@ -220,8 +220,13 @@ const FILE_IO: &[i64] = &[
 
 /// The device thread: its epoll, the backends (vsock sockets, disk files, with
 /// [`FILE_IO`], taps, eventfds, timers), and giving guest pages back (`madvise`, in
-/// `COMMON`).
+/// `COMMON`). `openat` because glibc's malloc opens `/proc/sys/vm/overcommit_memory` the
+/// first time any thread's arena shrinks (once per process, from whichever thread frees):
+/// were it not allowed, a vCPU or device thread freeing memory could end the shim. These
+/// threads have no path to open: chrooted to the vsock socket directory, and held by
+/// Landlock (no file access at all), so the call fails (EACCES) and glibc carries on.
 pub const DEVICES: &[i64] = &[
+    libc::SYS_openat,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,

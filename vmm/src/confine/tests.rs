@@ -253,10 +253,12 @@ macro_rules! attempts {
 
 attempts! {
     vcpu_thread_cannot_exec: "vcpu", "exec", Some(libc::SYS_execve);
-    vcpu_thread_cannot_open_host_files: "vcpu", "open", Some(libc::SYS_openat);
+    vcpu_thread_cannot_open_host_files: "vcpu", "open", None;
     vcpu_thread_cannot_ptrace: "vcpu", "ptrace", Some(libc::SYS_ptrace);
     device_thread_cannot_exec: "devices", "exec", Some(libc::SYS_execve);
-    device_thread_cannot_open_host_files: "devices", "open", Some(libc::SYS_openat);
+    device_thread_cannot_open_host_files: "devices", "open", None;
+    vcpu_thread_cannot_open_through_a_held_host_descriptor: "vcpu", "held-root", None;
+    device_thread_cannot_open_through_a_held_host_descriptor: "devices", "held-root", None;
     device_thread_cannot_ptrace: "devices", "ptrace", Some(libc::SYS_ptrace);
     fs_worker_cannot_exec: "fs", "exec", Some(libc::SYS_execve);
     fs_worker_cannot_open_host_files: "fs", "open", None;
