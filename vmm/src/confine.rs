@@ -874,7 +874,10 @@ fn landlock(
             .map_err(|e| err(e.to_string()))?;
     }
     let status = ruleset.restrict_self().map_err(|e| err(e.to_string()))?;
-    if share.is_some() && status.ruleset != RulesetStatus::FullyEnforced {
+    // In enforce mode the share's rules are a hard requirement (a kernel short of them
+    // fails above); a ruleset only partly enforced there lacks the scopes (ABI 6), not the
+    // share. The warning is for log mode, where the share's rules may be missing.
+    if share.is_some() && !required && status.ruleset != RulesetStatus::FullyEnforced {
         static ONCE: Once = Once::new();
         ONCE.call_once(|| {
             tracing::warn!(
