@@ -16,6 +16,8 @@
 //! template_dir = "/var/lib/shoal/templates"    # made by scripts/template, one per VM size
 //! confine = "enforce"                          # VMM threads: seccomp, capabilities, Landlock;
 //!                                              # "log" lets denied calls through to dmesg, "off"
+//! sweep_secs = 60                              # at most this often a starting shim cleans
+//!                                              # what dead shims left (0: at every start)
 //!
 //! [cgroups]                                    # host cgroups for sandboxes, from a pool
 //! enabled = true
@@ -101,6 +103,9 @@ pub struct Config {
     /// How the VMM's threads are confined (`shoal_vmm::confine`): `enforce`, `log` (calls
     /// outside a thread's list are allowed and logged by the kernel) or `off`.
     pub confine: String,
+    /// A starting shim cleans the sandbox directories of shims that died ([`crate::sweep`])
+    /// if no shim did in the last this many seconds (0: every start does).
+    pub sweep_secs: u64,
     /// Host cgroups for sandboxes.
     pub cgroups: CgroupsConfig,
     /// Bounds on what one guest can make the host hold.
@@ -226,6 +231,7 @@ impl Default for Config {
             template: false,
             template_dir: "/var/lib/shoal/templates".into(),
             confine: "enforce".into(),
+            sweep_secs: 60,
             cgroups: CgroupsConfig::default(),
             limits: LimitsConfig::default(),
         }

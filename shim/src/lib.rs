@@ -12,6 +12,7 @@
 //! - [`host_cgroups`]: a pool of pre-created sandbox cgroups;
 //! - [`limits`]: the serving shim's own process limits (open files);
 //! - [`network`]: the pod's network namespace carried into the VM (taps and tc redirects);
+//! - [`sweep`]: sandbox directories of shims that died, cleaned by a later shim;
 //! - [`template`]: VM templates, restored instead of booted when configured;
 //! - `fuzz` (tests and the `fuzzing` feature): harnesses for agent replies and the config.
 pub mod admission;
@@ -27,4 +28,5 @@ pub mod network;
 pub mod oom;
 pub mod sandbox;
 pub mod service;
+pub mod sweep;
 pub mod template;

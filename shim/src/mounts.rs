@@ -5,10 +5,10 @@
 //! never builds in, or follows a path through, a tree the guest can change. A sandbox
 //! directory ([`prepare_sandbox_dir`]) holds `private/`, where the host makes each
 //! container's directory and mount points and mounts each rootfs and volume first, and
-//! `shared/`, the tree served to the guest: a bind of `private/` that is read-only,
+//! `fs-root/share/` ([`SHARED_DIR`]), the tree served to the guest: a bind of `private/` that is read-only,
 //! `nosuid`, `nodev` and `noexec` on the host. A finished mount gets `nosuid` and `nodev`
 //! (and `rdonly` for a read-only rootfs or `ro` volume), on it and every mount under it,
-//! before it is moved into `shared/` ([`ContainerFiles`]); the guest writes only inside
+//! before it is moved into the share ([`ContainerFiles`]); the guest writes only inside
 //! such mounts. Creation goes by descriptor (`openat2` with `RESOLVE_BENEATH |
 //! RESOLVE_NO_SYMLINKS`, `mkdirat`, `O_NOFOLLOW | O_EXCL`), and removal too ([`remove_tree`]).
 use std::os::fd::AsFd;
@@ -35,6 +35,8 @@ pub enum MountError {
     },
     #[error("container id {0:?} cannot name a directory (it must be one path component)")]
     BadId(String),
+    #[error("sandbox directory {0} belongs to a running shim")]
+    InUse(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -137,13 +139,16 @@ fn is_mount_root(path: &Path) -> Result<bool, MountError> {
 ///   `proc/self/fd` (a read-only bind of this process's): the virtio-fs worker's root, in
 ///   which nothing else of the host has a name (but through this process's descriptors).
 ///
-/// `dir` must not exist (the caller removes what a dead shim left).
-pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
+/// `dir` must not exist (the caller removes what a dead shim left). The directory is this
+/// process's from its first moment: the returned [`Owner`] holds it (and must be kept for
+/// the sandbox's life), so a sweep for dead shims' directories passes it by.
+pub fn prepare_sandbox_dir(dir: &Path) -> Result<Owner, MountError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
         .map_err(io("create", dir))?;
+    let owner = Owner::take(dir)?;
     let private = dir.join(PRIVATE_DIR);
     let root = dir.join(FS_ROOT_DIR);
     let shared = dir.join(SHARED_DIR);
@@ -191,7 +196,63 @@ pub fn prepare_sandbox_dir(dir: &Path) -> Result<(), MountError> {
             .map_err(fail("make private", target))?;
         mount(none, target, none, read_only, none).map_err(fail("make read-only", target))?;
     }
-    Ok(())
+    Ok(owner)
+}
+
+/// The file in a sandbox directory on which its shim holds an exclusive `flock` for the
+/// sandbox's whole life ([`Owner`]). The kernel drops the lock when the shim dies, however
+/// it dies and in whatever pid namespace it ran, so an owner file nobody holds marks a
+/// dead shim's directory, with no pid that could have been reused.
+pub const OWNER_FILE: &str = "owner";
+
+/// A hold on a sandbox directory: the lock on its [`OWNER_FILE`], taken by the shim that
+/// made the directory, or by a sweep that found the file unheld (its shim is dead) and
+/// now cleans the directory alone.
+#[derive(Debug)]
+pub struct Owner(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl Owner {
+    /// Makes `dir`'s owner file and holds it. The file is made and locked under another
+    /// name and then renamed into place, so no sweep can meet it unheld.
+    fn take(dir: &Path) -> Result<Owner, MountError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let fresh = dir.join(".owner.new");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&fresh)
+            .map_err(io("create", &fresh))?;
+        let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io("lock", &fresh)(e.into()))?;
+        let owner = dir.join(OWNER_FILE);
+        std::fs::rename(&fresh, &owner).map_err(io("rename into place", &owner))?;
+        Ok(Owner(held))
+    }
+
+    /// Holds `dir` if its owner file exists and nobody holds it (the shim that made the
+    /// directory is dead); `None` if its shim lives or it has no owner file (made by a
+    /// shim from before owner files, or one that died before making it: nothing tells
+    /// whether its shim lives, so it is not taken).
+    pub fn of_dead(dir: &Path) -> Result<Option<Owner>, MountError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(OWNER_FILE);
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("open", &path)(e)),
+        };
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(held) => Ok(Some(Owner(held))),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io("lock", &path)(e.into())),
+        }
+    }
 }
 
 /// A container's files in a sandbox prepared by [`prepare_sandbox_dir`]: built under
@@ -948,7 +1009,7 @@ mod tests {
         let base = scratch.0.clone();
         prepare_state_dir(&base).unwrap();
         let dir = base.join("sandbox");
-        prepare_sandbox_dir(&dir).unwrap();
+        let _owner = prepare_sandbox_dir(&dir).unwrap();
         let root = dir.join(FS_ROOT_DIR);
         let names = |p: &Path| {
             let mut n: Vec<_> = std::fs::read_dir(p)
@@ -1012,7 +1073,7 @@ mod tests {
         std::fs::write(data.join("file"), b"file volume").unwrap();
         prepare_state_dir(&base).unwrap();
         let dir = base.join("sandbox");
-        prepare_sandbox_dir(&dir).unwrap();
+        let _owner = prepare_sandbox_dir(&dir).unwrap();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "sandbox directory is root-only");
@@ -1187,7 +1248,7 @@ mod tests {
         std::fs::write(decoy.join("cron"), b"host file").unwrap();
         prepare_state_dir(&base).unwrap();
         let dir = base.join("sandbox");
-        prepare_sandbox_dir(&dir).unwrap();
+        let _owner = prepare_sandbox_dir(&dir).unwrap();
         let shared = dir.join(SHARED_DIR);
 
         let stop = std::sync::Arc::new(AtomicBool::new(false));

@@ -429,6 +429,9 @@ pub type VmExit = watch::Receiver<Option<ExitReason>>;
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
+    /// Held until the sandbox is gone: a sweep takes the directory only once this shim is
+    /// dead ([`crate::sweep`]).
+    _owner: mounts::Owner,
     pub shared: PathBuf,
     pub uds: PathBuf,
     pub agent: AgentClient,
@@ -523,14 +526,8 @@ impl Sandbox {
             config.host_reserve_mib,
             host_available_mib,
         )?;
-        let dir = config.state_dir.join(id);
-        // A directory left by a shim that died: take its mounts down first.
-        let _ = mounts::remove_tree(&dir);
-        mounts::prepare_state_dir(&config.state_dir).map_err(SandboxError::Share)?;
-        if let Err(e) = mounts::prepare_sandbox_dir(&dir) {
-            let _ = mounts::remove_tree(&dir);
-            return Err(SandboxError::Share(e));
-        }
+        let (dir, owner) =
+            crate::sweep::new_sandbox_dir(&config.state_dir, id).map_err(SandboxError::Share)?;
         let shared = dir.join(mounts::SHARED_DIR);
         let uds = match vsock_socket(&dir) {
             Ok(uds) => uds,
@@ -750,10 +747,12 @@ impl Sandbox {
             return Err(error);
         }
         mark("agent_ready");
+        sweep_in_background(config);
         let (stopper, vm_thread, cgroup, connected) = sandbox.disarm();
         Ok(Sandbox {
             id: id.into(),
             dir,
+            _owner: owner,
             shared,
             uds,
             agent,
@@ -979,6 +978,25 @@ impl Drop for SandboxParts {
 /// Where the guest sees container `cid`'s files.
 pub fn guest_container_dir(cid: &str) -> String {
     format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR)
+}
+
+/// Cleans, on a thread of its own, the sandbox directories of shims that died (if no shim
+/// did in the last `sweep_secs`), then gives their host cgroups back to the pool.
+fn sweep_in_background(config: &Config) {
+    let state_dir = config.state_dir.clone();
+    let every = Duration::from_secs(config.sweep_secs);
+    let pool = config.cgroups.enabled.then(|| config.cgroups.pool_config());
+    tokio::task::spawn_blocking(move || match crate::sweep::sweep(&state_dir, every) {
+        Ok(cleaned) if !cleaned.is_empty() => {
+            if let Some(pool) = pool {
+                if let Err(e) = crate::host_cgroups::Pool::open(pool).and_then(|p| p.recover()) {
+                    tracing::warn!("cannot recover dead shims' host cgroups: {e}");
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot sweep for dead shims' sandboxes: {e}"),
+    });
 }
 
 /// The sandbox directory for `id` under `state_dir`, if it exists.

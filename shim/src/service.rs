@@ -81,7 +81,10 @@ struct Process {
     guest_pid: u32,
     exit: watch::Receiver<Exit>,
     exit_tx: Arc<watch::Sender<Exit>>,
-    io: Arc<std::sync::Mutex<Option<ProcessIo>>>,
+    io: SharedIo,
+    /// Set while the agent starts the process, with no lock held: a second start, or a
+    /// delete, is refused meanwhile.
+    starting: bool,
     /// Whether a waiter records this process's exit (from its start, or from a signal to a
     /// container not started yet).
     watched: bool,
@@ -98,6 +101,7 @@ impl Process {
             exit: rx,
             exit_tx: Arc::new(tx),
             io: Arc::new(std::sync::Mutex::new(None)),
+            starting: false,
             watched: false,
         }
     }
@@ -108,22 +112,36 @@ impl Process {
 
     /// Opens the process's agent streams and starts copying; returns the agent's tokens.
     async fn connect_io(&self, uds: &Path) -> TtrpcResult<ag::Stdio> {
-        let (uds, fifos) = (uds.to_path_buf(), self.fifos.clone());
-        let (stdio, io) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &fifos))
-            .await
-            .expect("stdio task")
-            .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
-        *self.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
-        Ok(stdio)
+        connect_io(&self.fifos, &self.io, uds).await
     }
 
     /// Ends the process's stdio copies.
     fn stop_io(&self) {
-        if let Some(io) = self.io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            io.shut_down();
-        }
+        stop_io(&self.io);
     }
 }
+
+/// A process's stdio streams to the guest, connected over the VM's vsock socket `uds` and
+/// copied to and from containerd's `fifos` by the returned copies, kept in `io`.
+async fn connect_io(fifos: &Fifos, io: &SharedIo, uds: &Path) -> TtrpcResult<ag::Stdio> {
+    let (uds, fifos) = (uds.to_path_buf(), fifos.clone());
+    let (stdio, copies) = tokio::task::spawn_blocking(move || ProcessIo::connect(&uds, &fifos))
+        .await
+        .expect("stdio task")
+        .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e.to_string()))?;
+    *io.lock().unwrap_or_else(|e| e.into_inner()) = Some(copies);
+    Ok(stdio)
+}
+
+/// Ends the stdio copies in `io`.
+fn stop_io(io: &SharedIo) {
+    if let Some(copies) = io.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        copies.shut_down();
+    }
+}
+
+/// A process's stdio copies, once connected.
+type SharedIo = Arc<std::sync::Mutex<Option<ProcessIo>>>;
 
 struct Container {
     bundle: String,
@@ -138,11 +156,19 @@ struct Container {
 struct Inner {
     sandbox: Option<Arc<Sandbox>>,
     containers: HashMap<String, Container>,
+    /// Containers being created (the VM booting, the agent creating it) or deleted, with no
+    /// lock held meanwhile: their ids are taken, and the sandbox is not idle.
+    pending: HashSet<String>,
     /// The shim is exiting (it served nothing after its caller left): no new container.
     closing: bool,
 }
 
 impl Inner {
+    /// Whether the shim serves no container and creates none.
+    fn idle(&self) -> bool {
+        self.containers.is_empty() && self.pending.is_empty()
+    }
+
     /// Container `id` and its process `exec_id` ("" for the init process).
     fn process(&self, id: &str, exec_id: &str) -> TtrpcResult<(&Container, &Process)> {
         let c = self
@@ -236,7 +262,13 @@ struct State {
     namespace: String,
     exit: ExitSignal,
     publisher: OnceLock<RemotePublisher>,
+    /// The containers and the sandbox: held for bookkeeping only, never across a VM's boot
+    /// or an agent call, so that every other container's requests answer meanwhile.
     inner: Mutex<Inner>,
+    /// Held while the sandbox's VM boots or shuts down (taken before `inner`, never after):
+    /// a second create waits for the boot, and a create never boots a VM while the last
+    /// one shuts down.
+    vm: Mutex<()>,
 }
 
 /// The shim; one process serves every container of one sandbox.
@@ -318,16 +350,17 @@ impl Service {
             .ok_or_else(|| status(ttrpc::Code::FAILED_PRECONDITION, "no sandbox is running"))
     }
 
-    /// Starts the sandbox for the first container (or returns the running one).
+    /// The running sandbox, or one started for container `cid` (the first, whose spec
+    /// sizes the VM), and whether it was started now. Under the `vm` lock alone.
     async fn ensure_sandbox(
         &self,
-        inner: &mut Inner,
         spec: &Spec,
         cid: &str,
         options: Option<&containerd_shim_protos::protobuf::well_known_types::any::Any>,
-    ) -> TtrpcResult<Arc<Sandbox>> {
-        if let Some(sb) = &inner.sandbox {
-            return Ok(sb.clone());
+    ) -> TtrpcResult<(Arc<Sandbox>, bool)> {
+        let _vm = self.state.vm.lock().await;
+        if let Some(sb) = self.state.inner.lock().await.sandbox.clone() {
+            return Ok((sb, false));
         }
         let invalid = |e: String| status(ttrpc::Code::INVALID_ARGUMENT, e);
         let config_path = options
@@ -396,8 +429,8 @@ impl Service {
         );
         let sb = Arc::new(sb);
         self.watch_oom(sb.clone());
-        inner.sandbox = Some(sb.clone());
-        Ok(sb)
+        self.state.inner.lock().await.sandbox = Some(sb.clone());
+        Ok((sb, true))
     }
 
     /// Passes the guest agent's OOM events on to containerd as TaskOOM until the sandbox's
@@ -473,22 +506,28 @@ impl Service {
 
     /// Stops the sandbox and ends the shim when it serves no container.
     async fn exit_if_idle(&self) {
-        let mut inner = self.state.inner.lock().await;
-        if inner.containers.is_empty() {
-            inner.closing = true;
-            self.release_sandbox_if_empty(&mut inner).await;
+        if self.release_sandbox_if_idle(true).await {
             self.state.exit.signal();
         }
     }
 
-    /// Shuts the sandbox down once no container is left in it.
-    async fn release_sandbox_if_empty(&self, inner: &mut Inner) {
-        if !inner.containers.is_empty() {
-            return;
-        }
-        if let Some(sb) = inner.sandbox.take() {
+    /// Shuts the sandbox down if no container is left in it nor being created, and says
+    /// whether it was idle; `closing`: the shim then takes no new container. The shutdown
+    /// (agent call, VM stop) runs under the `vm` lock only.
+    async fn release_sandbox_if_idle(&self, closing: bool) -> bool {
+        let _vm = self.state.vm.lock().await;
+        let sb = {
+            let mut inner = self.state.inner.lock().await;
+            if !inner.idle() {
+                return false;
+            }
+            inner.closing |= closing;
+            inner.sandbox.take()
+        };
+        if let Some(sb) = sb {
             sb.shut_down().await;
         }
+        true
     }
 
     /// Waits for a started process to end, then records and announces its exit.
@@ -644,6 +683,7 @@ impl Shim for Service {
                 exit: ExitSignal::default(),
                 publisher: OnceLock::new(),
                 inner: Mutex::new(Inner::default()),
+                vm: Mutex::new(()),
             }),
         }
     }
@@ -677,23 +717,13 @@ impl Shim for Service {
                 .map(|s| sandbox_id(&s, &cid))
                 .unwrap_or_else(|_| cid.clone());
             if let Some(dir) = crate::sandbox::existing_dir(&config.state_dir, &sid) {
-                // Redirects to the taps of the dead VM (recorded by the sandbox's own shim).
-                let record = (sid == cid)
-                    .then(|| std::fs::read_to_string(dir.join(crate::network::RECORD_FILE)).ok())
-                    .flatten();
-                match record.map(|r| crate::network::cleanup(&r)) {
-                    Some(Ok(n)) if n > 0 => {
-                        tracing::info!("removed {n} redirects of the dead sandbox")
-                    }
-                    Some(Err(e)) => tracing::warn!("cannot clean the pod network: {e}"),
-                    _ => {}
-                }
                 let _ = mounts::remove_container(&dir, &cid);
                 let others = std::fs::read_dir(dir.join(mounts::PRIVATE_DIR))
                     .map(|d| d.count())
                     .unwrap_or(0);
                 if others == 0 || sid == cid {
-                    let _ = mounts::remove_tree(&dir);
+                    // The redirects to the dead VM's taps too (recorded by its shim).
+                    let _ = crate::sweep::clean(&dir);
                 }
             }
             // Cgroups whose shim is gone go back to the pool, this one's included.
@@ -995,31 +1025,90 @@ impl Service {
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let cid = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
-        let mut spec = load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        let spec = load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
         if !req.checkpoint.is_empty() {
             return Err(status(
                 ttrpc::Code::UNIMPLEMENTED,
                 "restoring from a checkpoint is not supported by shoal",
             ));
         }
-        let mut inner = self.state.inner.lock().await;
-        if inner.closing {
-            return Err(status(
-                ttrpc::Code::UNAVAILABLE,
-                format!("cannot create {cid}: this shim is exiting"),
-            ));
-        }
-        if inner.containers.contains_key(&cid) {
-            return Err(status(
-                ttrpc::Code::ALREADY_EXISTS,
-                format!("container {cid} already exists"),
-            ));
-        }
         mounts::check_volumes(&spec)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-        let first = inner.sandbox.is_none();
-        let sb = self
-            .ensure_sandbox(&mut inner, &spec, &cid, req.options.as_ref())
+        {
+            let mut inner = self.state.inner.lock().await;
+            if inner.closing {
+                return Err(status(
+                    ttrpc::Code::UNAVAILABLE,
+                    format!("cannot create {cid}: this shim is exiting"),
+                ));
+            }
+            if inner.containers.contains_key(&cid) || inner.pending.contains(&cid) {
+                return Err(status(
+                    ttrpc::Code::ALREADY_EXISTS,
+                    format!("container {cid} already exists"),
+                ));
+            }
+            inner.pending.insert(cid.clone());
+        }
+        // The VM's boot and the agent's create run with no lock on the other containers.
+        let created = self.create_container(&req, &cid, &bundle, spec).await;
+        let mut inner = self.state.inner.lock().await;
+        inner.pending.remove(&cid);
+        let init = match created {
+            Ok(done) => done,
+            Err(e) => {
+                drop(inner);
+                self.release_sandbox_if_idle(false).await;
+                return Err(e);
+            }
+        };
+        inner.containers.insert(
+            cid.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                init,
+                execs: HashMap::new(),
+                forgetting: HashSet::new(),
+            },
+        );
+        drop(inner);
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(ev::TaskCreate {
+                container_id: cid,
+                bundle: req.bundle,
+                rootfs: req.rootfs,
+                io: MessageField::some(ev::TaskIO {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid: std::process::id(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse {
+            pid: std::process::id(),
+            ..Default::default()
+        })
+    }
+
+    /// Container `cid`'s part of a create, with its id reserved and no lock held: the
+    /// sandbox (booted for the first container), the container's files on the share, and
+    /// the agent's create. Returns its init process.
+    async fn create_container(
+        &self,
+        req: &api::CreateTaskRequest,
+        cid: &str,
+        bundle: &Path,
+        mut spec: Spec,
+    ) -> TtrpcResult<Process> {
+        let cid = cid.to_string();
+        let (sb, first) = self
+            .ensure_sandbox(&spec, &cid, req.options.as_ref())
             .await?;
         if first && sb.carries_network() {
             crate::network::use_vm_network(&mut spec);
@@ -1045,7 +1134,7 @@ impl Service {
                 .collect();
             let read_only = spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
             files
-                .mount_rootfs(&rootfs, &bundle)
+                .mount_rootfs(&rootfs, bundle)
                 .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
             files
                 .share_volumes(&mut spec, &guest_dir)
@@ -1098,7 +1187,6 @@ impl Service {
             Ok(init) => init,
             Err(e) => {
                 Self::clean_container_files(&sb, &cid);
-                self.release_sandbox_if_empty(&mut inner).await;
                 return Err(e);
             }
         };
@@ -1108,117 +1196,97 @@ impl Service {
                 cpu_quota_of(spec.linux().as_ref().and_then(|l| l.resources().as_ref()));
             Self::resize_host_cgroup(&sb, &cid, quota_per_period(quota, period), false);
         }
-        inner.containers.insert(
-            cid.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                init,
-                execs: HashMap::new(),
-                forgetting: HashSet::new(),
-            },
-        );
-        drop(inner);
-        self.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(ev::TaskCreate {
-                container_id: cid,
-                bundle: req.bundle,
-                rootfs: req.rootfs,
-                io: MessageField::some(ev::TaskIO {
-                    stdin: req.stdin,
-                    stdout: req.stdout,
-                    stderr: req.stderr,
-                    terminal: req.terminal,
-                    ..Default::default()
-                }),
-                pid: std::process::id(),
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(api::CreateTaskResponse {
-            pid: std::process::id(),
-            ..Default::default()
-        })
+        Ok(init)
     }
 
     async fn start_whole(&self, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
         let sb = self.sandbox().await?;
-        let mut inner = self.state.inner.lock().await;
-        let c = inner
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
         let pid = std::process::id();
-        if req.exec_id.is_empty() {
-            if c.init.status != Status::CREATED {
+        // Marked as starting under the lock; the agent's start runs without it.
+        let (fifos, io, spec_json) = {
+            let mut inner = self.state.inner.lock().await;
+            let c = inner
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&format!("container {}", req.id)))?;
+            let (p, what) = match req.exec_id.is_empty() {
+                true => (&mut c.init, format!("container {}", req.id)),
+                false => (
+                    c.execs
+                        .get_mut(&req.exec_id)
+                        .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?,
+                    format!("exec {}", req.exec_id),
+                ),
+            };
+            if p.status != Status::CREATED || p.starting {
                 return Err(status(
                     ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} was already started", req.id),
+                    format!("{what} was already started"),
                 ));
             }
-            sb.agent_call(
-                "StartContainer",
-                sb.agent
-                    .start_container(ctx(RPC_TIMEOUT), &container_request(&req.id)),
-            )
-            .await?;
-            c.init.status = Status::RUNNING;
-            crate::sandbox::mark("container_started");
-            if !c.init.watched {
-                c.init.watched = true;
-                self.spawn_waiter(
-                    sb.clone(),
-                    req.id.clone(),
-                    String::new(),
-                    c.init.exit_tx.clone(),
-                    c.init.io.clone(),
-                );
-            }
-            drop(inner);
-            self.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(ev::TaskStart {
-                    container_id: req.id,
-                    pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        } else {
-            let p = c
-                .execs
-                .get_mut(&req.exec_id)
-                .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
-            if p.status != Status::CREATED {
-                return Err(status(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("exec {} was already started", req.exec_id),
-                ));
-            }
-            let stdio = p.connect_io(&sb.uds).await?;
-            let r = sb
-                .agent
-                .exec_process(
-                    ctx(RPC_TIMEOUT),
-                    &ag::ExecProcessRequest {
+            p.starting = true;
+            (p.fifos.clone(), p.io.clone(), p.spec_json.clone())
+        };
+        let started = match req.exec_id.is_empty() {
+            true => sb
+                .agent_call(
+                    "StartContainer",
+                    sb.agent
+                        .start_container(ctx(RPC_TIMEOUT), &container_request(&req.id)),
+                )
+                .await
+                .map(|_| None),
+            false => {
+                let exec = async {
+                    let stdio = connect_io(&fifos, &io, &sb.uds).await?;
+                    let request = ag::ExecProcessRequest {
                         container_id: req.id.clone(),
                         exec_id: req.exec_id.clone(),
-                        process_json: p.spec_json.clone(),
+                        process_json: spec_json,
                         stdio: MessageField::some(stdio),
                         ..Default::default()
-                    },
-                )
-                .await;
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    p.stop_io();
-                    return Err(sb.explain_agent_error("ExecProcess", e).await);
+                    };
+                    match sb.agent.exec_process(ctx(RPC_TIMEOUT), &request).await {
+                        Ok(r) => Ok(Some(r.pid)),
+                        Err(e) => Err(sb.explain_agent_error("ExecProcess", e).await),
+                    }
+                };
+                exec.await
+            }
+        };
+        let mut inner = self.state.inner.lock().await;
+        // Neither the container nor the exec is deleted while it starts.
+        let p = inner
+            .containers
+            .get_mut(&req.id)
+            .and_then(|c| match req.exec_id.is_empty() {
+                true => Some(&mut c.init),
+                false => c.execs.get_mut(&req.exec_id),
+            });
+        let Some(p) = p else {
+            stop_io(&io);
+            return Err(not_found(&format!("container {}", req.id)));
+        };
+        p.starting = false;
+        let guest_pid = match started {
+            Ok(guest_pid) => guest_pid,
+            Err(e) => {
+                if !req.exec_id.is_empty() {
+                    stop_io(&io);
                 }
-            };
-            p.guest_pid = r.pid;
+                return Err(e);
+            }
+        };
+        if let Some(guest_pid) = guest_pid {
+            p.guest_pid = guest_pid;
+        }
+        // A signal sent while it started may have ended it already (its waiter, spawned by
+        // the kill, has then recorded STOPPED).
+        if p.exited().is_none() {
             p.status = Status::RUNNING;
+        }
+        let watch = !std::mem::replace(&mut p.watched, true);
+        if watch {
             self.spawn_waiter(
                 sb.clone(),
                 req.id.clone(),
@@ -1226,18 +1294,28 @@ impl Service {
                 p.exit_tx.clone(),
                 p.io.clone(),
             );
-            drop(inner);
-            self.publish(
-                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                Box::new(ev::TaskExecStarted {
-                    container_id: req.id,
-                    exec_id: req.exec_id,
-                    pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
         }
+        drop(inner);
+        let event: Box<dyn protobuf::MessageDyn> = if req.exec_id.is_empty() {
+            crate::sandbox::mark("container_started");
+            Box::new(ev::TaskStart {
+                container_id: req.id,
+                pid,
+                ..Default::default()
+            })
+        } else {
+            Box::new(ev::TaskExecStarted {
+                container_id: req.id,
+                exec_id: req.exec_id,
+                pid,
+                ..Default::default()
+            })
+        };
+        let topic = match guest_pid {
+            None => topics::TASK_START_EVENT_TOPIC,
+            Some(_) => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+        };
+        self.publish(topic, event).await;
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -1256,7 +1334,7 @@ impl Service {
                 .execs
                 .get(&req.exec_id)
                 .ok_or_else(|| not_found(&format!("exec {}", req.exec_id)))?;
-            if p.status == Status::RUNNING {
+            if p.status == Status::RUNNING || p.starting {
                 return Err(status(
                     ttrpc::Code::FAILED_PRECONDITION,
                     format!("exec {} is still running", req.exec_id),
@@ -1302,7 +1380,8 @@ impl Service {
         }
         // Killed before it started, its end is on its way (the waiter records it).
         let ending = c.init.watched && c.init.exited().is_none();
-        if ending || matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
+        let starting = c.init.starting || c.execs.values().any(|p| p.starting);
+        if ending || starting || matches!(c.init.status, Status::RUNNING | Status::PAUSED) {
             return Err(status(
                 ttrpc::Code::FAILED_PRECONDITION,
                 format!("container {} is still running; kill it first", req.id),
@@ -1310,7 +1389,11 @@ impl Service {
         }
         let (code, at) = c.init.exited().unwrap_or((0, now()));
         let c = inner.containers.remove(&req.id).expect("looked up above");
-        if let Some(sb) = inner.sandbox.clone() {
+        // The id stays taken, and the sandbox up, until the agent has removed it too.
+        inner.pending.insert(req.id.clone());
+        let sb = inner.sandbox.clone();
+        drop(inner);
+        if let Some(sb) = sb {
             let removed = sb
                 .agent
                 .remove_container(
@@ -1336,8 +1419,8 @@ impl Service {
                 Self::resize_host_cgroup(&sb, &req.id, None, true);
             }
         }
-        self.release_sandbox_if_empty(&mut inner).await;
-        drop(inner);
+        self.state.inner.lock().await.pending.remove(&req.id);
+        self.release_sandbox_if_idle(false).await;
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(ev::TaskDelete {
@@ -1514,12 +1597,9 @@ impl Service {
     }
 
     async fn shutdown_whole(&self, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        let mut inner = self.state.inner.lock().await;
-        if !inner.containers.is_empty() {
-            return Ok(api::Empty::new());
+        if self.release_sandbox_if_idle(true).await {
+            self.state.exit.signal();
         }
-        self.release_sandbox_if_empty(&mut inner).await;
-        self.state.exit.signal();
         Ok(api::Empty::new())
     }
 }

@@ -358,6 +358,24 @@ impl Containerd {
             .expect("the fixture's shoal config")
     }
 
+    /// Sandbox directories in the fixture's shoal state directory, those a sweep took from
+    /// dead shims (`.dead-ID`) included; not the flight recorder's reports nor the sweep's
+    /// lock, which stay by design.
+    pub fn sandbox_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.shoal_state())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        !name.starts_with('.')
+                            || name.starts_with(containerd_shim_shoal_v2::sweep::DEAD_PREFIX)
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Claim files of the fixture's host cgroup pool (sandboxes holding a cgroup).
     pub fn cgroup_claims(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.shoal_config().cgroups.state_dir)
@@ -416,15 +434,7 @@ impl Containerd {
         if !shims.is_empty() {
             left.push(format!("shims {shims:?}"));
         }
-        // The flight recorder's reports stay by design.
-        let dirs: Vec<_> = std::fs::read_dir(self.shoal_state())
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| !p.ends_with(".crashes"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let dirs = self.sandbox_dirs();
         if !dirs.is_empty() {
             left.push(format!("sandbox dirs {dirs:?}"));
         }
