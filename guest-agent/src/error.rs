@@ -53,19 +53,16 @@ pub enum AgentError {
     Unsupported(&'static str),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error("container {id}: {action} failed: {source}")]
+    #[error("container {id}: {action} failed: {cause}")]
     Runtime {
         id: String,
         action: &'static str,
-        source: Box<libcontainer::error::LibcontainerError>,
+        cause: Box<libcontainer::error::LibcontainerError>,
     },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{what}: {source}")]
-    Sys { what: String, source: nix::Error },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
+    #[error("{what}: {cause}")]
+    Sys { what: String, cause: nix::Error },
     #[error("network set-up: {0}")]
     Network(String),
     /// What the helper that makes container processes reported ([`crate::spawn`]): its
@@ -73,21 +70,29 @@ pub enum AgentError {
     #[error("{0}")]
     Helper(String),
     #[error("network set-up: {0}")]
-    Netlink(#[from] shoal_netlink::NetlinkError),
+    Netlink(shoal_netlink::NetlinkError),
+}
+
+// By hand, not `#[from]`: the messages carry the cause, so it is not also a `source()`
+// (printed once, not twice, by a walk of the chain).
+impl From<shoal_netlink::NetlinkError> for AgentError {
+    fn from(e: shoal_netlink::NetlinkError) -> Self {
+        AgentError::Netlink(e)
+    }
 }
 
 impl AgentError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         AgentError::Io {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 
     pub fn sys(what: impl Into<String>, source: nix::Error) -> Self {
         AgentError::Sys {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -100,7 +105,7 @@ impl AgentError {
         move |source| AgentError::Runtime {
             id,
             action,
-            source: Box::new(source),
+            cause: Box::new(source),
         }
     }
 

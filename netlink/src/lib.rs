@@ -43,17 +43,14 @@ const INGRESS_HANDLE: TcHandle = TcHandle {
 pub enum NetlinkError {
     #[error("cannot open a netlink socket: {0}")]
     Socket(std::io::Error),
-    #[error("netlink: cannot {what}: {source}")]
-    Request {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("netlink: cannot {what}: {cause}")]
+    Request { what: String, cause: std::io::Error },
     #[error("netlink: unreadable answer to {what}: {message}")]
     Decode { what: String, message: String },
-    #[error("cannot enter network namespace {path}: {source}")]
+    #[error("cannot enter network namespace {path}: {cause}")]
     Netns {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -144,7 +141,7 @@ impl Netlink {
                 (_, true) => {
                     return Err(NetlinkError::Request {
                         what: what(),
-                        source: std::io::Error::other("the dump kept changing while it was read"),
+                        cause: std::io::Error::other("the dump kept changing while it was read"),
                     })
                 }
             }
@@ -168,7 +165,7 @@ impl Netlink {
         packet.serialize(&mut buf);
         let fail = |source| NetlinkError::Request {
             what: what(),
-            source,
+            cause: source,
         };
         self.socket.send(&buf, 0).map_err(fail)?;
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
@@ -585,7 +582,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
     let err = |source| NetlinkError::Netns {
         path: path.into(),
-        source,
+        cause: source,
     };
     let ns = File::open(path).map_err(err)?;
     std::thread::scope(|scope| {

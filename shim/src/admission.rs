@@ -31,10 +31,10 @@ pub enum AdmissionError {
         /// Other starts in flight, each counted as taking `STARTUP_MIB`.
         starting: u64,
     },
-    #[error("cannot use the admission directory {path}: {source}")]
+    #[error("cannot use the admission directory {path}: {cause}")]
     State {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -73,7 +73,10 @@ pub fn admit(
 ) -> Result<Ticket, AdmissionError> {
     let err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| AdmissionError::State { path, source }
+        move |source| AdmissionError::State {
+            path,
+            cause: source,
+        }
     };
     std::fs::create_dir_all(dir).map_err(err(dir))?;
     let lock_path = dir.join(".admission.lock");

@@ -59,10 +59,10 @@ const ANNOTATION_PREFIX: &str = "io.shoal.";
 /// Errors in configuration; each names the file or annotation at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read shoal config {path}: {source}")]
+    #[error("cannot read shoal config {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("shoal config {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
@@ -272,7 +272,7 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
-            source,
+            cause: source,
         })?;
         Config::from_toml(&text, path)
     }

@@ -30,15 +30,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub enum PoolError {
     #[error("{0} is not a cgroup v1 or v2 mount")]
     NoCgroupFs(PathBuf),
-    #[error("cannot create or use the pool's parent cgroup {path}: {source}")]
+    #[error("cannot create or use the pool's parent cgroup {path}: {cause}")]
     Parent {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot use the pool state directory {path}: {source}")]
+    #[error("cannot use the pool state directory {path}: {cause}")]
     State {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("all {size} pooled cgroups are claimed")]
     Exhausted { size: usize },
@@ -46,11 +46,11 @@ pub enum PoolError {
     BelowOverhead { limit: u64, overhead: u64 },
     #[error("cgroup {path} still has processes; kill them before releasing it")]
     Busy { path: PathBuf },
-    #[error("cannot write {value} to {path}: {source}")]
+    #[error("cannot write {value} to {path}: {cause}")]
     Write {
         path: PathBuf,
         value: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid sandbox id {0:?}")]
     InvalidId(String),
@@ -158,7 +158,7 @@ fn write(path: &Path, value: &str) -> Result<()> {
     std::fs::write(path, value).map_err(|source| PoolError::Write {
         path: path.into(),
         value: value.into(),
-        source,
+        cause: source,
     })
 }
 
@@ -287,7 +287,7 @@ impl Pool {
         };
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| PoolError::State {
             path: cfg.state_dir.clone(),
-            source,
+            cause: source,
         })?;
         let pool = Pool {
             cfg,
@@ -314,15 +314,19 @@ impl Pool {
         for p in &self.parents {
             std::fs::create_dir_all(p).map_err(|source| PoolError::Parent {
                 path: p.clone(),
-                source,
+                cause: source,
             })?;
         }
         if self.hierarchy == Hierarchy::V2 {
             // Delegate the controllers the limits need, down to the pooled cgroups.
             for dir in [self.cfg.root.clone(), self.parents[0].clone()] {
                 let file = dir.join("cgroup.subtree_control");
-                std::fs::write(&file, "+cpu +memory +pids")
-                    .map_err(|source| PoolError::Parent { path: file, source })?;
+                std::fs::write(&file, "+cpu +memory +pids").map_err(|source| {
+                    PoolError::Parent {
+                        path: file,
+                        cause: source,
+                    }
+                })?;
             }
         }
         for slot in 0..self.cfg.size {
@@ -332,7 +336,7 @@ impl Pool {
                     Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                         return Err(PoolError::Parent {
                             path: dir.clone(),
-                            source: e,
+                            cause: e,
                         });
                     }
                     _ => {}
@@ -368,7 +372,10 @@ impl Pool {
     /// could remove the claim a live shim made in between).
     fn lock(&self) -> Result<nix::fcntl::Flock<File>> {
         let path = self.cfg.state_dir.join(".lock");
-        lock_file(&path).map_err(|source| PoolError::State { path, source })
+        lock_file(&path).map_err(|source| PoolError::State {
+            path,
+            cause: source,
+        })
     }
 
     /// Releases claims whose owning process has exited (a crashed shim).
@@ -436,7 +443,7 @@ impl Pool {
             let _ = std::fs::remove_file(&pending);
             return Err(PoolError::State {
                 path: pending,
-                source,
+                cause: source,
             });
         }
         let taken = self.find_free_slot(&pending);
@@ -449,7 +456,7 @@ impl Pool {
             claim_file: self.claim_file(slot),
         };
         let mut applied = self.apply(&claim, limits);
-        if matches!(&applied, Err(PoolError::Write { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+        if matches!(&applied, Err(PoolError::Write { cause: source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
         {
             // The slot, or on v2 a controller's files, went missing after the pool was
             // made: make what is missing again, once.
@@ -481,7 +488,7 @@ impl Pool {
         let size = self.cfg.size.max(1);
         let state_err = |source| PoolError::State {
             path: self.cfg.state_dir.clone(),
-            source,
+            cause: source,
         };
         // Ok(false): another claim holds the slot (or took it since the listing).
         let take = |slot: usize| match std::fs::hard_link(pending, self.claim_file(slot)) {

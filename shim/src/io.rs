@@ -28,11 +28,11 @@ use shoal_agent_api::STDIO_PORT;
 pub enum IoError {
     #[error("cannot open a stdio stream to the agent: {0}")]
     Connect(std::io::Error),
-    #[error("cannot open containerd's stdio fifo {path}: {source}")]
+    #[error("cannot open containerd's stdio fifo {path}: {cause}")]
     Fifo {
         path: PathBuf,
         // Not a `#[source]`: the message carries it, printed once.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot make the stdio copies' cancel eventfd: {0}")]
     Cancel(nix::Error),
@@ -192,7 +192,10 @@ impl ProcessIo {
                 .read(true)
                 .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
                 .open(&fifo)
-                .map_err(|source| IoError::Fifo { path: fifo, source })?;
+                .map_err(|source| IoError::Fifo {
+                    path: fifo,
+                    cause: source,
+                })?;
             let (stream, token) = open_stream(uds)?;
             stdio.stdin = token;
             let mut to_guest = stream.try_clone().map_err(IoError::Connect)?;

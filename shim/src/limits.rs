@@ -8,8 +8,8 @@
 /// Errors setting a process limit.
 #[derive(Debug, thiserror::Error)]
 pub enum LimitsError {
-    #[error("cannot set the shim's open file limit (RLIMIT_NOFILE) to {limit}: {source}")]
-    OpenFiles { limit: u64, source: std::io::Error },
+    #[error("cannot set the shim's open file limit (RLIMIT_NOFILE) to {limit}: {cause}")]
+    OpenFiles { limit: u64, cause: std::io::Error },
 }
 
 /// Sets this process's RLIMIT_NOFILE, soft and hard, to `limit`.
@@ -30,7 +30,7 @@ pub fn set_open_files(limit: u64) -> Result<(), LimitsError> {
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &value) } != 0 {
         return Err(LimitsError::OpenFiles {
             limit,
-            source: std::io::Error::last_os_error(),
+            cause: std::io::Error::last_os_error(),
         });
     }
     Ok(())
@@ -155,7 +155,10 @@ mod tests {
             before,
             "a refused limit changed the process's"
         );
-        let LimitsError::OpenFiles { limit, source } = &e;
+        let LimitsError::OpenFiles {
+            limit,
+            cause: source,
+        } = &e;
         assert_eq!(*limit, nr_open + 1);
         assert_eq!(source.raw_os_error(), Some(libc::EPERM), "{e}");
         assert!(e.to_string().contains(&(nr_open + 1).to_string()), "{e}");

@@ -37,11 +37,11 @@ pub enum MountError {
     BadId(String),
     #[error("sandbox directory {0} belongs to a running shim")]
     InUse(PathBuf),
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -49,7 +49,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     move |source| MountError::Io {
         what,
         path: path.into(),
-        source,
+        cause: source,
     }
 }
 
@@ -103,7 +103,7 @@ pub fn prepare_state_dir(state_dir: &Path) -> Result<(), MountError> {
         move |e: nix::Error| MountError::Io {
             what,
             path: state_dir.into(),
-            source: e.into(),
+            cause: e.into(),
         }
     };
     if !is_mount_root(state_dir)? {
@@ -171,7 +171,7 @@ pub fn prepare_sandbox_dir(dir: &Path) -> Result<Owner, MountError> {
         move |e: nix::Error| MountError::Io {
             what,
             path,
-            source: e.into(),
+            cause: e.into(),
         }
     };
     let none = None::<&str>;

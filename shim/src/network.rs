@@ -26,11 +26,8 @@ const TAP_PREFIX: &str = "shoal-tap";
 /// Errors carrying a pod network into the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("pod network namespace {netns}: {source}")]
-    Netlink {
-        netns: PathBuf,
-        source: NetlinkError,
-    },
+    #[error("pod network namespace {netns}: {cause}")]
+    Netlink { netns: PathBuf, cause: NetlinkError },
     #[error("pod network namespace {netns}: interface {name} ({kind}) cannot be carried into the VM: only Ethernet-like interfaces (veth, macvlan, ...) can")]
     Unsupported {
         netns: PathBuf,
@@ -63,7 +60,7 @@ pub struct PodNetwork {
 fn netlink_err(netns: &Path) -> impl Fn(NetlinkError) -> NetworkError + '_ {
     move |source| NetworkError::Netlink {
         netns: netns.into(),
-        source,
+        cause: source,
     }
 }
 
@@ -181,7 +178,7 @@ impl PodNetwork {
                 let tap_index = nix::net::if_::if_nametoindex(tap.as_str()).map_err(|e| {
                     NetlinkError::Request {
                         what: format!("find tap {tap}"),
-                        source: e.into(),
+                        cause: e.into(),
                     }
                 })?;
                 nl.set_link(tap_index, None, Some(c.link.mtu), Some(true))?;

@@ -40,7 +40,7 @@ pub enum SandboxError {
     #[error("cannot prepare the sandbox's directory: {0}")]
     Share(mounts::MountError),
     #[error("the sandbox VM failed to start: {0}")]
-    Boot(#[from] shoal_vmm::Error),
+    Boot(shoal_vmm::Error),
     /// `console` holds the guest console's last lines: the sandbox directory, and the log
     /// with it, is gone by the time the error is reported.
     #[error("the guest agent did not answer within {secs} s: {message}; the guest console's last lines:\n{console}")]
@@ -65,13 +65,39 @@ pub enum SandboxError {
         console: String,
     },
     #[error("cannot give the sandbox a host cgroup (see [cgroups] in the shoal config): {0}")]
-    Cgroup(#[from] PoolError),
+    Cgroup(PoolError),
     #[error("cannot carry the pod's network into the VM: {0}")]
-    Network(#[from] NetworkError),
+    Network(NetworkError),
     #[error("cannot start the sandbox from its VM template: {0}")]
-    Template(#[from] TemplateError),
+    Template(TemplateError),
     #[error(transparent)]
     Admission(#[from] AdmissionError),
+}
+
+// By hand, not `#[from]`: the messages carry the cause, so it is not also a `source()`
+// (printed once, not twice, by a walk of the chain).
+impl From<shoal_vmm::Error> for SandboxError {
+    fn from(e: shoal_vmm::Error) -> Self {
+        SandboxError::Boot(e)
+    }
+}
+
+impl From<PoolError> for SandboxError {
+    fn from(e: PoolError) -> Self {
+        SandboxError::Cgroup(e)
+    }
+}
+
+impl From<NetworkError> for SandboxError {
+    fn from(e: NetworkError) -> Self {
+        SandboxError::Network(e)
+    }
+}
+
+impl From<TemplateError> for SandboxError {
+    fn from(e: TemplateError) -> Self {
+        SandboxError::Template(e)
+    }
 }
 
 /// 64 random bytes from the host for the guest's random pool (none if /dev/urandom cannot
@@ -536,7 +562,7 @@ impl Sandbox {
                 return Err(SandboxError::Share(mounts::MountError::Io {
                     what: "cannot make the vsock directory in",
                     path: dir.clone(),
-                    source: e,
+                    cause: e,
                 }));
             }
         };

@@ -102,7 +102,7 @@ pub fn sweep(state_dir: &Path, every: Duration) -> Result<Vec<String>, MountErro
         stamp(&mut held).map_err(|e| MountError::Io {
             what: "write the sweep time to",
             path,
-            source: e,
+            cause: e,
         })?;
         take_dead(state_dir)?
     };
@@ -124,7 +124,7 @@ fn take_dead(state_dir: &Path) -> Result<Vec<(String, PathBuf, Owner)>, MountErr
     let entries = std::fs::read_dir(state_dir).map_err(|e| MountError::Io {
         what: "list",
         path: state_dir.into(),
-        source: e,
+        cause: e,
     })?;
     let mut taken = Vec::new();
     for entry in entries.flatten() {
@@ -167,7 +167,7 @@ fn lock(state_dir: &Path, how: FlockArg) -> Result<Flock<File>, MountError> {
     Flock::lock(file, how).map_err(|(_, e)| MountError::Io {
         what: "lock",
         path,
-        source: e.into(),
+        cause: e.into(),
     })
 }
 
@@ -181,7 +181,7 @@ fn try_lock(state_dir: &Path) -> Result<Option<Flock<File>>, MountError> {
         Err((_, e)) => Err(MountError::Io {
             what: "lock",
             path,
-            source: e.into(),
+            cause: e.into(),
         }),
     }
 }
@@ -199,7 +199,7 @@ fn open_lock(path: &Path) -> Result<File, MountError> {
         .map_err(|e| MountError::Io {
             what: "open",
             path: path.into(),
-            source: e,
+            cause: e,
         })
 }
 

@@ -52,25 +52,37 @@ pub enum TemplateError {
     Stale { dir: PathBuf, what: String },
     #[error("the VM template's {path} is not valid: {message}")]
     Manifest { path: PathBuf, message: String },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("the template VM failed to start: {0}")]
     Boot(shoal_vmm::Error),
     #[error("the template VM's agent did not answer: {message}; the guest console's last lines:\n{console}")]
     Agent { message: String, console: String },
     #[error("cannot save the template VM: {0}")]
-    Snapshot(#[from] shoal_vmm::SnapshotError),
+    Snapshot(shoal_vmm::SnapshotError),
+}
+
+// By hand, not `#[from]`: the messages carry the cause, so it is not also a `source()`
+// (printed once, not twice, by a walk of the chain).
+impl From<shoal_vmm::SnapshotError> for TemplateError {
+    fn from(e: shoal_vmm::SnapshotError) -> Self {
+        TemplateError::Snapshot(e)
+    }
 }
 
 type Result<T> = std::result::Result<T, TemplateError>;
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
     let path = path.to_path_buf();
-    move |source| TemplateError::Io { what, path, source }
+    move |source| TemplateError::Io {
+        what,
+        path,
+        cause: source,
+    }
 }
 
 /// A file the template was made from, as cheap to check as a `stat`: replacing it (as

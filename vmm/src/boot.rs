@@ -19,36 +19,36 @@ use crate::memory::{e820_map, E820Kind};
 /// Errors from loading the kernel, initramfs and boot data.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot open kernel image {path}: {source}")]
+    #[error("cannot open kernel image {path}: {cause}")]
     OpenKernel {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("kernel image {path} is not a loadable x86-64 ELF vmlinux: {source}")]
+    #[error("kernel image {path} is not a loadable x86-64 ELF vmlinux: {cause}")]
     LoadKernel {
         path: PathBuf,
-        source: linux_loader::loader::Error,
+        cause: linux_loader::loader::Error,
     },
-    #[error("cannot open initramfs {path}: {source}")]
+    #[error("cannot open initramfs {path}: {cause}")]
     OpenInitrd {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooLarge { path: PathBuf, size: u64 },
-    #[error("cannot read initramfs {path} into guest memory: {source}")]
+    #[error("cannot read initramfs {path} into guest memory: {cause}")]
     ReadInitrd {
         path: PathBuf,
-        source: vm_memory::GuestMemoryError,
+        cause: vm_memory::GuestMemoryError,
     },
     #[error("kernel command line is invalid: {0}")]
     Cmdline(linux_loader::cmdline::Error),
     #[error("kernel command line is {len} bytes; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
-    #[error("cannot write {what} into guest memory: {source}")]
+    #[error("cannot write {what} into guest memory: {cause}")]
     Write {
         what: &'static str,
-        source: vm_memory::GuestMemoryError,
+        cause: vm_memory::GuestMemoryError,
     },
     #[error("too many vCPUs for the MP table: {0}")]
     TooManyVcpus(u8),
@@ -80,14 +80,14 @@ pub struct LoadedInitrd {
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let file = File::open(path).map_err(|source| BootError::OpenKernel {
         path: path.into(),
-        source,
+        cause: source,
     })?;
     let mut file = SharedPages { file, shared: 0 };
     let result =
         Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
             BootError::LoadKernel {
                 path: path.into(),
-                source,
+                cause: source,
             }
         })?;
     tracing::debug!(
@@ -202,13 +202,13 @@ pub fn load_initrd(
 ) -> Result<LoadedInitrd, BootError> {
     let mut file = File::open(path).map_err(|source| BootError::OpenInitrd {
         path: path.into(),
-        source,
+        cause: source,
     })?;
     let size = file
         .metadata()
         .map_err(|source| BootError::OpenInitrd {
             path: path.into(),
-            source,
+            cause: source,
         })?
         .len();
     let low_ram_end = mem
@@ -229,7 +229,7 @@ pub fn load_initrd(
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|source| BootError::ReadInitrd {
             path: path.into(),
-            source,
+            cause: source,
         })?;
     Ok(LoadedInitrd {
         addr: GuestAddress(addr),
@@ -264,7 +264,7 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, 
     mem.write_slice(bytes, GuestAddress(CMDLINE_START))
         .map_err(|source| BootError::Write {
             what: "command line",
-            source,
+            cause: source,
         })?;
     Ok(bytes.len() - 1)
 }
@@ -314,7 +314,7 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, params: &BootParams) -> Result<(
     mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))
         .map_err(|source| BootError::Write {
             what: "boot_params",
-            source,
+            cause: source,
         })
 }
 
@@ -341,13 +341,13 @@ pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
             .map_err(|source| BootError::Write {
                 what: "GDT",
-                source,
+                cause: source,
             })?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
         .map_err(|source| BootError::Write {
             what: "IDT",
-            source,
+            cause: source,
         })
 }
 
@@ -358,7 +358,7 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
         mem.write_obj(value, GuestAddress(addr))
             .map_err(|source| BootError::Write {
                 what: "page tables",
-                source,
+                cause: source,
             })
     };
     w(PDPTE_START | 0x03, PML4_START)?;
@@ -573,10 +573,23 @@ mod tests {
             load_initrd(&m, &path, 0x20_0000),
             Err(BootError::InitrdTooLarge { .. })
         ));
-        assert!(matches!(
-            load_initrd(&m, &dir.join("missing"), 0),
-            Err(BootError::OpenInitrd { .. })
-        ));
+        let missing = load_initrd(&m, &dir.join("missing"), 0);
+        // The message names the cause, and a walk of the chain (what `{:#}` prints) adds
+        // nothing: the cause shows once.
+        if let Err(e) = &missing {
+            let mut line = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                line = format!("{line}: {c}");
+                cause = c.source();
+            }
+            assert_eq!(
+                line.matches("No such file or directory").count(),
+                1,
+                "{line}"
+            );
+        }
+        assert!(matches!(missing, Err(BootError::OpenInitrd { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

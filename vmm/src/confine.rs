@@ -46,11 +46,11 @@ use seccompiler::{
 /// runs confined or not at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfineError {
-    #[error("thread {thread}: cannot {what}: {source}")]
+    #[error("thread {thread}: cannot {what}: {cause}")]
     Sys {
         thread: String,
         what: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("thread {thread}: cannot build its seccomp filter: {reason}")]
     Filter { thread: String, reason: String },
@@ -550,7 +550,7 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
             .map_err(|(what, source)| ConfineError::Sys {
                 thread: thread_name(class),
                 what,
-                source,
+                cause: source,
             })?,
         ),
         _ => None,
@@ -567,7 +567,7 @@ pub fn enter(class: &ThreadClass) -> Result<(), ConfineError> {
     let sys = |what, source| ConfineError::Sys {
         thread: thread.clone(),
         what,
-        source,
+        cause: source,
     };
 
     if let Some(dir) = class.jail() {
@@ -627,7 +627,7 @@ impl Starting {
                 Err(ConfineError::Sys {
                     thread: self.name,
                     what: "confine itself",
-                    source: std::io::Error::other("the thread ended before it said"),
+                    cause: std::io::Error::other("the thread ended before it said"),
                 })
             }
         }
@@ -657,7 +657,7 @@ pub fn start<F: FnOnce() + Send + 'static>(
         .map_err(|source| ConfineError::Sys {
             thread: name.into(),
             what: "start",
-            source,
+            cause: source,
         })?;
     Ok(Starting {
         name: name.into(),

@@ -143,6 +143,60 @@ pub struct VsockConfig {
 }
 
 impl VmConfig {
+    /// Checks what can be checked without touching the host beyond reading its memory
+    /// size: the vCPU count, the guest memory size, the vsock CID, the number of virtio
+    /// devices (each takes one MMIO slot) and the command line's length with the devices'
+    /// entries the VMM adds. [`Vm::boot`] runs it first, before any memory is mapped or a
+    /// KVM VM made.
+    pub fn validate(&self) -> std::result::Result<(), ValidationError> {
+        if self.vcpus == 0 || self.vcpus > mptable::MAX_VCPUS {
+            return Err(ValidationError::VcpuCount {
+                got: self.vcpus,
+                max: mptable::MAX_VCPUS,
+            });
+        }
+        match memory::validate_size(self.memory_mib) {
+            Ok(()) => {}
+            Err(memory::MemoryError::LargerThanHost {
+                requested_mib,
+                host_mib,
+            }) => {
+                return Err(ValidationError::MemoryLargerThanHost {
+                    got: requested_mib,
+                    host: host_mib,
+                })
+            }
+            Err(_) => {
+                return Err(ValidationError::MemoryTooSmall {
+                    got: self.memory_mib,
+                    min: memory::MIN_MEMORY_MIB,
+                })
+            }
+        }
+        if let Some(vsock) = self.vsock.as_ref().filter(|v| v.cid < 3) {
+            return Err(ValidationError::VsockCid(vsock.cid));
+        }
+        let devices = usize::from(self.vsock.is_some())
+            + self.disks.len()
+            + self.shares.len()
+            + self.nets.len()
+            + usize::from(self.free_page_reporting);
+        if devices > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
+            return Err(ValidationError::TooManyDevices(devices));
+        }
+        // Each device adds one `virtio_mmio.device=4K@ADDR:GSI` entry and a space: the
+        // addresses have 8 hex digits, the GSIs at most 2 decimal ones.
+        const DEVICE_ENTRY: usize = "virtio_mmio.device=4K@0xd0000000:32 ".len();
+        let len = self.cmdline.len() + devices * DEVICE_ENTRY;
+        if len >= layout::CMDLINE_MAX_SIZE {
+            return Err(ValidationError::CmdlineTooLong {
+                len,
+                max: layout::CMDLINE_MAX_SIZE - 1,
+            });
+        }
+        Ok(())
+    }
+
     /// A config with shoal's defaults: 128 MiB, 1 vCPU, console discarded, no vsock.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
@@ -167,6 +221,24 @@ impl VmConfig {
 /// the host's page cache copy of the kernel (see `boot::load_kernel`), 2.2 MiB less private
 /// memory per VM.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet noreplace-smp";
+
+/// What is wrong with a [`VmConfig`], found by [`VmConfig::validate`] before anything is
+/// allocated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    #[error("vCPU count must be between 1 and {max}, got {got}")]
+    VcpuCount { got: u8, max: u8 },
+    #[error("guest memory size must be at least {min} MiB, got {got} MiB")]
+    MemoryTooSmall { got: u64, min: u64 },
+    #[error("guest memory of {got} MiB is larger than this host's {host} MiB of RAM")]
+    MemoryLargerThanHost { got: u64, host: u64 },
+    #[error("vsock CID must be 3 or more (0-2 are reserved), got {0}")]
+    VsockCid(u64),
+    #[error("{0} virtio devices requested; at most {max} fit", max = layout::VIRTIO_MMIO_MAX_DEVICES)]
+    TooManyDevices(usize),
+    #[error("kernel command line of {len} bytes is too long (at most {max})")]
+    CmdlineTooLong { len: usize, max: usize },
+}
 
 /// Errors from booting a VM. Each names the step and the thing that failed.
 #[derive(Debug, thiserror::Error)]
@@ -197,21 +269,17 @@ pub enum Error {
     Net(#[from] virtio::net::TapError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
-    #[error("{0} virtio devices requested; at most {max} fit", max = layout::VIRTIO_MMIO_MAX_DEVICES)]
-    TooManyDevices(usize),
-    #[error("vCPU count must be between 1 and {max}, got {got}")]
-    VcpuCount { got: u8, max: u8 },
-    #[error("vsock CID must be 3 or more (0-2 are reserved), got {0}")]
-    VsockCid(u64),
-    #[error("cannot {what}: {source}")]
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("cannot {what}: {cause}")]
     Setup {
         what: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot register {what} with KVM: {source}")]
+    #[error("cannot register {what} with KVM: {cause}")]
     Kvm {
         what: &'static str,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
 }
 
@@ -360,12 +428,7 @@ impl Vm {
     /// Builds and starts a VM. On error nothing is left behind: every resource taken so far
     /// is owned by a value that is dropped on the way out.
     pub fn boot(config: &VmConfig) -> Result<Vm> {
-        if config.vcpus == 0 || config.vcpus > mptable::MAX_VCPUS {
-            return Err(Error::VcpuCount {
-                got: config.vcpus,
-                max: mptable::MAX_VCPUS,
-            });
-        }
+        config.validate()?;
         let t0 = Instant::now();
         let step = |name: &str| {
             tracing::debug!(
@@ -404,7 +467,7 @@ impl Vm {
 
         let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup {
             what: "create the exit eventfd",
-            source,
+            cause: source,
         })?);
         let legacy = legacy_devices(&kvm_vm, &config.console, &config.limits, exit.clone(), None)?;
         let (mmio_slots, loop_devices, cmdline_devices) =
@@ -455,19 +518,19 @@ impl Vm {
         } = parts;
         let stop_devices = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
             what: "create the stop eventfd",
-            source,
+            cause: source,
         })?;
         let event_loop = EventLoop::new(
             loop_devices,
             stop_devices.try_clone().map_err(|source| Error::Setup {
                 what: "clone the stop eventfd",
-                source,
+                cause: source,
             })?,
         )?;
         register_signal_handler(vcpu_kick_signal(), noop_signal_handler).map_err(|e| {
             Error::Setup {
                 what: "install the vCPU kick signal handler",
-                source: e.into(),
+                cause: e.into(),
             }
         })?;
 
@@ -485,7 +548,7 @@ impl Vm {
                 wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
                     Error::Setup {
                         what: "create the report eventfd",
-                        source,
+                        cause: source,
                     }
                 })?,
                 waiting: Mutex::new(Vec::new()),
@@ -600,7 +663,7 @@ impl Vm {
         step("VM state");
         let exit = Arc::new(exit::ExitSignal::new().map_err(|source| Error::Setup {
             what: "create the exit eventfd",
-            source,
+            cause: source,
         })?);
         let legacy = legacy_devices(
             &kvm_vm,
@@ -706,7 +769,7 @@ impl Vm {
         let id = snapshot::new_id().map_err(|source| snapshot::SnapshotError::Io {
             what: "read",
             path: "/dev/urandom".into(),
-            source,
+            cause: source,
         })?;
         // The devices stay locked until the memory is written: the device thread must not
         // move a queue (a vsock packet arriving from the host) after its position is saved.
@@ -919,14 +982,14 @@ fn legacy_devices(
 ) -> Result<Legacy> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
         what: "create the serial irqfd",
-        source,
+        cause: source,
     })?;
     kvm_vm
         .fd
         .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .map_err(|source| Error::Kvm {
             what: "the serial interrupt",
-            source,
+            cause: source,
         })?;
     Ok(Legacy::new(
         console,
@@ -947,7 +1010,7 @@ fn create_devices(set: &DeviceSet) -> Result<Devices> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(vsock) = set.vsock {
         if vsock.cid < 3 {
-            return Err(Error::VsockCid(vsock.cid));
+            return Err(ValidationError::VsockCid(vsock.cid).into());
         }
         devices.push(Box::new(virtio::vsock::Vsock::new(
             vsock.cid,
@@ -974,7 +1037,7 @@ fn create_devices(set: &DeviceSet) -> Result<Devices> {
         devices.push(Box::new(device));
     }
     if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
-        return Err(Error::TooManyDevices(devices.len()));
+        return Err(ValidationError::TooManyDevices(devices.len()).into());
     }
     Ok((devices, balloon))
 }
@@ -997,20 +1060,20 @@ fn attach_devices(
         let gsi = layout::VIRTIO_IRQ_BASE + index as u32;
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
             what: "create a virtio irqfd",
-            source,
+            cause: source,
         })?;
         kvm_vm
             .fd
             .register_irqfd(&irqfd, gsi)
             .map_err(|source| Error::Kvm {
                 what: "a virtio interrupt",
-                source,
+                cause: source,
             })?;
         let mut queue_evts = Vec::new();
         for q in 0..device.queue_max_sizes().len() {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Setup {
                 what: "create a queue eventfd",
-                source,
+                cause: source,
             })?;
             kvm_vm
                 .fd
@@ -1021,7 +1084,7 @@ fn attach_devices(
                 )
                 .map_err(|source| Error::Kvm {
                     what: "a queue notification",
-                    source,
+                    cause: source,
                 })?;
             queue_evts.push(evt);
         }
@@ -1032,7 +1095,7 @@ fn attach_devices(
                 MmioTransport::restore(device, mem.clone(), interrupt, state).map_err(|source| {
                     snapshot::SnapshotError::DeviceRestore {
                         device: name,
-                        source,
+                        cause: source,
                     }
                 })?
             }
@@ -1055,7 +1118,80 @@ fn attach_devices(
 
 #[cfg(test)]
 mod tests {
-    use super::DiskConfig;
+
+    /// Each check of `validate` refuses what it is for, with a message naming the value,
+    /// and a config at the edge of each bound passes.
+    #[test]
+    fn validate_refuses_each_bad_value_before_anything_is_made() {
+        let ok = || VmConfig::new("/nonexistent/vmlinux");
+        assert_eq!(
+            ok().validate(),
+            Ok(()),
+            "the defaults are valid (no file is opened)"
+        );
+        let mut c = ok();
+        c.vcpus = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ValidationError::VcpuCount { got: 0, .. })
+        ));
+        c.vcpus = mptable::MAX_VCPUS + 1;
+        assert!(matches!(
+            c.validate(),
+            Err(ValidationError::VcpuCount { .. })
+        ));
+        c.vcpus = mptable::MAX_VCPUS;
+        assert_eq!(c.validate(), Ok(()));
+        let mut c = ok();
+        c.memory_mib = memory::MIN_MEMORY_MIB - 1;
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest memory size must be at least 16 MiB, got 15 MiB"
+        );
+        c.memory_mib = u64::MAX >> 20;
+        assert!(matches!(
+            c.validate(),
+            Err(ValidationError::MemoryLargerThanHost { .. })
+        ));
+        let mut c = ok();
+        c.vsock = Some(VsockConfig {
+            uds_path: "/nonexistent/v.sock".into(),
+            cid: 2,
+        });
+        assert_eq!(c.validate(), Err(ValidationError::VsockCid(2)));
+        let mut c = ok();
+        let max = layout::VIRTIO_MMIO_MAX_DEVICES as usize;
+        c.disks = (0..max)
+            .map(|_| DiskConfig {
+                path: "/nonexistent/disk".into(),
+                read_only: true,
+            })
+            .collect();
+        assert_eq!(c.validate(), Ok(()));
+        c.free_page_reporting = true;
+        assert_eq!(c.validate(), Err(ValidationError::TooManyDevices(max + 1)));
+        let mut c = ok();
+        c.cmdline = "x".repeat(layout::CMDLINE_MAX_SIZE);
+        assert!(matches!(
+            c.validate(),
+            Err(ValidationError::CmdlineTooLong { .. })
+        ));
+    }
+
+    /// `Vm::boot` validates first: a bad config fails with the validation's error even
+    /// where nothing else of it could be used (no kernel file, no KVM needed).
+    #[test]
+    fn boot_validates_before_it_opens_or_maps_anything() {
+        let mut c = VmConfig::new("/nonexistent/vmlinux");
+        c.vcpus = 0;
+        let e = Vm::boot(&c).err().expect("a VM with no vCPU booted");
+        assert!(
+            matches!(e, Error::Invalid(ValidationError::VcpuCount { .. })),
+            "{e}"
+        );
+    }
+    use super::*;
 
     #[test]
     fn disk_arguments() {

@@ -12,11 +12,10 @@ pub enum MemoryError {
         "guest memory of {requested_mib} MiB is larger than this host's {host_mib} MiB of RAM"
     )]
     LargerThanHost { requested_mib: u64, host_mib: u64 },
-    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    #[error("cannot map {mib} MiB of guest memory: {cause}")]
     Map {
         mib: u64,
-        #[source]
-        source: vm_memory::mmap::FromRangesError,
+        cause: vm_memory::mmap::FromRangesError,
     },
 }
 
@@ -110,7 +109,7 @@ pub fn validate_size(mib: u64) -> Result<(), MemoryError> {
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     validate_size(mib)?;
     GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20))
-        .map_err(|source| MemoryError::Map { mib, source })
+        .map_err(|source| MemoryError::Map { mib, cause: source })
 }
 
 #[cfg(test)]

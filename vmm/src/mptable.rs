@@ -10,7 +10,15 @@ pub enum MpTableError {
     #[error("{0} vCPUs requested; the MP table supports 1 to {MAX_VCPUS}")]
     VcpuCount(u8),
     #[error("cannot write the MP table into guest memory: {0}")]
-    Write(#[from] vm_memory::GuestMemoryError),
+    Write(vm_memory::GuestMemoryError),
+}
+
+// By hand, not `#[from]`: the messages carry the cause, so it is not also a `source()`
+// (printed once, not twice, by a walk of the chain).
+impl From<vm_memory::GuestMemoryError> for MpTableError {
+    fn from(e: vm_memory::GuestMemoryError) -> Self {
+        MpTableError::Write(e)
+    }
 }
 
 /// Most vCPUs shoal gives one guest (the guest kernel is built with NR_CPUS=64).

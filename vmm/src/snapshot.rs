@@ -53,11 +53,11 @@ const PAGE: usize = 4096;
 /// Errors from saving or loading a snapshot. Each names the file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} is not a shoal snapshot {kind} file")]
     NotASnapshot { path: PathBuf, kind: &'static str },
@@ -75,10 +75,10 @@ pub enum SnapshotError {
     Malformed { path: PathBuf, what: String },
     #[error("memory file {path} does not belong to this snapshot's state file (made by another snapshot)")]
     ForeignMemory { path: PathBuf },
-    #[error("cannot map the memory file {path}: {source}")]
+    #[error("cannot map the memory file {path}: {cause}")]
     Map {
         path: PathBuf,
-        source: vm_memory::mmap::MmapRegionError,
+        cause: vm_memory::mmap::MmapRegionError,
     },
     #[error("the snapshot is of a VM with {found}; {wanted} was asked for")]
     SizeMismatch { found: String, wanted: String },
@@ -88,10 +88,10 @@ pub enum SnapshotError {
     Device(crate::virtio::VirtioError),
     #[error("the snapshot's VM has the devices [{found}]; this VM asks for [{wanted}] (make the template with the same devices)")]
     DeviceMismatch { found: String, wanted: String },
-    #[error("cannot restore the snapshot's {device} device: {source}")]
+    #[error("cannot restore the snapshot's {device} device: {cause}")]
     DeviceRestore {
         device: &'static str,
-        source: crate::virtio::VirtioError,
+        cause: crate::virtio::VirtioError,
     },
     #[error("the VM must be paused to be snapshotted")]
     NotPaused,
@@ -394,7 +394,11 @@ pub(crate) fn decode(payload: &[u8], path: &Path) -> Result<Snapshot> {
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let path = path.to_path_buf();
-    move |source| SnapshotError::Io { what, path, source }
+    move |source| SnapshotError::Io {
+        what,
+        path,
+        cause: source,
+    }
 }
 
 /// A fresh random identity for a snapshot.
@@ -596,7 +600,7 @@ pub fn map_memory(path: &Path, snapshot: &Snapshot) -> Result<GuestMemoryMmap> {
             .build()
             .map_err(|source| SnapshotError::Map {
                 path: path.into(),
-                source,
+                cause: source,
             })?;
         regions.push(GuestRegionMmap::new(map, addr).expect("RAM ranges do not wrap"));
         offset += len as u64;

@@ -101,24 +101,21 @@ pub fn describe(state: &VcpuState) -> String {
 /// Errors from creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("cannot create vCPU {index}: {source}")]
-    Create {
-        index: u8,
-        source: kvm_ioctls::Error,
-    },
-    #[error("cannot set {what} of vCPU {index}: {source}")]
+    #[error("cannot create vCPU {index}: {cause}")]
+    Create { index: u8, cause: kvm_ioctls::Error },
+    #[error("cannot set {what} of vCPU {index}: {cause}")]
     Set {
         what: &'static str,
         index: u8,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     #[error("KVM accepted {set} of {total} MSRs for vCPU {index}")]
     Msrs { index: u8, set: usize, total: usize },
-    #[error("cannot read {what} of vCPU {index}: {source}")]
+    #[error("cannot read {what} of vCPU {index}: {cause}")]
     Get {
         what: &'static str,
         index: u8,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     #[error(
         "KVM refused MSR {msr:#x} of vCPU {index} (a snapshot from a different kind of host?)"
@@ -132,7 +129,7 @@ impl VcpuError {
         move |source| VcpuError::Set {
             what,
             index,
-            source,
+            cause: source,
         }
     }
 
@@ -141,7 +138,7 @@ impl VcpuError {
         move |source| VcpuError::Get {
             what,
             index,
-            source,
+            cause: source,
         }
     }
 }
@@ -311,7 +308,7 @@ pub fn msrs_to_save(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuError> {
         .map_err(|source| VcpuError::Get {
             what: "the MSR list (KVM_GET_MSR_INDEX_LIST)",
             index: 0,
-            source,
+            cause: source,
         })
 }
 
@@ -321,7 +318,7 @@ pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<CpuId, VcpuError> {
         .map_err(|source| VcpuError::Set {
             what: "CPUID (KVM_GET_SUPPORTED_CPUID)",
             index: 0,
-            source,
+            cause: source,
         })
 }
 
@@ -355,7 +352,10 @@ impl Vcpu {
     pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
-            .map_err(|source| VcpuError::Create { index, source })?;
+            .map_err(|source| VcpuError::Create {
+                index,
+                cause: source,
+            })?;
         Ok(Vcpu { index, fd })
     }
 
@@ -496,7 +496,7 @@ impl Vcpu {
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Set {
             what: "CPUID (too many entries)",
             index,
-            source: kvm_ioctls::Error::new(libc::E2BIG),
+            cause: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
         if state.tsc_khz != 0
@@ -520,7 +520,7 @@ impl Vcpu {
             return Err(VcpuError::Set {
                 what: "xsave area (this host's is larger than KVM_SET_XSAVE moves)",
                 index,
-                source: kvm_ioctls::Error::new(libc::E2BIG),
+                cause: kvm_ioctls::Error::new(libc::E2BIG),
             });
         }
         // SAFETY: KVM_SET_XSAVE reads the xsave area this host's KVM uses, which is at most

@@ -18,17 +18,17 @@ pub enum VmError {
     ApiVersion(i32),
     #[error("cannot create a KVM VM: {0}")]
     Create(kvm_ioctls::Error),
-    #[error("cannot set up the VM's {what}: {source}")]
+    #[error("cannot set up the VM's {what}: {cause}")]
     Setup {
         what: &'static str,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     #[error("{requested} vCPUs requested; KVM allows at most {max}")]
     TooManyVcpus { requested: u8, max: usize },
-    #[error("cannot read the VM's {what}: {source}")]
+    #[error("cannot read the VM's {what}: {cause}")]
     Get {
         what: &'static str,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
 }
 
@@ -68,7 +68,12 @@ impl KvmVm {
             });
         }
         let fd = kvm.create_vm().map_err(VmError::Create)?;
-        let setup = |what| move |source| VmError::Setup { what, source };
+        let setup = |what| {
+            move |source| VmError::Setup {
+                what,
+                cause: source,
+            }
+        };
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(setup("TSS"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -106,7 +111,12 @@ impl KvmVm {
 
     /// Reads the VM-wide state; the vCPUs must be paused.
     pub fn save_state(&self) -> Result<VmState, VmError> {
-        let get = |what| move |source| VmError::Get { what, source };
+        let get = |what| {
+            move |source| VmError::Get {
+                what,
+                cause: source,
+            }
+        };
         let chip = |(what, chip_id): (&'static str, u32)| -> Result<kvm_irqchip, VmError> {
             let mut chip = kvm_irqchip {
                 chip_id,
@@ -128,7 +138,12 @@ impl KvmVm {
     /// Loads saved VM-wide state into this (new) VM, before its vCPUs are restored: the
     /// clock and the interrupt controllers. The PIT comes last, with [`KvmVm::restore_pit`].
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
-        let set = |what| move |source| VmError::Setup { what, source };
+        let set = |what| {
+            move |source| VmError::Setup {
+                what,
+                cause: source,
+            }
+        };
         // Only the clock's value: the flags say which fields were valid when it was read,
         // and KVM_SET_CLOCK refuses most of them.
         let clock = kvm_clock_data {
@@ -159,7 +174,7 @@ impl KvmVm {
             .set_pit2(&state.pit)
             .map_err(|source| VmError::Setup {
                 what: "PIT",
-                source,
+                cause: source,
             })
     }
 }

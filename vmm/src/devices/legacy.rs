@@ -40,8 +40,8 @@ pub enum Console {
 /// Errors from setting up legacy devices.
 #[derive(Debug, thiserror::Error)]
 pub enum LegacyError {
-    #[error("cannot open console file {path}: {source}")]
-    ConsoleFile { path: PathBuf, source: io::Error },
+    #[error("cannot open console file {path}: {cause}")]
+    ConsoleFile { path: PathBuf, cause: io::Error },
     #[error("cannot create the serial interrupt eventfd: {0}")]
     EventFd(io::Error),
     #[error("the snapshot's serial port state is unusable: {0}")]
@@ -87,7 +87,7 @@ impl ConsoleFile {
     fn open(path: &Path, max: u64) -> Result<Self, LegacyError> {
         let err = |source| LegacyError::ConsoleFile {
             path: path.into(),
-            source,
+            cause: source,
         };
         let file = open_append(path).map_err(err)?;
         let held = file.metadata().map_err(err)?.len();

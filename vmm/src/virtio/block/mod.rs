@@ -32,10 +32,10 @@ const DIRECT_ALIGN: u64 = 512;
 /// Errors from opening a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {path}: {source}")]
+    #[error("cannot open disk image {path}: {cause}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("disk image {path} is {size} bytes, not a whole number of 512-byte sectors")]
     Size { path: PathBuf, size: u64 },
@@ -73,7 +73,7 @@ impl Block {
         };
         let err = |source| BlockError::Open {
             path: path.into(),
-            source,
+            cause: source,
         };
         let buffered = open(false).map_err(err)?;
         let (file, direct) = match open(true) {

@@ -50,17 +50,17 @@ const WORKER_STACK: usize = 256 * 1024;
 pub enum FsError {
     #[error("virtio-fs tag {tag:?}: {reason}")]
     Tag { tag: String, reason: &'static str },
-    #[error("virtio-fs directory {path}: {source}")]
+    #[error("virtio-fs directory {path}: {cause}")]
     Dir {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("virtio-fs directory {path} is not a directory")]
     NotDir { path: PathBuf },
-    #[error("cannot start the passthrough file system for {path}: {source}")]
+    #[error("cannot start the passthrough file system for {path}: {cause}")]
     Passthrough {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("virtio-fs root {root} for {share}: {reason}")]
     Root {
@@ -229,7 +229,7 @@ impl Fs {
         config::check_tag(&config.tag)?;
         let dir = std::fs::canonicalize(&config.dir).map_err(|source| FsError::Dir {
             path: config.dir.clone(),
-            source,
+            cause: source,
         })?;
         if !dir.is_dir() {
             return Err(FsError::NotDir { path: dir });
@@ -244,7 +244,7 @@ impl Fs {
         let server =
             build_server(".", config.cache, false).map_err(|source| FsError::Passthrough {
                 path: dir.clone(),
-                source,
+                cause: source,
             })?;
         #[cfg(any(test, feature = "fuzzing"))]
         let direct = {
@@ -252,7 +252,7 @@ impl Fs {
             build_server(root, config.cache, true)
                 .map_err(|source| FsError::Passthrough {
                     path: dir.clone(),
-                    source,
+                    cause: source,
                 })?
                 .0
         };

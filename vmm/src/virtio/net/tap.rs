@@ -43,21 +43,18 @@ pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
 pub enum TapError {
     #[error("invalid tap name {0:?}: 1 to 15 characters, no '/', spaces or ':'")]
     Name(String),
-    #[error("cannot open /dev/net/tun for tap {name}: {source}")]
-    OpenTun {
-        name: String,
-        source: std::io::Error,
-    },
-    #[error("cannot open tap {name}: {source}")]
+    #[error("cannot open /dev/net/tun for tap {name}: {cause}")]
+    OpenTun { name: String, cause: std::io::Error },
+    #[error("cannot open tap {name}: {cause}")]
     Netns {
         name: String,
-        source: shoal_netlink::NetlinkError,
+        cause: shoal_netlink::NetlinkError,
     },
-    #[error("cannot {what} on tap {name}: {source}")]
+    #[error("cannot {what} on tap {name}: {cause}")]
     Ioctl {
         what: &'static str,
         name: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -97,7 +94,7 @@ impl Tap {
         shoal_netlink::in_netns(path, || Self::open_here(name)).map_err(|source| {
             TapError::Netns {
                 name: name.into(),
-                source,
+                cause: source,
             }
         })?
     }
@@ -110,7 +107,7 @@ impl Tap {
             .open("/dev/net/tun")
             .map_err(|source| TapError::OpenTun {
                 name: name.into(),
-                source,
+                cause: source,
             })?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
@@ -141,7 +138,7 @@ impl Tap {
             return Err(TapError::Ioctl {
                 what,
                 name: self.name.clone(),
-                source: std::io::Error::last_os_error(),
+                cause: std::io::Error::last_os_error(),
             });
         }
         Ok(())

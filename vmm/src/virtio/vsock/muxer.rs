@@ -104,8 +104,8 @@ const READ_CHUNK: usize = MAX_PKT_DATA as usize;
 pub enum MuxerError {
     #[error("vsock socket path {0} already exists; remove it or pick another")]
     PathExists(PathBuf),
-    #[error("cannot create vsock socket {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot create vsock socket {path}: {cause}")]
+    Bind { path: PathBuf, cause: io::Error },
     #[error("cannot set up the vsock event set: {0}")]
     Epoll(io::Error),
     #[error("cannot create the vsock shutdown timer: {0}")]
@@ -276,7 +276,7 @@ impl Muxer {
         }
         let listener = UnixListener::bind(path).map_err(|source| MuxerError::Bind {
             path: path.into(),
-            source,
+            cause: source,
         })?;
         let cleanup = |e: MuxerError| {
             let _ = std::fs::remove_file(path);

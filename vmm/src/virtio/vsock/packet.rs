@@ -32,9 +32,17 @@ pub enum PacketError {
     #[error("malformed vsock packet: {0:?}")]
     Malformed(virtio_vsock::packet::Error),
     #[error("cannot copy vsock payload: {0}")]
-    Memory(#[from] vm_memory::VolatileMemoryError),
+    Memory(vm_memory::VolatileMemoryError),
     #[error("RX buffer has no room for a payload")]
     NoRoom,
+}
+
+// By hand, not `#[from]`: the messages carry the cause, so it is not also a `source()`
+// (printed once, not twice, by a walk of the chain).
+impl From<vm_memory::VolatileMemoryError> for PacketError {
+    fn from(e: vm_memory::VolatileMemoryError) -> Self {
+        PacketError::Memory(e)
+    }
 }
 
 /// A vsock header, host byte order.
