@@ -2,7 +2,7 @@
 //! kernel panic, a triple fault, a VMM error, a guest that rebooted itself), what is known of
 //! it is written to `<state_dir>/.crashes/`, which outlives the sandbox's own directory. The
 //! newest [`KEEP`] reports are kept. The guest decides what its console says: a report holds
-//! at most the console's last 64 KiB (as [`crate::sandbox::console_tail`] reads it), with
+//! at most the console's last 64 KiB (as [`crate::console::console_tail`] reads it), with
 //! control characters shown as `?`, so that reading a report cannot drive a terminal.
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -16,26 +16,7 @@ pub const DIR: &str = ".crashes";
 /// How many console lines a report holds.
 pub const CONSOLE_LINES: usize = 200;
 
-/// `text` with every control character but newline and tab, and every invisible
-/// formatting character (bidi overrides and isolates, zero-width marks), shown as `?`: the
-/// guest writes its console, and reading it must not drive a terminal nor reorder the text.
-pub fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '\n' | '\t' => c,
-            c if c.is_control() => '?',
-            '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}' => '?',
-            c => c,
-        })
-        .collect()
-}
+pub use crate::console::printable;
 
 /// Writes a report for sandbox `sandbox`, whose VM ended with `reason`, holding `console`
 /// (the console's last lines), then removes all but the newest [`KEEP`] reports. Returns the

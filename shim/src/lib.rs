@@ -5,6 +5,9 @@
 //! - [`crashes`]: the flight recorder, reports of VMs that ended unasked;
 //! - [`service`]: the shim's `start`/`delete` actions and the Task service;
 //! - [`sandbox`]: the VM, its agent connection and state directory;
+//! - [`vm_spec`]: the VM a sandbox runs, the same for templates;
+//! - [`console`]: the guest console's last lines, bounded and printable;
+//! - [`agent`]: agent call deadlines and what a failed call says;
 //! - [`mounts`]: rootfs and volumes under the virtio-fs shared tree;
 //! - [`oom`]: which of the guest's OOM events are published, and the poll's backoff;
 //! - [`io`]: containerd's stdio fifos to and from the agent's streams;
@@ -16,7 +19,9 @@
 //! - [`template`]: VM templates, restored instead of booted when configured;
 //! - `fuzz` (tests and the `fuzzing` feature): harnesses for agent replies and the config.
 pub mod admission;
+pub mod agent;
 pub mod config;
+pub mod console;
 pub mod crashes;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
@@ -30,3 +35,4 @@ pub mod sandbox;
 pub mod service;
 pub mod sweep;
 pub mod template;
+pub mod vm_spec;

@@ -12,21 +12,20 @@ use shoal_agent_api::agent::{CheckRequest, CreateSandboxRequest, Empty};
 use shoal_agent_api::agent_ttrpc::AgentClient;
 use shoal_agent_api::client::connect_agent;
 use shoal_agent_api::AGENT_PORT;
-use shoal_vmm::{
-    CacheMode, Console, CpuReporter, ExitReason, FsConfig, NetConfig, RingReporter, Stopper, Vm,
-    VmConfig, VsockConfig,
-};
+use shoal_vmm::{CpuReporter, ExitReason, RingReporter, Stopper, Vm};
 use tokio::sync::watch;
 
 use crate::admission::{self, host_available_mib, AdmissionError};
+use crate::agent::is_timeout;
+pub use crate::agent::{broke, ctx};
 use crate::config::Config;
+use crate::console::last_lines;
+pub use crate::console::{console_tail, CONSOLE_TAIL_LINES};
 use crate::host_cgroups::{Claim, Limits, Pool, PoolError};
 use crate::mounts;
 use crate::network::{Connected, NetworkError, PodNetwork};
 use crate::template::{self, Template, TemplateError};
-
-/// virtio-fs tag of every sandbox's shared tree.
-pub const SHARE_TAG: &str = "shoal";
+pub use crate::vm_spec::{guest_container_dir, vm_config, vsock_socket, SHARE_TAG};
 
 /// Errors starting or stopping a sandbox; each says what to look at.
 #[derive(Debug, thiserror::Error)]
@@ -186,12 +185,6 @@ fn asked_end(ending: bool, reason: &ExitReason) -> bool {
 /// How long an agent call whose connection broke waits to learn whether the VM has ended.
 const EXIT_KNOWN_WAIT: Duration = Duration::from_secs(2);
 
-/// Whether an agent call failed because its connection broke (LocalClosed: it had already
-/// broken when the call was made).
-pub(crate) fn broke(e: &ttrpc::Error) -> bool {
-    matches!(e, ttrpc::Error::Socket(_) | ttrpc::Error::LocalClosed)
-}
-
 /// After an agent connection broke: waits up to [`EXIT_KNOWN_WAIT`] for the VM's end to
 /// be known. A VM that ended broke the connection a moment before that (the VMM first takes
 /// its devices down), and the error should say it ended.
@@ -199,12 +192,6 @@ async fn learn_end(exited: &VmExit) {
     let mut exited = exited.clone();
     let known = exited.wait_for(Option::is_some);
     let _ = tokio::time::timeout(EXIT_KNOWN_WAIT, known).await;
-}
-
-/// Whether an agent call failed because its deadline passed (ttrpc reports that only in
-/// its message).
-fn is_timeout(e: &ttrpc::Error) -> bool {
-    matches!(e, ttrpc::Error::Others(m) if m.starts_with("Receive packet timeout"))
 }
 
 /// A sandbox VM that ended without the shim asking: a report in the flight recorder
@@ -242,94 +229,6 @@ async fn vm_report(rings: &RingReporter, cpus: &CpuReporter) -> String {
         .await
         .unwrap_or_else(|e| format!("vCPUs: (no report: {e})"));
     format!("{}\n{cpu}", rings.report())
-}
-
-/// How much of the guest console an agent timeout reports.
-pub const CONSOLE_TAIL_LINES: usize = 20;
-
-/// The last `lines` lines of the console log at `path`, indented, or why there are none.
-///
-/// Only the log's last 64 KiB are read (the guest decides how big the log gets), less the
-/// first line there if the cut fell inside it; a single line longer than that shows as its end.
-pub fn console_tail(path: &Path, lines: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    const TAIL_BYTES: u64 = 64 * 1024;
-    let read_end = || -> std::io::Result<Vec<u8>> {
-        let mut file = std::fs::File::open(path)?;
-        let start = file.metadata()?.len().saturating_sub(TAIL_BYTES);
-        // One byte before the cut too: if it is a newline, the first line read is whole.
-        let from = start.saturating_sub(1);
-        file.seek(SeekFrom::Start(from))?;
-        let mut bytes = Vec::new();
-        file.take(TAIL_BYTES + 1).read_to_end(&mut bytes)?;
-        if start > 0 {
-            if let Some(newline) = bytes.iter().position(|b| *b == b'\n') {
-                bytes.drain(..=newline);
-            }
-        }
-        Ok(bytes)
-    };
-    match read_end() {
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => {
-            "  (the guest printed nothing)".into()
-        }
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            let tail = &all[all.len().saturating_sub(lines)..];
-            // The guest writes it: shown safely wherever it goes (errors, logs, reports).
-            tail.iter()
-                .map(|l| format!("  {}", crate::crashes::printable(l)))
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
-        Err(e) => format!("  (cannot read {}: {e})", path.display()),
-    }
-}
-
-/// The last `lines` lines of `tail`, a [`console_tail`] of more lines: what [`console_tail`]
-/// gives for `lines`, without reading the log again.
-fn last_lines(tail: &str, lines: usize) -> String {
-    let all: Vec<&str> = tail.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A sandbox's VM: the configured kernel, image, size and command line; vsock on `uds` with
-/// guest CID `cid`; the shared tree at `shared` (virtio-fs tag [`SHARE_TAG`]), its worker
-/// held in `root` where there is one (a sandbox directory's `fs-root`); the pod's
-/// network cards; the balloon if configured; the console to a file. Templates are made
-/// with the same, so that a restored sandbox has what a booted one has.
-pub fn vm_config(
-    config: &Config,
-    uds: &Path,
-    cid: u64,
-    shared: &Path,
-    root: Option<&Path>,
-    console: &Path,
-    nets: Vec<NetConfig>,
-) -> VmConfig {
-    VmConfig {
-        kernel: config.kernel.clone(),
-        initrd: Some(config.initrd.clone()),
-        cmdline: config.kernel_cmdline.clone(),
-        memory_mib: config.memory_mib,
-        vcpus: config.vcpus,
-        vsock: Some(VsockConfig {
-            uds_path: uds.into(),
-            cid,
-        }),
-        disks: Vec::new(),
-        shares: vec![FsConfig {
-            tag: SHARE_TAG.into(),
-            dir: shared.into(),
-            cache: CacheMode::Auto,
-            root: root.map(Path::to_path_buf),
-        }],
-        nets,
-        free_page_reporting: config.free_page_reporting,
-        console: Console::File(console.into()),
-        limits: config.guest_limits(),
-    }
 }
 
 /// A sandbox's host cgroup, claimed from the pool with the shim (and so the VM's threads and
@@ -502,25 +401,6 @@ pub fn mark(phase: &str) {
 pub fn mark_at(phase: &str, ms: f64) {
     let id = SHIM_ID.get().map(String::as_str).unwrap_or("-");
     tracing::info!("shoal-phase {phase} sandbox={id} boottime_ms={ms:.1}");
-}
-
-/// The VM's hybrid-vsock socket, `<dir>/vsock/vsock.sock`, in a directory of its own (made
-/// here, root-only): the VMM's vCPU and device threads are chrooted to it, so the sockets
-/// they can connect to are this VM's vsock port sockets and nothing else of the sandbox's.
-pub fn vsock_socket(dir: &Path) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let sockets = dir.join("vsock");
-    match std::fs::DirBuilder::new().mode(0o700).create(&sockets) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    Ok(sockets.join("vsock.sock"))
-}
-
-/// A ttrpc context with a deadline (0: none).
-pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(timeout.as_nanos() as i64)
 }
 
 impl Sandbox {
@@ -999,11 +879,6 @@ impl Drop for SandboxParts {
             self.stop();
         }
     }
-}
-
-/// Where the guest sees container `cid`'s files.
-pub fn guest_container_dir(cid: &str) -> String {
-    format!("{}/{cid}", shoal_agent_api::GUEST_SHARED_DIR)
 }
 
 /// Cleans, on a thread of its own, the sandbox directories of shims that died (if no shim

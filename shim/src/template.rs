@@ -24,8 +24,10 @@ use shoal_agent_api::client::connect_agent;
 use shoal_agent_api::AGENT_PORT;
 use shoal_vmm::{RestoreConfig, SnapshotFiles, Vm, VmConfig};
 
+use crate::agent::ctx;
 use crate::config::Config;
-use crate::sandbox::{console_tail, ctx, vm_config, CONSOLE_TAIL_LINES};
+use crate::console::{console_tail, CONSOLE_TAIL_LINES};
+use crate::vm_spec::{vm_config, vsock_socket};
 
 /// What a template directory holds besides its snapshot.
 pub const MANIFEST: &str = "template.json";
@@ -228,7 +230,7 @@ impl Template {
         }
     }
 
-    /// How to restore this template as the sandbox VM `vm` (`sandbox::vm_config`, without
+    /// How to restore this template as the sandbox VM `vm` (`vm_spec::vm_config`, without
     /// network cards): its size, console, and devices with their own host sides (vsock
     /// socket and CID, shared directory). The VMM checks the size and devices again.
     pub fn restore_config(&self, vm: VmConfig) -> RestoreConfig {
@@ -284,8 +286,7 @@ pub async fn create(config: &Config) -> Result<PathBuf> {
 }
 
 async fn boot_and_save(config: &Config, work: &Path, shared: &Path) -> Result<()> {
-    let uds =
-        crate::sandbox::vsock_socket(work).map_err(io("make the vsock directory in", work))?;
+    let uds = vsock_socket(work).map_err(io("make the vsock directory in", work))?;
     let console = work.join("console.log");
     // The template's own boot serves a scratch directory with nothing in it, and no root.
     let vm_config = vm_config(
