@@ -28,10 +28,9 @@ use crate::config::Config;
 use crate::io::{Fifos, ProcessIo};
 use crate::mounts::{self, RootfsMount};
 use crate::sandbox::{ctx, quota_per_period, Sandbox};
+use shoal_oci::load_spec;
+use shoal_oci::{cpu_quota_of, memory_limit_mib, sandbox_id};
 
-/// CRI's annotations that group a pod's containers into one sandbox.
-pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// Exit status reported when the VM dies under a process (as if killed by SIGKILL).
 const VM_GONE_STATUS: u32 = 255;
 /// How long a process whose agent connection broke waits for its VM to end by itself
@@ -277,45 +276,6 @@ pub struct Service {
     state: Arc<State>,
 }
 
-/// Reads and checks a bundle's config.json, naming what is wrong.
-pub fn load_spec(bundle: &Path) -> Result<Spec, String> {
-    let path = bundle.join("config.json");
-    let spec =
-        Spec::load(&path).map_err(|e| format!("invalid OCI spec {}: {e}", path.display()))?;
-    if spec.process().is_none() {
-        return Err(format!("{}: no process to run", path.display()));
-    }
-    if spec.root().is_none() {
-        return Err(format!("{}: no root file system", path.display()));
-    }
-    Ok(spec)
-}
-
-/// The sandbox a container belongs to: its CRI pod, or itself.
-/// A container's CPU quota and period from its resources (microseconds).
-fn cpu_quota_of(
-    resources: Option<&oci_spec::runtime::LinuxResources>,
-) -> (Option<u64>, Option<u64>) {
-    let cpu = resources.and_then(|r| r.cpu().as_ref());
-    (
-        cpu.and_then(|c| c.quota())
-            .filter(|q| *q > 0)
-            .map(|q| q as u64),
-        cpu.and_then(|c| c.period()),
-    )
-}
-
-fn sandbox_id(spec: &Spec, container_id: &str) -> String {
-    let annotations = spec.annotations().clone().unwrap_or_default();
-    match annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) {
-        Some("container") => annotations
-            .get(CRI_SANDBOX_ID)
-            .cloned()
-            .unwrap_or_else(|| container_id.to_string()),
-        _ => container_id.to_string(),
-    }
-}
-
 impl Service {
     /// Sizes the sandbox's host cgroup for container `cid`'s CPU quota (or its removal); a
     /// failure is logged: the container runs either way, on the pod's former quota.
@@ -383,11 +343,7 @@ impl Service {
             .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
         let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
         // A container's memory limit larger than the VM grows the VM to hold it.
-        let memory_limit = resources
-            .as_ref()
-            .and_then(|r| r.memory().as_ref().and_then(|m| m.limit()))
-            .filter(|l| *l > 0)
-            .map(|l| (l as u64).div_ceil(1 << 20));
+        let memory_limit = memory_limit_mib(spec);
         if let Some(mib) = memory_limit.filter(|mib| *mib > crate::config::MAX_MEMORY_MIB) {
             return Err(status(
                 ttrpc::Code::INVALID_ARGUMENT,
@@ -1025,7 +981,8 @@ impl Service {
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let cid = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
-        let spec = load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        let spec =
+            load_spec(&bundle).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         if !req.checkpoint.is_empty() {
             return Err(status(
                 ttrpc::Code::UNIMPLEMENTED,
@@ -1774,37 +1731,5 @@ mod tests {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!cleaned_up.load(std::sync::atomic::Ordering::SeqCst));
-    }
-
-    #[test]
-    fn bundle_specs_are_checked_and_errors_name_the_file() {
-        let dir = std::env::temp_dir().join(format!("shoal-spec-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let err = |json: &str| {
-            std::fs::write(dir.join("config.json"), json).unwrap();
-            load_spec(&dir).unwrap_err()
-        };
-        assert!(err("{not json").contains("config.json"));
-        assert!(err(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#).contains("no process"));
-        let e = err(
-            r#"{"ociVersion":"1.0.2","process":{"cwd":"/","args":["true"],"user":{"uid":0,"gid":0}}}"#,
-        );
-        assert!(e.contains("no root"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert!(load_spec(&dir).unwrap_err().contains("config.json"));
-    }
-
-    #[test]
-    fn cri_containers_join_their_pod_sandbox() {
-        let mut spec = Spec::default();
-        assert_eq!(sandbox_id(&spec, "c1"), "c1");
-        let mut a = HashMap::new();
-        a.insert(CRI_CONTAINER_TYPE.to_string(), "container".to_string());
-        a.insert(CRI_SANDBOX_ID.to_string(), "pod1".to_string());
-        spec.set_annotations(Some(a.clone()));
-        assert_eq!(sandbox_id(&spec, "c1"), "pod1");
-        a.insert(CRI_CONTAINER_TYPE.to_string(), "sandbox".to_string());
-        spec.set_annotations(Some(a));
-        assert_eq!(sandbox_id(&spec, "pod1"), "pod1");
     }
 }
