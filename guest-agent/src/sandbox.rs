@@ -95,6 +95,8 @@ pub struct Sandbox {
     streams: StreamRegistry,
     containers: Mutex<HashMap<String, Arc<ContainerEntry>>>,
     ooms: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    /// Console sockets made so far: each gets the next number for its name.
+    consoles: std::sync::atomic::AtomicU64,
     /// The pod's resolv.conf once CreateSandbox set DNS.
     resolv_conf: Mutex<Option<PathBuf>>,
     state_dir: PathBuf,
@@ -123,6 +125,15 @@ pub fn root_is_initramfs() -> bool {
 }
 
 impl Sandbox {
+    /// A new console socket's path: numbered, not named after the container or exec, whose
+    /// ids (CRI's are 64 characters, up to 128 allowed) would overflow a unix socket's
+    /// 108 bytes.
+    fn console_socket(&self) -> PathBuf {
+        use std::sync::atomic::Ordering;
+        let n = self.consoles.fetch_add(1, Ordering::Relaxed);
+        self.bundles.join(format!(".console-{n}.sock"))
+    }
+
     /// A sandbox keeping libcontainer state and bundles under `state_dir`.
     pub fn new(state_dir: &Path, reaper: Reaper, streams: StreamRegistry) -> Result<Arc<Sandbox>> {
         let state_root = state_dir.join("containers");
@@ -137,6 +148,7 @@ impl Sandbox {
             reaper,
             streams,
             containers: Mutex::new(HashMap::new()),
+            consoles: std::sync::atomic::AtomicU64::new(0),
             ooms: Arc::new((Mutex::new(VecDeque::new()), Condvar::new())),
             no_pivot: root_is_initramfs(),
             resolv_conf: Mutex::new(None),
@@ -262,7 +274,7 @@ impl Sandbox {
 
         let console = stdio
             .terminal
-            .then(|| ConsoleReceiver::listen(&bundle.join("console.sock")))
+            .then(|| ConsoleReceiver::listen(&self.console_socket()))
             .transpose()
             .map_err(cleanup_bundle)?;
         let console_path = console.as_ref().map(|c| c.path().to_path_buf());
@@ -393,7 +405,7 @@ impl Sandbox {
 
         let console = stdio
             .terminal
-            .then(|| ConsoleReceiver::listen(&entry.bundle.join(format!("console-{exec_id}.sock"))))
+            .then(|| ConsoleReceiver::listen(&self.console_socket()))
             .transpose()?;
         let console_path = console.as_ref().map(|c| c.path().to_path_buf());
         let (mut io, child, outputs) = ProcessIo::prepare(&self.streams, tokens(&stdio), console)?;

@@ -210,9 +210,17 @@ pub enum PendingOutputs {
 }
 
 /// Receives the pty master that libcontainer sends over a console socket (SCM_RIGHTS).
+/// The socket file is removed once the terminal is received, or when the receiver is
+/// dropped unused (a create or exec that failed first).
 pub struct ConsoleReceiver {
     path: PathBuf,
-    handle: JoinHandle<io::Result<OwnedFd>>,
+    handle: Option<JoinHandle<io::Result<OwnedFd>>>,
+}
+
+impl Drop for ConsoleReceiver {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// How long the container may take to send its terminal.
@@ -234,7 +242,7 @@ impl ConsoleReceiver {
             .map_err(|e| AgentError::io("start the console thread", e))?;
         Ok(ConsoleReceiver {
             path: path.into(),
-            handle,
+            handle: Some(handle),
         })
     }
 
@@ -243,12 +251,14 @@ impl ConsoleReceiver {
     }
 
     /// The pty master, once received.
-    pub fn finish(self) -> Result<OwnedFd> {
-        let result = self
-            .handle
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("console thread panicked")));
-        let _ = std::fs::remove_file(&self.path);
+    pub fn finish(mut self) -> Result<OwnedFd> {
+        let result = match self.handle.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("console thread panicked"))),
+            None => Err(io::Error::other("console already received")),
+        };
+        // The socket file goes with `self`.
         result.map_err(|e| AgentError::io("receive the container's terminal", e))
     }
 }

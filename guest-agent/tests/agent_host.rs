@@ -787,6 +787,87 @@ async fn agent_host_terminal_and_resize() {
         .unwrap();
 }
 
+/// CRI's container and exec ids are 64 characters each: a terminal for a container and for
+/// an exec with such ids works (their console sockets used to be named after them, and a
+/// unix socket's path holds at most 108 bytes: "path must be shorter than SUN_LEN").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_terminals_with_cri_length_ids() {
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("ttyids").await;
+    let rootfs = a.rootfs("rootfs");
+    let id = "c".repeat(64);
+    let exec_id = "e".repeat(64);
+    let mut s = spec(&["sh", "-c", "[ -t 0 ] && echo init-tty; sleep 30"]);
+    let mut process = s.process().clone().unwrap();
+    process.set_terminal(Some(true));
+    s.set_process(Some(process));
+    let out = a.stream("ids-out");
+    let tty = Stdio {
+        stdout: "ids-out".into(),
+        terminal: true,
+        ..Default::default()
+    };
+    create(&a, &id, &s, &rootfs, tty).await.unwrap();
+    a.client.start_container(ctx(), &creq(&id)).await.unwrap();
+    let init_out = std::thread::spawn(move || read_all(out));
+
+    let exec_out = a.stream("ids-exec-out");
+    let process = ProcessBuilder::default()
+        .args(vec![
+            "sh".into(),
+            "-c".into(),
+            "[ -t 1 ] && echo exec-tty".into(),
+        ])
+        .env(vec!["PATH=/bin".into()])
+        .cwd("/")
+        .terminal(true)
+        .build()
+        .unwrap();
+    let req = ExecProcessRequest {
+        container_id: id.clone(),
+        exec_id: exec_id.clone(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(Stdio {
+            stdout: "ids-exec-out".into(),
+            terminal: true,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    a.client.exec_process(ctx(), &req).await.unwrap();
+    let status = a
+        .client
+        .wait_process(ctx(), &preq(&id, &exec_id))
+        .await
+        .unwrap()
+        .exit_status;
+    let text = read_all(exec_out).replace('\r', "");
+    assert_eq!((status, text.as_str()), (0, "exec-tty\n"));
+    a.client
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: id.clone(),
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(init_out.join().unwrap().contains("init-tty"));
+    // No console socket is left behind.
+    let left: Vec<_> = std::fs::read_dir(a.dir.join("state/bundles"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("console"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_host_pod_containers_share_the_sandbox_namespaces() {
     use oci_spec::runtime::LinuxNamespaceType as Ns;

@@ -26,6 +26,8 @@ pub enum SpecError {
     NoProcess(PathBuf),
     #[error("{0}: no root file system")]
     NoRoot(PathBuf),
+    #[error("host IPC is not supported: a sandbox VM cannot share the host's IPC namespace (the spec has no ipc namespace; in Kubernetes, hostIPC: true)")]
+    HostIpc,
 }
 
 /// Reads the bundle's `config.json` and checks that it has a process and a root.
@@ -42,6 +44,22 @@ pub fn load_spec(bundle: &Path) -> Result<Spec, SpecError> {
         return Err(SpecError::NoRoot(path));
     }
     Ok(spec)
+}
+
+/// Refuses what a VM cannot honour in the spec's namespaces: the host's IPC namespace
+/// (no `ipc` entry), whose shared memory and message queues a guest cannot reach. (The
+/// host's network namespace is refused where the network is read, naming the namespace.)
+pub fn check_namespaces(spec: &Spec) -> Result<(), SpecError> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let has_ipc = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::Ipc));
+    match has_ipc {
+        true => Ok(()),
+        false => Err(SpecError::HostIpc),
+    }
 }
 
 /// The sandbox a container belongs to: its CRI pod for a pod's other containers, else
@@ -131,6 +149,22 @@ mod tests {
     }
 
     #[test]
+    fn host_ipc_is_refused_and_a_joined_ipc_namespace_is_not() {
+        let with = |namespaces: &str| {
+            serde_json_like(&format!(
+                r#"{{"ociVersion": "1.0.2", "linux": {{"namespaces": [{namespaces}]}}}}"#
+            ))
+        };
+        let e = check_namespaces(&with(r#"{"type": "pid"}, {"type": "network"}"#)).unwrap_err();
+        assert!(
+            e.to_string().starts_with("host IPC is not supported"),
+            "{e}"
+        );
+        check_namespaces(&with(r#"{"type": "ipc"}"#)).unwrap();
+        check_namespaces(&with(r#"{"type": "ipc", "path": "/proc/7/ns/ipc"}"#)).unwrap();
+    }
+
+    #[test]
     fn cri_containers_join_their_pod_sandbox() {
         let mut spec = Spec::default();
         assert_eq!(sandbox_id(&spec, "c1"), "c1");
@@ -166,7 +200,9 @@ mod tests {
 
     /// A spec from JSON text, through the loader's own path (a file).
     fn serde_json_like(text: &str) -> Spec {
-        let dir = scratch("json");
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = scratch(&format!("json{n}"));
         let path = dir.join("config.json");
         std::fs::write(&path, text).unwrap();
         let spec = Spec::load(&path).unwrap();

@@ -991,6 +991,8 @@ impl Service {
         }
         mounts::check_volumes(&spec)
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        shoal_oci::check_namespaces(&spec)
+            .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         {
             let mut inner = self.state.inner.lock().await;
             if inner.closing {

@@ -987,6 +987,29 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     assert!(!out.status.success());
     assert!(text(&out).contains("no process"), "{}", text(&out));
     let _ = c.ctr(&["container", "delete", "noproc"]);
+    // Host IPC (a spec without an ipc namespace; hostIPC in Kubernetes): refused, saying so.
+    let mut hostipc: serde_json::Value =
+        serde_json::from_slice(&c.ctr(&["oci", "spec"]).stdout).unwrap();
+    let namespaces = hostipc["linux"]["namespaces"].as_array_mut().unwrap();
+    namespaces.retain(|n| n["type"] != "ipc");
+    let spec = c.root.join("host-ipc.json");
+    std::fs::write(&spec, serde_json::to_vec(&hostipc).unwrap()).unwrap();
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--config",
+        spec.to_str().unwrap(),
+        "hostipc",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("host IPC is not supported"),
+        "{}",
+        text(&out)
+    );
+    let _ = c.ctr(&["container", "delete", "hostipc"]);
     let out = c.run(
         &[
             "--rm",
