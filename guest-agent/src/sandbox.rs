@@ -317,6 +317,9 @@ impl Sandbox {
         let mut container = container;
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
         let exit = self.reaper.watch(pid);
+        if !own_pid_namespace(&spec) {
+            kill_the_rest_when_it_ends(id, exit.clone());
+        }
         let lo = match own_netns {
             true => crate::network::loopback_up_in(pid),
             false => Ok(()),
@@ -689,6 +692,52 @@ impl Sandbox {
         spec.set_linux(Some(linux));
         Ok(())
     }
+}
+
+/// Whether the container's first process is the init of a PID namespace of its own (not
+/// the pod's, joined by path, nor the guest's, with no `pid` entry).
+fn own_pid_namespace(spec: &Spec) -> bool {
+    use oci_spec::runtime::LinuxNamespaceType as Ns;
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| {
+            n.iter()
+                .any(|ns| ns.typ() == Ns::Pid && ns.path().is_none())
+        })
+}
+
+/// For a container without a PID namespace of its own: when its first process ends, the
+/// kernel does not end the rest as it does a namespace's, so they are killed with the
+/// container's cgroup (`cgroup.kill`), as runc does. They would otherwise outlive the
+/// container and, holding its output open, keep its exit from ever being reported (a pod
+/// whose nginx workers outlive their master never stopped).
+fn kill_the_rest_when_it_ends(
+    id: &str,
+    mut exit: tokio::sync::watch::Receiver<Option<ExitStatus>>,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(
+            "container {id}: no runtime to watch its end; its other processes may outlive it"
+        );
+        return;
+    };
+    let (id, kill) = (id.to_string(), cgroup::dir(id).join("cgroup.kill"));
+    runtime.spawn(async move {
+        while exit.borrow_and_update().is_none() {
+            if exit.changed().await.is_err() {
+                return;
+            }
+        }
+        match std::fs::write(&kill, "1") {
+            Ok(()) => {}
+            // Removed with the container meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "container {id}: cannot kill the processes left after its first: {e}"
+            ),
+        }
+    });
 }
 
 /// With pod DNS configured (CreateSandbox), containers see it as /etc/resolv.conf.
