@@ -231,11 +231,10 @@ impl Owner {
         Ok(Owner(held))
     }
 
-    /// Holds `dir` if its owner file exists and nobody holds it (the shim that made the
-    /// directory is dead); `None` if its shim lives or it has no owner file (made by a
-    /// shim from before owner files, or one that died before making it: nothing tells
-    /// whether its shim lives, so it is not taken).
-    pub fn of_dead(dir: &Path) -> Result<Option<Owner>, MountError> {
+    /// Whose `dir` is: its shim's while that shim lives, or nobody's (then held by the
+    /// caller from now on), or unknown without an owner file (made by a shim from before
+    /// owner files, or one that died before making it).
+    pub fn of(dir: &Path) -> Result<Ownership, MountError> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(OWNER_FILE);
         let file = match std::fs::OpenOptions::new()
@@ -244,14 +243,40 @@ impl Owner {
             .open(&path)
         {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ownership::Unknown),
             Err(e) => return Err(io("open", &path)(e)),
         };
-        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(held) => Ok(Some(Owner(held))),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, e)) => Err(io("lock", &path)(e.into())),
-        }
+        Ok(
+            match try_flock(file, nix::fcntl::FlockArg::LockExclusiveNonblock, &path)? {
+                Some(held) => Ownership::Dead(Owner(held)),
+                None => Ownership::Alive,
+            },
+        )
+    }
+}
+
+/// What [`Owner::of`] found of a sandbox directory.
+#[derive(Debug)]
+pub enum Ownership {
+    /// Its shim holds it.
+    Alive,
+    /// Its shim is dead; the caller holds it now.
+    Dead(Owner),
+    /// It has no owner file: nothing tells whether its shim lives.
+    Unknown,
+}
+
+/// `flock(file, how)`, or `None` if a non-blocking lock is held elsewhere; `path` names
+/// the file in an error.
+pub(crate) fn try_flock(
+    file: std::fs::File,
+    how: nix::fcntl::FlockArg,
+    path: &Path,
+) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, MountError> {
+    match nix::fcntl::Flock::lock(file, how) {
+        Ok(held) => Ok(Some(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(io("lock", path)(e.into())),
     }
 }
 

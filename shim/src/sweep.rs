@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::mounts::{self, MountError, Owner};
+use crate::mounts::{self, MountError, Owner, Ownership};
 
 /// The state directory's sweep lock, holding the time of the last sweep (seconds of
 /// CLOCK_BOOTTIME).
@@ -39,14 +39,12 @@ pub fn new_sandbox_dir(state_dir: &Path, id: &str) -> Result<(PathBuf, Owner), M
     let _making = lock(state_dir, FlockArg::LockShared)?;
     let dir = state_dir.join(id);
     if std::fs::symlink_metadata(&dir).is_ok() {
-        match Owner::of_dead(&dir)? {
-            None if dir.join(mounts::OWNER_FILE).exists() => {
-                return Err(MountError::InUse(dir));
-            }
-            _ => {
-                let _ = clean(&dir);
-            }
-        }
+        // Held (if dead) until cleaned.
+        let _left = match Owner::of(&dir)? {
+            Ownership::Alive => return Err(MountError::InUse(dir)),
+            left => left,
+        };
+        let _ = clean(&dir);
     }
     match mounts::prepare_sandbox_dir(&dir) {
         Ok(owner) => Ok((dir, owner)),
@@ -79,7 +77,7 @@ pub fn clean(dir: &Path) -> Result<(), MountError> {
 /// directory a sweep took but could not finish shows as `.dead-ID`).
 pub fn sweep(state_dir: &Path, every: Duration) -> Result<Vec<String>, MountError> {
     let taken = {
-        let Some(mut held) = try_lock(state_dir)? else {
+        let Some(mut held) = lock(state_dir, FlockArg::LockExclusiveNonblock)? else {
             return Ok(Vec::new());
         };
         let now = boottime_secs();
@@ -136,9 +134,9 @@ fn take_dead(state_dir: &Path) -> Result<Vec<(String, PathBuf, Owner)>, MountErr
             continue;
         }
         let path = entry.path();
-        let owner = match Owner::of_dead(&path) {
-            Ok(Some(owner)) => owner,
-            Ok(None) => continue,
+        let owner = match Owner::of(&path) {
+            Ok(Ownership::Dead(owner)) => owner,
+            Ok(Ownership::Alive | Ownership::Unknown) => continue,
             Err(e) => {
                 tracing::warn!("{e}");
                 continue;
@@ -160,47 +158,25 @@ fn take_dead(state_dir: &Path) -> Result<Vec<(String, PathBuf, Owner)>, MountErr
     Ok(taken)
 }
 
-/// The state directory's sweep lock, blocking.
-fn lock(state_dir: &Path, how: FlockArg) -> Result<Flock<File>, MountError> {
-    let path = state_dir.join(LOCK_FILE);
-    let file = open_lock(&path)?;
-    Flock::lock(file, how).map_err(|(_, e)| MountError::Io {
-        what: "lock",
-        path,
-        cause: e.into(),
-    })
-}
-
-/// The state directory's sweep lock, exclusive, if nobody holds it.
-fn try_lock(state_dir: &Path) -> Result<Option<Flock<File>>, MountError> {
-    let path = state_dir.join(LOCK_FILE);
-    let file = open_lock(&path)?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(held) => Ok(Some(held)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(MountError::Io {
-            what: "lock",
-            path,
-            cause: e.into(),
-        }),
-    }
-}
-
-fn open_lock(path: &Path) -> Result<File, MountError> {
+/// The state directory's sweep lock, taken `how`; `None` only for a non-blocking lock that
+/// is held elsewhere.
+fn lock(state_dir: &Path, how: FlockArg) -> Result<Option<Flock<File>>, MountError> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let path = state_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .open(&path)
         .map_err(|e| MountError::Io {
             what: "open",
-            path: path.into(),
+            path: path.clone(),
             cause: e,
-        })
+        })?;
+    mounts::try_flock(file, how, &path)
 }
 
 fn boottime_secs() -> u64 {
