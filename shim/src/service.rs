@@ -1255,24 +1255,22 @@ impl Service {
             );
         }
         drop(inner);
-        let event: Box<dyn protobuf::MessageDyn> = if req.exec_id.is_empty() {
+        let (topic, event): (_, Box<dyn protobuf::MessageDyn>) = if req.exec_id.is_empty() {
             crate::sandbox::mark("container_started");
-            Box::new(ev::TaskStart {
+            let event = ev::TaskStart {
                 container_id: req.id,
                 pid,
                 ..Default::default()
-            })
+            };
+            (topics::TASK_START_EVENT_TOPIC, Box::new(event))
         } else {
-            Box::new(ev::TaskExecStarted {
+            let event = ev::TaskExecStarted {
                 container_id: req.id,
                 exec_id: req.exec_id,
                 pid,
                 ..Default::default()
-            })
-        };
-        let topic = match guest_pid {
-            None => topics::TASK_START_EVENT_TOPIC,
-            Some(_) => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            };
+            (topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event))
         };
         self.publish(topic, event).await;
         Ok(api::StartResponse {
