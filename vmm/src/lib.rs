@@ -173,17 +173,7 @@ impl VmConfig {
                 })
             }
         }
-        if let Some(vsock) = self.vsock.as_ref().filter(|v| v.cid < 3) {
-            return Err(ValidationError::VsockCid(vsock.cid));
-        }
-        let devices = usize::from(self.vsock.is_some())
-            + self.disks.len()
-            + self.shares.len()
-            + self.nets.len()
-            + usize::from(self.free_page_reporting);
-        if devices > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
-            return Err(ValidationError::TooManyDevices(devices));
-        }
+        let devices = DeviceSet::of(self).validate()?;
         // Each device adds one `virtio_mmio.device=4K@ADDR:GSI` entry and a space: the
         // addresses have 8 hex digits, the GSIs at most 2 decimal ones.
         const DEVICE_ENTRY: usize = "virtio_mmio.device=4K@0xd0000000:32 ".len();
@@ -406,6 +396,23 @@ struct DeviceSet<'a> {
 }
 
 impl<'a> DeviceSet<'a> {
+    /// The vsock CID is not a reserved one and the devices fit the MMIO slots; returns how
+    /// many devices there are. Before any is made, on boot and on restore.
+    fn validate(&self) -> std::result::Result<usize, ValidationError> {
+        if let Some(vsock) = self.vsock.filter(|v| v.cid < 3) {
+            return Err(ValidationError::VsockCid(vsock.cid));
+        }
+        let devices = usize::from(self.vsock.is_some())
+            + self.disks.len()
+            + self.shares.len()
+            + self.nets.len()
+            + usize::from(self.free_page_reporting);
+        if devices > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
+            return Err(ValidationError::TooManyDevices(devices));
+        }
+        Ok(devices)
+    }
+
     fn of(config: &'a VmConfig) -> Self {
         DeviceSet {
             vsock: config.vsock.as_ref(),
@@ -631,14 +638,16 @@ impl Vm {
         if config.vsock.is_some() {
             confine::prepare_empty_netns();
         }
-        let (devices, balloon) = create_devices(&DeviceSet {
+        let set = DeviceSet {
             vsock: config.vsock.as_ref(),
             disks: &[],
             shares: &config.shares,
             nets: &[],
             free_page_reporting: config.free_page_reporting,
             limits: config.limits,
-        })?;
+        };
+        set.validate()?;
+        let (devices, balloon) = create_devices(&set)?;
         let found: Vec<String> = snap
             .devices
             .iter()
@@ -1005,13 +1014,10 @@ type Devices = (
     Option<Arc<virtio::balloon::BalloonStats>>,
 );
 
-/// Creates the virtio devices of `set`, in bus order.
+/// Creates the virtio devices of `set` (checked by [`DeviceSet::validate`]), in bus order.
 fn create_devices(set: &DeviceSet) -> Result<Devices> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(vsock) = set.vsock {
-        if vsock.cid < 3 {
-            return Err(ValidationError::VsockCid(vsock.cid).into());
-        }
         devices.push(Box::new(virtio::vsock::Vsock::new(
             vsock.cid,
             &vsock.uds_path,
@@ -1035,9 +1041,6 @@ fn create_devices(set: &DeviceSet) -> Result<Devices> {
         let device = virtio::balloon::Balloon::new();
         balloon = Some(device.stats());
         devices.push(Box::new(device));
-    }
-    if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES as usize {
-        return Err(ValidationError::TooManyDevices(devices.len()).into());
     }
     Ok((devices, balloon))
 }
