@@ -36,6 +36,14 @@ fn wait_status(c: &Containerd, id: &str, status: &str) {
     }
 }
 
+/// `ctr run -d` of `id` (with `flags` too) that must succeed, then waits until it runs.
+fn run_detached(c: &Containerd, flags: &[&str], id: &str, cmd: &[&str]) {
+    let flags: Vec<&str> = std::iter::once("-d").chain(flags.iter().copied()).collect();
+    let out = c.run(&flags, id, cmd);
+    assert!(out.status.success(), "{id}: {}\n{}", text(&out), c.log());
+    wait_status(c, id, "RUNNING");
+}
+
 /// Runs `ctr events` and collects its lines on a thread, up to the first for which `last`
 /// holds (not kept) or until the returned child is killed.
 fn watch_events(
@@ -83,13 +91,8 @@ fn wait_task_gone_or_stopped(c: &Containerd, id: &str) {
 fn ctr_seccomp_profile_is_in_effect_for_the_first_process() {
     let Some(env) = env() else { return };
     let c = Containerd::start(&env, "seccomp", "");
-    for (id, flags, mode) in [
-        ("sc-on", &["-d", "--seccomp"][..], "2"),
-        ("sc-off", &["-d"][..], "0"),
-    ] {
-        let out = c.run(flags, id, &["sleep", "1000"]);
-        assert!(out.status.success(), "{id}: {}\n{}", text(&out), c.log());
-        wait_status(&c, id, "RUNNING");
+    for (id, flags, mode) in [("sc-on", &["--seccomp"][..], "2"), ("sc-off", &[][..], "0")] {
+        run_detached(&c, flags, id, &["sleep", "1000"]);
         let field = |out: &std::process::Output| {
             stdout(out)
                 .lines()
@@ -348,9 +351,7 @@ fn ctr_tasks_survive_a_containerd_restart() {
 fn ctr_a_dead_shims_leftovers_are_cleaned_by_the_next_start() {
     let Some(env) = env() else { return };
     let mut c = Containerd::start(&env, "sweep", "sweep_secs = 0\n");
-    let out = c.run(&["-d"], "s1", &["sleep", "1000"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "s1", "RUNNING");
+    run_detached(&c, &[], "s1", &["sleep", "1000"]);
     let shim = shim_pid_of("s1").expect("s1's shim");
     c.stop_with(nix::sys::signal::SIGKILL);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL);
@@ -377,9 +378,7 @@ fn ctr_a_dead_shims_leftovers_are_cleaned_by_the_next_start() {
         "s1's cgroup claim is gone before any sweep"
     );
 
-    let out = c.run(&["-d"], "s2", &["sleep", "1000"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "s2", "RUNNING");
+    run_detached(&c, &[], "s2", &["sleep", "1000"]);
     let s2 = c.shoal_state().join("s2");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -430,9 +429,7 @@ fn ctr_a_dead_shims_leftovers_are_cleaned_by_the_next_start() {
 fn ctr_a_pods_containers_answer_while_another_is_created() {
     let Some(env) = env() else { return };
     let c = Containerd::start(&env, "busy", "");
-    let out = c.run(&["-d"], "p1", &["sleep", "1000"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "p1", "RUNNING");
+    run_detached(&c, &[], "p1", &["sleep", "1000"]);
 
     let mut spec: serde_json::Value = serde_json::from_slice(&c.ctr(&["oci", "spec"]).stdout)
         .expect("`ctr oci spec` prints a spec");
@@ -693,9 +690,7 @@ fn ctr_detached_task_lifecycle_and_events() {
     let c = Containerd::start(&env, "task", "");
     let (mut events, collected) = watch_events(&c, |_| false);
     let script = "trap 'echo bye; exit 0' TERM; while true; do sleep 1; done";
-    let out = c.run(&["-d"], "d1", &["sh", "-c", script]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "d1", "RUNNING");
+    run_detached(&c, &[], "d1", &["sh", "-c", script]);
 
     let out = c.ctr(&[
         "task",
@@ -845,9 +840,7 @@ fn vmm_threads_are_confined(shim: i32) {
 fn ctr_exec_ids_are_used_again_and_execs_leave_no_host_threads() {
     let Some(env) = env() else { return };
     let c = Containerd::start(&env, "execs", "");
-    let out = c.run(&["-d"], "x1", &["sleep", "600"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "x1", "RUNNING");
+    run_detached(&c, &[], "x1", &["sleep", "600"]);
     let shim = shim_pid_of("x1").expect("x1's shim");
     vmm_threads_are_confined(shim);
     let before = stdio_threads(shim);
@@ -907,9 +900,7 @@ fn ctr_sandbox_in_a_pooled_host_cgroup_and_pool_exhaustion() {
         "cgroup",
         "memory_mib = 128\n[cgroups]\npool_size = 1\noverhead_mib = 32\n",
     );
-    let out = c.run(&["-d"], "held", &["sleep", "1000"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "held", "RUNNING");
+    run_detached(&c, &[], "held", &["sleep", "1000"]);
     let shims = shim_pids();
     assert_eq!(shims.len(), 1, "{shims:?}");
     let pool = Pool::open(c.shoal_config().cgroups.pool_config()).unwrap();
@@ -1085,9 +1076,7 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
 
     // The shim is killed under a running container: containerd sees the task stop, and
     // deleting it leaves nothing behind.
-    let out = c.run(&["-d"], "victim", &["sleep", "600"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
-    wait_status(&c, "victim", "RUNNING");
+    run_detached(&c, &[], "victim", &["sleep", "600"]);
     for pid in shim_pids() {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
     }
