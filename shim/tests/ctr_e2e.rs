@@ -44,6 +44,12 @@ fn run_detached(c: &Containerd, flags: &[&str], id: &str, cmd: &[&str]) {
     wait_status(c, id, "RUNNING");
 }
 
+/// `ctr run --rm --config SPEC ID` with shoal: a container from a whole spec file (no image).
+fn run_spec(c: &Containerd, spec: &std::path::Path, id: &str) -> std::process::Output {
+    let spec = spec.to_str().unwrap();
+    c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--config", spec, id])
+}
+
 /// Runs `ctr events` and collects its lines on a thread, up to the first for which `last`
 /// holds (not kept) or until the returned child is killed.
 fn watch_events(
@@ -1025,15 +1031,7 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     // A spec without a process, and a volume whose host path does not exist.
     let spec = c.root.join("no-process.json");
     std::fs::write(&spec, r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#).unwrap();
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--config",
-        spec.to_str().unwrap(),
-        "noproc",
-    ]);
+    let out = run_spec(&c, &spec, "noproc");
     assert!(!out.status.success());
     assert!(text(&out).contains("no process"), "{}", text(&out));
     let _ = c.ctr(&["container", "delete", "noproc"]);
@@ -1044,15 +1042,7 @@ fn ctr_bad_input_gets_clear_errors_and_leaves_nothing() {
     namespaces.retain(|n| n["type"] != "ipc");
     let spec = c.root.join("host-ipc.json");
     std::fs::write(&spec, serde_json::to_vec(&hostipc).unwrap()).unwrap();
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--config",
-        spec.to_str().unwrap(),
-        "hostipc",
-    ]);
+    let out = run_spec(&c, &spec, "hostipc");
     assert!(!out.status.success());
     assert!(
         text(&out).contains("host IPC is not supported"),
