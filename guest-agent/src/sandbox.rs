@@ -65,6 +65,8 @@ impl Process {
 struct ContainerEntry {
     runtime: Mutex<Container>,
     bundle: PathBuf,
+    /// The spec's seccomp profile, for the container's exec'd processes.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     processes: Mutex<HashMap<String, Arc<Process>>>,
 }
 
@@ -337,6 +339,7 @@ impl Sandbox {
         let entry = ContainerEntry {
             runtime: Mutex::new(container),
             bundle,
+            seccomp: spec.linux().as_ref().and_then(|l| l.seccomp().clone()),
             processes: Mutex::new(HashMap::from([(String::new(), init)])),
         };
         self.containers
@@ -391,7 +394,7 @@ impl Sandbox {
                 exec_id: exec_id.into(),
             });
         }
-        let process: OciProcess = serde_json::from_slice(process_json)
+        let mut process: OciProcess = serde_json::from_slice(process_json)
             .map_err(|e| AgentError::InvalidProcess(e.to_string()))?;
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(AgentError::InvalidProcess("no args".into()));
@@ -400,6 +403,7 @@ impl Sandbox {
         if status != ContainerStatus::Running {
             return Err(AgentError::wrong_state(id, status, "exec", "running"));
         }
+        let seccomp = crate::exec_seccomp::prepare(&mut process, entry.seccomp.as_ref())?;
         let path = entry.bundle.join(format!("exec-{exec_id}.json"));
         let json =
             serde_json::to_vec(&process).map_err(|e| AgentError::InvalidProcess(e.to_string()))?;
@@ -418,6 +422,7 @@ impl Sandbox {
             console_socket: console_path,
             kind: crate::spawn::JobKind::Exec {
                 process: path.clone(),
+                seccomp: seccomp.map(Box::new),
             },
         };
         let built = {

@@ -55,8 +55,12 @@ pub struct Job {
 pub enum JobKind {
     /// A container's init process from the bundle at `bundle`, waiting for its start.
     Create { bundle: PathBuf, no_pivot: bool },
-    /// A process (`process`: its OCI process JSON file) in a running container.
-    Exec { process: PathBuf },
+    /// A process (`process`: its OCI process JSON file) in a running container, under the
+    /// container's seccomp profile if it has one.
+    Exec {
+        process: PathBuf,
+        seccomp: Option<Box<crate::exec_seccomp::ExecSeccomp>>,
+    },
 }
 
 /// The helper's answer: the new process's pid, or what failed.
@@ -263,7 +267,11 @@ fn run_job() -> Result<i32> {
                 .map_err(AgentError::runtime(id, "create"))?;
             Ok(container.pid().map(|p| p.as_raw()).unwrap_or(0))
         }
-        JobKind::Exec { process } => {
+        JobKind::Exec { process, seccomp } => {
+            let builder = match seccomp {
+                Some(s) => builder.with_executor(crate::exec_seccomp::Confined(s.as_ref().clone())),
+                None => builder,
+            };
             let pid = builder
                 .as_tenant()
                 .with_process(Some(process))

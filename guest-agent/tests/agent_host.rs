@@ -1187,3 +1187,188 @@ async fn agent_host_a_stuck_create_is_killed_at_its_deadline_and_the_next_runs()
         .await
         .expect("the id of the killed create can be used again");
 }
+
+/// Runs `script` with `sh -c` as exec `exec_id` of container `id` with `process` for the
+/// rest of its OCI process; returns its exit status and its output.
+async fn exec_script(
+    a: &Agent,
+    id: &str,
+    exec_id: &str,
+    process: &oci_spec::runtime::Process,
+    script: &str,
+) -> ttrpc::Result<(u32, String)> {
+    let mut process = process.clone();
+    process.set_args(Some(vec!["sh".into(), "-c".into(), script.into()]));
+    let token = format!("{id}-{exec_id}-out");
+    let out = a.stream(&token);
+    std::thread::sleep(Duration::from_millis(200)); // the agent files the stream
+    let req = ExecProcessRequest {
+        container_id: id.into(),
+        exec_id: exec_id.into(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        stdio: Some(stdio(&token, "")).into(),
+        ..Default::default()
+    };
+    a.client.exec_process(ctx(), &req).await?;
+    let reader = std::thread::spawn(move || read_all(out));
+    let status = a
+        .client
+        .wait_process(ctx(), &preq(id, exec_id))
+        .await
+        .unwrap()
+        .exit_status;
+    Ok((status, reader.join().unwrap()))
+}
+
+/// An exec'd process runs under its container's seccomp profile, as the first process does.
+/// libcontainer 0.7 drops the profile for exec'd processes (issue 22: `Seccomp: 0` in every
+/// CRI exec), so without the agent's own loading (guest-agent/src/exec_seccomp.rs) each
+/// exec below ran unfiltered. The profile here refuses kill(2) with ENOSYS, an answer the
+/// kernel never gives for it, and the attack is the exec signalling (itself) anyway:
+/// - with `no_new_privs`; without it as root (the capability sets raised for the loading
+///   must be back to those asked for, bounding set included); without it as uid 1000;
+/// - the control: the same execs in a container with no profile make their directory and
+///   read `Seccomp: 0`, which is what every exec did before;
+/// - a profile that refuses `capset`: an exec without `no_new_privs` cannot return its
+///   capabilities under it, and fails with that reason (as under runc) rather than running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_host_exec_processes_run_under_the_containers_seccomp_profile() {
+    use oci_spec::runtime::{
+        Capability, LinuxCapabilitiesBuilder, LinuxSeccompAction, LinuxSeccompBuilder,
+        LinuxSyscallBuilder, UserBuilder,
+    };
+    if !can_run() {
+        return;
+    }
+    let a = Agent::start("execsc").await;
+    let deny = |names: &[&str], errno: u32| {
+        LinuxSyscallBuilder::default()
+            .names(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(errno)
+            .build()
+            .unwrap()
+    };
+    let profile = |rules| {
+        LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .syscalls(rules)
+            .build()
+            .unwrap()
+    };
+    let no_kill = profile(vec![deny(&["kill"], libc::ENOSYS as u32)]);
+    let no_capset = profile(vec![deny(&["capset"], libc::EPERM as u32)]);
+    // The first process asks for no_new_privs, so its own filter is loaded after its
+    // capabilities are set and a profile refusing capset does not stop it.
+    let start = |id: &'static str, seccomp: Option<oci_spec::runtime::LinuxSeccomp>| {
+        let a = &a;
+        async move {
+            let mut s = spec(&["sleep", "1000"]);
+            let mut process = s.process().clone().unwrap();
+            process.set_no_new_privileges(Some(true));
+            s.set_process(Some(process));
+            let mut linux = s.linux().clone().unwrap();
+            linux.set_seccomp(seccomp);
+            s.set_linux(Some(linux));
+            let rootfs = a.rootfs(&format!("rootfs-{id}"));
+            create(a, id, &s, &rootfs, stdio("", "")).await.unwrap();
+            a.client.start_container(ctx(), &creq(id)).await.unwrap();
+        }
+    };
+    start("filtered", Some(no_kill)).await;
+    start("open", None).await;
+    start("nocapset", Some(no_capset)).await;
+
+    let asked = [
+        Capability::Kill,
+        Capability::NetBindService,
+        Capability::AuditWrite,
+    ];
+    let mask = "0000000020000420"; // bits 5, 10 and 29
+    let caps = LinuxCapabilitiesBuilder::default()
+        .bounding(asked.into_iter().collect::<std::collections::HashSet<_>>())
+        .effective(asked.into_iter().collect::<std::collections::HashSet<_>>())
+        .permitted(asked.into_iter().collect::<std::collections::HashSet<_>>())
+        .inheritable(std::collections::HashSet::new())
+        .ambient(std::collections::HashSet::new())
+        .build()
+        .unwrap();
+    let process = |nnp: Option<bool>, uid: u32| {
+        ProcessBuilder::default()
+            .args(vec!["true".to_string()])
+            .env(vec!["PATH=/bin".to_string()])
+            .cwd("/")
+            .capabilities(caps.clone())
+            .user(UserBuilder::default().uid(uid).gid(uid).build().unwrap())
+            .no_new_privileges(nnp.unwrap_or_default())
+            .build()
+            .map(|mut p| {
+                p.set_no_new_privileges(nnp);
+                p
+            })
+            .unwrap()
+    };
+    let script = "cat /proc/self/status; kill -0 $$ 2>&1 && echo SIGNALLED";
+    let field = |out: &str, name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    for (case, nnp, uid) in [
+        ("nnp", Some(true), 0),
+        ("root", None, 0),
+        ("user", None, 1000),
+    ] {
+        let p = process(nnp, uid);
+        let (status, out) = exec_script(&a, "filtered", case, &p, script).await.unwrap();
+        assert_eq!(field(&out, "Seccomp:"), "2", "{case}: {out}");
+        assert!(
+            out.contains("Function not implemented") && !out.contains("SIGNALLED"),
+            "{case}: the profile's kill refusal: {out}"
+        );
+        assert_ne!(status, 0, "{case}: {out}");
+        let nnp_field = if nnp == Some(true) { "1" } else { "0" };
+        assert_eq!(field(&out, "NoNewPrivs:"), nnp_field, "{case}: {out}");
+        // uid 1000 loses its permitted and effective sets at execve (no ambient ones).
+        let held = if uid == 0 { mask } else { "0000000000000000" };
+        assert_eq!(field(&out, "CapBnd:"), mask, "{case}: {out}");
+        assert_eq!(field(&out, "CapPrm:"), held, "{case}: {out}");
+        assert_eq!(field(&out, "CapEff:"), held, "{case}: {out}");
+        assert_eq!(field(&out, "CapInh:"), "0000000000000000", "{case}: {out}");
+
+        // The control: no profile, no filter, and the signal is sent.
+        let (status, out) = exec_script(&a, "open", case, &p, script).await.unwrap();
+        assert_eq!(field(&out, "Seccomp:"), "0", "{case}: {out}");
+        assert_eq!(field(&out, "CapBnd:"), mask, "{case}: {out}");
+        assert!(status == 0 && out.contains("SIGNALLED"), "{case}: {out}");
+    }
+
+    let e = exec_script(&a, "nocapset", "root", &process(None, 0), script)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("capabilities under the seccomp profile"),
+        "{e}"
+    );
+    // Still usable: an exec with no_new_privs needs no capset after the loading.
+    let (status, out) = exec_script(&a, "nocapset", "nnp", &process(Some(true), 0), "echo ok")
+        .await
+        .unwrap();
+    assert_eq!((status, out.as_str()), (0, "ok\n"));
+
+    for id in ["filtered", "open", "nocapset"] {
+        a.client
+            .remove_container(
+                ctx(),
+                &RemoveContainerRequest {
+                    container_id: id.into(),
+                    force: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+}
