@@ -16,13 +16,19 @@ fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> R
 }
 
 /// Mounts the sandbox's virtio-fs share (tag `tag`) at `target`.
+///
+/// Not `nosuid`: the share holds the containers' root file systems, and a setuid binary of
+/// an image (`sudo`, `ping`) must raise a process that does not ask for `no_new_privs`, as
+/// under runc (issue 22). This is the guest's own business: the host serves the share from
+/// mounts that are `nosuid` on the host (shim/src/mounts.rs), so no file the guest leaves
+/// there runs as root on the host. `nodev` stays (the server refuses device nodes anyway).
 pub fn mount_share(tag: &str, target: &str) -> Result<()> {
     std::fs::create_dir_all(target).map_err(|e| AgentError::io(format!("create {target}"), e))?;
     mount(
         Some(tag),
         target,
         Some("virtiofs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        MsFlags::MS_NODEV,
         None::<&str>,
     )
     .map_err(|e| AgentError::sys(format!("mount virtio-fs tag {tag:?} on {target}"), e))

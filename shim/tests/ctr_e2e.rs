@@ -975,6 +975,72 @@ fn ctr_sandbox_in_a_pooled_host_cgroup_and_pool_exhaustion() {
     assert_eq!(pool.free_count(), 1, "the slot went back to the pool");
 }
 
+/// A setuid-root binary in a container raises a process that does not ask for
+/// `no_new_privs`, as under runc (issue 22: the guest mounted the share holding every rootfs
+/// and volume `nosuid`, so `sudo` and `ping` in an image never worked; the same exec read
+/// `euid=1000` then). The host is not what is tested here: its mounts of the same files
+/// stay `nosuid` (`mounts::tests`, the setuid attack).
+#[test]
+fn ctr_a_setuid_binary_raises_an_exec_without_no_new_privs() {
+    let Some(env) = env() else { return };
+    let c = Containerd::start(&env, "setuid", "");
+    let probe = c.root.join("probe");
+    std::fs::create_dir_all(&probe).unwrap();
+    let source = probe.join("euid.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\n#include <unistd.h>\nint main(void) {\n  \
+         printf(\"uid=%d euid=%d\\n\", (int)getuid(), (int)geteuid());\n  return 0;\n}\n",
+    )
+    .unwrap();
+    let bin = probe.join("euid");
+    let cc = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "cc (Debian gcc, libc6-dev): {}",
+        text(&cc)
+    );
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let volume = format!(
+        "type=bind,src={},dst=/probe,options=rbind:ro",
+        probe.display()
+    );
+    // ctr's specs ask for no_new_privs unless told otherwise; Kubernetes' default
+    // (allowPrivilegeEscalation) does not. With it, the setuid bit is ignored, as it must be.
+    for (id, flags, euid) in [
+        ("suid", &["--allow-new-privs"][..], "0"),
+        ("nnp", &[][..], "1000"),
+    ] {
+        let mut flags = flags.to_vec();
+        flags.extend(["--mount", &volume]);
+        run_detached(&c, &flags, id, &["sleep", "1000"]);
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "--user",
+            "1000:1000",
+            id,
+            "/probe/euid",
+        ]);
+        assert!(out.status.success(), "{id}: {}", text(&out));
+        assert_eq!(
+            stdout(&out),
+            format!("uid=1000 euid={euid}\n"),
+            "{id}: {}",
+            text(&out)
+        );
+        c.remove(id);
+    }
+    c.assert_clean();
+}
+
 /// A terminal for a container's first process and for an exec (issue 22: every exec with a
 /// terminal failed, "failed to setup tty").
 #[test]
