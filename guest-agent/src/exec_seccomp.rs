@@ -18,8 +18,9 @@
 //! from the bounding set, loads the filter, then sets the effective, permitted and
 //! inheritable sets to those asked for. As with runc for such a process, the filter is
 //! already in force for that last `capset` and for the `execve`, so a profile must allow
-//! both. No code of the container runs while the sets are raised, and a container process
-//! without those capabilities cannot trace one that has them.
+//! both (one that kills on either ends the exec'd process at once, as under runc). No code
+//! of the container runs while the sets are raised, and a container process without those
+//! capabilities cannot trace one that has them.
 use std::collections::HashSet;
 
 use caps::CapSet;
@@ -115,9 +116,17 @@ impl ExecSeccomp {
                 (CapSet::Inheritable, asked.inheritable()),
             ] {
                 if let Some(caps) = caps {
-                    caps::set(None, set, &to_caps(caps)).map_err(|e| {
+                    let asked = to_caps(caps);
+                    caps::set(None, set, &asked).map_err(|e| {
                         format!("set the {set:?} capabilities under the seccomp profile: {e}")
                     })?;
+                    // A profile answering capset with errno 0 would leave the raised sets.
+                    if caps::read(None, set).ok().as_ref() != Some(&asked) {
+                        return Err(format!(
+                            "the {set:?} capabilities are not those asked for after the \
+                             seccomp profile was loaded (does it fake capset?)"
+                        ));
+                    }
                 }
             }
         }

@@ -1344,6 +1344,39 @@ async fn agent_host_exec_processes_run_under_the_containers_seccomp_profile() {
         assert!(status == 0 && out.contains("SIGNALLED"), "{case}: {out}");
     }
 
+    // Ambient capabilities: libcontainer raises them while the loading's SYS_ADMIN is in
+    // the permitted set, so a SYS_ADMIN asked for as ambient and inheritable but not
+    // permitted gets in there; only lowering the permitted set back to the asked one takes
+    // it out again, as it never got in under runc. The exec as uid 1000 then holds the
+    // ambient NET_BIND_SERVICE alone.
+    let nbs = [Capability::NetBindService];
+    let both = [Capability::NetBindService, Capability::SysAdmin];
+    let set = |c: &[Capability]| c.iter().copied().collect::<std::collections::HashSet<_>>();
+    let mut ambient = process(None, 1000);
+    ambient.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(set(&nbs))
+            .effective(set(&nbs))
+            .permitted(set(&nbs))
+            .inheritable(set(&both))
+            .ambient(set(&both))
+            .build()
+            .unwrap(),
+    ));
+    let (_, out) = exec_script(&a, "filtered", "ambient", &ambient, script)
+        .await
+        .unwrap();
+    assert_eq!(field(&out, "Seccomp:"), "2", "{out}");
+    for (name, want) in [
+        ("CapAmb:", "0000000000000400"),
+        ("CapPrm:", "0000000000000400"),
+        ("CapEff:", "0000000000000400"),
+        ("CapBnd:", "0000000000000400"),
+        ("CapInh:", "0000000000200400"),
+    ] {
+        assert_eq!(field(&out, name), want, "ambient: {name} {out}");
+    }
+
     let e = exec_script(&a, "nocapset", "root", &process(None, 0), script)
         .await
         .unwrap_err();

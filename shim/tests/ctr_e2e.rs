@@ -96,7 +96,13 @@ fn wait_task_gone_or_stopped(c: &Containerd, id: &str) {
 fn ctr_seccomp_profile_is_in_effect_for_the_first_process_and_execs() {
     let Some(env) = env() else { return };
     let c = Containerd::start(&env, "seccomp", "");
-    for (id, flags, mode) in [("sc-on", &["--seccomp"][..], "2"), ("sc-off", &[][..], "0")] {
+    // ctr's specs ask for no_new_privs; --allow-new-privs takes the agent's other way of
+    // loading (capabilities raised for it and dropped again), Kubernetes' default.
+    for (id, flags, mode) in [
+        ("sc-on", &["--seccomp"][..], "2"),
+        ("sc-anp", &["--seccomp", "--allow-new-privs"][..], "2"),
+        ("sc-off", &[][..], "0"),
+    ] {
         run_detached(&c, flags, id, &["sleep", "1000"]);
         let field_of = |out: &std::process::Output, name: &str| {
             stdout(out)
