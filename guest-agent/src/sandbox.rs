@@ -252,6 +252,8 @@ impl Sandbox {
         spec.set_root(Some(root_cfg));
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(cgroup::cgroups_path(id)));
+        rootfs_propagation_for_libcontainer(&mut linux)?;
+        check_sysctls(&linux, Path::new("/proc/sys"))?;
         spec.set_linux(Some(linux));
         self.join_pod_namespaces(&mut spec)?;
         if let Some(resolv) = self
@@ -699,6 +701,58 @@ impl Sandbox {
     }
 }
 
+/// Puts the spec's `rootfsPropagation` in the words libcontainer 0.7 knows.
+///
+/// containerd's CRI plugin writes `rshared` for a Bidirectional volume and `rslave` for a
+/// HostToContainer one, as runc accepts; libcontainer 0.7 knows only `shared`, `slave`,
+/// `private` and `unbindable` there and failed the create ("failed to prepare rootfs",
+/// issue 22). It applies the root's propagation recursively anyway, so the `r` forms mean
+/// the same. Anything else is refused by name. (Propagation holds inside the guest, between
+/// the pod's containers; mounts made on the host later do not cross virtio-fs.)
+fn rootfs_propagation_for_libcontainer(linux: &mut oci_spec::runtime::Linux) -> Result<()> {
+    let Some(asked) = linux.rootfs_propagation().clone() else {
+        return Ok(());
+    };
+    let plain = match asked.as_str() {
+        "shared" | "rshared" => "shared",
+        "slave" | "rslave" => "slave",
+        "private" | "rprivate" => "private",
+        "unbindable" | "runbindable" => "unbindable",
+        _ => {
+            return Err(AgentError::InvalidSpec(format!(
+                "linux.rootfsPropagation {asked:?}: expected one of shared, slave, private, \
+                 unbindable, or their r-prefixed forms"
+            )))
+        }
+    };
+    linux.set_rootfs_propagation(Some(plain.to_string()));
+    Ok(())
+}
+
+/// Refuses a sysctl the guest kernel does not have, by name: libcontainer's own failure
+/// says only "open subpath in procfs failed" (issue 22, where the guest kernel lacked
+/// System V IPC and so `kernel.shm_rmid_forced`). `proc_sys` is /proc/sys; the file
+/// looked for is the one libcontainer opens, the name with its dots made slashes.
+fn check_sysctls(linux: &oci_spec::runtime::Linux, proc_sys: &Path) -> Result<()> {
+    for name in linux.sysctl().iter().flat_map(|s| s.keys()) {
+        let relative = name.replace('.', "/");
+        if relative
+            .split('/')
+            .any(|part| part.is_empty() || part == "..")
+        {
+            return Err(AgentError::InvalidSpec(format!(
+                "sysctl {name:?} is not a sysctl name"
+            )));
+        }
+        if !proc_sys.join(&relative).exists() {
+            return Err(AgentError::InvalidSpec(format!(
+                "sysctl {name}: the guest kernel has no such setting (no /proc/sys/{relative})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Whether the container's first process is the init of a PID namespace of its own (not
 /// the pod's, joined by path, nor the guest's, with no `pid` entry).
 fn own_pid_namespace(spec: &Spec) -> bool {
@@ -763,5 +817,68 @@ fn tokens(s: &StdioRequest) -> Tokens<'_> {
         stdin: &s.stdin,
         stdout: &s.stdout,
         stderr: &s.stderr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctls_the_kernel_lacks_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("shoal-sysctl-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("net/ipv4")).unwrap();
+        std::fs::write(dir.join("net/ipv4/tcp_syncookies"), "1\n").unwrap();
+        let with = |names: &[&str]| {
+            let mut linux = oci_spec::runtime::Linux::default();
+            linux.set_sysctl(Some(
+                names
+                    .iter()
+                    .map(|n| (n.to_string(), "1".to_string()))
+                    .collect(),
+            ));
+            check_sysctls(&linux, &dir).map_err(|e| e.to_string())
+        };
+        assert!(with(&[]).is_ok());
+        assert!(with(&["net.ipv4.tcp_syncookies"]).is_ok());
+        let e = with(&["kernel.shm_rmid_forced"]).unwrap_err();
+        assert!(
+            e.contains("kernel.shm_rmid_forced: the guest kernel has no such setting"),
+            "{e}"
+        );
+        for bad in ["net..ipv4", "net/../../etc", ".net", ""] {
+            let e = with(&[bad]).unwrap_err();
+            assert!(e.contains("is not a sysctl name"), "{bad}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cri_rootfs_propagation_words_are_taken_and_unknown_ones_refused() {
+        for (asked, plain) in [
+            ("rshared", "shared"),
+            ("rslave", "slave"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("shared", "shared"),
+            ("slave", "slave"),
+        ] {
+            let mut linux = oci_spec::runtime::Linux::default();
+            linux.set_rootfs_propagation(Some(asked.into()));
+            rootfs_propagation_for_libcontainer(&mut linux).unwrap();
+            assert_eq!(
+                linux.rootfs_propagation().as_deref(),
+                Some(plain),
+                "{asked}"
+            );
+        }
+        let mut linux = oci_spec::runtime::Linux::default();
+        rootfs_propagation_for_libcontainer(&mut linux).unwrap();
+        assert_eq!(linux.rootfs_propagation(), &None);
+        linux.set_rootfs_propagation(Some("rsharde".into()));
+        let e = rootfs_propagation_for_libcontainer(&mut linux)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"rsharde\""), "{e}");
     }
 }

@@ -151,6 +151,96 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         .await
         .unwrap();
 
+    // Kubernetes' safe sysctls (the list a pod may set without the kubelet's
+    // --allowed-unsafe-sysctls) are set in the container's namespaces, and System V IPC is
+    // there: the guest kernel lacked CONFIG_SYSVIPC and CONFIG_SYN_COOKIES, so a pod setting
+    // kernel.shm_rmid_forced or net.ipv4.tcp_syncookies failed to start ("open subpath in
+    // procfs failed", issue 22) and shmget(2) answered ENOSYS.
+    let safe = [
+        ("kernel.shm_rmid_forced", "1"),
+        ("net.ipv4.ip_local_port_range", "2000\t60000"),
+        ("net.ipv4.tcp_syncookies", "0"),
+        ("net.ipv4.ping_group_range", "0\t2147483647"),
+        ("net.ipv4.ip_unprivileged_port_start", "80"),
+        ("net.ipv4.ip_local_reserved_ports", "8080"),
+        ("net.ipv4.tcp_keepalive_time", "600"),
+        ("net.ipv4.tcp_fin_timeout", "30"),
+        ("net.ipv4.tcp_keepalive_intvl", "30"),
+        ("net.ipv4.tcp_keepalive_probes", "5"),
+    ];
+    let script: String = safe
+        .iter()
+        .map(|(k, _)| format!("echo \"{k}=$(cat /proc/sys/{})\"; ", k.replace('.', "/")))
+        .chain(["head -1 /proc/sysvipc/shm".to_string()])
+        .collect();
+    let mut with_sysctls = support::spec(&["sh", "-c", &script]);
+    let mut linux = with_sysctls.linux().clone().unwrap();
+    linux.set_sysctl(Some(
+        safe.iter()
+            .map(|(k, v)| (k.to_string(), v.replace('\t', " ")))
+            .collect(),
+    ));
+    with_sysctls.set_linux(Some(linux));
+    let (status, text) = run_container(
+        &agent,
+        &uds,
+        "sysctls",
+        serde_json::to_vec(&with_sysctls).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 0, "{text}\nconsole:\n{}", console());
+    for (k, v) in safe {
+        assert!(text.contains(&format!("{k}={v}\n")), "{k}: {text}");
+    }
+    assert!(text.contains("key"), "no /proc/sysvipc/shm: {text}");
+    agent
+        .remove_container(
+            ctx(),
+            &RemoveContainerRequest {
+                container_id: "sysctls".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // containerd's CRI plugin asks for rootfsPropagation `rshared` (a Bidirectional
+    // volume) or `rslave` (HostToContainer), with the same option on the volume; libcontainer
+    // 0.7 refused both words and the create failed (issue 22).
+    for (id, propagation, shown) in [("rshared", "rshared", "shared:"), ("rslave", "rslave", "")] {
+        let mut s = support::spec(&["cat", "/proc/self/mountinfo"]);
+        let mut linux = s.linux().clone().unwrap();
+        linux.set_rootfs_propagation(Some(propagation.into()));
+        s.set_linux(Some(linux));
+        let mut mounts = s.mounts().clone().unwrap_or_default();
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination("/data")
+                .typ("bind")
+                .source("/tmp")
+                .options(vec!["rbind".to_string(), propagation.to_string()])
+                .build()
+                .unwrap(),
+        );
+        s.set_mounts(Some(mounts));
+        let (status, text) = run_container(&agent, &uds, id, serde_json::to_vec(&s).unwrap()).await;
+        assert_eq!(status, 0, "{id}: {text}\nconsole:\n{}", console());
+        assert!(
+            text.contains(" /data ") && text.contains(shown),
+            "{id}: {text}"
+        );
+        agent
+            .remove_container(
+                ctx(),
+                &RemoveContainerRequest {
+                    container_id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+
     // Stdin goes in, output comes out, closing stdin ends the process.
     let input = stream(&uds, "c2-in");
     let out = stream(&uds, "c2-out");
