@@ -127,7 +127,13 @@ impl AgentError {
 
     fn code(&self) -> Code {
         match self {
-            AgentError::NoSuchContainer(_) | AgentError::NoSuchProcess { .. } => Code::NOT_FOUND,
+            // A process that has exited is not found for a signal, as runc's shim answers
+            // ("process already finished"): containerd takes NotFound from a kill as done,
+            // and CRI's StopPodSandbox/RemovePodSandbox failed on FailedPrecondition when a
+            // process ended in the guest a moment before the shim had seen it (issue 22).
+            AgentError::NoSuchContainer(_)
+            | AgentError::NoSuchProcess { .. }
+            | AgentError::ProcessExited { .. } => Code::NOT_FOUND,
             AgentError::ContainerExists(_) | AgentError::ProcessExists { .. } => {
                 Code::ALREADY_EXISTS
             }
@@ -138,9 +144,9 @@ impl AgentError {
             | AgentError::InvalidRequest(_)
             | AgentError::MissingRootfs { .. }
             | AgentError::Network(_) => Code::INVALID_ARGUMENT,
-            AgentError::WrongState { .. }
-            | AgentError::ProcessExited { .. }
-            | AgentError::ProcessRunning { .. } => Code::FAILED_PRECONDITION,
+            AgentError::WrongState { .. } | AgentError::ProcessRunning { .. } => {
+                Code::FAILED_PRECONDITION
+            }
             AgentError::StdioTimeout(_) => Code::DEADLINE_EXCEEDED,
             AgentError::Unsupported(_) => Code::UNIMPLEMENTED,
             AgentError::Runtime { .. }

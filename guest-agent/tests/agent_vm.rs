@@ -140,16 +140,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
     // The guest clock is the host's as CreateSandbox gave it.
     assert!(text.starts_with("hello from "), "{text:?}");
     assert!(text.trim_end().ends_with(" in 2030"), "{text:?}");
-    agent
-        .remove_container(
-            ctx(),
-            &RemoveContainerRequest {
-                container_id: "c1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    support::remove_container(&agent, "c1", false).await;
 
     // Kubernetes' safe sysctls (the list a pod may set without the kubelet's
     // --allowed-unsafe-sysctls) are set in the container's namespaces, and System V IPC is
@@ -193,16 +184,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
         assert!(text.contains(&format!("{k}={v}\n")), "{k}: {text}");
     }
     assert!(text.contains("key"), "no /proc/sysvipc/shm: {text}");
-    agent
-        .remove_container(
-            ctx(),
-            &RemoveContainerRequest {
-                container_id: "sysctls".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    support::remove_container(&agent, "sysctls", false).await;
 
     // containerd's CRI plugin asks for rootfsPropagation `rshared` (a Bidirectional
     // volume) or `rslave` (HostToContainer), with the same option on the volume; libcontainer
@@ -229,16 +211,7 @@ async fn boot_guest_agent_runs_containers_in_a_vm() {
             text.contains(" /data ") && text.contains(shown),
             "{id}: {text}"
         );
-        agent
-            .remove_container(
-                ctx(),
-                &RemoveContainerRequest {
-                    container_id: id.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        support::remove_container(&agent, id, false).await;
     }
 
     // Stdin goes in, output comes out, closing stdin ends the process.

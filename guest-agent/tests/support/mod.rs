@@ -15,3 +15,20 @@ pub fn spec(args: &[&str]) -> Spec {
     spec.set_process(Some(process));
     spec
 }
+
+/// Removes container `id` through the agent's client (`force`: running or not).
+pub async fn remove_container(
+    client: &shoal_agent_api::agent_ttrpc::AgentClient,
+    id: &str,
+    force: bool,
+) {
+    let req = shoal_agent_api::agent::RemoveContainerRequest {
+        container_id: id.into(),
+        force,
+        ..Default::default()
+    };
+    client
+        .remove_container(ttrpc::context::with_timeout(30_000_000_000), &req)
+        .await
+        .unwrap();
+}
