@@ -560,7 +560,7 @@ fn restart_while_sandboxes_boot(signal: nix::sys::signal::Signal) {
     let Some(env) = env() else { return };
     let mut c = Containerd::start(&env, "restartboot", "");
     let forever = "trap 'exit 0' TERM; while true; do sleep 1; done";
-    let runs: Vec<_> = [("b1", &["--null-io"][..]), ("b2", &[][..])]
+    let mut runs: Vec<_> = [("b1", &["--null-io"][..]), ("b2", &[][..])]
         .into_iter()
         .map(|(id, flags)| {
             let mut args = vec!["run", "-d", "--runtime", RUNTIME];
@@ -575,9 +575,18 @@ fn restart_while_sandboxes_boot(signal: nix::sys::signal::Signal) {
         .collect();
     // A VM is booting once its console log exists; its agent has not answered yet.
     let deadline = Instant::now() + Duration::from_secs(60);
-    for id in ["b1", "b2"] {
+    for (id, run) in ["b1", "b2"].into_iter().zip(runs.iter_mut()) {
         let console = c.shoal_state().join(id).join("console.log");
         while !console.exists() {
+            // A VM that ends at once (a guest triple fault in the lab) takes its sandbox
+            // directory with it before this loop sees it: say why, from `ctr run`.
+            if let Ok(Some(_)) = run.try_wait() {
+                let mut why = String::new();
+                if let Some(mut err) = run.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut why);
+                }
+                panic!("{id}'s ctr run ended before its VM was seen booting: {why}");
+            }
             assert!(
                 Instant::now() < deadline,
                 "{id}'s VM never started\n{}",
