@@ -230,8 +230,16 @@ impl Sandbox {
         }
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| AgentError::InvalidSpec(e.to_string()))?;
-        if spec.process().is_none() {
+        let Some(mut process) = spec.process().clone() else {
             return Err(AgentError::InvalidSpec("no process".into()));
+        };
+        // libcontainer 0.7 tests `noNewPrivileges` for presence, not truth: an outright
+        // `false` made it load the seccomp filter after dropping the capabilities that
+        // loading needs without no_new_privs, and the create failed ("failed to load
+        // seccomp context"). Absent means the same to the spec.
+        if process.no_new_privileges() == Some(false) {
+            process.set_no_new_privileges(None);
+            spec.set_process(Some(process));
         }
         let root = if rootfs.is_empty() {
             spec.root()

@@ -1353,6 +1353,34 @@ async fn agent_host_exec_processes_run_under_the_containers_seccomp_profile() {
         assert_eq!(field(&out, name), want, "ambient: {name} {out}");
     }
 
+    // A first process whose spec says `"noNewPrivileges": false` outright (Go's runtime-spec
+    // leaves it out, a hand-written spec may not): libcontainer 0.7 tests the field for
+    // presence, not truth, and so loaded the filter after dropping the capabilities that
+    // loading needs without no_new_privs: the create failed. It runs under its profile now.
+    let mut s = spec(&["sleep", "1000"]);
+    let mut first = process(Some(false), 0);
+    first.set_args(Some(vec!["sleep".into(), "1000".into()]));
+    s.set_process(Some(first));
+    let mut linux = s.linux().clone().unwrap();
+    linux.set_seccomp(Some(profile(vec![deny(&["kill"], libc::ENOSYS as u32)])));
+    s.set_linux(Some(linux));
+    let rootfs = a.rootfs("rootfs-nnpfalse");
+    let pid = create(&a, "nnpfalse", &s, &rootfs, stdio("", ""))
+        .await
+        .unwrap()
+        .pid;
+    a.client
+        .start_container(ctx(), &creq("nnpfalse"))
+        .await
+        .unwrap();
+    // Read from here: in the lab an exec's /proc is not the container's (see the
+    // terminal test's note).
+    let out = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(field(&out, "Seccomp:"), "2", "{out}");
+    assert_eq!(field(&out, "NoNewPrivs:"), "0", "{out}");
+    assert_eq!(field(&out, "CapEff:"), mask, "{out}");
+    support::remove_container(&a.client, "nnpfalse", true).await;
+
     let e = exec_script(&a, "nocapset", "root", &process(None, 0), script)
         .await
         .unwrap_err();
