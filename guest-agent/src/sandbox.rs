@@ -230,7 +230,7 @@ impl Sandbox {
         }
         let mut spec: Spec = serde_json::from_slice(spec_json)
             .map_err(|e| AgentError::InvalidSpec(e.to_string()))?;
-        let Some(mut process) = spec.process().clone() else {
+        let Some(process) = spec.process_mut() else {
             return Err(AgentError::InvalidSpec("no process".into()));
         };
         // libcontainer 0.7 tests `noNewPrivileges` for presence, not truth: an outright
@@ -239,7 +239,6 @@ impl Sandbox {
         // seccomp context"). Absent means the same to the spec.
         if process.no_new_privileges() == Some(false) {
             process.set_no_new_privileges(None);
-            spec.set_process(Some(process));
         }
         let root = if rootfs.is_empty() {
             spec.root()

@@ -158,6 +158,18 @@ fn preq(id: &str, exec: &str) -> ProcessRequest {
     }
 }
 
+/// The annotations containerd's CRI plugin puts on a container of pod `pod`: `kind` is
+/// "sandbox" for its pause container, "container" for the others.
+fn cri_annotations(pod: &str, kind: &str) -> std::collections::HashMap<String, String> {
+    std::collections::HashMap::from([
+        (
+            "io.kubernetes.cri.container-type".to_string(),
+            kind.to_string(),
+        ),
+        ("io.kubernetes.cri.sandbox-id".to_string(), pod.to_string()),
+    ])
+}
+
 fn read_all(mut s: UnixStream) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -843,18 +855,7 @@ async fn agent_host_a_shared_pid_namespace_container_ends_with_its_first_process
     }
     let a = Agent::start("sharedpid").await;
     let rootfs = a.rootfs("rootfs");
-    let annotations = |kind: &str| {
-        std::collections::HashMap::from([
-            (
-                "io.kubernetes.cri.container-type".to_string(),
-                kind.to_string(),
-            ),
-            (
-                "io.kubernetes.cri.sandbox-id".to_string(),
-                "pod2".to_string(),
-            ),
-        ])
-    };
+    let annotations = |kind: &str| cri_annotations("pod2", kind);
     let mut pause = spec(&["sleep", "1000"]);
     pause.set_annotations(Some(annotations("sandbox")));
     create(&a, "pod2", &pause, &rootfs, stdio("", ""))
@@ -919,18 +920,7 @@ async fn agent_host_pod_containers_share_the_sandbox_namespaces() {
     };
     a.client.create_sandbox(ctx(), &dns).await.unwrap();
 
-    let annotations = |kind: &str| {
-        std::collections::HashMap::from([
-            (
-                "io.kubernetes.cri.container-type".to_string(),
-                kind.to_string(),
-            ),
-            (
-                "io.kubernetes.cri.sandbox-id".to_string(),
-                "pod1".to_string(),
-            ),
-        ])
-    };
+    let annotations = |kind: &str| cri_annotations("pod1", kind);
     let mut pause = spec(&["sleep", "1000"]);
     pause.set_hostname(Some("podhost".into()));
     pause.set_annotations(Some(annotations("sandbox")));

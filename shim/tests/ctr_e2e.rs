@@ -104,44 +104,29 @@ fn ctr_seccomp_profile_is_in_effect_for_the_first_process_and_execs() {
         ("sc-off", &[][..], "0"),
     ] {
         run_detached(&c, flags, id, &["sleep", "1000"]);
-        let field_of = |out: &std::process::Output, name: &str| {
-            stdout(out)
+        // `cat PATH` run as exec `exec_id`: the status file it printed.
+        let status = |exec_id: &str, path: &str| {
+            let out = c.ctr(&["task", "exec", "--exec-id", exec_id, id, "cat", path]);
+            assert!(out.status.success(), "{id}: {}", text(&out));
+            stdout(&out)
+        };
+        let field_of = |status: &str, name: &str| {
+            status
                 .lines()
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_string())
         };
-        let field = |out: &std::process::Output| field_of(out, "Seccomp:");
-        let init = c.ctr(&[
-            "task",
-            "exec",
-            "--exec-id",
-            "s1",
-            id,
-            "cat",
-            "/proc/1/status",
-        ]);
-        assert!(init.status.success(), "{id}: {}", text(&init));
+        let init = status("s1", "/proc/1/status");
         assert_eq!(
-            field(&init).as_deref(),
+            field_of(&init, "Seccomp:").as_deref(),
             Some(mode),
-            "{id}'s init: {}",
-            stdout(&init)
+            "{id}'s init: {init}"
         );
-        let exec = c.ctr(&[
-            "task",
-            "exec",
-            "--exec-id",
-            "s2",
-            id,
-            "cat",
-            "/proc/self/status",
-        ]);
-        assert!(exec.status.success(), "{id}: {}", text(&exec));
+        let exec = status("s2", "/proc/self/status");
         assert_eq!(
-            field(&exec).as_deref(),
+            field_of(&exec, "Seccomp:").as_deref(),
             Some(mode),
-            "{id}'s exec: {}",
-            stdout(&exec)
+            "{id}'s exec: {exec}"
         );
         // The capabilities the agent adds for loading the filter are gone again: the exec
         // ends with the sets the first process has (ctr asks the same of both).
